@@ -1,0 +1,70 @@
+"""The ``foliosync`` command line: parsing, dispatch and error reporting.
+
+Each group of commands lives in its own ``commands_*`` module with a ``register(subparsers)``
+function; this module only wires them together, so that every command reports errors the same
+way: a one-line message on stderr and a non-zero exit code, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import inspect
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from foliosync.sync.errors import FolioSyncError
+
+__all__ = ["EXIT_ERROR", "EXIT_USAGE", "build_parser", "main"]
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+
+
+def _registrars() -> list[Callable[[Any], None]]:
+    # Imported here so that `foliosync --help` stays fast and a broken optional group
+    # cannot stop the others from loading.
+    from foliosync.client import commands_documents
+
+    registrars: list[Callable[[Any], None]] = [commands_documents.register]
+    return registrars
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="foliosync",
+        description="Offline-first watchlists and portfolios, synced through a foliosync relay.",
+    )
+    parser.add_argument(
+        "--db",
+        metavar="PATH",
+        help="the local replica file (default: $FOLIOSYNC_DB, else a per-user data directory)",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for register in _registrars():
+        register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler = getattr(args, "handler", None)
+    if handler is None:  # a group given without its sub-command
+        parser.parse_args([*(argv if argv is not None else sys.argv[1:]), "--help"])
+        return EXIT_USAGE
+    try:
+        result = handler(args)
+        if inspect.iscoroutine(result):
+            result = asyncio.run(result)
+    except FolioSyncError as exc:
+        print(f"foliosync: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return 130
+    return int(result or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""The one exception tree of foliosync.
+
+Everything foliosync raises on purpose derives from :class:`FolioSyncError`, so an app can catch
+the engine's failures in one place. Foreign exceptions (sqlite3, aiohttp, msgpack, pycrdt) are
+translated where they enter, raised ``from`` the original, and never reach the app bare::
+
+    FolioSyncError
+    ├── ValidationError            bad input from the app or the user; nothing was changed
+    │   ├── InvalidSymbol
+    │   ├── InvalidNumber
+    │   └── InvalidName
+    ├── DocumentNotFound           no such watchlist, portfolio or trade
+    ├── DocumentExists             create() of a name that is already there
+    ├── ReplicaError               the local SQLite replica cannot be used as asked
+    │   ├── ReplicaCorrupt         not a foliosync replica, or damaged; never overwritten
+    │   ├── ReplicaLocked          another process has it open
+    │   ├── SchemaTooNew           written by a newer foliosync; never overwritten
+    │   └── StorageFull            the disk is full; the edit was not applied
+    ├── ProtocolError              the wire protocol was broken
+    │   ├── LocalProtocolError     by us (misuse of the API)
+    │   └── RemoteProtocolError    by the peer; carries the error code to send back
+    ├── AuthError                  a token is missing, forged, expired or lacks a scope
+    ├── AccessDenied               the user may not reach that document
+    ├── ConnectionLost             the relay could not be reached or went away
+    └── ConfigError                a setting or flag is wrong
+
+``ValidationError`` also derives from ``ValueError`` and ``DocumentNotFound`` from ``KeyError``, so
+that code written against the standard exceptions keeps working.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AccessDenied",
+    "AuthError",
+    "ConfigError",
+    "ConnectionLost",
+    "DocumentExists",
+    "DocumentNotFound",
+    "FolioSyncError",
+    "InvalidName",
+    "InvalidNumber",
+    "InvalidSymbol",
+    "LocalProtocolError",
+    "ProtocolError",
+    "RemoteProtocolError",
+    "ReplicaCorrupt",
+    "ReplicaError",
+    "ReplicaLocked",
+    "SchemaTooNew",
+    "StorageFull",
+    "ValidationError",
+]
+
+
+class FolioSyncError(Exception):
+    """Base of every error foliosync raises on purpose."""
+
+
+class ValidationError(FolioSyncError, ValueError):
+    """Input was rejected before anything changed."""
+
+
+class InvalidSymbol(ValidationError):
+    """A ticker symbol that is empty, too long or has characters a symbol cannot have."""
+
+
+class InvalidNumber(ValidationError):
+    """A quantity or price that is not a finite decimal number (or is out of range)."""
+
+
+class InvalidName(ValidationError):
+    """A watchlist or portfolio name that is empty or too long."""
+
+
+class DocumentNotFound(FolioSyncError, KeyError):
+    """No document (or trade) of that name or id."""
+
+    def __str__(self) -> str:  # KeyError quotes its argument; a message reads better.
+        return str(self.args[0]) if self.args else "not found"
+
+
+class DocumentExists(FolioSyncError):
+    """A document of that name exists already."""
+
+
+class ReplicaError(FolioSyncError):
+    """The local replica file cannot be used."""
+
+
+class ReplicaCorrupt(ReplicaError):
+    """The file is not a foliosync replica or is damaged. It is left as it is."""
+
+
+class ReplicaLocked(ReplicaError):
+    """Another process holds the replica open; two writers would fork a device's history."""
+
+
+class SchemaTooNew(ReplicaError):
+    """The replica was written by a newer foliosync. It is left as it is."""
+
+
+class StorageFull(ReplicaError):
+    """The disk is full. The edit was not applied; the replica is as it was before."""
+
+
+class ProtocolError(FolioSyncError):
+    """The wire protocol was broken.
+
+    ``code`` is the error code sent to the peer in an error frame.
+    """
+
+    def __init__(self, message: str, code: str = "protocol_error") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class LocalProtocolError(ProtocolError):
+    """We tried to do something the protocol does not allow in the current state."""
+
+
+class RemoteProtocolError(ProtocolError):
+    """The peer sent something the protocol does not allow."""
+
+
+class AuthError(FolioSyncError):
+    """A token is missing, malformed, forged, expired, or lacks the needed scope."""
+
+
+class AccessDenied(FolioSyncError):
+    """The authenticated user may not reach this document."""
+
+
+class ConnectionLost(FolioSyncError):
+    """The relay is unreachable or the connection dropped."""
+
+
+class ConfigError(FolioSyncError):
+    """A configuration value or command-line flag is invalid."""
