@@ -1,3 +1,3 @@
-"""The foliosync client library: a local SQLite replica of a user's documents that syncs with a relay."""
+"""The foliosync client library: a local SQLite replica of a user's documents, kept in sync."""
 
 __all__: list[str] = []

@@ -25,9 +25,12 @@ EXIT_USAGE = 2
 def _registrars() -> list[Callable[[Any], None]]:
     # Imported here so that `foliosync --help` stays fast and a broken optional group
     # cannot stop the others from loading.
-    from foliosync.client import commands_documents
+    from foliosync.client import commands_documents, commands_market
 
-    registrars: list[Callable[[Any], None]] = [commands_documents.register]
+    registrars: list[Callable[[Any], None]] = [
+        commands_documents.register,
+        commands_market.register,
+    ]
     return registrars
 
 

@@ -1,0 +1,599 @@
+"""The local replica: a device's documents, editable offline, every accepted edit durable.
+
+An edit runs against the in-memory pycrdt document, and the update it produced is committed to
+SQLite before the call returns. Edits are serialized (one lock per replica): a failed commit
+(disk full, say) reloads the document from the file, so memory never holds a change the file lacks
+and the device's pycrdt clock never runs ahead of what is stored.
+
+Documents load lazily: opening a replica reads names and counters only, so a device with a
+hundred large portfolios opens in milliseconds and pays for a document when it is first used.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from pycrdt import Doc, TransactionEvent, merge_updates
+
+from foliosync.client.documents import PortfolioHandle, WatchlistHandle
+from foliosync.client.store import DocumentRow, PendingUpdate, ReplicaStore
+from foliosync.sync.errors import (
+    DocumentExists,
+    DocumentNotFound,
+    ReplicaCorrupt,
+    ValidationError,
+)
+from foliosync.sync.model import (
+    INDEX_DOCUMENT_ID,
+    DocumentKind,
+    DocumentModel,
+    EditContext,
+    Portfolio,
+    UserIndex,
+    Watchlist,
+    document_id,
+    kind_of,
+)
+from foliosync.sync.validation import normalize_name
+
+__all__ = ["DocumentChange", "DocumentInfo", "Replica"]
+
+M = TypeVar("M", bound=DocumentModel)
+R = TypeVar("R")
+
+# Fold the update log into the snapshot after this many rows or bytes of a document.
+COMPACT_AFTER_ROWS = 500
+COMPACT_AFTER_BYTES = 1 << 20
+# Merge a document's pending updates into one row past this many rows.
+MERGE_PENDING_AFTER = 200
+
+_MODELS: dict[DocumentKind, type[DocumentModel]] = {
+    DocumentKind.WATCHLIST: Watchlist,
+    DocumentKind.PORTFOLIO: Portfolio,
+    DocumentKind.INDEX: UserIndex,
+}
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class DocumentChange:
+    """A document changed: ``origin`` says whether by this device or by another (via a relay)."""
+
+    doc_id: str
+    kind: DocumentKind
+    origin: Literal["local", "remote"]
+
+
+@dataclass(frozen=True, slots=True)
+class DocumentInfo:
+    id: str
+    kind: DocumentKind
+    name: str
+    pending: int  # local changes not yet acknowledged by a relay
+    created_at: int
+    last_synced_at: int | None  # ms: when this device last confirmed it in sync with the relay
+    remote_changed_at: int | None  # ms: when the relay last saw it change
+    remote_changed_by: str | None  # the device that made that change
+
+
+@dataclass(slots=True)
+class _Loaded:
+    model: DocumentModel
+    capture: list[bytes] | None = None
+    rows_since_compaction: int = 0
+    bytes_since_compaction: int = 0
+    max_seq: int = 0
+    subscription: Any = None
+
+
+@dataclass(slots=True)
+class _Counters:
+    pending: dict[str, int] = field(default_factory=dict)
+
+
+class Replica:
+    """A device's replica of its user's documents. Open with :meth:`open`, close with
+    :meth:`close` (or ``async with``)."""
+
+    def __init__(self, store: ReplicaStore, meta: dict[str, str], rows: list[DocumentRow]) -> None:
+        self._store = store
+        self.device_id = meta["device_id"]
+        self.client_id = int(meta["client_id"])
+        self._meta = meta
+        self._context = EditContext(self.device_id)
+        self._rows = {row.id: row for row in rows}
+        self._loaded: dict[str, _Loaded] = {}
+        self._pending: dict[str, int] = {}
+        self._lock = asyncio.Lock()
+        self._listeners: list[Callable[[DocumentChange], None]] = []
+        self._background: set[asyncio.Task[None]] = set()
+        self._closed = False
+
+    # -- life cycle --------------------------------------------------------------------------
+
+    @classmethod
+    async def open(cls, path: str | Path, *, synchronous: str = "NORMAL") -> Replica:
+        """Open (or create) the replica at ``path``.
+
+        Raises ReplicaCorrupt, ReplicaLocked or SchemaTooNew without touching the file.
+        """
+        store = await ReplicaStore.open(path, synchronous=synchronous)
+        try:
+            meta = await store.get_meta()
+            if "device_id" not in meta:
+                meta = {
+                    "device_id": uuid.uuid4().hex[:16],
+                    # One pycrdt client id per device, kept across restarts: the exclusive lock
+                    # guarantees a single writer, and a stable id keeps state vectors small.
+                    "client_id": str(secrets.randbelow(2**31 - 2) + 1),
+                    "created_at": str(_now_ms()),
+                }
+                await store.set_meta(meta)
+            rows = await store.documents()
+            replica = cls(store, meta, rows)
+            replica._pending = await store.pending_counts()
+            if INDEX_DOCUMENT_ID not in replica._rows:
+                await replica._insert_row(INDEX_DOCUMENT_ID, DocumentKind.INDEX, "", [])
+        except BaseException:
+            await store.close()
+            raise
+        return replica
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        async with self._lock:
+            self._closed = True
+        for task in list(self._background):
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for loaded in self._loaded.values():
+            loaded.model.close()
+        self._loaded.clear()
+        await self._store.close()
+
+    async def __aenter__(self) -> Replica:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    @property
+    def path(self) -> Path:
+        return self._store.path
+
+    @property
+    def meta(self) -> dict[str, str]:
+        """Device settings kept in the replica (device id, remembered relay and token, ...)."""
+        return dict(self._meta)
+
+    async def set_meta(self, **values: str) -> None:
+        await self._store.set_meta(values)
+        self._meta.update(values)
+
+    # -- listing -----------------------------------------------------------------------------
+
+    def documents(self, kind: DocumentKind | None = None) -> list[DocumentInfo]:
+        """Every watchlist and portfolio (not the index), sorted by kind and name."""
+        infos = [
+            self._info(row)
+            for row in self._rows.values()
+            if row.kind != DocumentKind.INDEX and (kind is None or row.kind == kind)
+        ]
+        return sorted(infos, key=lambda i: (i.kind, i.name.casefold(), i.id))
+
+    def info(self, doc_id: str) -> DocumentInfo:
+        row = self._rows.get(doc_id)
+        if row is None:
+            raise DocumentNotFound(f"no document {doc_id!r}")
+        return self._info(row)
+
+    def _info(self, row: DocumentRow) -> DocumentInfo:
+        return DocumentInfo(
+            id=row.id,
+            kind=DocumentKind(row.kind),
+            name=row.name,
+            pending=self._pending.get(row.id, 0),
+            created_at=row.created_at,
+            last_synced_at=row.last_synced_at,
+            remote_changed_at=row.remote_changed_at,
+            remote_changed_by=row.remote_changed_by,
+        )
+
+    def document_ids(self) -> list[str]:
+        """Every document id, the index included (what a sync covers)."""
+        return sorted(self._rows)
+
+    def resolve(self, kind: DocumentKind, name_or_id: str) -> str:
+        """The id of a document given its name (any case) or its id."""
+        if name_or_id in self._rows and self._rows[name_or_id].kind == kind:
+            return name_or_id
+        try:
+            doc_id = document_id(kind, name_or_id)
+        except ValidationError:
+            doc_id = ""
+        if doc_id in self._rows:
+            return doc_id
+        raise DocumentNotFound(f"no {kind.value} named {name_or_id!r}")
+
+    # -- typed access ------------------------------------------------------------------------
+
+    async def create_watchlist(self, name: str) -> WatchlistHandle:
+        """Create a watchlist; DocumentExists if this device has one of that name already."""
+        model = await self._create(DocumentKind.WATCHLIST, name, Watchlist)
+        return WatchlistHandle(self, self._id_of(model), model)
+
+    async def create_portfolio(self, name: str) -> PortfolioHandle:
+        model = await self._create(DocumentKind.PORTFOLIO, name, Portfolio)
+        return PortfolioHandle(self, self._id_of(model), model)
+
+    async def watchlist(self, name_or_id: str) -> WatchlistHandle:
+        doc_id = self.resolve(DocumentKind.WATCHLIST, name_or_id)
+        return WatchlistHandle(self, doc_id, await self._model(doc_id, Watchlist))
+
+    async def portfolio(self, name_or_id: str) -> PortfolioHandle:
+        doc_id = self.resolve(DocumentKind.PORTFOLIO, name_or_id)
+        return PortfolioHandle(self, doc_id, await self._model(doc_id, Portfolio))
+
+    async def index(self) -> UserIndex:
+        return await self._model(INDEX_DOCUMENT_ID, UserIndex)
+
+    async def edit(self, model: M, change: Callable[[M], R]) -> R:
+        """Apply ``change`` to a document and commit it before returning.
+
+        ``change`` receives the model and may call its edit methods; validation errors raised
+        before it writes leave everything unchanged. Example::
+
+            wl = await replica.watchlist("Tech")
+            await replica.edit(wl.model, lambda w: w.add(["AAPL", "MSFT"]))
+
+        (the handles' methods, ``await wl.add(["AAPL"])``, do exactly this).
+        """
+        doc_id = self._id_of(model)
+        async with self._lock:
+            self._check_open()
+            loaded = self._loaded.get(doc_id)
+            if loaded is None or loaded.model is not model:
+                raise DocumentNotFound(f"document {doc_id!r} is not open in this replica")
+            result = await self._apply_local(doc_id, loaded, change)
+        return result
+
+    # -- sync support ------------------------------------------------------------------------
+
+    async def state_vector(self, doc_id: str) -> bytes:
+        async with self._lock:
+            self._check_open()
+            loaded = await self._load(doc_id)
+            return loaded.model.doc.get_state()
+
+    async def diff(self, doc_id: str, state_vector: bytes) -> bytes:
+        """What this replica has of ``doc_id`` that a peer with ``state_vector`` lacks."""
+        async with self._lock:
+            self._check_open()
+            loaded = await self._load(doc_id)
+            try:
+                return loaded.model.doc.get_update(state_vector)
+            except ValueError as exc:
+                raise ValidationError(f"invalid state vector for {doc_id}") from exc
+
+    async def pending_updates(self, doc_id: str | None = None) -> list[PendingUpdate]:
+        """Local changes not yet acknowledged by a relay, oldest first."""
+        self._check_open()
+        return await self._store.pending(doc_id)
+
+    async def acknowledge(self, doc_id: str, seq: int) -> None:
+        """The relay stored every pending update of ``doc_id`` up to ``seq``."""
+        async with self._lock:
+            self._check_open()
+            await self._store.acknowledge(doc_id, seq)
+            pending = await self._store.pending(doc_id)
+            self._pending[doc_id] = sum(p.changes for p in pending)
+
+    async def apply_remote(
+        self,
+        doc_id: str,
+        update: bytes,
+        *,
+        changed_at: int | None = None,
+        changed_by: str | None = None,
+    ) -> bool:
+        """Apply and store an update that came from the relay; True if the document changed."""
+        kind = kind_of(doc_id)
+        async with self._lock:
+            self._check_open()
+            if doc_id not in self._rows:
+                await self._insert_row(doc_id, kind, "", [])
+            loaded = await self._load(doc_id)
+            before = loaded.model.doc.get_state()
+            try:
+                loaded.model.doc.apply_update(update)
+            except BaseException as exc:  # pycrdt panics derive from BaseException
+                if isinstance(exc, KeyboardInterrupt | SystemExit | asyncio.CancelledError):
+                    raise
+                raise ValidationError(f"the relay sent an unreadable update for {doc_id}") from exc
+            changed = loaded.model.doc.get_state() != before
+            if changed:
+                try:
+                    seq = await self._store.append(doc_id, update, pending=False)
+                except BaseException:
+                    await self._reload(doc_id)
+                    raise
+                self._account(doc_id, loaded, seq, len(update))
+                name = loaded.model.name
+                row = self._rows[doc_id]
+                if name and name != row.name:
+                    await self._store.rename(doc_id, name)
+                    self._rows[doc_id] = _replace_row(row, name=name)
+            if changed_at is not None or changed_by is not None:
+                await self._store.update_sync_info(
+                    doc_id, remote_changed_at=changed_at, remote_changed_by=changed_by
+                )
+                self._rows[doc_id] = _replace_row(
+                    self._rows[doc_id], remote_changed_at=changed_at, remote_changed_by=changed_by
+                )
+            if doc_id == INDEX_DOCUMENT_ID and changed:
+                await self._adopt_index_entries()
+        if changed:
+            self._notify(DocumentChange(doc_id, kind, "remote"))
+        return changed
+
+    async def mark_synced(self, doc_id: str, at_ms: int | None = None) -> None:
+        """Record that this device confirmed ``doc_id`` in sync with the relay."""
+        at = at_ms if at_ms is not None else _now_ms()
+        async with self._lock:
+            self._check_open()
+            await self._store.update_sync_info(doc_id, last_synced_at=at)
+            if doc_id in self._rows:
+                self._rows[doc_id] = _replace_row(self._rows[doc_id], last_synced_at=at)
+
+    async def ensure_document(self, doc_id: str) -> None:
+        """Make an (empty) local copy of a document the relay told us about."""
+        kind = kind_of(doc_id)
+        async with self._lock:
+            self._check_open()
+            if doc_id not in self._rows:
+                await self._insert_row(doc_id, kind, "", [])
+
+    # -- notifications -----------------------------------------------------------------------
+
+    def subscribe(self, listener: Callable[[DocumentChange], None]) -> Callable[[], None]:
+        """Call ``listener`` after every committed change; returns a function that unsubscribes."""
+        self._listeners.append(listener)
+
+        def unsubscribe() -> None:
+            with contextlib.suppress(ValueError):
+                self._listeners.remove(listener)
+
+        return unsubscribe
+
+    async def changes(self) -> AsyncIterator[DocumentChange]:
+        """Iterate over changes as they are committed (until the replica closes)."""
+        queue: asyncio.Queue[DocumentChange] = asyncio.Queue()
+        unsubscribe = self.subscribe(queue.put_nowait)
+        try:
+            while not self._closed:
+                yield await queue.get()
+        finally:
+            unsubscribe()
+
+    def _notify(self, change: DocumentChange) -> None:
+        for listener in list(self._listeners):
+            try:
+                listener(change)
+            except Exception:  # an app's listener must not break the engine
+                import logging
+
+                logging.getLogger(__name__).exception("change listener failed")
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ReplicaCorrupt("the replica is closed")
+
+    def _id_of(self, model: DocumentModel) -> str:
+        for doc_id, loaded in self._loaded.items():
+            if loaded.model is model:
+                return doc_id
+        raise DocumentNotFound("that document is not open in this replica")
+
+    async def _create(self, kind: DocumentKind, name: str, model_type: type[M]) -> M:
+        name = normalize_name(name)
+        doc_id = document_id(kind, name)
+        async with self._lock:
+            self._check_open()
+            index = await self._load(INDEX_DOCUMENT_ID)
+            existing = self._rows.get(doc_id)
+            if existing is not None and existing.name:
+                raise DocumentExists(f"a {kind.value} named {existing.name!r} exists already")
+            if existing is not None:
+                # Known from the relay but not filled in yet: creating it merges with it.
+                loaded = await self._load(doc_id)
+                await self._apply_local(doc_id, loaded, lambda m: m.initialize(name))
+                await self._store.rename(doc_id, name)
+                self._rows[doc_id] = _replace_row(existing, name=name)
+                await self._apply_local(
+                    INDEX_DOCUMENT_ID, index, lambda m: m.register(doc_id, kind, name)
+                )
+            else:
+                # A new document and its index entry are committed in one transaction.
+                loaded = _Loaded(model_type(Doc(client_id=self.client_id), self._context))
+                self._watch(loaded)
+                captured = self._capture(loaded, lambda m: m.initialize(name))
+                listed = self._capture(index, lambda m: m.register(doc_id, kind, name))
+                row = DocumentRow(doc_id, kind.value, name, _now_ms(), None, None, None)
+                updates = [(doc_id, u) for u in captured] + [(INDEX_DOCUMENT_ID, u) for u in listed]
+                try:
+                    await self._store.create_document(row, b"", updates)
+                except BaseException:
+                    loaded.model.close()
+                    await self._reload(INDEX_DOCUMENT_ID)
+                    raise
+                self._rows[doc_id] = row
+                self._loaded[doc_id] = loaded
+                self._pending[doc_id] = self._pending.get(doc_id, 0) + len(captured)
+                self._pending[INDEX_DOCUMENT_ID] = self._pending.get(INDEX_DOCUMENT_ID, 0) + len(
+                    listed
+                )
+                self._notify(DocumentChange(doc_id, kind, "local"))
+                self._notify(DocumentChange(INDEX_DOCUMENT_ID, DocumentKind.INDEX, "local"))
+            model = loaded.model
+        assert isinstance(model, model_type)
+        return model
+
+    def _capture(self, loaded: _Loaded, change: Callable[[Any], object]) -> list[bytes]:
+        captured: list[bytes] = []
+        loaded.capture = captured
+        try:
+            change(loaded.model)
+        finally:
+            loaded.capture = None
+        return captured
+
+    def _watch(self, loaded: _Loaded) -> None:
+        def on_transaction(event: TransactionEvent) -> None:
+            if loaded.capture is not None:
+                loaded.capture.append(event.update)
+
+        loaded.subscription = loaded.model.doc.observe(on_transaction)
+
+    # (the model's own observer, which counts versions, is removed by model.close())
+
+    async def _insert_row(
+        self, doc_id: str, kind: DocumentKind, name: str, updates: list[tuple[str, bytes]]
+    ) -> None:
+        row = DocumentRow(doc_id, kind.value, name, _now_ms(), None, None, None)
+        await self._store.create_document(row, b"", updates)
+        self._rows[doc_id] = row
+
+    async def _model(self, doc_id: str, model_type: type[M]) -> M:
+        async with self._lock:
+            self._check_open()
+            loaded = await self._load(doc_id)
+        model = loaded.model
+        assert isinstance(model, model_type)
+        return model
+
+    async def _load(self, doc_id: str) -> _Loaded:
+        loaded = self._loaded.get(doc_id)
+        if loaded is not None:
+            return loaded
+        stored = await self._store.load(doc_id)
+        if stored is None:
+            raise DocumentNotFound(f"no document {doc_id!r}")
+        state, updates, max_seq = stored
+        doc = Doc(client_id=self.client_id)
+        try:
+            if state:
+                doc.apply_update(state)
+            for update in updates:
+                doc.apply_update(update)
+        except BaseException as exc:
+            if isinstance(exc, KeyboardInterrupt | SystemExit | asyncio.CancelledError):
+                raise
+            raise ReplicaCorrupt(f"document {doc_id} in {self.path} cannot be read") from exc
+        kind = DocumentKind(self._rows[doc_id].kind)
+        loaded = _Loaded(_MODELS[kind](doc, self._context))
+        loaded.max_seq = max_seq
+        loaded.rows_since_compaction = len(updates)
+        loaded.bytes_since_compaction = sum(len(u) for u in updates)
+        self._watch(loaded)
+        self._loaded[doc_id] = loaded
+        return loaded
+
+    async def _reload(self, doc_id: str) -> None:
+        """Forget the in-memory document; the next use reads it back from the file."""
+        loaded = self._loaded.pop(doc_id, None)
+        if loaded is not None:
+            loaded.model.doc.unobserve(loaded.subscription)
+            loaded.model.close()
+
+    async def _apply_local(self, doc_id: str, loaded: _Loaded, change: Callable[[Any], R]) -> R:
+        captured: list[bytes] = []
+        loaded.capture = captured
+        try:
+            result = change(loaded.model)
+        except BaseException:
+            loaded.capture = None
+            if captured:  # the change failed half-way: drop what it wrote in memory
+                await self._reload(doc_id)
+            raise
+        loaded.capture = None
+        if captured:
+            update = captured[0] if len(captured) == 1 else merge_updates(*captured)
+            try:
+                seq = await self._store.append(doc_id, update, pending=True)
+            except BaseException:
+                await self._reload(doc_id)
+                raise
+            self._pending[doc_id] = self._pending.get(doc_id, 0) + 1
+            self._account(doc_id, loaded, seq, len(update))
+            self._notify(DocumentChange(doc_id, DocumentKind(self._rows[doc_id].kind), "local"))
+        return result
+
+    def _account(self, doc_id: str, loaded: _Loaded, seq: int, size: int) -> None:
+        loaded.max_seq = max(loaded.max_seq, seq)
+        loaded.rows_since_compaction += 1
+        loaded.bytes_since_compaction += size
+        if (
+            loaded.rows_since_compaction >= COMPACT_AFTER_ROWS
+            or loaded.bytes_since_compaction >= COMPACT_AFTER_BYTES
+        ):
+            loaded.rows_since_compaction = 0
+            loaded.bytes_since_compaction = 0
+            task = asyncio.get_running_loop().create_task(self._compact(doc_id))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def compact(self, doc_id: str) -> None:
+        """Fold a document's log into its snapshot now (it also happens by itself)."""
+        await self._compact(doc_id)
+
+    async def _compact(self, doc_id: str) -> None:
+        async with self._lock:
+            if self._closed or doc_id not in self._loaded:
+                return
+            loaded = self._loaded[doc_id]
+            state = loaded.model.doc.get_update()
+            await self._store.compact(doc_id, state, loaded.max_seq)
+            pending = await self._store.pending(doc_id)
+            if len(pending) > MERGE_PENDING_AFTER:
+                merged = merge_updates(*(p.data for p in pending))
+                seq = await self._store.replace_pending(doc_id, pending, merged)
+                loaded.max_seq = max(loaded.max_seq, seq)
+
+    async def _adopt_index_entries(self) -> None:
+        """Create local rows for documents another device listed in the index."""
+        index = self._loaded[INDEX_DOCUMENT_ID].model
+        assert isinstance(index, UserIndex)
+        for entry in index.entries():
+            if entry.id not in self._rows:
+                await self._insert_row(entry.id, entry.kind, entry.name, [])
+            elif not self._rows[entry.id].name:
+                self._rows[entry.id] = _replace_row(self._rows[entry.id], name=entry.name)
+                await self._store.rename(entry.id, entry.name)
+
+
+def _replace_row(row: DocumentRow, **changes: Any) -> DocumentRow:
+    values = {
+        "id": row.id,
+        "kind": row.kind,
+        "name": row.name,
+        "created_at": row.created_at,
+        "last_synced_at": row.last_synced_at,
+        "remote_changed_at": row.remote_changed_at,
+        "remote_changed_by": row.remote_changed_by,
+    }
+    values.update({k: v for k, v in changes.items() if v is not None})
+    return DocumentRow(**values)

@@ -1,0 +1,201 @@
+"""A watchlist: a name and an ordered set of symbols, each with an optional note.
+
+Layout in the pycrdt document:
+
+- ``meta``: kind and name.
+- ``symbols``: symbol -> ``{"t": stamp}``. A map, so the same symbol added on two devices is one
+  key (one entry). Removing deletes the key; a concurrent add of the same symbol wins over the
+  removal (pycrdt map semantics), while a removal with no concurrent add is final.
+- ``fields``: later-wins slots (see :mod:`.lww`) for each symbol's ``pos`` (a fractional order key)
+  and ``note``. Order and notes are separate from membership, so a reorder on one device and an
+  addition or a note on another never overwrite each other. Slots stamped before a symbol was
+  (re-)added are ignored, so a removed symbol that comes back starts clean.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from pycrdt import Doc, Map
+
+from foliosync.sync.errors import DocumentNotFound, ValidationError
+from foliosync.sync.model.document import DocumentKind, DocumentModel, EditContext
+from foliosync.sync.model.lww import LwwSlots, LwwValue
+from foliosync.sync.ordering import is_valid_key, key_between
+from foliosync.sync.validation import normalize_note, normalize_symbol
+
+__all__ = ["Watchlist", "WatchlistEntry"]
+
+
+@dataclass(frozen=True, slots=True)
+class WatchlistEntry:
+    symbol: str
+    note: str | None
+    position: str  # fractional order key; entries sort by (position, symbol)
+    added: str  # stamp of the addition
+
+
+class Watchlist(DocumentModel):
+    KIND = DocumentKind.WATCHLIST
+
+    def __init__(self, doc: Doc, context: EditContext) -> None:
+        super().__init__(doc, context)
+        self._symbols: Map[Any] = doc.get("symbols", type=Map)
+        self._fields = LwwSlots(doc.get("fields", type=Map))
+        self._cache: dict[str, WatchlistEntry] | None = None
+        self._cache_version = -1
+        self._ordered: list[WatchlistEntry] | None = None
+
+    # -- reads -----------------------------------------------------------------------------
+
+    def _entries(self) -> dict[str, WatchlistEntry]:
+        if self._cache is None or self._cache_version != self.version:
+            self._cache = self._read_entries()
+            self._cache_version = self.version
+            self._ordered = None
+        return self._cache
+
+    def _read_entries(self) -> dict[str, WatchlistEntry]:
+        fields = self._fields.resolve()
+        entries: dict[str, WatchlistEntry] = {}
+        for symbol, raw in self._symbols.items():
+            added = raw.get("t", "") if isinstance(raw, dict) else ""
+            slots = fields.get(symbol, {})
+            pos = _newer(slots.get("pos"), added)
+            note = _newer(slots.get("note"), added)
+            entries[symbol] = WatchlistEntry(
+                symbol=symbol,
+                note=note if isinstance(note, str) and note else None,
+                position=pos if is_valid_key(pos) else "~",  # unknown order sorts last
+                added=added,
+            )
+        return entries
+
+    def entries(self) -> list[WatchlistEntry]:
+        """The entries in display order."""
+        entries = self._entries()
+        if self._ordered is None:
+            self._ordered = sorted(entries.values(), key=lambda e: (e.position, e.symbol))
+        return list(self._ordered)
+
+    @property
+    def symbols(self) -> list[str]:
+        return [e.symbol for e in self.entries()]
+
+    def __contains__(self, symbol: object) -> bool:
+        return isinstance(symbol, str) and symbol.upper() in self._entries()
+
+    def __len__(self) -> int:
+        return len(self._entries())
+
+    # -- edits -----------------------------------------------------------------------------
+
+    def add(self, symbols: Iterable[str], note: str | None = None) -> list[str]:
+        """Append the symbols not yet present; set the note on all given ones if ``note``.
+
+        Returns the symbols newly added. Validates everything first: one bad symbol and nothing
+        changes.
+        """
+        wanted = _normalize_all(symbols)
+        note = normalize_note(note)
+        entries = dict(self._entries())
+        ordered = self.entries()
+        last = next((e.position for e in reversed(ordered) if is_valid_key(e.position)), None)
+        clock, device = self.context.clock, self.context.device
+        added: list[str] = []
+        with self.doc.transaction():
+            for symbol in wanted:
+                current = entries.get(symbol)
+                if current is None:
+                    stamp = clock.now()
+                    last = key_between(last, None)
+                    self._symbols[symbol] = {"t": stamp}
+                    self._fields.write(symbol, "pos", device, stamp, last)
+                    if note is not None:
+                        self._fields.write(symbol, "note", device, stamp, note)
+                    entries[symbol] = WatchlistEntry(symbol, note, last, stamp)
+                    added.append(symbol)
+                elif note is not None and note != current.note:
+                    self._fields.write(symbol, "note", device, clock.now(), note)
+                    entries[symbol] = WatchlistEntry(symbol, note, current.position, current.added)
+        self._patch(entries)
+        return added
+
+    def remove(self, symbols: Iterable[str]) -> list[str]:
+        """Remove the symbols that are present; returns those removed."""
+        wanted = _normalize_all(symbols)
+        entries = dict(self._entries())
+        removed = [s for s in wanted if s in entries]
+        if removed:
+            with self.doc.transaction():
+                for symbol in removed:
+                    del self._symbols[symbol]
+                    self._fields.clear(symbol)
+                    del entries[symbol]
+            self._patch(entries)
+        return removed
+
+    def set_note(self, symbol: str, note: str | None) -> None:
+        symbol = normalize_symbol(symbol)
+        note = normalize_note(note)
+        entries = dict(self._entries())
+        current = entries.get(symbol)
+        if current is None:
+            raise DocumentNotFound(f"{symbol} is not in watchlist {self.name!r}")
+        with self.doc.transaction():
+            self._fields.write(symbol, "note", self.context.device, self.context.clock.now(), note)
+        entries[symbol] = WatchlistEntry(symbol, note, current.position, current.added)
+        self._patch(entries)
+
+    def move(self, symbol: str, index: int) -> None:
+        """Move ``symbol`` to ``index`` in the display order (negative counts from the end)."""
+        symbol = normalize_symbol(symbol)
+        ordered = self.entries()
+        current = next((e for e in ordered if e.symbol == symbol), None)
+        if current is None:
+            raise DocumentNotFound(f"{symbol} is not in watchlist {self.name!r}")
+        others = [e for e in ordered if e.symbol != symbol]
+        if index < 0:
+            index += len(others) + 1
+        if not 0 <= index <= len(others):
+            raise ValidationError(f"position {index} is outside 0..{len(others)}")
+        before = others[index - 1].position if index > 0 else None
+        after = others[index].position if index < len(others) else None
+        position = _key_between_lenient(before, after)
+        with self.doc.transaction():
+            stamp = self.context.clock.now()
+            self._fields.write(symbol, "pos", self.context.device, stamp, position)
+        entries = dict(self._entries())
+        entries[symbol] = WatchlistEntry(symbol, current.note, position, current.added)
+        self._patch(entries)
+
+    def _patch(self, entries: dict[str, WatchlistEntry]) -> None:
+        self._cache = entries
+        self._cache_version = self.version
+        self._ordered = None
+
+
+def _newer(slot: LwwValue | None, added: str) -> Any:
+    return slot.value if slot is not None and slot.stamp >= added else None
+
+
+def _normalize_all(symbols: Iterable[str]) -> list[str]:
+    if isinstance(symbols, str):
+        symbols = [symbols]
+    seen: dict[str, None] = {}
+    for symbol in symbols:
+        seen.setdefault(normalize_symbol(symbol), None)
+    if not seen:
+        raise ValidationError("no symbol given")
+    return list(seen)
+
+
+def _key_between_lenient(before: str | None, after: str | None) -> str:
+    """key_between, tolerating neighbours with equal or unreadable keys from concurrent edits."""
+    before = before if before is not None and is_valid_key(before) else None
+    after = after if after is not None and is_valid_key(after) else None
+    if before is not None and after is not None and before >= after:
+        after = None  # equal keys (a tie broken by symbol): place just after ``before``
+    return key_between(before, after)
