@@ -315,14 +315,20 @@ class Replica:
             if doc_id not in self._rows:
                 await self._insert_row(doc_id, kind, "", [])
             loaded = await self._load(doc_id)
-            before = loaded.model.doc.get_state()
+            # Changed or not is told by the observer, not the state vector: a deletion moves no
+            # clock, and pycrdt fires no event for an update it already has.
+            captured: list[bytes] = []
+            loaded.capture = captured
             try:
                 loaded.model.doc.apply_update(update)
             except BaseException as exc:  # pycrdt panics derive from BaseException
                 if isinstance(exc, KeyboardInterrupt | SystemExit | asyncio.CancelledError):
                     raise
+                await self._reload(doc_id)
                 raise ValidationError(f"the relay sent an unreadable update for {doc_id}") from exc
-            changed = loaded.model.doc.get_state() != before
+            finally:
+                loaded.capture = None
+            changed = bool(captured)
             if changed:
                 try:
                     seq = await self._store.append(doc_id, update, pending=False)

@@ -1,0 +1,423 @@
+"""The frames of protocol version 1 and their msgpack codec.
+
+Every WebSocket binary message carries exactly one frame: a msgpack array ``[type, field, ...]``.
+Arrays rather than maps keep the frames small and quick to decode, and a fixed arity per type makes
+decoding strict: a frame with a field too many or too few is refused rather than guessed at.
+
+====  ===========  ============  ======================================================
+code  frame        direction     fields, in wire order (``?`` = may be nil)
+====  ===========  ============  ======================================================
+1     Hello        client→relay  protocol, token, client_name
+2     Welcome      relay→client  protocol, user, device, server_time_ms, documents
+3     Error        both          code, message, doc?, seq?
+4     Ping         both          nonce
+5     Pong         both          nonce
+10    SyncRequest  client→relay  doc, state_vector
+11    SyncReply    relay→client  doc, update, state_vector, changed_at_ms?, changed_by?
+12    Update       both          doc, seq, update, changed_at_ms?, changed_by?
+13    Ack          relay→client  doc, seq
+====  ===========  ============  ======================================================
+
+An Update from a client has ``seq`` > 0 and no watermark; from the relay ``seq`` is 0 and the
+watermark (``changed_at_ms``, ``changed_by``) is set. A watermark is always set or nil as a whole.
+
+Codes 40-59 are reserved for the price frames (Subscribe, Unsubscribe, PriceSnapshot, PriceBatch)
+that will share the socket; a version 1 peer refuses them as ``bad_frame`` until then. Other codes
+are unassigned.
+
+Field types: ids (``doc``, ``user``, ``device``, ``changed_by``, each document of ``documents``)
+are non-empty strings of at most :data:`~.limits.MAX_ID_LENGTH` characters; CRDT updates and state
+vectors (Yjs V1 encoding) are msgpack bin; times are int milliseconds since the epoch (UTC);
+``protocol``, ``seq``, ``nonce`` and times are ints from 0 to :data:`~.limits.MAX_UINT`.
+
+The shape of Hello is frozen for every future protocol version: a relay must be able to read the
+version of any client, however new, to answer ``unsupported_version`` instead of ``bad_frame``.
+
+There is no Close frame. A fatal :class:`Error` (one without a ``doc``) ends the conversation and
+the sender then closes the WebSocket; an ordinary goodbye is just a WebSocket close. A second way
+to say the same thing would only be a second thing for the peers to disagree about.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import ClassVar, TypeAlias
+
+import msgpack
+
+from foliosync.sync.errors import LocalProtocolError, RemoteProtocolError
+from foliosync.sync.protocol.limits import (
+    DEFAULT_MAX_FRAME_SIZE,
+    MAX_CODE_LENGTH,
+    MAX_ID_LENGTH,
+    MAX_UINT,
+)
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "RESERVED_PRICE_CODES",
+    "Ack",
+    "Error",
+    "ErrorCode",
+    "Frame",
+    "Hello",
+    "Ping",
+    "Pong",
+    "SyncReply",
+    "SyncRequest",
+    "Update",
+    "Welcome",
+    "decode_frame",
+    "encode_frame",
+]
+
+PROTOCOL_VERSION = 1
+"""The protocol version this module speaks."""
+
+RESERVED_PRICE_CODES = range(40, 60)
+"""Type codes kept free for the price frames, so that adding them breaks no document frame."""
+
+
+class ErrorCode(StrEnum):
+    """The error codes this version sends. Peers must accept codes they do not know: whether an
+    error is fatal is told by the frame (no ``doc``), not by the code, so a newer peer can add codes
+    without breaking an older one."""
+
+    # Fatal: sent without a doc, then the sender closes the connection.
+    AUTH_FAILED = "auth_failed"
+    """The token of the Hello was refused."""
+    UNSUPPORTED_VERSION = "unsupported_version"
+    """The Hello (or the Welcome) named a protocol version the receiver does not speak."""
+    BAD_FRAME = "bad_frame"
+    """A message that is not a well-formed frame of this version."""
+    TOO_LARGE = "too_large"
+    """A message over the receiver's ``max_frame_size``."""
+    NOT_AUTHENTICATED = "not_authenticated"
+    """A document frame before the handshake completed."""
+    UNEXPECTED_FRAME = "unexpected_frame"
+    """A well-formed frame the receiver may not get in its state or from that side."""
+    INTERNAL = "internal"
+    """The sender failed on its own; the peer did nothing wrong."""
+    # Per document: sent with the doc (and the seq of the update, if any); the connection stays.
+    FORBIDDEN = "forbidden"
+    """The user may not read or write that document."""
+    NOT_FOUND = "not_found"
+    """No such document."""
+    BAD_UPDATE = "bad_update"
+    """The bytes of an update or state vector are not a valid CRDT encoding."""
+
+
+# --- Field checks -----------------------------------------------------------------------------
+# Each returns what is wrong with a value, or None. The same checks guard frames built by our own
+# code (LocalProtocolError) and frames decoded from the peer (RemoteProtocolError).
+
+_Check = Callable[[object], str | None]
+
+
+def _uint(value: object) -> str | None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        return f"must be an int, not {type(value).__name__}"
+    if not 0 <= value <= MAX_UINT:
+        return f"must be between 0 and {MAX_UINT}, not {value}"
+    return None
+
+
+def _opt_uint(value: object) -> str | None:
+    return None if value is None else _uint(value)
+
+
+def _text(limit: int | None, *, empty: bool) -> _Check:
+    def check(value: object) -> str | None:
+        if not isinstance(value, str):
+            return f"must be a str, not {type(value).__name__}"
+        if not empty and not value:
+            return "must not be empty"
+        if limit is not None and len(value) > limit:
+            return f"must be at most {limit} characters, not {len(value)}"
+        return None
+
+    return check
+
+
+_id = _text(MAX_ID_LENGTH, empty=False)
+_code = _text(MAX_CODE_LENGTH, empty=False)
+_name = _text(MAX_ID_LENGTH, empty=True)
+_free_text = _text(None, empty=True)
+
+
+def _opt_id(value: object) -> str | None:
+    return None if value is None else _id(value)
+
+
+def _bin(value: object) -> str | None:
+    if not isinstance(value, bytes):
+        return f"must be bytes, not {type(value).__name__}"
+    return None
+
+
+def _ids(value: object) -> str | None:
+    if not isinstance(value, tuple):
+        return f"must be a tuple of ids, not {type(value).__name__}"
+    for index, item in enumerate(value):
+        problem = _id(item)
+        if problem is not None:
+            return f"item {index} {problem}"
+    return None
+
+
+def _watermark_problem(changed_at_ms: int | None, changed_by: str | None) -> str | None:
+    if (changed_at_ms is None) != (changed_by is None):
+        return "changed_at_ms and changed_by must be set together"
+    return None
+
+
+class _Checked:
+    """Validates a frame's fields when it is built, so that no invalid frame exists: the encoder
+    can trust what it is given and the decoder gets its checks for free."""
+
+    __slots__ = ()
+    _CODE: ClassVar[int]
+    _CHECKS: ClassVar[tuple[_Check, ...]]
+
+    def __post_init__(self) -> None:
+        for field, check in zip(dataclasses.fields(self), self._CHECKS, strict=True):  # type: ignore[arg-type]
+            problem = check(getattr(self, field.name))
+            if problem is not None:
+                raise LocalProtocolError(f"{type(self).__name__}.{field.name} {problem}")
+        problem = self._cross_problem()
+        if problem is not None:
+            raise LocalProtocolError(f"{type(self).__name__}: {problem}")
+
+    def _cross_problem(self) -> str | None:
+        return None
+
+
+# --- Frames -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Hello(_Checked):
+    """First frame of a client: the protocol it speaks and the token that says who it is."""
+
+    _CODE: ClassVar[int] = 1
+    _CHECKS: ClassVar[tuple[_Check, ...]] = (_uint, _free_text, _name)
+
+    protocol: int
+    token: str
+    client_name: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Welcome(_Checked):
+    """The relay accepted the Hello. ``documents`` are the ids the relay holds for this user, so
+    that a new device knows what to ask for."""
+
+    _CODE: ClassVar[int] = 2
+    _CHECKS: ClassVar[tuple[_Check, ...]] = (_uint, _id, _id, _uint, _ids)
+
+    protocol: int
+    user: str
+    device: str
+    server_time_ms: int
+    documents: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Error(_Checked):
+    """An error. With a ``doc`` it concerns that document only (and, with a ``seq``, that update)
+    and the connection stays open; without one it is fatal and the sender closes the connection."""
+
+    _CODE: ClassVar[int] = 3
+    _CHECKS: ClassVar[tuple[_Check, ...]] = (_code, _free_text, _opt_id, _opt_uint)
+
+    code: str
+    message: str
+    doc: str | None = None
+    seq: int | None = None
+
+    @property
+    def fatal(self) -> bool:
+        """Whether the connection ends after this error."""
+        return self.doc is None
+
+    def _cross_problem(self) -> str | None:
+        if self.seq is not None and self.doc is None:
+            return "a seq needs a doc"
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class Ping(_Checked):
+    """Asks the peer for a Pong with the same nonce; proves the whole path, not just TCP."""
+
+    _CODE: ClassVar[int] = 4
+    _CHECKS: ClassVar[tuple[_Check, ...]] = (_uint,)
+
+    nonce: int
+
+
+@dataclass(frozen=True, slots=True)
+class Pong(_Checked):
+    """Answer to a Ping."""
+
+    _CODE: ClassVar[int] = 5
+    _CHECKS: ClassVar[tuple[_Check, ...]] = (_uint,)
+
+    nonce: int
+
+
+@dataclass(frozen=True, slots=True)
+class SyncRequest(_Checked):
+    """Client to relay: this is what I have of ``doc`` (its state vector); send what I lack."""
+
+    _CODE: ClassVar[int] = 10
+    _CHECKS: ClassVar[tuple[_Check, ...]] = (_id, _bin)
+
+    doc: str
+    state_vector: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class SyncReply(_Checked):
+    """Relay to client: the relay's diff against the client's state vector, the relay's own state
+    vector (so that the client can send what the relay lacks), and when and from which device the
+    document last changed on the relay (both nil for a document the relay has never seen)."""
+
+    _CODE: ClassVar[int] = 11
+    _CHECKS: ClassVar[tuple[_Check, ...]] = (_id, _bin, _bin, _opt_uint, _opt_id)
+
+    doc: str
+    update: bytes
+    state_vector: bytes
+    changed_at_ms: int | None
+    changed_by: str | None
+
+    def _cross_problem(self) -> str | None:
+        return _watermark_problem(self.changed_at_ms, self.changed_by)
+
+
+@dataclass(frozen=True, slots=True)
+class Update(_Checked):
+    """A CRDT delta. From a client ``seq`` is positive and names the update for its Ack; from the
+    relay (another device's change, fanned out) ``seq`` is 0 and the watermark is set."""
+
+    _CODE: ClassVar[int] = 12
+    _CHECKS: ClassVar[tuple[_Check, ...]] = (_id, _uint, _bin, _opt_uint, _opt_id)
+
+    doc: str
+    seq: int
+    update: bytes
+    changed_at_ms: int | None = None
+    changed_by: str | None = None
+
+    def _cross_problem(self) -> str | None:
+        return _watermark_problem(self.changed_at_ms, self.changed_by)
+
+
+@dataclass(frozen=True, slots=True)
+class Ack(_Checked):
+    """Relay to client: the update ``seq`` of ``doc``, and every earlier one of that document on
+    this connection, is durably stored; the client may forget it."""
+
+    _CODE: ClassVar[int] = 13
+    _CHECKS: ClassVar[tuple[_Check, ...]] = (_id, _uint)
+
+    doc: str
+    seq: int
+
+
+Frame: TypeAlias = Hello | Welcome | Error | Ping | Pong | SyncRequest | SyncReply | Update | Ack
+"""Any frame of protocol version 1."""
+
+_FRAME_TYPES: tuple[type[_Checked], ...] = (
+    Hello,
+    Welcome,
+    Error,
+    Ping,
+    Pong,
+    SyncRequest,
+    SyncReply,
+    Update,
+    Ack,
+)
+_BY_CODE: dict[int, type[_Checked]] = {cls._CODE: cls for cls in _FRAME_TYPES}
+_FIELD_NAMES: dict[type[_Checked], tuple[str, ...]] = {
+    cls: tuple(f.name for f in dataclasses.fields(cls))  # type: ignore[arg-type]
+    for cls in _FRAME_TYPES
+}
+assert len(_BY_CODE) == len(_FRAME_TYPES), "two frames share a type code"
+assert not set(_BY_CODE) & set(RESERVED_PRICE_CODES), "a frame took a reserved price code"
+
+
+# --- Codec ------------------------------------------------------------------------------------
+
+
+def encode_frame(frame: Frame) -> bytes:
+    """The bytes of one WebSocket binary message carrying ``frame``."""
+    names = _FIELD_NAMES.get(type(frame))
+    if names is None:
+        raise LocalProtocolError(f"not a frame: {type(frame).__name__}")
+    values = [frame._CODE, *(getattr(frame, name) for name in names)]
+    try:
+        return msgpack.packb(values, use_bin_type=True)  # type: ignore[no-any-return]
+    except (ValueError, TypeError, OverflowError) as exc:  # e.g. a lone surrogate in a str
+        raise LocalProtocolError(f"cannot encode {type(frame).__name__}: {exc}") from exc
+
+
+def decode_frame(data: bytes, *, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -> Frame:
+    """The frame in one WebSocket binary message.
+
+    Raises :class:`RemoteProtocolError` (code ``too_large`` or ``bad_frame``) for anything that is
+    not exactly one valid frame. The size is checked before unpacking, and every length the
+    unpacker may allocate is bounded by the size of the message, so a hostile message cannot make
+    us hold much more than itself.
+    """
+    size = len(data)
+    if size > max_frame_size:
+        raise RemoteProtocolError(
+            f"a message of {size} bytes exceeds the limit of {max_frame_size}",
+            code=ErrorCode.TOO_LARGE,
+        )
+    try:
+        items = msgpack.unpackb(
+            data,
+            raw=False,
+            strict_map_key=True,
+            use_list=True,
+            max_str_len=size,
+            max_bin_len=size,
+            max_array_len=size,
+            max_map_len=0,
+            max_ext_len=0,
+        )
+    # msgpack documents ValueError and its subclasses, "and other exceptions" (UnicodeDecodeError,
+    # TypeError...): at this boundary every one of them means the peer sent garbage.
+    except Exception as exc:
+        raise RemoteProtocolError(
+            f"not a msgpack message: {type(exc).__name__}: {exc}", code=ErrorCode.BAD_FRAME
+        ) from exc
+    if not isinstance(items, list) or not items:
+        raise RemoteProtocolError("a frame is a non-empty msgpack array", code=ErrorCode.BAD_FRAME)
+    type_code = items[0]
+    if not isinstance(type_code, int) or isinstance(type_code, bool):
+        raise RemoteProtocolError(
+            f"a frame type is an int, not {type(type_code).__name__}", code=ErrorCode.BAD_FRAME
+        )
+    cls = _BY_CODE.get(type_code)
+    if cls is None:
+        raise RemoteProtocolError(f"unknown frame type {type_code}", code=ErrorCode.BAD_FRAME)
+    # Lists only ever stand for tuples (Welcome.documents); turning them into tuples here keeps the
+    # frames immutable and lets the constructor's checks do the rest.
+    fields = [tuple(value) if isinstance(value, list) else value for value in items[1:]]
+    if len(fields) != len(cls._CHECKS):
+        raise RemoteProtocolError(
+            f"{cls.__name__} has {len(cls._CHECKS)} fields, got {len(fields)}",
+            code=ErrorCode.BAD_FRAME,
+        )
+    try:
+        return cls(*fields)  # type: ignore[return-value]
+    except LocalProtocolError as exc:
+        raise RemoteProtocolError(str(exc), code=ErrorCode.BAD_FRAME) from None

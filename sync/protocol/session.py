@@ -1,0 +1,489 @@
+"""The two ends of a connection as pure state machines: bytes in, events out; frames in, bytes out.
+
+A session owns no socket and no clock, so the relay and the client wrap it in whatever I/O they
+use and tests drive it synchronously. It knows who may send what and when; the shells decide what
+the frames mean (verify tokens, store updates, apply deltas).
+
+One WebSocket message is one frame, so :meth:`receive_data` takes one whole message and returns
+the events it produced (today always exactly one; a list so that a later version may produce more
+without changing the API). Its failures are uniform: whenever the peer broke the protocol,
+including a Hello of an unsupported version, it raises :class:`RemoteProtocolError`, the session is
+then CLOSED and :attr:`error_reply` holds the Error frame to send before closing the socket::
+
+    try:
+        events = session.receive_data(message)
+    except RemoteProtocolError:
+        await ws.send_bytes(session.error_reply)
+        await ws.close()
+
+Our own misuse (sending a document frame before the handshake, anything after CLOSED) raises
+:class:`LocalProtocolError` and changes nothing. A session never sends a frame larger than its
+``max_send_size`` (by default its own ``max_frame_size``: a peer with the same limit would refuse
+it). The two differ where the peers' limits do: the relay accepts small client frames but sends
+whole documents to clients, which accept large ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from enum import Enum
+
+from foliosync.sync.errors import ConfigError, LocalProtocolError, RemoteProtocolError
+from foliosync.sync.protocol.events import (
+    Acked,
+    ClientEvent,
+    ErrorReceived,
+    HelloReceived,
+    PingReceived,
+    PongReceived,
+    ServerEvent,
+    SyncReplied,
+    SyncRequested,
+    UpdateReceived,
+    Welcomed,
+)
+from foliosync.sync.protocol.frames import (
+    PROTOCOL_VERSION,
+    Ack,
+    Error,
+    ErrorCode,
+    Frame,
+    Hello,
+    Ping,
+    Pong,
+    SyncReply,
+    SyncRequest,
+    Update,
+    Welcome,
+    decode_frame,
+    encode_frame,
+)
+from foliosync.sync.protocol.limits import DEFAULT_MAX_FRAME_SIZE
+
+__all__ = ["ClientSession", "ClientState", "ServerSession", "ServerState"]
+
+_MAX_REPLY_MESSAGE = 200
+"""Characters of an exception message echoed in an error reply: enough to debug, and a hostile
+frame cannot make the reply large (messages may quote what the peer sent)."""
+
+
+class ServerState(Enum):
+    """Where the relay's end of a connection is."""
+
+    AWAITING_HELLO = "awaiting_hello"
+    """Nothing received yet; only a Hello is acceptable."""
+    AUTHENTICATING = "authenticating"
+    """A Hello arrived; the shell is checking its token and will call accept() or reject()."""
+    READY = "ready"
+    """Welcome sent; document frames flow both ways."""
+    CLOSED = "closed"
+    """Done: after a fatal error either way, reject(), or close()."""
+
+
+class ClientState(Enum):
+    """Where the client's end of a connection is."""
+
+    IDLE = "idle"
+    """Connected, Hello not sent yet."""
+    AWAITING_WELCOME = "awaiting_welcome"
+    """Hello sent; waiting for the relay's Welcome (or its refusal)."""
+    READY = "ready"
+    """Welcome received; document frames flow both ways."""
+    CLOSED = "closed"
+    """Done: after a fatal error either way, or close()."""
+
+
+def _violation(message: str, code: str) -> RemoteProtocolError:
+    return RemoteProtocolError(message, code=code)
+
+
+def _error_event(frame: Error) -> ErrorReceived:
+    return ErrorReceived(frame.code, frame.message, frame.doc, frame.seq, frame.fatal)
+
+
+class _Session:
+    """What both ends share: decoding with a size limit, the error reply, the closed state."""
+
+    __slots__ = ("_closed", "_error_reply", "_max_frame_size", "_max_send_size")
+
+    def __init__(self, max_frame_size: int, max_send_size: int | None = None) -> None:
+        for name, value in (("max_frame_size", max_frame_size), ("max_send_size", max_send_size)):
+            if value is None and name == "max_send_size":
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"{name} must be a positive int, not {value!r}")
+        self._max_frame_size = max_frame_size
+        self._max_send_size = max_send_size if max_send_size is not None else max_frame_size
+        self._error_reply: bytes | None = None
+        self._closed = False
+
+    @property
+    def max_frame_size(self) -> int:
+        """Largest message accepted, in bytes."""
+        return self._max_frame_size
+
+    @property
+    def max_send_size(self) -> int:
+        """Largest message sent, in bytes."""
+        return self._max_send_size
+
+    @property
+    def error_reply(self) -> bytes | None:
+        """The Error frame to send before closing, once :meth:`receive_data` raised
+        :class:`RemoteProtocolError`; None before that."""
+        return self._error_reply
+
+    @property
+    def closed(self) -> bool:
+        """Whether the conversation is over (nothing may be sent or received any more)."""
+        return self._closed
+
+    def close(self) -> None:
+        """Mark the conversation over, e.g. when the socket closed. Idempotent."""
+        self._closed = True
+
+    def _decode(self, data: bytes) -> Frame:
+        if self._closed:
+            raise LocalProtocolError("the session is closed; stop reading from the socket")
+        if not isinstance(data, bytes | bytearray | memoryview):
+            raise LocalProtocolError(f"receive_data() takes bytes, not {type(data).__name__}")
+        return decode_frame(data, max_frame_size=self._max_frame_size)
+
+    def _fail(self, exc: RemoteProtocolError) -> None:
+        message = str(exc)
+        if len(message) > _MAX_REPLY_MESSAGE:
+            message = message[: _MAX_REPLY_MESSAGE - 1] + "…"
+        self._closed = True
+        self._error_reply = encode_frame(Error(exc.code, message))
+
+    def _encode(self, frame: Frame) -> bytes:
+        if self._closed:
+            raise LocalProtocolError(f"the session is closed; cannot send {type(frame).__name__}")
+        data = encode_frame(frame)
+        if len(data) > self._max_send_size:
+            raise LocalProtocolError(
+                f"{type(frame).__name__} of {len(data)} bytes exceeds the frame limit of "
+                f"{self._max_send_size}",
+                code=ErrorCode.TOO_LARGE,
+            )
+        return data
+
+
+class ServerSession(_Session):
+    """The relay's end of one client connection."""
+
+    __slots__ = ("_received_seqs", "_state", "_supported", "protocol")
+
+    def __init__(
+        self,
+        *,
+        max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+        max_send_size: int | None = None,
+        supported_protocols: frozenset[int] = frozenset({PROTOCOL_VERSION}),
+    ) -> None:
+        super().__init__(max_frame_size, max_send_size)
+        if not supported_protocols:
+            raise ConfigError("supported_protocols must not be empty")
+        self._supported = frozenset(supported_protocols)
+        self._state = ServerState.AWAITING_HELLO
+        # Highest seq received per document, so that the relay cannot ack an update it never got.
+        self._received_seqs: dict[str, int] = {}
+        self.protocol: int | None = None
+        """The version agreed in the handshake, once a supported Hello arrived."""
+
+    @property
+    def state(self) -> ServerState:
+        """Where the conversation is."""
+        return ServerState.CLOSED if self._closed else self._state
+
+    # --- Receiving ----------------------------------------------------------------------------
+
+    def receive_data(self, data: bytes) -> list[ServerEvent]:
+        """The events of one WebSocket binary message from the client.
+
+        Raises :class:`RemoteProtocolError` if the client broke the protocol; the session is then
+        closed and :attr:`error_reply` holds the bytes to send before closing the socket.
+        """
+        try:
+            return [self._receive(self._decode(data))]
+        except RemoteProtocolError as exc:
+            self._fail(exc)
+            raise
+
+    def _receive(self, frame: Frame) -> ServerEvent:
+        state = self._state
+        if isinstance(frame, Error) and frame.fatal:
+            self._closed = True
+            return _error_event(frame)
+        if isinstance(frame, Welcome | SyncReply | Ack):
+            raise _violation(
+                f"{type(frame).__name__} is a relay frame; a client cannot send it",
+                ErrorCode.UNEXPECTED_FRAME,
+            )
+        if isinstance(frame, Hello):
+            if state is not ServerState.AWAITING_HELLO:
+                raise _violation("a second Hello", ErrorCode.UNEXPECTED_FRAME)
+            if frame.protocol not in self._supported:
+                spoken = ", ".join(str(version) for version in sorted(self._supported))
+                raise _violation(
+                    f"relay speaks protocol {spoken}, client sent {frame.protocol}",
+                    ErrorCode.UNSUPPORTED_VERSION,
+                )
+            self.protocol = frame.protocol
+            self._state = ServerState.AUTHENTICATING
+            return HelloReceived(frame.protocol, frame.token, frame.client_name)
+        if state is not ServerState.READY:
+            raise _violation(
+                f"{type(frame).__name__} before the handshake completed",
+                ErrorCode.NOT_AUTHENTICATED,
+            )
+        match frame:
+            case SyncRequest(doc, state_vector):
+                return SyncRequested(doc, state_vector)
+            case Update(doc, seq, update, changed_at_ms, changed_by):
+                if seq == 0:
+                    raise _violation("an Update from a client needs a seq > 0", ErrorCode.BAD_FRAME)
+                if changed_at_ms is not None:
+                    raise _violation(
+                        "an Update from a client cannot carry a watermark; the relay sets it",
+                        ErrorCode.BAD_FRAME,
+                    )
+                if seq > self._received_seqs.get(doc, 0):
+                    self._received_seqs[doc] = seq
+                return UpdateReceived(doc, seq, update, changed_at_ms, changed_by)
+            case Ping(nonce):
+                return PingReceived(nonce)
+            case Pong(nonce):
+                return PongReceived(nonce)
+            case Error():
+                return _error_event(frame)
+        raise AssertionError(f"unhandled frame {frame!r}")  # pragma: no cover
+
+    # --- Sending ------------------------------------------------------------------------------
+
+    def send(self, frame: Frame) -> bytes:
+        """The bytes of ``frame``, if the relay may send it now; otherwise LocalProtocolError."""
+        state = self.state
+        name = type(frame).__name__
+        if isinstance(frame, Hello | SyncRequest):
+            raise LocalProtocolError(f"{name} is a client frame; the relay cannot send it")
+        if isinstance(frame, Error) and frame.fatal:
+            data = self._encode(frame)
+            self._closed = True
+            return data
+        if isinstance(frame, Welcome):
+            if state is not ServerState.AUTHENTICATING:
+                raise LocalProtocolError(f"Welcome needs a Hello first (state {state.value})")
+            if frame.protocol != self.protocol:
+                raise LocalProtocolError(
+                    f"Welcome for protocol {frame.protocol}, but the client asked for "
+                    f"{self.protocol}"
+                )
+            data = self._encode(frame)
+            self._state = ServerState.READY
+            return data
+        if state is not ServerState.READY:
+            raise LocalProtocolError(f"{name} before the handshake completed (state {state.value})")
+        if isinstance(frame, Update) and (frame.seq != 0 or frame.changed_at_ms is None):
+            raise LocalProtocolError("an Update from the relay has seq 0 and a watermark")
+        if isinstance(frame, Ack) and not 0 < frame.seq <= self._received_seqs.get(frame.doc, 0):
+            raise LocalProtocolError(
+                f"Ack of seq {frame.seq} of {frame.doc!r}, which this connection never received"
+            )
+        return self._encode(frame)
+
+    def accept(
+        self, user: str, device: str, documents: Iterable[str], server_time_ms: int
+    ) -> bytes:
+        """The Welcome that completes the handshake, after the shell verified the Hello's token."""
+        if self.protocol is None:
+            raise LocalProtocolError(f"accept() needs a Hello first (state {self.state.value})")
+        return self.send(Welcome(self.protocol, user, device, server_time_ms, tuple(documents)))
+
+    def reject(self, code: str = ErrorCode.AUTH_FAILED, message: str = "") -> bytes:
+        """The fatal Error that refuses the Hello (e.g. a bad token); the session is then closed."""
+        if self.state not in (ServerState.AWAITING_HELLO, ServerState.AUTHENTICATING):
+            raise LocalProtocolError(f"reject() is for the handshake (state {self.state.value})")
+        return self.send(Error(code, message))
+
+    def sync_reply(
+        self,
+        doc: str,
+        update: bytes,
+        state_vector: bytes,
+        changed_at_ms: int | None = None,
+        changed_by: str | None = None,
+    ) -> bytes:
+        """Answer to a SyncRequest; the watermark is None for a document the relay never saw."""
+        return self.send(SyncReply(doc, update, state_vector, changed_at_ms, changed_by))
+
+    def update(self, doc: str, update: bytes, changed_at_ms: int, changed_by: str) -> bytes:
+        """Fan out another device's change (seq 0) with the document's new watermark."""
+        return self.send(Update(doc, 0, update, changed_at_ms, changed_by))
+
+    def ack(self, doc: str, seq: int) -> bytes:
+        """Acknowledge that update ``seq`` of ``doc`` (and every earlier one) is durably stored."""
+        return self.send(Ack(doc, seq))
+
+    def error(
+        self, code: str, message: str, doc: str | None = None, seq: int | None = None
+    ) -> bytes:
+        """An Error; without ``doc`` it is fatal and the session is then closed."""
+        return self.send(Error(code, message, doc, seq))
+
+    def ping(self, nonce: int) -> bytes:
+        """A Ping the client answers with a Pong of the same nonce."""
+        return self.send(Ping(nonce))
+
+    def pong(self, nonce: int) -> bytes:
+        """The answer to a Ping."""
+        return self.send(Pong(nonce))
+
+
+class ClientSession(_Session):
+    """The client's end of its connection to the relay."""
+
+    __slots__ = ("_sent_seqs", "_state", "device", "protocol", "user")
+
+    def __init__(
+        self, *, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE, max_send_size: int | None = None
+    ) -> None:
+        super().__init__(max_frame_size, max_send_size)
+        self._state = ClientState.IDLE
+        # Highest seq sent per document, so that an Ack of an update never sent is caught: acting
+        # on it, the client would forget an update the relay does not have.
+        self._sent_seqs: dict[str, int] = {}
+        self.protocol: int = PROTOCOL_VERSION
+        """The version this client speaks, and that the Welcome must confirm."""
+        self.user: str | None = None
+        """The user the relay authenticated, once welcomed."""
+        self.device: str | None = None
+        """This device's id as the relay knows it, once welcomed."""
+
+    @property
+    def state(self) -> ClientState:
+        """Where the conversation is."""
+        return ClientState.CLOSED if self._closed else self._state
+
+    # --- Receiving ----------------------------------------------------------------------------
+
+    def receive_data(self, data: bytes) -> list[ClientEvent]:
+        """The events of one WebSocket binary message from the relay.
+
+        Raises :class:`RemoteProtocolError` if the relay broke the protocol; the session is then
+        closed and :attr:`error_reply` holds the bytes to send before closing the socket.
+        """
+        try:
+            return [self._receive(self._decode(data))]
+        except RemoteProtocolError as exc:
+            self._fail(exc)
+            raise
+
+    def _receive(self, frame: Frame) -> ClientEvent:
+        if isinstance(frame, Error) and frame.fatal:
+            self._closed = True
+            return _error_event(frame)
+        name = type(frame).__name__
+        if isinstance(frame, Hello | SyncRequest):
+            raise _violation(
+                f"{name} is a client frame; the relay cannot send it", ErrorCode.UNEXPECTED_FRAME
+            )
+        if isinstance(frame, Welcome):
+            if self._state is not ClientState.AWAITING_WELCOME:
+                raise _violation(
+                    f"Welcome in state {self._state.value}", ErrorCode.UNEXPECTED_FRAME
+                )
+            if frame.protocol != self.protocol:
+                raise _violation(
+                    f"client speaks protocol {self.protocol}, relay welcomed {frame.protocol}",
+                    ErrorCode.UNSUPPORTED_VERSION,
+                )
+            self._state = ClientState.READY
+            self.user, self.device = frame.user, frame.device
+            return Welcomed(
+                frame.protocol, frame.user, frame.device, frame.server_time_ms, frame.documents
+            )
+        if self._state is not ClientState.READY:
+            raise _violation(f"{name} before the Welcome", ErrorCode.UNEXPECTED_FRAME)
+        match frame:
+            case SyncReply(doc, update, state_vector, changed_at_ms, changed_by):
+                return SyncReplied(doc, update, state_vector, changed_at_ms, changed_by)
+            case Update(doc, seq, update, changed_at_ms, changed_by):
+                if seq != 0 or changed_at_ms is None:
+                    raise _violation(
+                        "an Update from the relay has seq 0 and a watermark", ErrorCode.BAD_FRAME
+                    )
+                return UpdateReceived(doc, seq, update, changed_at_ms, changed_by)
+            case Ack(doc, seq):
+                if not 0 < seq <= self._sent_seqs.get(doc, 0):
+                    raise _violation(
+                        f"Ack of seq {seq} of {doc!r}, which this connection never sent",
+                        ErrorCode.UNEXPECTED_FRAME,
+                    )
+                return Acked(doc, seq)
+            case Ping(nonce):
+                return PingReceived(nonce)
+            case Pong(nonce):
+                return PongReceived(nonce)
+            case Error():
+                return _error_event(frame)
+        raise AssertionError(f"unhandled frame {frame!r}")  # pragma: no cover
+
+    # --- Sending ------------------------------------------------------------------------------
+
+    def send(self, frame: Frame) -> bytes:
+        """The bytes of ``frame``, if the client may send it now; otherwise LocalProtocolError."""
+        state = self.state
+        name = type(frame).__name__
+        if isinstance(frame, Welcome | SyncReply | Ack):
+            raise LocalProtocolError(f"{name} is a relay frame; a client cannot send it")
+        if isinstance(frame, Error) and frame.fatal:
+            data = self._encode(frame)
+            self._closed = True
+            return data
+        if isinstance(frame, Hello):
+            if state is not ClientState.IDLE:
+                raise LocalProtocolError(f"Hello is sent once, first (state {state.value})")
+            data = self._encode(frame)
+            self.protocol = frame.protocol
+            self._state = ClientState.AWAITING_WELCOME
+            return data
+        if state is not ClientState.READY:
+            raise LocalProtocolError(f"{name} before the Welcome (state {state.value})")
+        if isinstance(frame, Update):
+            if frame.seq == 0:
+                raise LocalProtocolError("an Update from a client needs a seq > 0")
+            if frame.changed_at_ms is not None:
+                raise LocalProtocolError("the relay sets the watermark, not the client")
+            data = self._encode(frame)
+            if frame.seq > self._sent_seqs.get(frame.doc, 0):
+                self._sent_seqs[frame.doc] = frame.seq
+            return data
+        return self._encode(frame)
+
+    def hello(self, token: str, client_name: str = "") -> bytes:
+        """The first frame: our protocol version and the token that says who we are."""
+        return self.send(Hello(PROTOCOL_VERSION, token, client_name))
+
+    def sync_request(self, doc: str, state_vector: bytes) -> bytes:
+        """Ask for what we lack of ``doc``, given what we have (its state vector)."""
+        return self.send(SyncRequest(doc, state_vector))
+
+    def update(self, doc: str, seq: int, update: bytes) -> bytes:
+        """Send a local change; ``seq`` (> 0) comes back in the Ack once the relay stored it.
+        Resending a seq is allowed (after a reconnect, or when unsure)."""
+        return self.send(Update(doc, seq, update))
+
+    def error(
+        self, code: str, message: str, doc: str | None = None, seq: int | None = None
+    ) -> bytes:
+        """An Error; without ``doc`` it is fatal and the session is then closed."""
+        return self.send(Error(code, message, doc, seq))
+
+    def ping(self, nonce: int) -> bytes:
+        """A Ping the relay answers with a Pong of the same nonce."""
+        return self.send(Ping(nonce))
+
+    def pong(self, nonce: int) -> bytes:
+        """The answer to a Ping."""
+        return self.send(Pong(nonce))
