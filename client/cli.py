@@ -25,11 +25,18 @@ EXIT_USAGE = 2
 def _registrars() -> list[Callable[[Any], None]]:
     # Imported here so that `foliosync --help` stays fast and a broken optional group
     # cannot stop the others from loading.
-    from foliosync.client import commands_documents, commands_market
+    from foliosync.client import (
+        commands_documents,
+        commands_market,
+        commands_relay,
+        commands_sync,
+    )
 
     registrars: list[Callable[[Any], None]] = [
         commands_documents.register,
         commands_market.register,
+        commands_sync.register,
+        commands_relay.register,
     ]
     return registrars
 

@@ -68,11 +68,17 @@ def _now_ms() -> int:
 
 @dataclass(frozen=True, slots=True)
 class DocumentChange:
-    """A document changed: ``origin`` says whether by this device or by another (via a relay)."""
+    """A document changed: ``origin`` says whether by this device or by another (via a relay).
+
+    A local change also carries the stored update and its sequence number, which is all a sync
+    connection needs to send it on.
+    """
 
     doc_id: str
     kind: DocumentKind
     origin: Literal["local", "remote"]
+    seq: int = 0
+    update: bytes = b""
 
 
 @dataclass(frozen=True, slots=True)
@@ -286,6 +292,29 @@ class Replica:
                 return loaded.model.doc.get_update(state_vector)
             except ValueError as exc:
                 raise ValidationError(f"invalid state vector for {doc_id}") from exc
+
+    async def outgoing(self, doc_id: str, relay_state_vector: bytes) -> tuple[int, bytes] | None:
+        """What to send a relay whose state vector is ``relay_state_vector``, or None.
+
+        Returns (seq, update): the update holds everything the relay lacks, and acknowledging
+        ``seq`` settles every pending change up to it. Taken under the lock, so that the two agree.
+        """
+        async with self._lock:
+            self._check_open()
+            loaded = await self._load(doc_id)
+            doc = loaded.model.doc
+            try:
+                diff = doc.get_update(relay_state_vector)
+            except ValueError as exc:
+                raise ValidationError(f"invalid state vector for {doc_id}") from exc
+            pending = await self._store.pending(doc_id)
+            if pending:
+                return max(p.seq for p in pending), diff
+            # Nothing pending, but the relay may have lost data (restored from a backup): send
+            # what it lacks if that is more than the delete set every diff carries.
+            if diff != doc.get_update(doc.get_state()):
+                return max(loaded.max_seq, 1), diff
+            return None
 
     async def pending_updates(self, doc_id: str | None = None) -> list[PendingUpdate]:
         """Local changes not yet acknowledged by a relay, oldest first."""
@@ -545,7 +574,8 @@ class Replica:
                 raise
             self._pending[doc_id] = self._pending.get(doc_id, 0) + 1
             self._account(doc_id, loaded, seq, len(update))
-            self._notify(DocumentChange(doc_id, DocumentKind(self._rows[doc_id].kind), "local"))
+            kind = DocumentKind(self._rows[doc_id].kind)
+            self._notify(DocumentChange(doc_id, kind, "local", seq, update))
         return result
 
     def _account(self, doc_id: str, loaded: _Loaded, seq: int, size: int) -> None:

@@ -1,0 +1,135 @@
+"""`foliosync relay` runs the relay; `foliosync token` prints a token signed with its secret."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import platformdirs
+
+from foliosync.sync.errors import ConfigError
+
+__all__ = ["default_data_dir", "register"]
+
+
+def default_data_dir() -> Path:
+    """$FOLIOSYNC_DATA, else relay/ in the platform's per-user data directory."""
+    override = os.environ.get("FOLIOSYNC_DATA")
+    if override:
+        return Path(override).expanduser()
+    return Path(platformdirs.user_data_dir("foliosync", appauthor=False)) / "relay"
+
+
+def register(subparsers: Any) -> None:
+    relay = subparsers.add_parser(
+        "relay",
+        help="run the relay",
+        description="Run the relay. With no flags: 127.0.0.1:8765, SQLite and a secret in the "
+        "data directory (created on first start).",
+    )
+    relay.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    relay.add_argument("--port", type=int, default=8765, help="port (default 8765)")
+    relay.add_argument(
+        "--data",
+        metavar="DIR",
+        help="data directory (default: $FOLIOSYNC_DATA or a per-user data directory)",
+    )
+    relay.add_argument(
+        "--durability",
+        choices=["normal", "full"],
+        default="normal",
+        help="normal: acknowledged updates survive a crash of the relay; full: "
+        "also a power loss (an fsync per commit group)",
+    )
+    relay.add_argument(
+        "--max-hot-documents",
+        type=int,
+        default=1000,
+        metavar="N",
+        help="documents kept in memory (default 1000)",
+    )
+    relay.add_argument(
+        "--max-initial-syncs",
+        type=int,
+        default=32,
+        metavar="N",
+        help="documents synced at once after connects (default 32)",
+    )
+    relay.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    relay.set_defaults(handler=_run_relay)
+
+    token = subparsers.add_parser("token", help="print a token signed with the relay's secret")
+    token.add_argument("user")
+    token.add_argument("--data", metavar="DIR", help="the relay's data directory")
+    token.add_argument("--device", help="the device the token is for (default: any)")
+    token.add_argument(
+        "--ttl",
+        default="30d",
+        metavar="DURATION",
+        help="lifetime, e.g. 15m, 12h, 30d (default 30d)",
+    )
+    token.add_argument(
+        "--scope",
+        action="append",
+        choices=["sync", "publish"],
+        help="what the token allows (default: sync); may be repeated",
+    )
+    token.set_defaults(handler=_print_token)
+
+
+def _data_dir(args: argparse.Namespace) -> Path:
+    return Path(args.data).expanduser() if args.data else default_data_dir()
+
+
+def _run_relay(args: argparse.Namespace) -> int:
+    from aiohttp import web
+
+    from foliosync.server.relay import RelayConfig, create_app
+
+    if not 0 < args.port < 65536:
+        raise ConfigError(f"invalid port {args.port}")
+    if args.max_hot_documents < 1 or args.max_initial_syncs < 1:
+        raise ConfigError("--max-hot-documents and --max-initial-syncs must be at least 1")
+    level = getattr(logging, str(args.log_level).upper(), None)
+    if not isinstance(level, int):
+        raise ConfigError(f"unknown log level {args.log_level!r}")
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    data_dir = _data_dir(args)
+    config = RelayConfig(
+        host=args.host,
+        port=args.port,
+        data_dir=data_dir,
+        durability=args.durability,
+        max_hot_documents=args.max_hot_documents,
+        max_initial_syncs=args.max_initial_syncs,
+    )
+    print(f"foliosync relay on ws://{args.host}:{args.port}/ws, data in {data_dir}", flush=True)
+    web.run_app(
+        create_app(config),
+        host=args.host,
+        port=args.port,
+        print=None,
+        access_log=None,
+        handle_signals=True,
+    )
+    return 0
+
+
+def _print_token(args: argparse.Namespace) -> int:
+    from foliosync.server.auth import issue_token, load_or_create_secret, parse_duration
+
+    secret = load_or_create_secret(_data_dir(args))
+    scopes = frozenset(args.scope or ["sync"])
+    print(
+        issue_token(
+            secret,
+            args.user,
+            device=args.device,
+            ttl_seconds=parse_duration(args.ttl),
+            scopes=scopes,
+        )
+    )
+    return 0

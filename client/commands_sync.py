@@ -1,0 +1,110 @@
+"""`foliosync sync` (one round of sync with a relay) and `foliosync status` (how current it is)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from datetime import UTC, datetime
+from typing import Any
+
+from foliosync.client.cli_common import open_replica, print_json
+from foliosync.client.sync import SyncClient
+from foliosync.sync.errors import ConfigError
+from foliosync.sync.freshness import document_freshness
+
+__all__ = ["register"]
+
+DEFAULT_SERVER = "ws://127.0.0.1:8765/ws"
+
+
+def register(subparsers: Any) -> None:
+    sync = subparsers.add_parser(
+        "sync",
+        help="push pending changes to the relay and pull what is new",
+        description="Connect, push what is pending, pull what is new, and exit 0 once every "
+        "document is in sync. The server and token come from the flags, else $FOLIOSYNC_SERVER "
+        "and $FOLIOSYNC_TOKEN, else the last successful sync.",
+    )
+    sync.add_argument("--server", metavar="URL", help=f"relay URL (e.g. {DEFAULT_SERVER})")
+    sync.add_argument("--token", help="token from `foliosync token USER` on the relay")
+    sync.add_argument(
+        "--timeout",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="give up after S seconds (default 30)",
+    )
+    sync.set_defaults(handler=_sync)
+
+    status = subparsers.add_parser("status", help="pending changes and freshness per document")
+    status.add_argument("--json", action="store_true", help="print JSON")
+    status.set_defaults(handler=_status)
+
+
+async def _sync(args: argparse.Namespace) -> int:
+    if args.timeout <= 0:
+        raise ConfigError("--timeout must be positive")
+    async with open_replica(args) as replica:
+        meta = replica.meta
+        server = args.server or os.environ.get("FOLIOSYNC_SERVER") or meta.get("server_url")
+        token = args.token or os.environ.get("FOLIOSYNC_TOKEN") or meta.get("token")
+        if not server:
+            raise ConfigError(f"no relay given: use --server URL (e.g. {DEFAULT_SERVER})")
+        if not token:
+            raise ConfigError("no token given: use --token (from `foliosync token USER`)")
+        client = SyncClient(replica, server, token, client_name=f"cli-{replica.device_id}")
+        await client.sync_once(timeout=args.timeout)
+        docs = replica.documents()
+        pending = sum(d.pending for d in docs)
+        print(f"in sync with {server}: {len(docs)} documents, {pending} changes pending")
+    return 0
+
+
+def _iso(ms: int | None) -> str | None:
+    if ms is None:
+        return None
+    return (
+        datetime.fromtimestamp(ms / 1000, tz=UTC)
+        .isoformat(timespec="seconds")
+        .replace("+00:00", "Z")
+    )
+
+
+async def _status(args: argparse.Namespace) -> int:
+    now = datetime.now(tz=UTC)
+    async with open_replica(args) as replica:
+        rows = []
+        for info in replica.documents():
+            synced = (
+                datetime.fromtimestamp(info.last_synced_at / 1000, tz=UTC)
+                if info.last_synced_at is not None
+                else None
+            )
+            freshness = document_freshness(synced, now, info.pending)
+            rows.append(
+                {
+                    "id": info.id,
+                    "kind": info.kind.value,
+                    "name": info.name,
+                    "pending": info.pending,
+                    "last_synced_at": _iso(info.last_synced_at),
+                    "remote_changed_at": _iso(info.remote_changed_at),
+                    "remote_changed_by": info.remote_changed_by,
+                    "freshness": freshness.level.value,
+                    "freshness_reason": freshness.describe(),
+                }
+            )
+        server = replica.meta.get("server_url")
+    if args.json:
+        print_json({"server": server, "documents": rows})
+        return 0
+    if not rows:
+        print("no documents")
+        return 0
+    print(f"relay: {server or 'never synced'}")
+    for row in rows:
+        remote = ""
+        if row["remote_changed_at"]:
+            remote = f"; relay changed {row['remote_changed_at']} by {row['remote_changed_by']}"
+        print(f"{row['kind']:<10} {row['name']:<24} {row['freshness_reason']}{remote}")
+    return 0

@@ -1,0 +1,430 @@
+"""Syncing a replica with a relay over one WebSocket, and staying in sync.
+
+A connection goes through three steps:
+
+1. Hello with the token; the relay's Welcome lists the user's documents (a new device learns
+   them here, and from the index document).
+2. For every document, a SyncRequest with the local state vector; the relay answers with what the
+   device lacks and its own state vector, from which the device computes what the relay lacks
+   and sends it with the sequence number of its newest pending change. The relay's Ack of that
+   number settles every pending change up to it.
+3. Live: each local edit is sent as it is committed; each remote change is applied and stored.
+
+When the connection drops the replica goes on working offline; :meth:`SyncClient.run` reconnects
+with exponential backoff and full jitter, so that a thousand clients of a restarted relay spread
+out instead of returning in one wave.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import aiohttp
+
+from foliosync.client.replica import DocumentChange, Replica
+from foliosync.sync.errors import (
+    AuthError,
+    ConnectionLost,
+    FolioSyncError,
+    ProtocolError,
+    RemoteProtocolError,
+    ValidationError,
+)
+from foliosync.sync.model import INDEX_DOCUMENT_ID
+from foliosync.sync.protocol import (
+    Acked,
+    ClientSession,
+    ErrorCode,
+    ErrorReceived,
+    PingReceived,
+    SyncReplied,
+    UpdateReceived,
+    Welcomed,
+)
+
+__all__ = ["Backoff", "SyncClient", "SyncStatus"]
+
+log = logging.getLogger("foliosync.sync")
+
+CLIENT_MAX_FRAME = 64 << 20  # the relay may send a whole document at once
+CLIENT_MAX_SEND = 4 << 20  # what the relay accepts by default
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+@dataclass(slots=True)
+class Backoff:
+    """Exponential backoff with full jitter: delay = uniform(0, min(cap, base * 2**attempt))."""
+
+    base: float = 0.5
+    cap: float = 30.0
+    attempt: int = 0
+    rng: random.Random = field(default_factory=random.Random)
+
+    def next_delay(self) -> float:
+        delay = self.rng.uniform(0, min(self.cap, self.base * (2**self.attempt)))
+        self.attempt = min(self.attempt + 1, 30)
+        return delay
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+@dataclass(frozen=True, slots=True)
+class SyncStatus:
+    doc_id: str
+    pending: int
+    last_synced_at: int | None  # ms; "now" while connected and in sync
+    remote_changed_at: int | None
+    remote_changed_by: str | None
+    connected: bool
+
+
+class _Stop(Exception):
+    """The connection's work is done (one-shot sync) or the client was stopped."""
+
+
+class SyncClient:
+    """Keeps one replica in sync with one relay."""
+
+    def __init__(
+        self,
+        replica: Replica,
+        url: str,
+        token: str,
+        *,
+        client_name: str = "foliosync",
+        backoff: Backoff | None = None,
+        heartbeat: float = 30.0,
+        connect_timeout: float = 10.0,
+    ) -> None:
+        self.replica = replica
+        self.url = url
+        self.token = token
+        self.client_name = client_name
+        self.backoff = backoff or Backoff()
+        self.heartbeat = heartbeat
+        self.connect_timeout = connect_timeout
+        self.user: str | None = None
+        self.device: str | None = None
+        self._connected = False
+        self._in_sync: set[str] = set()  # documents synced on this connection, nothing in flight
+        self._live: set[str] = set()  # documents whose initial sync finished on this connection
+        self._task: asyncio.Task[None] | None = None
+        self._idle = asyncio.Event()
+        self._stopping = False
+        self._listeners: list[Callable[[bool], None]] = []
+
+    # -- status ------------------------------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        return self._connected
+
+    def status(self, doc_id: str) -> SyncStatus:
+        info = self.replica.info(doc_id)
+        live = self._connected and doc_id in self._in_sync and info.pending == 0
+        return SyncStatus(
+            doc_id=doc_id,
+            pending=info.pending,
+            last_synced_at=_now_ms() if live else info.last_synced_at,
+            remote_changed_at=info.remote_changed_at,
+            remote_changed_by=info.remote_changed_by,
+            connected=self._connected,
+        )
+
+    def on_connection_change(self, listener: Callable[[bool], None]) -> None:
+        """Call ``listener(connected)`` whenever the connection comes up or goes down."""
+        self._listeners.append(listener)
+
+    def _set_connected(self, value: bool) -> None:
+        if value != self._connected:
+            self._connected = value
+            for listener in list(self._listeners):
+                with contextlib.suppress(Exception):
+                    listener(value)
+
+    # -- running -----------------------------------------------------------------------------
+
+    async def sync_once(self, timeout: float = 30.0) -> None:
+        """Connect, bring every document in sync both ways, and disconnect.
+
+        Raises ConnectionLost (unreachable, or not done within ``timeout``), AuthError (token
+        refused) or ProtocolError. Local data is never touched by a failure.
+        """
+        try:
+            await asyncio.wait_for(self._connect_and_serve(until_idle=True), timeout)
+        except TimeoutError:
+            raise ConnectionLost(
+                f"sync with {self.url} did not finish within {timeout:g} s"
+            ) from None
+
+    def start(self) -> None:
+        """Keep syncing in the background, reconnecting as needed, until :meth:`stop`."""
+        if self._task is None or self._task.done():
+            self._stopping = False
+            self._task = asyncio.get_running_loop().create_task(self.run())
+
+    async def stop(self) -> None:
+        self._stopping = True
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def wait_in_sync(self, timeout: float = 30.0) -> None:
+        """Wait until connected with every document synced and nothing pending."""
+        await asyncio.wait_for(self._idle.wait(), timeout)
+
+    async def run(self) -> None:
+        """Sync forever: reconnect with backoff after every failure except a refused token."""
+        while not self._stopping:
+            try:
+                await self._connect_and_serve(until_idle=False)
+            except AuthError:
+                log.error("the relay refused the token; not reconnecting")
+                raise
+            except (ConnectionLost, ProtocolError, OSError) as exc:
+                log.info("sync connection ended: %s", exc)
+            delay = self.backoff.next_delay()
+            await asyncio.sleep(delay)
+
+    # -- one connection ----------------------------------------------------------------------
+
+    async def _connect_and_serve(self, *, until_idle: bool) -> None:
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.connect_timeout)
+        try:
+            async with aiohttp.ClientSession(timeout=timeout) as http:
+                try:
+                    ws = await http.ws_connect(
+                        self.url,
+                        heartbeat=self.heartbeat,
+                        max_msg_size=CLIENT_MAX_FRAME + 1024,
+                        compress=0,
+                    )
+                except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                    raise ConnectionLost(f"cannot reach the relay at {self.url}: {exc}") from exc
+                async with ws:
+                    await _Connection(self, ws, until_idle).serve()
+        finally:
+            self._set_connected(False)
+            self._idle.clear()
+            await self._remember_live_documents()
+            self._in_sync.clear()
+            self._live.clear()
+
+    async def _remember_live_documents(self) -> None:
+        for doc_id in list(self._in_sync):
+            with contextlib.suppress(FolioSyncError):
+                if self.replica.info(doc_id).pending == 0:
+                    await self.replica.mark_synced(doc_id)
+
+
+class _Connection:
+    """The protocol work of one connection; all sends go through one writer task."""
+
+    def __init__(
+        self, client: SyncClient, ws: aiohttp.ClientWebSocketResponse, until_idle: bool
+    ) -> None:
+        self.client = client
+        self.replica = client.replica
+        self.ws = ws
+        self.until_idle = until_idle
+        self.session = ClientSession(max_frame_size=CLIENT_MAX_FRAME, max_send_size=CLIENT_MAX_SEND)
+        self.outbox: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self.requested: set[str] = set()
+        self.in_flight: dict[str, int] = {}  # doc -> highest seq sent and not yet acked
+        self.sent_upto: dict[str, int] = {}
+
+    async def serve(self) -> None:
+        writer = asyncio.get_running_loop().create_task(self._write_loop())
+        unsubscribe = self.replica.subscribe(self._on_local_change)
+        try:
+            self._send(self.session.hello(self.client.token, self.client.client_name))
+            await self._read_loop()
+        except _Stop:
+            pass
+        finally:
+            unsubscribe()
+            self.outbox.put_nowait(None)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(writer, 5)
+            self.session.close()
+
+    def _send(self, data: bytes) -> None:
+        self.outbox.put_nowait(data)
+
+    async def _write_loop(self) -> None:
+        while (data := await self.outbox.get()) is not None:
+            try:
+                await self.ws.send_bytes(data)
+            except (ConnectionError, RuntimeError, aiohttp.ClientError):
+                return
+
+    async def _read_loop(self) -> None:
+        while True:
+            message = await self.ws.receive()
+            if message.type in (
+                aiohttp.WSMsgType.CLOSE,
+                aiohttp.WSMsgType.CLOSING,
+                aiohttp.WSMsgType.CLOSED,
+                aiohttp.WSMsgType.ERROR,
+            ):
+                raise ConnectionLost(
+                    f"the relay closed the connection ({message.extra or 'no reason'})"
+                )
+            if message.type != aiohttp.WSMsgType.BINARY:
+                raise RemoteProtocolError("the relay sent a text message", code=ErrorCode.BAD_FRAME)
+            try:
+                events = self.session.receive_data(message.data)
+            except RemoteProtocolError:
+                if self.session.error_reply is not None:
+                    with contextlib.suppress(Exception):
+                        await self.ws.send_bytes(self.session.error_reply)
+                raise
+            for event in events:
+                await self._handle(event)
+            self._check_idle()
+
+    async def _handle(self, event: object) -> None:
+        if isinstance(event, UpdateReceived):
+            await self._on_remote_update(event)
+        elif isinstance(event, Acked):
+            await self._on_ack(event)
+        elif isinstance(event, SyncReplied):
+            await self._on_sync_reply(event)
+        elif isinstance(event, Welcomed):
+            await self._on_welcome(event)
+        elif isinstance(event, ErrorReceived):
+            self._on_error(event)
+        elif isinstance(event, PingReceived):
+            self._send(self.session.pong(event.nonce))
+
+    async def _on_welcome(self, event: Welcomed) -> None:
+        self.client.user, self.client.device = event.user, event.device
+        self.client.backoff.reset()
+        self.client._set_connected(True)
+        if self.until_idle:  # a one-shot sync remembers where it synced for the next time
+            await self.replica.set_meta(server_url=self.client.url, token=self.client.token)
+        for doc_id in event.documents:
+            with contextlib.suppress(ValidationError):
+                await self.replica.ensure_document(doc_id)
+        await self._request_new_documents()
+
+    async def _request_new_documents(self) -> None:
+        for doc_id in self.replica.document_ids():
+            if doc_id not in self.requested:
+                self.requested.add(doc_id)
+                state_vector = await self.replica.state_vector(doc_id)
+                self._send(self.session.sync_request(doc_id, state_vector))
+
+    async def _on_sync_reply(self, event: SyncReplied) -> None:
+        doc = event.doc
+        await self.replica.apply_remote(
+            doc, event.update, changed_at=event.changed_at_ms, changed_by=event.changed_by
+        )
+        outgoing = await self.replica.outgoing(doc, event.state_vector)
+        self.client._live.add(doc)
+        if outgoing is not None:
+            seq, update = outgoing
+            self.in_flight[doc] = seq
+            self.sent_upto[doc] = seq
+            self._send(self.session.update(doc, seq, update))
+        else:
+            pending = await self.replica.pending_updates(doc)
+            self.sent_upto[doc] = max((p.seq for p in pending), default=0)
+            await self._settled(doc)
+        if doc == INDEX_DOCUMENT_ID:
+            await self._request_new_documents()
+
+    async def _on_remote_update(self, event: UpdateReceived) -> None:
+        doc = event.doc
+        if doc not in self.requested:
+            await self.replica.ensure_document(doc)
+        await self.replica.apply_remote(
+            doc, event.update, changed_at=event.changed_at_ms, changed_by=event.changed_by
+        )
+        if doc == INDEX_DOCUMENT_ID or doc not in self.requested:
+            await self._request_new_documents()
+        if doc not in self.in_flight and doc in self.client._live:
+            await self._settled(doc)
+
+    async def _on_ack(self, event: Acked) -> None:
+        await self.replica.acknowledge(event.doc, event.seq)
+        if self.in_flight.get(event.doc, 0) <= event.seq:
+            self.in_flight.pop(event.doc, None)
+            await self._settled(event.doc)
+
+    async def _settled(self, doc: str) -> None:
+        if self.replica.info(doc).pending == 0:
+            self.client._in_sync.add(doc)
+            await self.replica.mark_synced(doc)
+        else:
+            self.client._in_sync.discard(doc)
+
+    def _on_error(self, event: ErrorReceived) -> None:
+        if event.fatal:
+            if event.code == ErrorCode.AUTH_FAILED:
+                raise AuthError(f"the relay refused the token: {event.message}")
+            raise RemoteProtocolError(
+                f"the relay closed the session: {event.message}", code=event.code
+            )
+        log.warning(
+            "relay error for %s (seq %s): %s %s", event.doc, event.seq, event.code, event.message
+        )
+        # Not stored: it stays pending (resent on the next connection), but stop waiting for it.
+        if event.doc is not None and self.in_flight.get(event.doc) == event.seq:
+            self.in_flight.pop(event.doc, None)
+
+    def _on_local_change(self, change: DocumentChange) -> None:
+        doc = change.doc_id
+        if change.origin != "local" or doc not in self.client._live or self.session.closed:
+            return
+        if not change.update:  # several rows at once (a new document): read what is unsent
+            asyncio.get_running_loop().create_task(self._send_unsent(doc))
+            return
+        if change.seq <= self.sent_upto.get(doc, 0):
+            return
+        self.sent_upto[doc] = change.seq
+        self.in_flight[doc] = change.seq
+        self.client._in_sync.discard(doc)
+        self.client._idle.clear()
+        self._send(self.session.update(doc, change.seq, change.update))
+        if doc == INDEX_DOCUMENT_ID or doc not in self.requested:
+            asyncio.get_running_loop().create_task(self._request_new_documents())
+
+    async def _send_unsent(self, doc: str) -> None:
+        for pending in await self.replica.pending_updates(doc):
+            if pending.seq > self.sent_upto.get(doc, 0) and not self.session.closed:
+                self.sent_upto[doc] = pending.seq
+                self.in_flight[doc] = pending.seq
+                self.client._in_sync.discard(doc)
+                self.client._idle.clear()
+                self._send(self.session.update(doc, pending.seq, pending.data))
+        if doc == INDEX_DOCUMENT_ID:
+            await self._request_new_documents()
+
+    def _check_idle(self) -> None:
+        if not self.client._connected:
+            return
+        done = (
+            not self.in_flight
+            and self.requested
+            and all(d in self.client._live for d in self.requested)
+            and all(d in self.client._in_sync for d in self.requested)
+        )
+        if done:
+            self.client._idle.set()
+            if self.until_idle:
+                raise _Stop
+        else:
+            self.client._idle.clear()

@@ -1,0 +1,159 @@
+"""Signed connection tokens: who is connecting, from which device, allowed to do what.
+
+Tokens are JWTs (HS256, via PyJWT) signed with the relay's secret, which the relay generates in
+its data directory on first start. A token names its user (``sub``), optionally its device
+(``dev``) and its scopes (``scope``: "sync" for devices, "publish" for price publishers). The relay
+checks a token before it touches any document; every failure is an :class:`AuthError` with a
+message that says what was wrong, never which part of the secret was.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import jwt
+
+from foliosync.sync.errors import AuthError, ConfigError
+
+__all__ = [
+    "DEFAULT_TTL_SECONDS",
+    "Identity",
+    "issue_token",
+    "load_or_create_secret",
+    "parse_duration",
+    "verify_token",
+]
+
+ISSUER = "foliosync"
+DEFAULT_TTL_SECONDS = 30 * 24 * 3600
+SCOPES = frozenset({"sync", "publish"})
+_ALGORITHM = "HS256"
+_USER = re.compile(r"^[A-Za-z0-9_.@+\-]{1,128}$")
+_SECRET_FILE = "secret.key"
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    user: str
+    device: str
+    scopes: frozenset[str]
+
+
+def load_or_create_secret(data_dir: Path) -> bytes:
+    """The relay's signing secret, created (mode 0600) on first start."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    path = data_dir / _SECRET_FILE
+    if path.exists():
+        secret = path.read_text().strip()
+        if len(secret) < 32:
+            raise ConfigError(f"{path} holds no usable secret; remove it to generate a new one")
+        return secret.encode()
+    secret = secrets.token_urlsafe(48)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as file:
+        file.write(secret + "\n")
+        file.flush()
+        os.fsync(file.fileno())
+    return secret.encode()
+
+
+def issue_token(
+    secret: bytes,
+    user: str,
+    *,
+    device: str | None = None,
+    ttl_seconds: int = DEFAULT_TTL_SECONDS,
+    scopes: frozenset[str] = frozenset({"sync"}),
+    now: float | None = None,
+) -> str:
+    if not _USER.match(user):
+        raise ConfigError(f"invalid user name {user!r}: letters, digits and _.@+- only")
+    if device is not None and not _USER.match(device):
+        raise ConfigError(f"invalid device name {device!r}: letters, digits and _.@+- only")
+    if ttl_seconds <= 0:
+        raise ConfigError("a token's lifetime must be positive")
+    unknown = set(scopes) - SCOPES
+    if unknown:
+        raise ConfigError(f"unknown scope(s): {', '.join(sorted(unknown))}")
+    issued = int(now if now is not None else time.time())
+    claims: dict[str, object] = {
+        "iss": ISSUER,
+        "sub": user,
+        "iat": issued,
+        "exp": issued + ttl_seconds,
+        "scope": sorted(scopes),
+    }
+    if device:
+        claims["dev"] = device
+    return jwt.encode(claims, secret, algorithm=_ALGORITHM)
+
+
+def verify_token(secret: bytes, token: object, *, now: float | None = None) -> Identity:
+    if not isinstance(token, str) or not token:
+        raise AuthError("no token given")
+    if len(token) > 4096:
+        raise AuthError("token too long")
+    options = {"require": ["exp", "iat", "sub", "iss"]}
+    try:
+        claims = (
+            jwt.decode(
+                token,
+                secret,
+                algorithms=[_ALGORITHM],
+                issuer=ISSUER,
+                options=options,
+                leeway=0,
+            )
+            if now is None
+            else _decode_at(token, secret, now)
+        )
+    except jwt.ExpiredSignatureError:
+        raise AuthError("token expired") from None
+    except jwt.InvalidSignatureError:
+        raise AuthError("token signature is invalid") from None
+    except jwt.PyJWTError as exc:
+        raise AuthError(f"token rejected: {exc}") from None
+    user = claims.get("sub")
+    if not isinstance(user, str) or not _USER.match(user):
+        raise AuthError("token names no valid user")
+    device = claims.get("dev")
+    scope = claims.get("scope", ["sync"])
+    if not isinstance(scope, list) or not all(isinstance(s, str) for s in scope):
+        raise AuthError("token scopes are malformed")
+    return Identity(
+        user=user,
+        device=device if isinstance(device, str) and _USER.match(device) else "",
+        scopes=frozenset(scope) & SCOPES,
+    )
+
+
+def _decode_at(token: str, secret: bytes, now: float) -> dict[str, object]:
+    """Decode as if the time were ``now`` (tests of expiry without waiting)."""
+    claims: dict[str, object] = jwt.decode(
+        token,
+        secret,
+        algorithms=[_ALGORITHM],
+        issuer=ISSUER,
+        options={"require": ["exp", "iat", "sub", "iss"], "verify_exp": False},
+    )
+    exp = claims.get("exp")
+    if not isinstance(exp, int) or exp <= now:
+        raise jwt.ExpiredSignatureError("expired")
+    return claims
+
+
+_DURATION = re.compile(r"^\s*(\d+)\s*([smhdw]?)\s*$")
+_UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(text: str) -> int:
+    """Seconds in '90', '90s', '15m', '12h', '30d' or '2w'."""
+    match = _DURATION.match(text.lower())
+    if not match or int(match.group(1)) == 0:
+        raise ConfigError(f"invalid duration {text!r}: use e.g. 90s, 15m, 12h, 30d")
+    return int(match.group(1)) * _UNIT_SECONDS[match.group(2)]

@@ -1,0 +1,189 @@
+"""The relay's documents in memory: loaded on demand, kept hot up to a bound, stored before acked.
+
+Every incoming update is applied to the in-memory pycrdt document first (which validates it: bytes
+pycrdt cannot read are refused before anything is stored), then appended to the store; only when
+the append returns is it acknowledged and fanned out. The in-memory document therefore always
+holds at least everything stored, which is what makes compaction safe without a lock across the
+commit: a snapshot taken now covers every update stored so far.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from pycrdt import Doc, TransactionEvent
+
+from foliosync.server.storage import RelayStore, Watermark
+from foliosync.sync.errors import ValidationError
+
+__all__ = ["Applied", "BadUpdate", "RelayDocuments"]
+
+log = logging.getLogger(__name__)
+
+
+class BadUpdate(ValidationError):
+    """An update pycrdt cannot read, or a state vector it cannot parse."""
+
+
+@dataclass(frozen=True, slots=True)
+class Applied:
+    changed: bool  # False when the relay had every part of it already
+    watermark: Watermark
+
+
+@dataclass(slots=True)
+class _Hot:
+    doc: Doc
+    watermark: Watermark
+    stored_seq: int
+    since_compaction: int
+    in_flight: int = 0
+    changed: list[bool] = field(default_factory=list)
+    subscription: object = None
+
+
+def _guarded_apply(doc: Doc, update: bytes) -> None:
+    try:
+        doc.apply_update(update)
+    except BaseException as exc:  # pycrdt's Rust panics derive from BaseException
+        if isinstance(exc, KeyboardInterrupt | SystemExit | asyncio.CancelledError):
+            raise
+        raise BadUpdate("the update is not a valid CRDT update") from exc
+
+
+class RelayDocuments:
+    """Hot documents keyed by (user, doc id)."""
+
+    def __init__(self, store: RelayStore, *, max_hot: int = 1000, compact_after: int = 500) -> None:
+        self._store = store
+        self._max_hot = max(1, max_hot)
+        self._compact_after = compact_after
+        self._hot: OrderedDict[tuple[str, str], _Hot] = OrderedDict()
+        self._loading: dict[tuple[str, str], asyncio.Future[_Hot]] = {}
+
+    @property
+    def hot_count(self) -> int:
+        return len(self._hot)
+
+    async def _get(self, user: str, doc_id: str) -> _Hot:
+        key = (user, doc_id)
+        hot = self._hot.get(key)
+        if hot is not None:
+            self._hot.move_to_end(key)
+            return hot
+        pending = self._loading.get(key)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        future: asyncio.Future[_Hot] = asyncio.get_running_loop().create_future()
+        self._loading[key] = future
+        try:
+            hot = await self._load(user, doc_id)
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # retrieved: no "never retrieved" warning if nobody else waits
+            raise
+        finally:
+            del self._loading[key]
+        future.set_result(hot)
+        self._hot[key] = hot
+        self._evict()
+        return hot
+
+    async def _load(self, user: str, doc_id: str) -> _Hot:
+        stored = await self._store.load(user, doc_id)
+        doc: Doc = Doc()
+        hot = _Hot(doc, Watermark(None, None), 0, 0)
+
+        def on_change(_event: TransactionEvent) -> None:
+            hot.changed.append(True)
+
+        if stored is not None:
+            try:
+                if stored.snapshot:
+                    doc.apply_update(stored.snapshot)
+                for update in stored.updates:
+                    doc.apply_update(update)
+            except BaseException as exc:
+                if isinstance(exc, KeyboardInterrupt | SystemExit | asyncio.CancelledError):
+                    raise
+                log.error("stored document %s of %s cannot be read", doc_id, user)
+                raise BadUpdate(f"stored document {doc_id} cannot be read") from exc
+            hot.watermark = stored.watermark
+            hot.stored_seq = stored.last_seq
+            hot.since_compaction = len(stored.updates)
+        hot.subscription = doc.observe(on_change)
+        return hot
+
+    def _evict(self) -> None:
+        if len(self._hot) <= self._max_hot:
+            return
+        for key in list(self._hot):
+            if len(self._hot) <= self._max_hot:
+                break
+            if self._hot[key].in_flight == 0:
+                del self._hot[key]
+
+    async def state(
+        self, user: str, doc_id: str, state_vector: bytes
+    ) -> tuple[bytes, bytes, Watermark]:
+        """(diff against ``state_vector``, the relay's state vector, the watermark)."""
+        hot = await self._get(user, doc_id)
+        try:
+            diff = hot.doc.get_update(state_vector)
+        except BaseException as exc:
+            if isinstance(exc, KeyboardInterrupt | SystemExit | asyncio.CancelledError):
+                raise
+            raise BadUpdate("the state vector is not valid") from exc
+        return diff, hot.doc.get_state(), hot.watermark
+
+    async def apply(
+        self, user: str, doc_id: str, update: bytes, *, device: str, now_ms: int
+    ) -> Applied:
+        """Apply, store, then return: the caller may acknowledge once this returns."""
+        hot = await self._get(user, doc_id)
+        hot.changed.clear()
+        _guarded_apply(hot.doc, update)
+        changed = bool(hot.changed)
+        hot.changed.clear()
+        if not changed:
+            return Applied(False, hot.watermark)
+        hot.in_flight += 1
+        try:
+            seq = await self._store.append(user, doc_id, update, now_ms, device)
+        except BaseException:
+            # Memory may now hold what the store lacks: forget the document, reload on next use.
+            self._hot.pop((user, doc_id), None)
+            raise
+        finally:
+            hot.in_flight -= 1
+        hot.watermark = Watermark(now_ms, device)
+        hot.stored_seq = max(hot.stored_seq, seq)
+        hot.since_compaction += 1
+        if hot.since_compaction >= self._compact_after:
+            hot.since_compaction = 0
+            await self._compact(user, doc_id, hot)
+        return Applied(True, hot.watermark)
+
+    def apply_peer(self, user: str, doc_id: str, update: bytes, watermark: Watermark) -> bool:
+        """Apply an update another relay stored already (multi-relay fan-out); memory only."""
+        hot = self._hot.get((user, doc_id))
+        if hot is None:
+            return False  # not hot here: the next load reads it from the shared store
+        hot.changed.clear()
+        _guarded_apply(hot.doc, update)
+        hot.watermark = watermark
+        changed = bool(hot.changed)
+        hot.changed.clear()
+        return changed
+
+    async def _compact(self, user: str, doc_id: str, hot: _Hot) -> None:
+        try:
+            await self._store.compact(user, doc_id, hot.doc.get_update(), hot.stored_seq)
+        except Exception:
+            log.exception("compaction of %s failed; the update log is kept", doc_id)
+
+    async def documents(self, user: str) -> list[str]:
+        return await self._store.documents(user)

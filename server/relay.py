@@ -1,0 +1,357 @@
+"""The relay: an aiohttp app serving ``/ws`` (sync) and ``/healthz``.
+
+One :class:`Connection` per WebSocket drives a pure :class:`ServerSession`; this module only moves
+bytes and decides what frames mean:
+
+- Hello: the token is verified before any document is touched; a bad one gets an Error and a close.
+- SyncRequest: the relay's diff against the client's state vector, its own state vector and the
+  document's watermark. Initial syncs share a bounded number of slots, so that after a restart
+  a thousand reconnecting clients queue for them instead of starving live updates.
+- Update: applied, stored, then acknowledged and fanned out to the user's other connections.
+
+Outgoing frames go through an :class:`OutboundQueue` drained by one writer task per connection, so
+a slow reader never blocks the relay; one that falls too far behind is disconnected (it catches up
+by state vector when it reconnects) rather than allowed to grow the relay's memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from aiohttp import WSMsgType, web
+
+from foliosync.server.auth import Identity, load_or_create_secret, verify_token
+from foliosync.server.documents import BadUpdate, RelayDocuments
+from foliosync.server.fanout import Change, FanOut, InProcessFanOut, Subscription
+from foliosync.server.storage import RelayStore, RelayStoreError, SQLiteRelayStore
+from foliosync.sync.errors import AuthError, RemoteProtocolError, ValidationError
+from foliosync.sync.model import kind_of
+from foliosync.sync.protocol import (
+    ErrorCode,
+    ErrorReceived,
+    HelloReceived,
+    OutboundQueue,
+    PingReceived,
+    ServerSession,
+    SyncRequested,
+    Update,
+    UpdateReceived,
+    encode_frame,
+)
+
+__all__ = ["Relay", "RelayConfig", "RelayKey", "create_app"]
+
+log = logging.getLogger("foliosync.relay")
+
+
+@dataclass(frozen=True, slots=True)
+class RelayConfig:
+    host: str = "127.0.0.1"
+    port: int = 8765
+    data_dir: Path = Path("relay-data")
+    max_frame_size: int = 4 << 20  # largest frame accepted from a client
+    max_send_size: int = 64 << 20  # largest frame sent (a whole document in a SyncReply)
+    max_hot_documents: int = 1000
+    max_initial_syncs: int = 32  # documents synced at once across all connections
+    max_outbound_bytes: int = 16 << 20  # a reader further behind than this is disconnected
+    hello_timeout: float = 10.0
+    heartbeat: float = 30.0
+    durability: str = "normal"
+    relay_id: str = field(default="relay-1")
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class Relay:
+    """The relay's shared state: documents, fan-out, secret and live connections."""
+
+    def __init__(
+        self, config: RelayConfig, store: RelayStore, fanout: FanOut, secret: bytes
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.fanout = fanout
+        self.secret = secret
+        self.documents = RelayDocuments(store, max_hot=config.max_hot_documents)
+        self.initial_sync_slots = asyncio.Semaphore(config.max_initial_syncs)
+        self.connections: set[Connection] = set()
+        self.started = time.monotonic()
+        self._ids = itertools.count(1)
+
+    def next_connection_id(self) -> str:
+        return f"{self.config.relay_id}:{next(self._ids)}"
+
+    async def handle_ws(self, request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse(
+            heartbeat=self.config.heartbeat,
+            max_msg_size=self.config.max_frame_size + 1024,  # our own check gives the clear error
+            compress=False,
+        )
+        await ws.prepare(request)
+        connection = Connection(self, ws)
+        self.connections.add(connection)
+        try:
+            await connection.run()
+        finally:
+            self.connections.discard(connection)
+        return ws
+
+    async def handle_health(self, request: web.Request) -> web.Response:
+        return web.json_response(
+            {
+                "status": "ok",
+                "connections": len(self.connections),
+                "hot_documents": self.documents.hot_count,
+                "uptime_s": round(time.monotonic() - self.started, 1),
+            }
+        )
+
+    async def close(self) -> None:
+        for connection in list(self.connections):
+            await connection.close(code=1001, message=b"relay shutting down")
+        await self.fanout.close()
+        await self.store.close()
+
+
+class Connection:
+    """One client WebSocket: reads frames in order, writes through an outbound queue."""
+
+    def __init__(self, relay: Relay, ws: web.WebSocketResponse) -> None:
+        self.relay = relay
+        self.ws = ws
+        self.id = relay.next_connection_id()
+        self.session = ServerSession(
+            max_frame_size=relay.config.max_frame_size, max_send_size=relay.config.max_send_size
+        )
+        self.identity: Identity | None = None
+        self.device = ""
+        self.outbound = OutboundQueue()
+        self._wakeup = asyncio.Event()
+        self._subscription: Subscription | None = None
+        self._closing = False
+
+    # -- life cycle --------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        writer = asyncio.get_running_loop().create_task(self._write_loop())
+        try:
+            await self._read_loop()
+        finally:
+            if self._subscription is not None:
+                self._subscription.close()
+            self.session.close()
+            self._closing = True
+            self._wakeup.set()
+            with contextlib.suppress(asyncio.CancelledError, ConnectionError):
+                await asyncio.wait_for(writer, timeout=5)
+            if not self.ws.closed:
+                await self.ws.close()
+
+    async def close(self, code: int = 1000, message: bytes = b"") -> None:
+        self._closing = True
+        self._wakeup.set()
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            await self.ws.close(code=code, message=message)
+
+    def _send(self, data: bytes) -> None:
+        self.outbound.push_control(data)
+        self._wakeup.set()
+        if self.outbound.control_bytes > self.relay.config.max_outbound_bytes:
+            log.warning("connection %s fell behind; disconnecting it", self.id)
+            self._closing = True
+            asyncio.get_running_loop().create_task(
+                self.close(code=1013, message=b"too far behind; reconnect to catch up")
+            )
+
+    async def _write_loop(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            while (data := self.outbound.pop()) is not None:
+                if self.ws.closed:
+                    return
+                try:
+                    await self.ws.send_bytes(data)
+                except (ConnectionError, RuntimeError):
+                    return
+            if self._closing:
+                return
+
+    async def _read_loop(self) -> None:
+        hello_deadline = self.relay.config.hello_timeout
+        while not self.session.closed and not self._closing:
+            try:
+                timeout = hello_deadline if self.identity is None else None
+                message = await self.ws.receive(timeout=timeout)
+            except TimeoutError:
+                self._send(self.session.reject(ErrorCode.NOT_AUTHENTICATED, "no Hello in time"))
+                return
+            if message.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED):
+                return
+            if message.type == WSMsgType.ERROR:
+                log.info("connection %s: %s", self.id, self.ws.exception())
+                return
+            if message.type != WSMsgType.BINARY:
+                self._send(self.session.error(ErrorCode.BAD_FRAME, "frames are binary msgpack"))
+                return
+            try:
+                events = self.session.receive_data(message.data)
+            except RemoteProtocolError:
+                assert self.session.error_reply is not None
+                self._send(self.session.error_reply)
+                return
+            for event in events:
+                await self._handle(event)
+
+    # -- events ------------------------------------------------------------------------------
+
+    async def _handle(self, event: object) -> None:
+        if isinstance(event, UpdateReceived):
+            await self._on_update(event)
+        elif isinstance(event, SyncRequested):
+            await self._on_sync_request(event)
+        elif isinstance(event, HelloReceived):
+            await self._on_hello(event)
+        elif isinstance(event, PingReceived):
+            self._send(self.session.pong(event.nonce))
+        elif isinstance(event, ErrorReceived):
+            log.info("client %s reported %s: %s", self.id, event.code, event.message)
+
+    async def _on_hello(self, event: HelloReceived) -> None:
+        try:
+            identity = verify_token(self.relay.secret, event.token)
+            if "sync" not in identity.scopes:
+                raise AuthError("token lacks the sync scope")
+        except AuthError as exc:
+            self._send(self.session.reject(ErrorCode.AUTH_FAILED, str(exc)))
+            return
+        self.identity = identity
+        self.device = identity.device or event.client_name[:64] or self.id
+        documents = await self.relay.documents.documents(identity.user)
+        self._send(self.session.accept(identity.user, self.device, documents, _now_ms()))
+        self._subscription = self.relay.fanout.subscribe(identity.user, self._deliver)
+
+    def _check_document(self, doc: str, seq: int | None = None) -> bool:
+        """Per-document authorization: a user reaches their own documents only."""
+        owner, slash, _ = doc.partition("/")
+        if slash and self.identity is not None and owner != self.identity.user:
+            self._send(
+                self.session.error(
+                    ErrorCode.FORBIDDEN, f"{doc} belongs to another user", doc=doc, seq=seq
+                )
+            )
+            return False
+        try:
+            kind_of(doc)
+        except ValidationError as exc:
+            self._send(self.session.error(ErrorCode.NOT_FOUND, str(exc), doc=doc, seq=seq))
+            return False
+        return True
+
+    async def _on_sync_request(self, event: SyncRequested) -> None:
+        assert self.identity is not None
+        if not self._check_document(event.doc):
+            return
+        async with self.relay.initial_sync_slots:
+            try:
+                diff, state_vector, watermark = await self.relay.documents.state(
+                    self.identity.user, event.doc, event.state_vector
+                )
+            except BadUpdate as exc:
+                self._send(self.session.error(ErrorCode.BAD_UPDATE, str(exc), doc=event.doc))
+                return
+        self._send(
+            self.session.sync_reply(
+                event.doc, diff, state_vector, watermark.changed_at, watermark.changed_by
+            )
+        )
+
+    async def _on_update(self, event: UpdateReceived) -> None:
+        assert self.identity is not None
+        if not self._check_document(event.doc, event.seq):
+            return
+        now = _now_ms()
+        try:
+            applied = await self.relay.documents.apply(
+                self.identity.user, event.doc, event.update, device=self.device, now_ms=now
+            )
+        except BadUpdate as exc:
+            self._send(
+                self.session.error(ErrorCode.BAD_UPDATE, str(exc), doc=event.doc, seq=event.seq)
+            )
+            return
+        except RelayStoreError as exc:
+            log.error("storing an update of %s failed: %s", event.doc, exc)
+            self._send(
+                self.session.error(
+                    ErrorCode.INTERNAL,
+                    "the relay could not store it; retry later",
+                    doc=event.doc,
+                    seq=event.seq,
+                )
+            )
+            return
+        if self.session.closed:
+            return
+        self._send(self.session.ack(event.doc, event.seq))
+        if applied.changed:
+            await self.relay.fanout.publish(
+                Change(
+                    user=self.identity.user,
+                    doc_id=event.doc,
+                    update=event.update,
+                    changed_at=now,
+                    changed_by=self.device,
+                    origin=self.id,
+                    relay=self.relay.config.relay_id,
+                )
+            )
+
+    def _deliver(self, change: Change) -> None:
+        if change.origin == self.id or self.session.closed or self._closing:
+            return
+        frame = Update(change.doc_id, 0, change.update, change.changed_at, change.changed_by)
+        self._send(encode_frame(frame))
+
+
+RelayKey = web.AppKey("relay", Relay)
+
+
+def create_app(
+    config: RelayConfig,
+    *,
+    store: RelayStore | None = None,
+    fanout: FanOut | None = None,
+) -> web.Application:
+    """The relay as an aiohttp application (store and fan-out default to SQLite, in-process)."""
+    app = web.Application()
+
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        secret = load_or_create_secret(config.data_dir)
+        relay_store = store or await SQLiteRelayStore.open(
+            config.data_dir / "relay.db", durability=config.durability
+        )
+        relay = Relay(config, relay_store, fanout or InProcessFanOut(), secret)
+        app[RelayKey] = relay
+        yield
+        await relay.close()
+
+    async def ws(request: web.Request) -> web.StreamResponse:
+        return await request.app[RelayKey].handle_ws(request)
+
+    async def health(request: web.Request) -> web.StreamResponse:
+        return await request.app[RelayKey].handle_health(request)
+
+    app.cleanup_ctx.append(lifecycle)
+    app.router.add_get("/ws", ws)
+    app.router.add_get("/healthz", health)
+    return app

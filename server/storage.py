@@ -1,0 +1,293 @@
+"""Where the relay keeps documents: a small port and two adapters (SQLite, memory).
+
+The port speaks bytes only (pycrdt updates and snapshots) so that an adapter never needs to know
+the document model. Every adapter runs the same contract tests (tests/test_relay_storage.py).
+
+The SQLite adapter commits in groups: appends queue up while the previous transaction commits,
+and the writer commits everything queued in one transaction. An append returns only after its
+transaction committed (so the relay acknowledges only what is stored) while a burst of a thousand
+updates costs a handful of commits instead of a thousand. WAL with ``synchronous=NORMAL`` keeps
+every committed update through a ``kill -9`` of the relay; ``durability="full"`` adds an fsync
+per group for power loss.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import aiosqlite
+
+from foliosync.sync.errors import FolioSyncError, StorageFull
+
+__all__ = [
+    "MemoryRelayStore",
+    "RelayStore",
+    "RelayStoreError",
+    "SQLiteRelayStore",
+    "StoredDocument",
+    "Watermark",
+]
+
+
+class RelayStoreError(FolioSyncError):
+    """The relay's storage failed; the update was not stored and must not be acknowledged."""
+
+
+@dataclass(frozen=True, slots=True)
+class Watermark:
+    """When a document last changed on the relay, and from which device."""
+
+    changed_at: int | None
+    changed_by: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class StoredDocument:
+    snapshot: bytes
+    updates: list[bytes]
+    last_seq: int
+    watermark: Watermark
+
+
+class RelayStore(Protocol):
+    async def append(
+        self, user: str, doc_id: str, update: bytes, changed_at: int, changed_by: str
+    ) -> int:
+        """Store an update durably; returns its sequence number. Raises RelayStoreError."""
+        ...
+
+    async def load(self, user: str, doc_id: str) -> StoredDocument | None: ...
+
+    async def compact(self, user: str, doc_id: str, snapshot: bytes, up_to_seq: int) -> None:
+        """Replace the updates up to ``up_to_seq`` by ``snapshot`` (which covers them)."""
+        ...
+
+    async def documents(self, user: str) -> list[str]: ...
+
+    async def close(self) -> None: ...
+
+
+@dataclass(slots=True)
+class _Append:
+    user: str
+    doc_id: str
+    update: bytes
+    changed_at: int
+    changed_by: str
+    done: asyncio.Future[int]
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS documents (
+    user TEXT NOT NULL,
+    doc_id TEXT NOT NULL,
+    snapshot BLOB NOT NULL,
+    changed_at INTEGER,
+    changed_by TEXT,
+    PRIMARY KEY (user, doc_id)
+);
+CREATE TABLE IF NOT EXISTS updates (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    user TEXT NOT NULL,
+    doc_id TEXT NOT NULL,
+    data BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS updates_by_doc ON updates (user, doc_id, seq);
+"""
+
+_MAX_GROUP = 512
+
+
+class SQLiteRelayStore:
+    """The default store: one SQLite file in the relay's data directory."""
+
+    def __init__(self, path: Path, conn: aiosqlite.Connection) -> None:
+        self.path = path
+        self._conn = conn
+        self._queue: asyncio.Queue[_Append | None] = asyncio.Queue()
+        self._writer: asyncio.Task[None] | None = None
+
+    @classmethod
+    async def open(cls, path: str | Path, *, durability: str = "normal") -> SQLiteRelayStore:
+        synchronous = {"normal": "NORMAL", "full": "FULL"}.get(durability)
+        if synchronous is None:
+            raise RelayStoreError(f"unknown durability {durability!r}: normal or full")
+        file = Path(path)
+        file.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            conn = await aiosqlite.connect(str(file), isolation_level=None)
+            await conn.execute("PRAGMA journal_mode = WAL")
+            await conn.execute(f"PRAGMA synchronous = {synchronous}")
+            await conn.execute("PRAGMA busy_timeout = 5000")
+            await conn.executescript(_SCHEMA)
+        except sqlite3.Error as exc:
+            raise RelayStoreError(f"cannot open relay store {file}: {exc}") from exc
+        store = cls(file, conn)
+        store._writer = asyncio.get_running_loop().create_task(store._write_loop())
+        return store
+
+    async def append(
+        self, user: str, doc_id: str, update: bytes, changed_at: int, changed_by: str
+    ) -> int:
+        if self._writer is None or self._writer.done():
+            raise RelayStoreError("the relay store is closed")
+        done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait(_Append(user, doc_id, update, changed_at, changed_by, done))
+        return await done
+
+    async def _write_loop(self) -> None:
+        while True:
+            first = await self._queue.get()
+            if first is None:
+                return
+            group = [first]
+            while len(group) < _MAX_GROUP and not self._queue.empty():
+                item = self._queue.get_nowait()
+                if item is None:
+                    await self._commit(group)
+                    return
+                group.append(item)
+            await self._commit(group)
+
+    async def _commit(self, group: list[_Append]) -> None:
+        try:
+            await self._conn.execute("BEGIN IMMEDIATE")
+            seqs = []
+            for item in group:
+                cursor = await self._conn.execute(
+                    "INSERT INTO updates (user, doc_id, data) VALUES (?, ?, ?)",
+                    (item.user, item.doc_id, item.update),
+                )
+                seqs.append(cursor.lastrowid or 0)
+                await cursor.close()
+            await self._conn.executemany(
+                "INSERT INTO documents (user, doc_id, snapshot, changed_at, changed_by) "
+                "VALUES (?, ?, x'', ?, ?) ON CONFLICT (user, doc_id) DO UPDATE SET "
+                "changed_at = excluded.changed_at, changed_by = excluded.changed_by",
+                [(i.user, i.doc_id, i.changed_at, i.changed_by) for i in group],
+            )
+            await self._conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            with contextlib.suppress(sqlite3.Error):
+                await self._conn.execute("ROLLBACK")
+            error: RelayStoreError = (
+                StorageFullError(f"relay storage is full: {exc}")
+                if "full" in str(exc).lower()
+                else RelayStoreError(f"relay storage failed: {exc}")
+            )
+            for item in group:
+                if not item.done.done():
+                    item.done.set_exception(error)
+            return
+        for item, seq in zip(group, seqs, strict=True):
+            if not item.done.done():
+                item.done.set_result(seq)
+
+    async def load(self, user: str, doc_id: str) -> StoredDocument | None:
+        try:
+            async with self._conn.execute(
+                "SELECT snapshot, changed_at, changed_by FROM documents "
+                "WHERE user = ? AND doc_id = ?",
+                (user, doc_id),
+            ) as cursor:
+                row = await cursor.fetchone()
+            if row is None:
+                return None
+            async with self._conn.execute(
+                "SELECT seq, data FROM updates WHERE user = ? AND doc_id = ? ORDER BY seq",
+                (user, doc_id),
+            ) as cursor:
+                rows = [(int(s), bytes(d)) async for s, d in cursor]
+        except sqlite3.Error as exc:
+            raise RelayStoreError(f"cannot read {doc_id}: {exc}") from exc
+        return StoredDocument(
+            snapshot=bytes(row[0]),
+            updates=[d for _, d in rows],
+            last_seq=max((s for s, _ in rows), default=0),
+            watermark=Watermark(row[1], row[2]),
+        )
+
+    async def compact(self, user: str, doc_id: str, snapshot: bytes, up_to_seq: int) -> None:
+        try:
+            await self._conn.execute("BEGIN IMMEDIATE")
+            await self._conn.execute(
+                "UPDATE documents SET snapshot = ? WHERE user = ? AND doc_id = ?",
+                (snapshot, user, doc_id),
+            )
+            await self._conn.execute(
+                "DELETE FROM updates WHERE user = ? AND doc_id = ? AND seq <= ?",
+                (user, doc_id, up_to_seq),
+            )
+            await self._conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            with contextlib.suppress(sqlite3.Error):
+                await self._conn.execute("ROLLBACK")
+            raise RelayStoreError(f"cannot compact {doc_id}: {exc}") from exc
+
+    async def documents(self, user: str) -> list[str]:
+        try:
+            async with self._conn.execute(
+                "SELECT doc_id FROM documents WHERE user = ? ORDER BY doc_id", (user,)
+            ) as cursor:
+                return [str(d) async for (d,) in cursor]
+        except sqlite3.Error as exc:
+            raise RelayStoreError(f"cannot list documents: {exc}") from exc
+
+    async def close(self) -> None:
+        if self._writer is not None and not self._writer.done():
+            self._queue.put_nowait(None)
+            await self._writer
+        await self._conn.close()
+
+
+class StorageFullError(RelayStoreError, StorageFull):
+    """The relay's disk is full."""
+
+
+class MemoryRelayStore:
+    """An in-memory store for tests and demos: same contract, nothing survives a restart."""
+
+    def __init__(self) -> None:
+        self._docs: dict[tuple[str, str], tuple[bytes, Watermark]] = {}
+        self._updates: dict[tuple[str, str], list[tuple[int, bytes]]] = {}
+        self._seq = 0
+        self._closed = False
+
+    async def append(
+        self, user: str, doc_id: str, update: bytes, changed_at: int, changed_by: str
+    ) -> int:
+        if self._closed:
+            raise RelayStoreError("the relay store is closed")
+        self._seq += 1
+        key = (user, doc_id)
+        snapshot, _ = self._docs.get(key, (b"", Watermark(None, None)))
+        self._docs[key] = (snapshot, Watermark(changed_at, changed_by))
+        self._updates.setdefault(key, []).append((self._seq, update))
+        return self._seq
+
+    async def load(self, user: str, doc_id: str) -> StoredDocument | None:
+        key = (user, doc_id)
+        if key not in self._docs:
+            return None
+        snapshot, watermark = self._docs[key]
+        rows = self._updates.get(key, [])
+        return StoredDocument(
+            snapshot, [d for _, d in rows], max((s for s, _ in rows), default=0), watermark
+        )
+
+    async def compact(self, user: str, doc_id: str, snapshot: bytes, up_to_seq: int) -> None:
+        key = (user, doc_id)
+        if key in self._docs:
+            self._docs[key] = (snapshot, self._docs[key][1])
+            self._updates[key] = [(s, d) for s, d in self._updates.get(key, []) if s > up_to_seq]
+
+    async def documents(self, user: str) -> list[str]:
+        return sorted(d for u, d in self._docs if u == user)
+
+    async def close(self) -> None:
+        self._closed = True
