@@ -1,3 +1,26 @@
-"""The foliosync client library: a local SQLite replica of a user's documents, kept in sync."""
+"""The foliosync client library: a local SQLite replica of a user's documents, kept in sync.
 
-__all__: list[str] = []
+Start with :class:`Replica` (open a file, create and edit watchlists and portfolios, offline) and
+:class:`SyncClient` (keep it in sync with a relay)::
+
+    replica = await Replica.open("replica.db")
+    tech = await replica.create_watchlist("Tech")
+    await tech.add(["AAPL", "MSFT"])
+    client = SyncClient(replica, "ws://127.0.0.1:8765/ws", token)
+    client.start()
+"""
+
+from foliosync.client.documents import PortfolioHandle, WatchlistHandle
+from foliosync.client.replica import DocumentChange, DocumentInfo, Replica
+from foliosync.client.sync import Backoff, SyncClient, SyncStatus
+
+__all__ = [
+    "Backoff",
+    "DocumentChange",
+    "DocumentInfo",
+    "PortfolioHandle",
+    "Replica",
+    "SyncClient",
+    "SyncStatus",
+    "WatchlistHandle",
+]

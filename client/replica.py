@@ -18,6 +18,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -30,6 +31,12 @@ from foliosync.sync.errors import (
     DocumentNotFound,
     ReplicaCorrupt,
     ValidationError,
+)
+from foliosync.sync.freshness import (
+    DEFAULT_THRESHOLDS,
+    Freshness,
+    FreshnessThresholds,
+    document_freshness,
 )
 from foliosync.sync.model import (
     INDEX_DOCUMENT_ID,
@@ -216,6 +223,23 @@ class Replica:
             remote_changed_at=row.remote_changed_at,
             remote_changed_by=row.remote_changed_by,
         )
+
+    def freshness(
+        self,
+        doc_id: str,
+        now: datetime | None = None,
+        thresholds: FreshnessThresholds = DEFAULT_THRESHOLDS,
+    ) -> Freshness:
+        """How current this device's copy is: time since it was last confirmed in sync with the
+        relay, with the pending local changes beside it. (A connected :class:`SyncClient`
+        answers "live" for documents it keeps in sync.)"""
+        info = self.info(doc_id)
+        synced = (
+            datetime.fromtimestamp(info.last_synced_at / 1000, tz=UTC)
+            if info.last_synced_at is not None
+            else None
+        )
+        return document_freshness(synced, now or datetime.now(tz=UTC), info.pending, thresholds)
 
     def document_ids(self) -> list[str]:
         """Every document id, the index included (what a sync covers)."""

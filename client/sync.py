@@ -24,6 +24,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 import aiohttp
 
@@ -36,6 +37,7 @@ from foliosync.sync.errors import (
     RemoteProtocolError,
     ValidationError,
 )
+from foliosync.sync.freshness import Freshness, document_freshness
 from foliosync.sync.model import INDEX_DOCUMENT_ID
 from foliosync.sync.protocol import (
     Acked,
@@ -140,6 +142,19 @@ class SyncClient:
             remote_changed_by=info.remote_changed_by,
             connected=self._connected,
         )
+
+    def freshness(self, doc_id: str, now: datetime | None = None) -> Freshness:
+        """Level, age, reason and pending changes of a document, "live" while kept in sync."""
+        status = self.status(doc_id)
+        now = now or datetime.now(tz=UTC)
+        synced = (
+            datetime.fromtimestamp(status.last_synced_at / 1000, tz=UTC)
+            if status.last_synced_at is not None
+            else None
+        )
+        if synced is not None and synced > now:
+            synced = now
+        return document_freshness(synced, now, status.pending)
 
     def on_connection_change(self, listener: Callable[[bool], None]) -> None:
         """Call ``listener(connected)`` whenever the connection comes up or goes down."""
