@@ -22,9 +22,10 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 import aiohttp
 
@@ -92,6 +93,21 @@ class SyncStatus:
 
 class _Stop(Exception):
     """The connection's work is done (one-shot sync) or the client was stopped."""
+
+
+async def _run_to_completion(work: Coroutine[Any, Any, None]) -> None:
+    """Await ``work``; if cancelled meanwhile (stop(), a timeout), let it finish, then re-raise.
+
+    Handling one frame is several replica updates (apply, acknowledge, recount what is pending):
+    cut between two of them, the replica's bookkeeping in memory would disagree with its file.
+    """
+    task = asyncio.ensure_future(work)
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception, asyncio.CancelledError):
+            await task
+        raise
 
 
 class SyncClient:
@@ -307,7 +323,7 @@ class _Connection:
                         await self.ws.send_bytes(self.session.error_reply)
                 raise
             for event in events:
-                await self._handle(event)
+                await _run_to_completion(self._handle(event))
             self._check_idle()
 
     async def _handle(self, event: object) -> None:

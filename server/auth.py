@@ -33,7 +33,7 @@ ISSUER = "foliosync"
 DEFAULT_TTL_SECONDS = 30 * 24 * 3600
 SCOPES = frozenset({"sync", "publish"})
 _ALGORITHM = "HS256"
-_USER = re.compile(r"^[A-Za-z0-9_.@+\-]{1,128}$")
+_USER = re.compile(r"\A[A-Za-z0-9_.@+\-]{1,128}\Z")  # \Z: "$" would let a final "\n" in
 _SECRET_FILE = "secret.key"
 
 

@@ -115,9 +115,12 @@ class Relay:
             }
         )
 
-    async def close(self) -> None:
+    async def close_connections(self) -> None:
         for connection in list(self.connections):
             await connection.close(code=1001, message=b"relay shutting down")
+
+    async def close(self) -> None:
+        await self.close_connections()
         await self.fanout.close()
         await self.store.close()
 
@@ -269,6 +272,10 @@ class Connection:
             except BadUpdate as exc:
                 self._send(self.session.error(ErrorCode.BAD_UPDATE, str(exc), doc=event.doc))
                 return
+            except RelayStoreError as exc:
+                log.error("loading %s failed: %s", event.doc, exc)
+                self._send(self.session.error(ErrorCode.INTERNAL, "the relay cannot read it now"))
+                return
         self._send(
             self.session.sync_reply(
                 event.doc, diff, state_vector, watermark.changed_at, watermark.changed_by
@@ -291,12 +298,12 @@ class Connection:
             return
         except RelayStoreError as exc:
             log.error("storing an update of %s failed: %s", event.doc, exc)
+            # Fatal (no doc): an Ack of a later update on this connection would settle this one
+            # too. The client reconnects and resends what the relay lacks by state vector.
             self._send(
                 self.session.error(
                     ErrorCode.INTERNAL,
-                    "the relay could not store it; retry later",
-                    doc=event.doc,
-                    seq=event.seq,
+                    f"the relay could not store an update of {event.doc}; reconnect and retry",
                 )
             )
             return
@@ -345,6 +352,13 @@ def create_app(
         yield
         await relay.close()
 
+    async def close_connections(app: web.Application) -> None:
+        # on_shutdown runs before aiohttp waits for the running handlers, cleanup_ctx after: a
+        # WebSocket handler only returns once its socket closes, so close them here.
+        relay = app.get(RelayKey)
+        if relay is not None:
+            await relay.close_connections()
+
     async def ws(request: web.Request) -> web.StreamResponse:
         return await request.app[RelayKey].handle_ws(request)
 
@@ -352,6 +366,7 @@ def create_app(
         return await request.app[RelayKey].handle_health(request)
 
     app.cleanup_ctx.append(lifecycle)
+    app.on_shutdown.append(close_connections)
     app.router.add_get("/ws", ws)
     app.router.add_get("/healthz", health)
     return app

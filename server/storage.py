@@ -111,6 +111,11 @@ class SQLiteRelayStore:
         self._conn = conn
         self._queue: asyncio.Queue[_Append | None] = asyncio.Queue()
         self._writer: asyncio.Task[None] | None = None
+        # One connection serves the writer, compaction and reads: statements of two transactions
+        # must never interleave on it (a BEGIN inside another transaction fails, and its ROLLBACK
+        # would undo the other one's work while that one goes on in autocommit mode).
+        self._lock = asyncio.Lock()
+        self._closing = False
 
     @classmethod
     async def open(cls, path: str | Path, *, durability: str = "normal") -> SQLiteRelayStore:
@@ -134,7 +139,7 @@ class SQLiteRelayStore:
     async def append(
         self, user: str, doc_id: str, update: bytes, changed_at: int, changed_by: str
     ) -> int:
-        if self._writer is None or self._writer.done():
+        if self._closing or self._writer is None or self._writer.done():
             raise RelayStoreError("the relay store is closed")
         done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait(_Append(user, doc_id, update, changed_at, changed_by, done))
@@ -155,6 +160,10 @@ class SQLiteRelayStore:
             await self._commit(group)
 
     async def _commit(self, group: list[_Append]) -> None:
+        async with self._lock:
+            await self._commit_locked(group)
+
+    async def _commit_locked(self, group: list[_Append]) -> None:
         try:
             await self._conn.execute("BEGIN IMMEDIATE")
             seqs = []
@@ -189,6 +198,10 @@ class SQLiteRelayStore:
                 item.done.set_result(seq)
 
     async def load(self, user: str, doc_id: str) -> StoredDocument | None:
+        async with self._lock:
+            return await self._load_locked(user, doc_id)
+
+    async def _load_locked(self, user: str, doc_id: str) -> StoredDocument | None:
         try:
             async with self._conn.execute(
                 "SELECT snapshot, changed_at, changed_by FROM documents "
@@ -213,6 +226,12 @@ class SQLiteRelayStore:
         )
 
     async def compact(self, user: str, doc_id: str, snapshot: bytes, up_to_seq: int) -> None:
+        async with self._lock:
+            await self._compact_locked(user, doc_id, snapshot, up_to_seq)
+
+    async def _compact_locked(
+        self, user: str, doc_id: str, snapshot: bytes, up_to_seq: int
+    ) -> None:
         try:
             await self._conn.execute("BEGIN IMMEDIATE")
             await self._conn.execute(
@@ -231,14 +250,18 @@ class SQLiteRelayStore:
 
     async def documents(self, user: str) -> list[str]:
         try:
-            async with self._conn.execute(
-                "SELECT doc_id FROM documents WHERE user = ? ORDER BY doc_id", (user,)
-            ) as cursor:
+            async with (
+                self._lock,
+                self._conn.execute(
+                    "SELECT doc_id FROM documents WHERE user = ? ORDER BY doc_id", (user,)
+                ) as cursor,
+            ):
                 return [str(d) async for (d,) in cursor]
         except sqlite3.Error as exc:
             raise RelayStoreError(f"cannot list documents: {exc}") from exc
 
     async def close(self) -> None:
+        self._closing = True  # no append may queue behind the writer's stop marker
         if self._writer is not None and not self._writer.done():
             self._queue.put_nowait(None)
             await self._writer

@@ -1,0 +1,161 @@
+"""Shared fixtures: a real relay on 127.0.0.1 (in-process), replicas in tmp_path, sync clients."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from foliosync.client.replica import Replica
+from foliosync.client.sync import Backoff, SyncClient
+from foliosync.server.auth import issue_token, load_or_create_secret
+from foliosync.server.relay import Relay, RelayConfig, RelayKey, create_app
+from foliosync.server.storage import RelayStore
+
+
+@dataclass
+class RunningRelay:
+    """A relay serving on 127.0.0.1 inside the test's event loop."""
+
+    config: RelayConfig
+    runner: web.AppRunner
+    port: int
+    secret: bytes
+    stopped: bool = False
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/ws"
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def relay(self) -> Relay:
+        app = self.runner.app
+        assert app is not None
+        return app[RelayKey]
+
+    def token(self, user: str, device: str | None = None, **kwargs: Any) -> str:
+        return issue_token(self.secret, user, device=device, **kwargs)
+
+    async def stop(self) -> None:
+        if not self.stopped:
+            self.stopped = True
+            await self.runner.cleanup()
+
+
+@asynccontextmanager
+async def serve_relay(
+    data_dir: Path, *, store: RelayStore | None = None, **overrides: Any
+) -> AsyncIterator[RunningRelay]:
+    """Run a relay (SQLite store in ``data_dir`` unless ``store`` is given) until the block ends."""
+    config = replace(RelayConfig(data_dir=data_dir, heartbeat=5.0), **overrides)
+    app = create_app(config, store=store)
+    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    server = site._server
+    assert server is not None
+    port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    running = RunningRelay(config, runner, port, load_or_create_secret(data_dir))
+    try:
+        yield running
+    finally:
+        await running.stop()
+
+
+@asynccontextmanager
+async def opened_replica(path: Path) -> AsyncIterator[Replica]:
+    replica = await Replica.open(path)
+    try:
+        yield replica
+    finally:
+        await replica.close()
+
+
+def fast_client(replica: Replica, url: str, token: str, **kwargs: Any) -> SyncClient:
+    """A SyncClient that retries quickly (tests restart relays and must not wait 30 s)."""
+    kwargs.setdefault("backoff", Backoff(base=0.05, cap=0.3))
+    return SyncClient(replica, url, token, **kwargs)
+
+
+async def eventually(
+    check: Callable[[], Awaitable[bool] | bool], timeout: float = 10.0, interval: float = 0.02
+) -> None:
+    """Wait until ``check()`` is true; fail the test after ``timeout`` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        result = check()
+        if not isinstance(result, bool):
+            result = await result
+        if result:
+            return
+        if loop.time() > deadline:
+            pytest.fail(f"condition not met within {timeout} s")
+        await asyncio.sleep(interval)
+
+
+@pytest.fixture
+def relay_server() -> Callable[..., AbstractAsyncContextManager[RunningRelay]]:
+    """``async with relay_server(data_dir, **config) as relay``: for tests that need several."""
+    return serve_relay
+
+
+@pytest.fixture
+async def relay(tmp_path: Path) -> AsyncIterator[RunningRelay]:
+    """One relay with its data in tmp_path/relay and a small frame limit (64 KiB)."""
+    async with serve_relay(tmp_path / "relay", max_frame_size=64 << 10) as running:
+        yield running
+
+
+@pytest.fixture
+async def open_replica(tmp_path: Path) -> AsyncIterator[Callable[[str], Awaitable[Replica]]]:
+    """``await open_replica("name")``: a replica file in tmp_path, closed after the test."""
+    stack = contextlib.AsyncExitStack()
+
+    async def open_(name: str) -> Replica:
+        return await stack.enter_async_context(opened_replica(tmp_path / f"{name}.db"))
+
+    async with stack:
+        yield open_
+
+
+@pytest.fixture
+async def sync_clients(open_replica: Any) -> AsyncIterator[Callable[..., SyncClient]]:
+    """``sync_clients(replica, url, token)``: a quick-retrying client, stopped after the test
+    (and before the replicas close)."""
+    clients: list[SyncClient] = []
+
+    def make(replica: Replica, url: str, token: str, **kwargs: Any) -> SyncClient:
+        client = fast_client(replica, url, token, **kwargs)
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        with contextlib.suppress(Exception):
+            await client.stop()
+
+
+@pytest.fixture
+def helpers() -> Any:
+    """Plain helpers for tests (importlib mode: test files cannot import each other)."""
+
+    class _Helpers:
+        eventually = staticmethod(eventually)
+        fast_client = staticmethod(fast_client)
+        opened_replica = staticmethod(opened_replica)
+        serve_relay = staticmethod(serve_relay)
+
+    return _Helpers
