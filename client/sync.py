@@ -31,6 +31,7 @@ import aiohttp
 
 from foliosync.client.replica import DocumentChange, Replica
 from foliosync.sync.errors import (
+    AccessDenied,
     AuthError,
     ConnectionLost,
     FolioSyncError,
@@ -197,6 +198,8 @@ class SyncClient:
             raise ConnectionLost(
                 f"sync with {self.url} did not finish within {timeout:g} s"
             ) from None
+        # Remembered only once a sync succeeded, so that `foliosync sync` works without flags.
+        await self.replica.set_meta(server_url=self.url, token=self.token)
 
     def start(self) -> None:
         """Keep syncing in the background, reconnecting as needed, until :meth:`stop`."""
@@ -344,8 +347,6 @@ class _Connection:
         self.client.user, self.client.device = event.user, event.device
         self.client.backoff.reset()
         self.client._set_connected(True)
-        if self.until_idle:  # a one-shot sync remembers where it synced for the next time
-            await self.replica.set_meta(server_url=self.client.url, token=self.client.token)
         for doc_id in event.documents:
             with contextlib.suppress(ValidationError):
                 await self.replica.ensure_document(doc_id)
@@ -409,9 +410,17 @@ class _Connection:
             raise RemoteProtocolError(
                 f"the relay closed the session: {event.message}", code=event.code
             )
+        if event.code == ErrorCode.AUTH_FAILED:
+            raise AuthError(f"the relay refused the token for {event.doc}: {event.message}")
+        if event.code == ErrorCode.FORBIDDEN and self.until_idle:
+            raise AccessDenied(f"the relay refused {event.doc}: {event.message}")
         log.warning(
             "relay error for %s (seq %s): %s %s", event.doc, event.seq, event.code, event.message
         )
+        if event.code == ErrorCode.FORBIDDEN and event.doc is not None:
+            # Never going to sync: stop waiting for it (the app sees it in the log and status).
+            self.client._live.add(event.doc)
+            self.client._in_sync.add(event.doc)
         # Not stored: it stays pending (resent on the next connection), but stop waiting for it.
         if event.doc is not None and self.in_flight.get(event.doc) == event.seq:
             self.in_flight.pop(event.doc, None)

@@ -30,21 +30,30 @@ from aiohttp import WSMsgType, web
 from foliosync.server.auth import Identity, load_or_create_secret, verify_token
 from foliosync.server.documents import BadUpdate, RelayDocuments
 from foliosync.server.fanout import Change, FanOut, InProcessFanOut, Subscription
+from foliosync.server.prices import PriceHub
 from foliosync.server.storage import RelayStore, RelayStoreError, SQLiteRelayStore
 from foliosync.sync.errors import AuthError, RemoteProtocolError, ValidationError
 from foliosync.sync.model import kind_of
+from foliosync.sync.prices import TickConflator, check_ticks
 from foliosync.sync.protocol import (
     ErrorCode,
     ErrorReceived,
     HelloReceived,
     OutboundQueue,
     PingReceived,
+    PriceBatch,
+    PriceSnapshot,
+    Published,
+    PublishReceived,
+    ResyncRequested,
     ServerSession,
+    SubscribeRequested,
     SyncRequested,
     Update,
     UpdateReceived,
     encode_frame,
 )
+from foliosync.sync.validation import normalize_symbol
 
 __all__ = ["Relay", "RelayConfig", "RelayKey", "create_app"]
 
@@ -65,6 +74,9 @@ class RelayConfig:
     heartbeat: float = 30.0
     durability: str = "normal"
     relay_id: str = field(default="relay-1")
+    feed: str = "none"  # "sim", "sim:always", "csv:PATH" or "none"; see foliosync.server.feeds
+    price_window_ms: int | None = None  # fixed push window instead of the policy's (benchmarks)
+    max_symbols: int = 2000  # symbols one connection may follow
 
 
 def _now_ms() -> int:
@@ -82,6 +94,7 @@ class Relay:
         self.fanout = fanout
         self.secret = secret
         self.documents = RelayDocuments(store, max_hot=config.max_hot_documents)
+        self.prices = PriceHub(window_override_ms=config.price_window_ms)
         self.initial_sync_slots = asyncio.Semaphore(config.max_initial_syncs)
         self.connections: set[Connection] = set()
         self.started = time.monotonic()
@@ -120,6 +133,7 @@ class Relay:
             await connection.close(code=1001, message=b"relay shutting down")
 
     async def close(self) -> None:
+        await self.prices.close()
         await self.close_connections()
         await self.fanout.close()
         await self.store.close()
@@ -138,6 +152,7 @@ class Connection:
         self.identity: Identity | None = None
         self.device = ""
         self.outbound = OutboundQueue()
+        self.prices = TickConflator(relay.prices.window_ms)
         self._wakeup = asyncio.Event()
         self._subscription: Subscription | None = None
         self._closing = False
@@ -149,6 +164,7 @@ class Connection:
         try:
             await self._read_loop()
         finally:
+            self.relay.prices.unsubscribe(self)
             if self._subscription is not None:
                 self._subscription.close()
             self.session.close()
@@ -175,11 +191,24 @@ class Connection:
                 self.close(code=1013, message=b"too far behind; reconnect to catch up")
             )
 
+    def wake_prices(self) -> None:
+        self._wakeup.set()
+
     async def _write_loop(self) -> None:
+        """Control frames first, always; then the prices that are due, pulled from the conflator
+        only when the socket has taken everything else (a slow reader gets newer prices later,
+        never a backlog)."""
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()
-            while (data := self.outbound.pop()) is not None:
+            while True:
+                data = self.outbound.pop()
+                if data is None and len(self.prices) and not self.session.closed:
+                    due = self.prices.due(_now_ms())
+                    if due:
+                        data = self.session.send(PriceBatch(tuple(p.to_wire() for p in due)))
+                if data is None:
+                    break
                 if self.ws.closed:
                     return
                 try:
@@ -224,6 +253,12 @@ class Connection:
             await self._on_sync_request(event)
         elif isinstance(event, HelloReceived):
             await self._on_hello(event)
+        elif isinstance(event, SubscribeRequested):
+            self._on_subscribe(event)
+        elif isinstance(event, ResyncRequested):
+            self._on_resync(event)
+        elif isinstance(event, PublishReceived):
+            self._on_publish(event)
         elif isinstance(event, PingReceived):
             self._send(self.session.pong(event.nonce))
         elif isinstance(event, ErrorReceived):
@@ -232,19 +267,28 @@ class Connection:
     async def _on_hello(self, event: HelloReceived) -> None:
         try:
             identity = verify_token(self.relay.secret, event.token)
-            if "sync" not in identity.scopes:
-                raise AuthError("token lacks the sync scope")
+            if not identity.scopes & {"sync", "publish"}:
+                raise AuthError("token has neither the sync nor the publish scope")
         except AuthError as exc:
             self._send(self.session.reject(ErrorCode.AUTH_FAILED, str(exc)))
             return
         self.identity = identity
         self.device = identity.device or event.client_name[:64] or self.id
-        documents = await self.relay.documents.documents(identity.user)
+        documents = (
+            await self.relay.documents.documents(identity.user) if "sync" in identity.scopes else []
+        )
         self._send(self.session.accept(identity.user, self.device, documents, _now_ms()))
         self._subscription = self.relay.fanout.subscribe(identity.user, self._deliver)
 
     def _check_document(self, doc: str, seq: int | None = None) -> bool:
         """Per-document authorization: a user reaches their own documents only."""
+        if self.identity is not None and "sync" not in self.identity.scopes:
+            self._send(
+                self.session.error(
+                    ErrorCode.AUTH_FAILED, "this token may not sync documents", doc=doc, seq=seq
+                )
+            )
+            return False
         owner, slash, _ = doc.partition("/")
         if slash and self.identity is not None and owner != self.identity.user:
             self._send(
@@ -323,6 +367,39 @@ class Connection:
                 )
             )
 
+    # -- prices ------------------------------------------------------------------------------
+
+    def _valid_symbols(self, symbols: tuple[str, ...]) -> list[str]:
+        valid: dict[str, None] = {}
+        for symbol in symbols:
+            try:
+                valid.setdefault(normalize_symbol(symbol), None)
+            except ValidationError as exc:
+                self._send(self.session.error("invalid_symbol", str(exc), doc=symbol[:64]))
+        return list(valid)
+
+    def _on_subscribe(self, event: SubscribeRequested) -> None:
+        symbols = self._valid_symbols(event.symbols)[: self.relay.config.max_symbols]
+        snapshot = self.relay.prices.subscribe(self, symbols)
+        self._send(self.session.send(PriceSnapshot(tuple(p.to_wire() for p in snapshot))))
+
+    def _on_resync(self, event: ResyncRequested) -> None:
+        symbols = self._valid_symbols(event.symbols)
+        self.prices.forget(symbols)
+        snapshot = self.relay.prices.book.snapshot(symbols)
+        self._send(self.session.send(PriceSnapshot(tuple(p.to_wire() for p in snapshot))))
+
+    def _on_publish(self, event: PublishReceived) -> None:
+        assert self.identity is not None
+        if "publish" not in self.identity.scopes:
+            self._send(
+                self.session.error(ErrorCode.FORBIDDEN, "this token may not publish", doc="prices")
+            )
+            return
+        good, bad = check_ticks(event.ticks, _now_ms())
+        self.relay.prices.publish(good)
+        self._send(self.session.send(Published(event.batch, len(good), tuple(bad))))
+
     def _deliver(self, change: Change) -> None:
         if change.origin == self.id or self.session.closed or self._closing:
             return
@@ -349,6 +426,7 @@ def create_app(
         )
         relay = Relay(config, relay_store, fanout or InProcessFanOut(), secret)
         app[RelayKey] = relay
+        relay.prices.start()
         yield
         await relay.close()
 

@@ -14,6 +14,12 @@ from foliosync.sync.protocol.frames import (
     Hello,
     Ping,
     Pong,
+    PriceBatch,
+    PriceSnapshot,
+    Publish,
+    Published,
+    Resync,
+    Subscribe,
     SyncReply,
     SyncRequest,
     Update,
@@ -61,11 +67,46 @@ def test_binary_fields_are_msgpack_bin_and_ids_are_str() -> None:
     assert data == b"\x93\x0a\xa1d\xc4\x02sv"
 
 
-def test_no_frame_uses_a_reserved_price_code() -> None:
+def test_document_frames_stay_out_of_the_price_codes() -> None:
     used = {msgpack.unpackb(encode_frame(frame))[0] for frame, _ in WIRE_LAYOUT}
     assert used == {1, 2, 3, 4, 5, 10, 11, 12, 13}
     assert not used & set(RESERVED_PRICE_CODES)
     assert list(RESERVED_PRICE_CODES) == list(range(40, 60))
+
+
+PRICE_FRAMES = [
+    (Subscribe(("AAPL", "MSFT")), [40, ["AAPL", "MSFT"]]),
+    (Resync(("AAPL",)), [41, ["AAPL"]]),
+    (PriceSnapshot((("AAPL", "187.25", 5, 2, None),)), [42, [["AAPL", "187.25", 5, 2, None]]]),
+    (PriceBatch((("BRK.B", "401.5", 6, 9, "100"),)), [43, [["BRK.B", "401.5", 6, 9, "100"]]]),
+    (Publish(7, (("AAPL", "1", 5, None), "junk")), [44, 7, [["AAPL", "1", 5, None], "junk"]]),
+    (Published(7, 1, ((1, "not a tick"),)), [45, 7, 1, [[1, "not a tick"]]]),
+]
+
+
+@pytest.mark.parametrize(("frame", "wire"), PRICE_FRAMES, ids=lambda v: type(v).__name__)
+def test_price_frames_wire_layout_and_round_trip(frame: object, wire: list[object]) -> None:
+    data = encode_frame(frame)  # type: ignore[arg-type]
+    assert msgpack.unpackb(data) == wire
+    assert decode_frame(data) == frame
+    assert 40 <= wire[0] < 60  # type: ignore[operator]
+
+
+@pytest.mark.parametrize(
+    "wire",
+    [
+        [43, [["AAPL", 187.25, 5, 2, None]]],  # price as a float, not decimal text
+        [43, [["AAPL", "1", -5, 2, None]]],  # negative time
+        [43, [["AAPL", "1", 5, 2]]],  # a field missing
+        [40, "AAPL"],  # symbols not a list
+        [40, ["A" * 33]],  # symbol too long
+        [45, 1, 1, [[1]]],  # rejection without a reason
+    ],
+)
+def test_malformed_price_frames_are_bad_frames(wire: list[object]) -> None:
+    with pytest.raises(RemoteProtocolError) as info:
+        decode_frame(msgpack.packb(wire))
+    assert info.value.code == "bad_frame"
 
 
 def test_welcome_documents_decode_as_a_tuple() -> None:
@@ -95,7 +136,7 @@ def _bad(wire: object, **packb: bool) -> RemoteProtocolError:
         ["1", 1, "t", ""],  # type as str
         [True, 1, "t", ""],  # type as bool
         [99, 1],  # unknown type
-        [45, "AAPL"],  # reserved for price frames, not spoken yet
+        [45, "AAPL"],  # Published with fields missing
         [1, 1, "t"],  # Hello with a field missing
         [1, 1, "t", "", "extra"],  # Hello with a field too many
         [1, True, "t", ""],  # bool is not an int

@@ -18,7 +18,12 @@ __all__ = [
     "HelloReceived",
     "PingReceived",
     "PongReceived",
+    "PricesReceived",
+    "PublishReceived",
+    "PublishedReceived",
+    "ResyncRequested",
     "ServerEvent",
+    "SubscribeRequested",
     "SyncReplied",
     "SyncRequested",
     "UpdateReceived",
@@ -115,13 +120,68 @@ class ErrorReceived:
     fatal: bool
 
 
+@dataclass(frozen=True, slots=True)
+class SubscribeRequested:
+    """(relay) The client follows exactly these symbols from now on (not yet validated)."""
+
+    symbols: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ResyncRequested:
+    """(relay) The client saw a gap: send a fresh snapshot of these symbols."""
+
+    symbols: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class PublishReceived:
+    """(relay) A publisher's batch; each tick is still unchecked (see foliosync.sync.prices)."""
+
+    batch: int
+    ticks: tuple[object, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class PricesReceived:
+    """(client) Prices: a snapshot (after a Subscribe or Resync) or a delivery window's batch."""
+
+    ticks: tuple[tuple[str, str, int, int, str | None], ...]
+    snapshot: bool
+
+
+@dataclass(frozen=True, slots=True)
+class PublishedReceived:
+    """(client) The relay's answer to a Publish."""
+
+    batch: int
+    accepted: int
+    rejected: tuple[tuple[int, str], ...]
+
+
 ServerEvent: TypeAlias = (
-    HelloReceived | SyncRequested | UpdateReceived | PingReceived | PongReceived | ErrorReceived
+    HelloReceived
+    | SyncRequested
+    | UpdateReceived
+    | PingReceived
+    | PongReceived
+    | ErrorReceived
+    | SubscribeRequested
+    | ResyncRequested
+    | PublishReceived
 )
 """An event a :class:`~.session.ServerSession` can report."""
 
 ClientEvent: TypeAlias = (
-    Welcomed | SyncReplied | UpdateReceived | Acked | PingReceived | PongReceived | ErrorReceived
+    Welcomed
+    | SyncReplied
+    | UpdateReceived
+    | Acked
+    | PingReceived
+    | PongReceived
+    | ErrorReceived
+    | PricesReceived
+    | PublishedReceived
 )
 """An event a :class:`~.session.ClientSession` can report."""
 

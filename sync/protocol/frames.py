@@ -16,14 +16,26 @@ code  frame        direction     fields, in wire order (``?`` = may be nil)
 11    SyncReply    relay→client  doc, update, state_vector, changed_at_ms?, changed_by?
 12    Update       both          doc, seq, update, changed_at_ms?, changed_by?
 13    Ack          relay→client  doc, seq
+40    Subscribe    client→relay  symbols
+41    Resync       client→relay  symbols
+42    PriceSnapshot relay→client ticks
+43    PriceBatch   relay→client  ticks
+44    Publish      client→relay  batch, ticks
+45    Published    relay→client  batch, accepted, rejected
 ====  ===========  ============  ======================================================
 
 An Update from a client has ``seq`` > 0 and no watermark; from the relay ``seq`` is 0 and the
 watermark (``changed_at_ms``, ``changed_by``) is set. A watermark is always set or nil as a whole.
 
-Codes 40-59 are reserved for the price frames (Subscribe, Unsubscribe, PriceSnapshot, PriceBatch)
-that will share the socket; a version 1 peer refuses them as ``bad_frame`` until then. Other codes
-are unassigned.
+Codes 40-59 are the price frames, which share the socket with the documents (the relay's outbound
+queue keeps them behind acknowledgements and deltas). ``Subscribe`` replaces the set of symbols the
+client follows (the relay answers with a PriceSnapshot of the symbols new to the set); ``Resync``
+asks for a fresh snapshot of symbols (after a gap in a symbol's sequence numbers). A price tick on
+the wire is ``[symbol, price, time_ms, seq, size?]``: the price and size are decimal text, exact,
+and ``seq`` counts the symbol's prices on the relay. A publisher's ``Publish`` carries
+``[symbol, price, time_ms, size?]`` items checked one by one by the relay, which answers with
+``Published``: how many it took and, for each one refused, ``[index, reason]``. Other codes are
+unassigned.
 
 Field types: ids (``doc``, ``user``, ``device``, ``changed_by``, each document of ``documents``)
 are non-empty strings of at most :data:`~.limits.MAX_ID_LENGTH` characters; CRDT updates and state
@@ -66,6 +78,12 @@ __all__ = [
     "Hello",
     "Ping",
     "Pong",
+    "PriceBatch",
+    "PriceSnapshot",
+    "Publish",
+    "Published",
+    "Resync",
+    "Subscribe",
     "SyncReply",
     "SyncRequest",
     "Update",
@@ -78,6 +96,11 @@ PROTOCOL_VERSION = 1
 """The protocol version this module speaks."""
 
 RESERVED_PRICE_CODES = range(40, 60)
+MAX_SYMBOLS = 2000
+"""Most symbols in one Subscribe or Resync."""
+MAX_TICKS = 10000
+"""Most ticks in one frame."""
+_MAX_DECIMAL_TEXT = 40
 """Type codes kept free for the price frames, so that adding them breaks no document frame."""
 
 
@@ -165,6 +188,71 @@ def _ids(value: object) -> str | None:
         problem = _id(item)
         if problem is not None:
             return f"item {index} {problem}"
+    return None
+
+
+def _symbols(value: object) -> str | None:
+    if not isinstance(value, tuple):
+        return f"must be a tuple of symbols, not {type(value).__name__}"
+    if len(value) > MAX_SYMBOLS:
+        return f"must hold at most {MAX_SYMBOLS} symbols"
+    for index, item in enumerate(value):
+        if not isinstance(item, str) or not 0 < len(item) <= 32:
+            return f"item {index} must be a symbol of 1 to 32 characters"
+    return None
+
+
+def _decimal_text(value: object, *, optional: bool) -> str | None:
+    if value is None and optional:
+        return None
+    if not isinstance(value, str) or not 0 < len(value) <= _MAX_DECIMAL_TEXT:
+        return "must be decimal text"
+    return None
+
+
+def _price_ticks(value: object) -> str | None:
+    """Relay ticks: ``(symbol, price, time_ms, seq, size?)`` each."""
+    if not isinstance(value, tuple):
+        return f"must be a tuple of ticks, not {type(value).__name__}"
+    if len(value) > MAX_TICKS:
+        return f"must hold at most {MAX_TICKS} ticks"
+    for index, tick in enumerate(value):
+        if not isinstance(tick, tuple) or len(tick) != 5:
+            return f"tick {index} must be [symbol, price, time_ms, seq, size]"
+        symbol, price, time_ms, seq, size = tick
+        problem = (
+            (None if isinstance(symbol, str) and 0 < len(symbol) <= 32 else "symbol is not text")
+            or _decimal_text(price, optional=False)
+            or _uint(time_ms)
+            or _uint(seq)
+            or _decimal_text(size, optional=True)
+        )
+        if problem is not None:
+            return f"tick {index}: {problem}"
+    return None
+
+
+def _raw_ticks(value: object) -> str | None:
+    """A publisher's ticks: only their number and nesting are checked here; the relay checks
+    each one and refuses the bad ones by index, so that good ticks of a batch pass."""
+    if not isinstance(value, tuple):
+        return f"must be a tuple of ticks, not {type(value).__name__}"
+    if len(value) > MAX_TICKS:
+        return f"must hold at most {MAX_TICKS} ticks"
+    return None
+
+
+def _rejections(value: object) -> str | None:
+    if not isinstance(value, tuple):
+        return f"must be a tuple of [index, reason], not {type(value).__name__}"
+    for item in value:
+        if (
+            not isinstance(item, tuple)
+            or len(item) != 2
+            or _uint(item[0]) is not None
+            or not isinstance(item[1], str)
+        ):
+            return "each rejection is [index, reason]"
     return None
 
 
@@ -329,7 +417,89 @@ class Ack(_Checked):
     seq: int
 
 
-Frame: TypeAlias = Hello | Welcome | Error | Ping | Pong | SyncRequest | SyncReply | Update | Ack
+@dataclass(frozen=True, slots=True)
+class Subscribe(_Checked):
+    """Client to relay: follow these symbols (the whole set; it replaces the previous one)."""
+
+    _CODE: ClassVar[int] = 40
+    _CHECKS: ClassVar[tuple[_Check, ...]] = (_symbols,)
+
+    symbols: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Resync(_Checked):
+    """Client to relay: send a fresh snapshot of these symbols (a gap was seen)."""
+
+    _CODE: ClassVar[int] = 41
+    _CHECKS: ClassVar[tuple[_Check, ...]] = (_symbols,)
+
+    symbols: tuple[str, ...]
+
+
+PriceTickTuple: TypeAlias = tuple[str, str, int, int, str | None]
+
+
+@dataclass(frozen=True, slots=True)
+class PriceSnapshot(_Checked):
+    """Relay to client: the latest price of each symbol asked for (those that have one)."""
+
+    _CODE: ClassVar[int] = 42
+    _CHECKS: ClassVar[tuple[_Check, ...]] = (_price_ticks,)
+
+    ticks: tuple[PriceTickTuple, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class PriceBatch(_Checked):
+    """Relay to client: the newest price of each symbol that moved in the last delivery window."""
+
+    _CODE: ClassVar[int] = 43
+    _CHECKS: ClassVar[tuple[_Check, ...]] = (_price_ticks,)
+
+    ticks: tuple[PriceTickTuple, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Publish(_Checked):
+    """Publisher to relay: a batch of ticks ``[symbol, price, time_ms, size?]`` to broadcast."""
+
+    _CODE: ClassVar[int] = 44
+    _CHECKS: ClassVar[tuple[_Check, ...]] = (_uint, _raw_ticks)
+
+    batch: int
+    ticks: tuple[object, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Published(_Checked):
+    """Relay to publisher: how many ticks of ``batch`` were taken; why the others were not."""
+
+    _CODE: ClassVar[int] = 45
+    _CHECKS: ClassVar[tuple[_Check, ...]] = (_uint, _uint, _rejections)
+
+    batch: int
+    accepted: int
+    rejected: tuple[tuple[int, str], ...]
+
+
+Frame: TypeAlias = (
+    Hello
+    | Welcome
+    | Error
+    | Ping
+    | Pong
+    | SyncRequest
+    | SyncReply
+    | Update
+    | Ack
+    | Subscribe
+    | Resync
+    | PriceSnapshot
+    | PriceBatch
+    | Publish
+    | Published
+)
 """Any frame of protocol version 1."""
 
 _FRAME_TYPES: tuple[type[_Checked], ...] = (
@@ -342,6 +512,12 @@ _FRAME_TYPES: tuple[type[_Checked], ...] = (
     SyncReply,
     Update,
     Ack,
+    Subscribe,
+    Resync,
+    PriceSnapshot,
+    PriceBatch,
+    Publish,
+    Published,
 )
 _BY_CODE: dict[int, type[_Checked]] = {cls._CODE: cls for cls in _FRAME_TYPES}
 _FIELD_NAMES: dict[type[_Checked], tuple[str, ...]] = {
@@ -349,7 +525,18 @@ _FIELD_NAMES: dict[type[_Checked], tuple[str, ...]] = {
     for cls in _FRAME_TYPES
 }
 assert len(_BY_CODE) == len(_FRAME_TYPES), "two frames share a type code"
-assert not set(_BY_CODE) & set(RESERVED_PRICE_CODES), "a frame took a reserved price code"
+_PRICE_FRAMES = (Subscribe, Resync, PriceSnapshot, PriceBatch, Publish, Published)
+assert all(cls._CODE in RESERVED_PRICE_CODES for cls in _PRICE_FRAMES), "price codes are 40-59"
+assert not any(
+    cls._CODE in RESERVED_PRICE_CODES for cls in _FRAME_TYPES if cls not in _PRICE_FRAMES
+), "a document frame took a price code"
+
+
+def _freeze(value: object) -> object:
+    """msgpack gives lists; frames hold tuples (immutable, hashable), nested ones too."""
+    if isinstance(value, list):
+        return tuple(_freeze(item) for item in value)
+    return value
 
 
 # --- Codec ------------------------------------------------------------------------------------
@@ -411,7 +598,7 @@ def decode_frame(data: bytes, *, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -
         raise RemoteProtocolError(f"unknown frame type {type_code}", code=ErrorCode.BAD_FRAME)
     # Lists only ever stand for tuples (Welcome.documents); turning them into tuples here keeps the
     # frames immutable and lets the constructor's checks do the rest.
-    fields = [tuple(value) if isinstance(value, list) else value for value in items[1:]]
+    fields = [_freeze(value) for value in items[1:]]
     if len(fields) != len(cls._CHECKS):
         raise RemoteProtocolError(
             f"{cls.__name__} has {len(cls._CHECKS)} fields, got {len(fields)}",

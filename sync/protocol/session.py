@@ -36,7 +36,12 @@ from foliosync.sync.protocol.events import (
     HelloReceived,
     PingReceived,
     PongReceived,
+    PricesReceived,
+    PublishedReceived,
+    PublishReceived,
+    ResyncRequested,
     ServerEvent,
+    SubscribeRequested,
     SyncReplied,
     SyncRequested,
     UpdateReceived,
@@ -51,6 +56,12 @@ from foliosync.sync.protocol.frames import (
     Hello,
     Ping,
     Pong,
+    PriceBatch,
+    PriceSnapshot,
+    Publish,
+    Published,
+    Resync,
+    Subscribe,
     SyncReply,
     SyncRequest,
     Update,
@@ -99,6 +110,10 @@ def _violation(message: str, code: str) -> RemoteProtocolError:
 
 def _error_event(frame: Error) -> ErrorReceived:
     return ErrorReceived(frame.code, frame.message, frame.doc, frame.seq, frame.fatal)
+
+
+_RELAY_FRAMES = (Welcome, SyncReply, Ack, PriceSnapshot, PriceBatch, Published)
+_CLIENT_FRAMES = (Hello, SyncRequest, Subscribe, Resync, Publish)
 
 
 class _Session:
@@ -215,7 +230,7 @@ class ServerSession(_Session):
         if isinstance(frame, Error) and frame.fatal:
             self._closed = True
             return _error_event(frame)
-        if isinstance(frame, Welcome | SyncReply | Ack):
+        if isinstance(frame, _RELAY_FRAMES):
             raise _violation(
                 f"{type(frame).__name__} is a relay frame; a client cannot send it",
                 ErrorCode.UNEXPECTED_FRAME,
@@ -257,6 +272,12 @@ class ServerSession(_Session):
                 return PongReceived(nonce)
             case Error():
                 return _error_event(frame)
+            case Subscribe(symbols):
+                return SubscribeRequested(symbols)
+            case Resync(symbols):
+                return ResyncRequested(symbols)
+            case Publish(batch, ticks):
+                return PublishReceived(batch, ticks)
         raise AssertionError(f"unhandled frame {frame!r}")  # pragma: no cover
 
     # --- Sending ------------------------------------------------------------------------------
@@ -265,7 +286,7 @@ class ServerSession(_Session):
         """The bytes of ``frame``, if the relay may send it now; otherwise LocalProtocolError."""
         state = self.state
         name = type(frame).__name__
-        if isinstance(frame, Hello | SyncRequest):
+        if isinstance(frame, _CLIENT_FRAMES):
             raise LocalProtocolError(f"{name} is a client frame; the relay cannot send it")
         if isinstance(frame, Error) and frame.fatal:
             data = self._encode(frame)
@@ -384,7 +405,7 @@ class ClientSession(_Session):
             self._closed = True
             return _error_event(frame)
         name = type(frame).__name__
-        if isinstance(frame, Hello | SyncRequest):
+        if isinstance(frame, _CLIENT_FRAMES):
             raise _violation(
                 f"{name} is a client frame; the relay cannot send it", ErrorCode.UNEXPECTED_FRAME
             )
@@ -427,6 +448,12 @@ class ClientSession(_Session):
                 return PongReceived(nonce)
             case Error():
                 return _error_event(frame)
+            case PriceSnapshot(ticks):
+                return PricesReceived(ticks, snapshot=True)
+            case PriceBatch(ticks):
+                return PricesReceived(ticks, snapshot=False)
+            case Published(batch, accepted, rejected):
+                return PublishedReceived(batch, accepted, rejected)
         raise AssertionError(f"unhandled frame {frame!r}")  # pragma: no cover
 
     # --- Sending ------------------------------------------------------------------------------
@@ -435,7 +462,7 @@ class ClientSession(_Session):
         """The bytes of ``frame``, if the client may send it now; otherwise LocalProtocolError."""
         state = self.state
         name = type(frame).__name__
-        if isinstance(frame, Welcome | SyncReply | Ack):
+        if isinstance(frame, _RELAY_FRAMES):
             raise LocalProtocolError(f"{name} is a relay frame; a client cannot send it")
         if isinstance(frame, Error) and frame.fatal:
             data = self._encode(frame)
@@ -460,6 +487,18 @@ class ClientSession(_Session):
                 self._sent_seqs[frame.doc] = frame.seq
             return data
         return self._encode(frame)
+
+    def subscribe(self, symbols: Iterable[str]) -> bytes:
+        """Follow exactly these symbols (replaces the previous set)."""
+        return self.send(Subscribe(tuple(symbols)))
+
+    def resync(self, symbols: Iterable[str]) -> bytes:
+        """Ask for a fresh snapshot of these symbols."""
+        return self.send(Resync(tuple(symbols)))
+
+    def publish(self, batch: int, ticks: Iterable[object]) -> bytes:
+        """Publish ticks ``[symbol, price, time_ms, size?]`` (needs a token with ``publish``)."""
+        return self.send(Publish(batch, tuple(ticks)))
 
     def hello(self, token: str, client_name: str = "") -> bytes:
         """The first frame: our protocol version and the token that says who we are."""

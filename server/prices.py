@@ -1,0 +1,215 @@
+"""The relay's prices: one book, many subscribers, each conflated to its own pace.
+
+Sources (the simulator, a CSV replay, publishers over WebSocket or HTTP) call
+:meth:`PriceHub.publish`. Each subscriber (a sync connection, an SSE stream) holds a
+:class:`TickConflator`; the hub offers it every new price of the symbols it follows and wakes it at
+most every ``flush_interval``. The subscriber's writer *pulls* the due prices when it has written
+its control frames (documents and acknowledgements first), so a slow reader gets fewer, newer
+prices and nothing is dropped or
+queued without bound: memory per subscriber is one entry per followed symbol.
+
+Push windows come from the smart-refresh policy: short for a volatile symbol in session, longer
+by default, longer still with the market closed. The hub also watches for a stalled feed: a
+followed symbol whose newest price is older than ``stall_after`` while the market is open.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime, timedelta
+from typing import Protocol
+
+from foliosync.sync.market import NYSE, ExchangeCalendar
+from foliosync.sync.prices import PriceBook, PricePoint, Tick, TickConflator
+from foliosync.sync.refresh_policy import (
+    DEFAULT_POLICY,
+    DataKind,
+    RefreshContext,
+    RefreshPolicy,
+    is_volatile,
+)
+
+__all__ = ["PriceHub", "PriceSubscriber", "StalledSymbol"]
+
+log = logging.getLogger("foliosync.prices")
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class PriceSubscriber(Protocol):
+    """What the hub needs of a subscriber: its conflator and a way to wake its writer."""
+
+    prices: TickConflator
+
+    def wake_prices(self) -> None: ...
+
+
+class StalledSymbol:
+    __slots__ = ("age_s", "symbol")
+
+    def __init__(self, symbol: str, age_s: float | None) -> None:
+        self.symbol, self.age_s = symbol, age_s
+
+    def to_json(self) -> dict[str, object]:
+        return {"symbol": self.symbol, "age_s": self.age_s}
+
+
+class PriceHub:
+    def __init__(
+        self,
+        *,
+        policy: RefreshPolicy = DEFAULT_POLICY,
+        calendar: ExchangeCalendar = NYSE,
+        flush_interval: float = 0.05,
+        stall_after: timedelta = timedelta(minutes=5),
+        clock_ms: Callable[[], int] = _now_ms,
+        window_override_ms: int | None = None,
+    ) -> None:
+        self.book = PriceBook()
+        self.policy = policy
+        self.calendar = calendar
+        self.flush_interval = flush_interval
+        self.stall_after = stall_after
+        self._clock_ms = clock_ms
+        self._window_override_ms = window_override_ms
+        self._followers: dict[str, set[PriceSubscriber]] = {}
+        self._subscriptions: dict[PriceSubscriber, frozenset[str]] = {}
+        self._dirty: set[PriceSubscriber] = set()
+        self._windows: dict[str, tuple[int, int]] = {}  # symbol -> (computed at ms, window ms)
+        self._market_open: tuple[int, bool] = (-1, False)
+        self._task: asyncio.Task[None] | None = None
+        self._stalled: list[StalledSymbol] = []
+        self.ticks_in = 0
+
+    # -- life cycle --------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._flush_loop())
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    # -- sources -----------------------------------------------------------------------------
+
+    def publish(self, ticks: Iterable[Tick]) -> list[PricePoint]:
+        """Record checked ticks and offer the new prices to their followers."""
+        accepted: list[PricePoint] = []
+        for tick in ticks:
+            point = self.book.apply(tick)
+            if point is None:
+                continue
+            accepted.append(point)
+            for subscriber in self._followers.get(point.symbol, ()):
+                subscriber.prices.offer(point)
+                self._dirty.add(subscriber)
+        self.ticks_in += len(accepted)
+        return accepted
+
+    # -- subscribers -------------------------------------------------------------------------
+
+    def subscribe(self, subscriber: PriceSubscriber, symbols: Iterable[str]) -> list[PricePoint]:
+        """Follow exactly ``symbols``; returns the snapshot of those new to the set."""
+        wanted = frozenset(symbols)
+        before = self._subscriptions.get(subscriber, frozenset())
+        for symbol in before - wanted:
+            followers = self._followers.get(symbol)
+            if followers is not None:
+                followers.discard(subscriber)
+                if not followers:
+                    del self._followers[symbol]
+        subscriber.prices.forget(before - wanted)
+        for symbol in wanted - before:
+            self._followers.setdefault(symbol, set()).add(subscriber)
+        self._subscriptions[subscriber] = wanted
+        return self.book.snapshot(sorted(wanted - before))
+
+    def unsubscribe(self, subscriber: PriceSubscriber) -> None:
+        self.subscribe(subscriber, ())
+        self._subscriptions.pop(subscriber, None)
+        self._dirty.discard(subscriber)
+
+    def subscribed_symbols(self) -> set[str]:
+        return set(self._followers)
+
+    @property
+    def subscriber_count(self) -> int:
+        return len(self._subscriptions)
+
+    # -- windows -----------------------------------------------------------------------------
+
+    def market_open(self, now_ms: int | None = None) -> bool:
+        now_ms = self._clock_ms() if now_ms is None else now_ms
+        checked_at, is_open = self._market_open
+        if now_ms - checked_at >= 1000 or checked_at < 0:
+            is_open = self.calendar.is_open(datetime.fromtimestamp(now_ms / 1000, tz=UTC))
+            self._market_open = (now_ms, is_open)
+        return is_open
+
+    def window_ms(self, symbol: str) -> int:
+        """How often one subscriber may get a new price of ``symbol`` (the policy's push window)."""
+        if self._window_override_ms is not None:
+            return self._window_override_ms
+        now = self._clock_ms()
+        cached = self._windows.get(symbol)
+        if cached is not None and now - cached[0] < 1000:
+            return cached[1]
+        context = RefreshContext(
+            market_open=self.market_open(now),
+            volatile=is_volatile(self.book.recent_prices(symbol)),
+        )
+        window = int(
+            self.policy.push_window(DataKind.CURRENT_PRICE, context) / timedelta(milliseconds=1)
+        )
+        self._windows[symbol] = (now, window)
+        return window
+
+    # -- flushing and health -----------------------------------------------------------------
+
+    async def _flush_loop(self) -> None:
+        last_stall_check = 0
+        while True:
+            await asyncio.sleep(self.flush_interval)
+            dirty, self._dirty = self._dirty, set()
+            for subscriber in dirty:
+                subscriber.wake_prices()
+                if len(subscriber.prices):  # some wait for their window: look again next time
+                    self._dirty.add(subscriber)
+            now = self._clock_ms()
+            if now - last_stall_check >= 10_000:
+                last_stall_check = now
+                self._check_stalls(now)
+
+    def _check_stalls(self, now_ms: int) -> None:
+        if not self.market_open(now_ms):
+            self._stalled = []
+            return
+        limit_ms = int(self.stall_after / timedelta(milliseconds=1))
+        stalled = []
+        for symbol in sorted(self._followers):
+            point = self.book.latest(symbol)
+            if point is None or now_ms - point.time_ms > limit_ms:
+                age = None if point is None else round((now_ms - point.time_ms) / 1000, 1)
+                stalled.append(StalledSymbol(symbol, age))
+        if stalled and not self._stalled:
+            log.warning(
+                "stalled feed: %d followed symbols have no price newer than %s during the session",
+                len(stalled),
+                self.stall_after,
+            )
+        self._stalled = stalled
+
+    def stalled(self, now_ms: int | None = None) -> list[StalledSymbol]:
+        """Followed symbols without a recent price during the session (the alert condition)."""
+        self._check_stalls(self._clock_ms() if now_ms is None else now_ms)
+        return list(self._stalled)
