@@ -47,6 +47,20 @@ class HybridClock:
     def now(self) -> str:
         return self.after(None)
 
+    def observe(self, seen: str) -> None:
+        """Remember a stamp read from a document: every stamp issued later will be higher.
+
+        This is the receive rule of a hybrid logical clock. Without it, a device whose wall clock
+        lags would stamp an edit made after reading a value *below* that value, and the edit it
+        just made would lose to what it saw.
+        """
+        try:
+            parsed = _parse(seen)
+        except (TypeError, ValueError):
+            return
+        if parsed > self._last:
+            self._last = parsed
+
     def after(self, seen: str | None) -> str:
         """A new stamp, higher than every stamp issued before and than ``seen``."""
         floor = max(self._last, _parse(seen)) if seen else self._last

@@ -16,6 +16,7 @@ __all__ = [
     "MAX_NAME_LENGTH",
     "MAX_NOTE_LENGTH",
     "decimal_to_str",
+    "is_symbol",
     "normalize_name",
     "normalize_note",
     "normalize_symbol",
@@ -33,6 +34,11 @@ _LETTER = re.compile(r"[A-Z]")
 # or price, and small enough that no arithmetic on them can overflow Decimal's precision.
 _MAX_INT_DIGITS = 18
 _MAX_FRAC_DIGITS = 12
+
+
+def is_symbol(text: str) -> bool:
+    """Whether ``text`` is already a canonical symbol (the cheap check for stored values)."""
+    return _SYMBOL.match(text) is not None and _LETTER.search(text) is not None
 
 
 def normalize_symbol(symbol: object) -> str:

@@ -15,7 +15,7 @@ from typing import Any
 
 from pycrdt import Map
 
-__all__ = ["LwwSlots", "LwwValue"]
+__all__ = ["LwwSlots", "LwwValue", "newest_stamp", "resolve_items"]
 
 _SEP = "\x1f"
 
@@ -49,6 +49,11 @@ class LwwSlots:
     def resolve(self) -> dict[str, dict[str, LwwValue]]:
         """entity -> field -> winning value, over every slot in the map."""
         return resolve_items(self._map.items())
+
+
+def newest_stamp(winners: dict[str, dict[str, LwwValue]]) -> str:
+    """The highest stamp among resolved slots ('' if none)."""
+    return max((v.stamp for fields in winners.values() for v in fields.values()), default="")
 
 
 def resolve_items(items: Iterable[tuple[str, Any]]) -> dict[str, dict[str, LwwValue]]:

@@ -8,8 +8,8 @@ Layout in the pycrdt document:
   concurrently on two devices are two keys and both count: positions are a fold over the ledger,
   so there is no read-modify-write to lose.
 - ``fields``: later-wins correction slots (see :mod:`.lww`), one per trade, field and device. A
-  correction made after another (by wall clock, or after seeing it) wins, whichever device has the
-  higher pycrdt client id.
+  correction made after another (by wall clock, or after seeing it: it is stamped above the slots
+  it saw) wins, whichever device has the higher pycrdt client id.
 - Deleting a trade deletes its key; a concurrent correction of a deleted trade is ignored.
 
 Positions use the average-cost method: a buy raises the quantity and re-averages the cost, a sale
@@ -20,6 +20,7 @@ a sale beyond the holding opens a short position at the sale price. Trades are f
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -32,9 +33,10 @@ from pycrdt import Doc, Map
 from foliosync.sync.clock import stamp_millis
 from foliosync.sync.errors import DocumentNotFound, InvalidNumber, ValidationError
 from foliosync.sync.model.document import DocumentKind, DocumentModel, EditContext
-from foliosync.sync.model.lww import LwwSlots
+from foliosync.sync.model.lww import LwwSlots, newest_stamp
 from foliosync.sync.validation import (
     decimal_to_str,
+    is_symbol,
     normalize_note,
     normalize_symbol,
     parse_price,
@@ -45,6 +47,7 @@ __all__ = ["CORRECTABLE_FIELDS", "Portfolio", "Position", "Trade", "compute_posi
 
 CORRECTABLE_FIELDS = ("symbol", "quantity", "price", "time", "note")
 _MAX_TIME_MS = 253402300799999  # 9999-12-31T23:59:59.999Z, well inside float64's exact range
+_PLAIN_DECIMAL = re.compile(r"^-?\d{1,18}(?:\.\d{1,12})?$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,13 +143,17 @@ class Portfolio(DocumentModel):
     def _read_ledger(self) -> dict[str, Trade]:
         corrections = self._fields.resolve()
         ledger: dict[str, Trade] = {}
+        newest = newest_stamp(corrections)
         for trade_id, raw in self._trades.items():
             trade = _decode_trade(trade_id, raw)
             if trade is None:
                 continue  # a record we cannot read is left alone, not guessed at
+            newest = max(newest, trade.recorded)
             for field, slot in corrections.get(trade_id, {}).items():
                 trade = _apply_correction(trade, field, slot.value)
             ledger[trade_id] = trade
+        # What this device writes next (a correction, say) must sort after all it has seen.
+        self.context.clock.observe(newest)
         return ledger
 
     def trades(self) -> list[Trade]:
@@ -196,7 +203,7 @@ class Portfolio(DocumentModel):
             "t": stamp,
             "by": self.context.device,
         }
-        ledger = dict(self._ledger())
+        ledger = self._ledger()  # patched in place: no copy of a 10,000-trade ledger per edit
         with self.doc.transaction():
             self._trades[trade_id] = record
         trade = Trade(trade_id, symbol, qty, px, _ms_to_datetime(at_ms), note, stamp)
@@ -218,7 +225,7 @@ class Portfolio(DocumentModel):
         updated = current
         for field, value in encoded.items():
             updated = _apply_correction(updated, field, value)
-        ledger = dict(self._ledger())
+        ledger = self._ledger()  # read (and so observed by the clock) before stamping
         device, clock = self.context.device, self.context.clock
         with self.doc.transaction():
             for field, value in encoded.items():
@@ -229,7 +236,7 @@ class Portfolio(DocumentModel):
 
     def delete_trade(self, trade_id: str) -> None:
         self.trade(trade_id)  # raises DocumentNotFound
-        ledger = dict(self._ledger())
+        ledger = self._ledger()
         with self.doc.transaction():
             del self._trades[trade_id]
             self._fields.clear(trade_id)
@@ -237,6 +244,7 @@ class Portfolio(DocumentModel):
         self._patch(ledger)
 
     def _patch(self, ledger: dict[str, Trade]) -> None:
+        """Adopt ``ledger`` (the cache, patched in place by a local edit) as current."""
         self._cache = ledger
         self._cache_version = self.version
         self._positions = None
@@ -257,21 +265,35 @@ def _encode_field(field: str, value: object) -> Any:
     return normalize_note(value)
 
 
+def _stored_decimal(text: Any) -> Decimal:
+    """A decimal as :func:`decimal_to_str` writes it, checked cheaply (ledgers are read whole)."""
+    if type(text) is not str or not _PLAIN_DECIMAL.match(text):
+        raise ValueError("not a stored decimal")
+    return Decimal(text)
+
+
 def _decode_trade(trade_id: str, raw: Any) -> Trade | None:
-    if not isinstance(raw, dict):
+    """A stored trade, or None for a record no foliosync wrote (left alone, not guessed at)."""
+    if type(raw) is not dict:
         return None
     try:
-        note = raw.get("note")
+        symbol, note, stamp = raw["symbol"], raw.get("note"), raw.get("t")
+        if type(symbol) is not str or not is_symbol(symbol):
+            return None
+        quantity = _stored_decimal(raw["qty"])
+        price = _stored_decimal(raw["price"])
+        if quantity == 0 or price < 0:
+            return None
         return Trade(
-            id=trade_id,
-            symbol=normalize_symbol(raw["symbol"]),
-            quantity=parse_quantity(raw["qty"]),
-            price=parse_price(raw["price"]),
-            time=_ms_to_datetime(int(raw["at"])),
-            note=note if isinstance(note, str) and note else None,
-            recorded=raw["t"] if isinstance(raw.get("t"), str) else "",
+            trade_id,
+            symbol,
+            quantity,
+            price,
+            _ms_to_datetime(int(raw["at"])),
+            note if type(note) is str and note else None,
+            stamp if type(stamp) is str else "",
         )
-    except (KeyError, TypeError, ValueError, OverflowError):
+    except (KeyError, TypeError, ValueError, OverflowError, OSError):
         return None
 
 

@@ -3,13 +3,17 @@
 Layout in the pycrdt document:
 
 - ``meta``: kind and name.
-- ``symbols``: symbol -> ``{"t": stamp}``. A map, so the same symbol added on two devices is one
-  key (one entry). Removing deletes the key; a concurrent add of the same symbol wins over the
-  removal (pycrdt map semantics), while a removal with no concurrent add is final.
+- ``symbols``: ``symbol/device`` -> ``{"t": stamp}``: one key per device that added the symbol, and
+  the symbol is in the list while any of its keys is. The same symbol added on two devices is one
+  entry. Removing deletes the keys the remover sees, so an add it has not seen (a concurrent one,
+  or one made after it offline) survives, while a removal with no concurrent add is final. Keys
+  are per device because pycrdt resolves concurrent writes of one key by client id, deleting the
+  loser: a shared key would let a removal of one device's add also take another's unseen add.
 - ``fields``: later-wins slots (see :mod:`.lww`) for each symbol's ``pos`` (a fractional order key)
   and ``note``. Order and notes are separate from membership, so a reorder on one device and an
   addition or a note on another never overwrite each other. Slots stamped before a symbol was
-  (re-)added are ignored, so a removed symbol that comes back starts clean.
+  (re-)added are ignored, so a removed symbol that comes back starts clean. Every write is stamped
+  after the slots it has seen, so an edit made after seeing another wins even on a slow clock.
 """
 
 from __future__ import annotations
@@ -22,11 +26,13 @@ from pycrdt import Doc, Map
 
 from foliosync.sync.errors import DocumentNotFound, ValidationError
 from foliosync.sync.model.document import DocumentKind, DocumentModel, EditContext
-from foliosync.sync.model.lww import LwwSlots, LwwValue
+from foliosync.sync.model.lww import LwwSlots, LwwValue, newest_stamp
 from foliosync.sync.ordering import is_valid_key, key_between
 from foliosync.sync.validation import normalize_note, normalize_symbol
 
 __all__ = ["Watchlist", "WatchlistEntry"]
+
+_KEY_SEP = "\x1f"
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,9 +65,19 @@ class Watchlist(DocumentModel):
 
     def _read_entries(self) -> dict[str, WatchlistEntry]:
         fields = self._fields.resolve()
+        # symbol -> its earliest surviving addition (one key per device that added it)
+        additions: dict[str, str] = {}
+        for key, raw in self._symbols.items():
+            symbol = key.partition(_KEY_SEP)[0]
+            stamp = raw.get("t", "") if isinstance(raw, dict) else ""
+            stamp = stamp if isinstance(stamp, str) else ""
+            if symbol not in additions or stamp < additions[symbol]:
+                additions[symbol] = stamp
+        # What this device writes next must sort after every stamp it has seen (the HLC rule),
+        # leftover slots of removed symbols included, so none of them comes back on a re-add.
+        self.context.clock.observe(max([newest_stamp(fields), *additions.values()], default=""))
         entries: dict[str, WatchlistEntry] = {}
-        for symbol, raw in self._symbols.items():
-            added = raw.get("t", "") if isinstance(raw, dict) else ""
+        for symbol, added in additions.items():
             slots = fields.get(symbol, {})
             pos = _newer(slots.get("pos"), added)
             note = _newer(slots.get("note"), added)
@@ -100,7 +116,7 @@ class Watchlist(DocumentModel):
         """
         wanted = _normalize_all(symbols)
         note = normalize_note(note)
-        entries = dict(self._entries())
+        entries = self._entries()  # patched in place below; read first, so the clock has seen it
         ordered = self.entries()
         last = next((e.position for e in reversed(ordered) if is_valid_key(e.position)), None)
         clock, device = self.context.clock, self.context.device
@@ -111,7 +127,7 @@ class Watchlist(DocumentModel):
                 if current is None:
                     stamp = clock.now()
                     last = key_between(last, None)
-                    self._symbols[symbol] = {"t": stamp}
+                    self._symbols[_member_key(symbol, device)] = {"t": stamp}
                     self._fields.write(symbol, "pos", device, stamp, last)
                     if note is not None:
                         self._fields.write(symbol, "note", device, stamp, note)
@@ -126,12 +142,15 @@ class Watchlist(DocumentModel):
     def remove(self, symbols: Iterable[str]) -> list[str]:
         """Remove the symbols that are present; returns those removed."""
         wanted = _normalize_all(symbols)
-        entries = dict(self._entries())
+        entries = self._entries()
         removed = [s for s in wanted if s in entries]
         if removed:
+            gone = set(removed)
+            keys = [k for k, _ in self._symbols.items() if k.partition(_KEY_SEP)[0] in gone]
             with self.doc.transaction():
+                for key in keys:
+                    del self._symbols[key]
                 for symbol in removed:
-                    del self._symbols[symbol]
                     self._fields.clear(symbol)
                     del entries[symbol]
             self._patch(entries)
@@ -140,12 +159,13 @@ class Watchlist(DocumentModel):
     def set_note(self, symbol: str, note: str | None) -> None:
         symbol = normalize_symbol(symbol)
         note = normalize_note(note)
-        entries = dict(self._entries())
+        entries = self._entries()
         current = entries.get(symbol)
         if current is None:
             raise DocumentNotFound(f"{symbol} is not in watchlist {self.name!r}")
+        stamp = self.context.clock.now()
         with self.doc.transaction():
-            self._fields.write(symbol, "note", self.context.device, self.context.clock.now(), note)
+            self._fields.write(symbol, "note", self.context.device, stamp, note)
         entries[symbol] = WatchlistEntry(symbol, note, current.position, current.added)
         self._patch(entries)
 
@@ -164,17 +184,22 @@ class Watchlist(DocumentModel):
         before = others[index - 1].position if index > 0 else None
         after = others[index].position if index < len(others) else None
         position = _key_between_lenient(before, after)
+        entries = self._entries()  # before the write, which makes the cache stale
+        stamp = self.context.clock.now()
         with self.doc.transaction():
-            stamp = self.context.clock.now()
             self._fields.write(symbol, "pos", self.context.device, stamp, position)
-        entries = dict(self._entries())
         entries[symbol] = WatchlistEntry(symbol, current.note, position, current.added)
         self._patch(entries)
 
     def _patch(self, entries: dict[str, WatchlistEntry]) -> None:
+        """Adopt ``entries`` (the cache, patched in place by a local edit) as current."""
         self._cache = entries
         self._cache_version = self.version
         self._ordered = None
+
+
+def _member_key(symbol: str, device: str) -> str:
+    return f"{symbol}{_KEY_SEP}{device}"
 
 
 def _newer(slot: LwwValue | None, added: str) -> Any:
