@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 
 from foliosync.client.cli_common import open_replica, print_json
 from foliosync.client.documents import PortfolioHandle
+from foliosync.client.quotes import Quote
 from foliosync.sync.errors import DocumentNotFound, ValidationError
-from foliosync.sync.model import DocumentKind, Trade
+from foliosync.sync.model import DocumentKind, Position, Trade
 from foliosync.sync.validation import decimal_to_str
 
 __all__ = ["register"]
@@ -126,20 +128,40 @@ async def _watchlist_show(args: argparse.Namespace) -> int:
     async with open_replica(args) as replica:
         handle = await replica.watchlist(args.name)
         entries = handle.entries()
+        now = datetime.now(tz=UTC)
+        quotes = {e.symbol: replica.quotes.get(e.symbol) for e in entries}
         data = {
             "id": handle.id,
             "name": handle.name,
             "symbols": [e.symbol for e in entries],
-            "entries": [{"symbol": e.symbol, "note": e.note} for e in entries],
+            "entries": [
+                {"symbol": e.symbol, "note": e.note, **_price_fields(quotes[e.symbol], now)}
+                for e in entries
+            ],
             "pending": handle.pending,
         }
     if args.json:
         print_json(data)
         return 0
     print(f"{data['name']}  ({len(entries)} symbols, {data['pending']} changes not yet synced)")
-    for entry in entries:
-        print(f"  {entry.symbol:<12}{entry.note or ''}".rstrip())
+    for entry in data["entries"]:
+        price = entry["price"] or ""
+        change = entry["change"] or ""
+        level = entry["freshness"] or ""
+        print(f"  {entry['symbol']:<10}{price:>12} {change:>10} {level:<9} {entry['note'] or ''}")
     return 0
+
+
+def _price_fields(quote: Quote | None, now: datetime) -> dict[str, object]:
+    if quote is None:
+        return {"price": None, "change": None, "price_time": None, "freshness": None}
+    shown = quote.to_json(now)
+    return {
+        "price": shown["price"],
+        "change": shown["change"],
+        "price_time": shown["time"],
+        "freshness": shown["freshness"],
+    }
 
 
 # -- portfolios ----------------------------------------------------------------------------
@@ -187,6 +209,23 @@ def _register_portfolio(subparsers: Any) -> None:
     show.add_argument("name")
     show.add_argument("--json", action="store_true", help="print JSON")
     show.set_defaults(handler=_portfolio_show)
+
+
+_CENT = Decimal("0.01")
+
+
+def _valuation(position: Position, quote: Quote | None, now: datetime) -> dict[str, object]:
+    """Market value and unrealized profit of a position at the last known price."""
+    fields = _price_fields(quote, now)
+    if quote is None:
+        return {**fields, "market_value": None, "unrealized": None}
+    value = position.quantity * quote.price
+    unrealized = (quote.price - position.average_cost) * position.quantity
+    return {
+        **fields,
+        "market_value": format(value.quantize(_CENT), "f"),
+        "unrealized": format(unrealized.quantize(_CENT), "f"),
+    }
 
 
 def _parse_time(text: str | None) -> datetime | None:
@@ -290,10 +329,15 @@ async def _portfolio_show(args: argparse.Namespace) -> int:
         handle = await replica.portfolio(args.name)
         positions = handle.positions()
         trades = handle.trades()
+        now = datetime.now(tz=UTC)
         data = {
             "id": handle.id,
             "name": handle.name,
-            "positions": {s: p.to_json() for s, p in positions.items() if p.quantity},
+            "positions": {
+                s: {**p.to_json(), **_valuation(p, replica.quotes.get(s), now)}
+                for s, p in positions.items()
+                if p.quantity
+            },
             "closed": {s: p.to_json() for s, p in positions.items() if not p.quantity},
             "trades": [t.to_json() for t in trades],
             "pending": handle.pending,
@@ -303,9 +347,12 @@ async def _portfolio_show(args: argparse.Namespace) -> int:
         return 0
     print(f"{data['name']}  ({len(trades)} trades, {data['pending']} changes not yet synced)")
     if data["positions"]:
-        print(f"  {'SYMBOL':<10}{'QTY':>14}{'AVG COST':>16}")
+        print(f"  {'SYMBOL':<10}{'QTY':>12}{'AVG COST':>14}{'PRICE':>12}{'VALUE':>14}  FRESHNESS")
         for symbol, pos in data["positions"].items():
-            print(f"  {symbol:<10}{pos['qty']:>14}{pos['avg_cost']:>16}")
+            print(
+                f"  {symbol:<10}{pos['qty']:>12}{pos['avg_cost']:>14}{pos['price'] or '-':>12}"
+                f"{pos['market_value'] or '-':>14}  {pos['freshness'] or 'no price yet'}"
+            )
     for trade in trades:
         t = trade.to_json()
         note = f"  {t['note']}" if t["note"] else ""

@@ -16,19 +16,22 @@ import contextlib
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from pycrdt import Doc, TransactionEvent, merge_updates
 
 from foliosync.client.documents import PortfolioHandle, WatchlistHandle
+from foliosync.client.quotes import Quote, QuoteBook
 from foliosync.client.store import DocumentRow, PendingUpdate, ReplicaStore
 from foliosync.sync.errors import (
     DocumentExists,
     DocumentNotFound,
+    FolioSyncError,
     ReplicaCorrupt,
     ValidationError,
 )
@@ -49,7 +52,8 @@ from foliosync.sync.model import (
     document_id,
     kind_of,
 )
-from foliosync.sync.validation import normalize_name
+from foliosync.sync.prices import PricePoint
+from foliosync.sync.validation import decimal_to_str, normalize_name
 
 __all__ = ["DocumentChange", "DocumentInfo", "Replica"]
 
@@ -59,6 +63,8 @@ R = TypeVar("R")
 # Fold the update log into the snapshot after this many rows or bytes of a document.
 COMPACT_AFTER_ROWS = 500
 COMPACT_AFTER_BYTES = 1 << 20
+# Write changed quotes to the file at most this often.
+QUOTE_FLUSH_SECONDS = 0.5
 # Merge a document's pending updates into one row past this many rows.
 MERGE_PENDING_AFTER = 200
 
@@ -132,6 +138,11 @@ class Replica:
         self._listeners: list[Callable[[DocumentChange], None]] = []
         self._background: set[asyncio.Task[None]] = set()
         self._closed = False
+        self.quotes = QuoteBook(())
+        """The last known price of each symbol (kept in the replica file)."""
+        self._dirty_quotes: dict[str, Quote] = {}
+        self._quote_flush: asyncio.Task[None] | None = None
+        self._store_closed = False
 
     # -- life cycle --------------------------------------------------------------------------
 
@@ -155,6 +166,7 @@ class Replica:
                 await store.set_meta(meta)
             rows = await store.documents()
             replica = cls(store, meta, rows)
+            replica.quotes = QuoteBook(_quotes_from_rows(await store.load_quotes()))
             replica._pending = await store.pending_counts()
             if INDEX_DOCUMENT_ID not in replica._rows:
                 await replica._insert_row(INDEX_DOCUMENT_ID, DocumentKind.INDEX, "", [])
@@ -171,6 +183,12 @@ class Replica:
         for task in list(self._background):
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if self._quote_flush is not None and not self._quote_flush.done():
+            self._quote_flush.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._quote_flush
+        await self._flush_quotes(delay=0)
+        self._store_closed = True
         for loaded in self._loaded.values():
             loaded.model.close()
         self._loaded.clear()
@@ -416,6 +434,19 @@ class Replica:
             if doc_id in self._rows:
                 self._rows[doc_id] = _replace_row(self._rows[doc_id], last_synced_at=at)
 
+    async def record_watermark(self, doc_id: str, changed_at: int, changed_by: str) -> None:
+        """Note the relay's last change of a document (e.g. our own, just acknowledged)."""
+        async with self._lock:
+            self._check_open()
+            if doc_id not in self._rows:
+                return
+            await self._store.update_sync_info(
+                doc_id, remote_changed_at=changed_at, remote_changed_by=changed_by
+            )
+            self._rows[doc_id] = _replace_row(
+                self._rows[doc_id], remote_changed_at=changed_at, remote_changed_by=changed_by
+            )
+
     async def ensure_document(self, doc_id: str) -> None:
         """Make an (empty) local copy of a document the relay told us about."""
         kind = kind_of(doc_id)
@@ -423,6 +454,56 @@ class Replica:
             self._check_open()
             if doc_id not in self._rows:
                 await self._insert_row(doc_id, kind, "", [])
+
+    # -- prices ------------------------------------------------------------------------------
+
+    async def apply_prices(
+        self, points: Iterable[PricePoint], *, snapshot: bool = False
+    ) -> list[Quote]:
+        """Keep prices from the relay (newest wins); listeners of ``quotes`` hear at once.
+
+        Quotes reach the file in the background, coalesced (at most every
+        ``QUOTE_FLUSH_SECONDS`` and on close): a sync connection must read its next frame, which
+        may be an acknowledgement, rather than wait for a disk write per price batch. A quote lost
+        to a crash is only a cache entry; the relay sends the latest again on the next subscribe.
+        """
+        self._check_open()
+        changed = self.quotes.merge(points, snapshot=snapshot)
+        if changed:
+            self._dirty_quotes.update((q.symbol, q) for q in changed)
+            if self._quote_flush is None or self._quote_flush.done():
+                self._quote_flush = asyncio.get_running_loop().create_task(self._flush_quotes())
+            self.quotes.notify(changed)
+        return changed
+
+    async def _flush_quotes(self, delay: float | None = None) -> None:
+        await asyncio.sleep(QUOTE_FLUSH_SECONDS if delay is None else delay)
+        dirty, self._dirty_quotes = self._dirty_quotes, {}
+        if not dirty or self._store_closed:
+            return
+        await self._store.save_quotes(
+            [
+                (
+                    q.symbol,
+                    decimal_to_str(q.price),
+                    q.time_ms,
+                    q.seq,
+                    None if q.previous_close is None else decimal_to_str(q.previous_close),
+                )
+                for q in dirty.values()
+            ]
+        )
+
+    async def followed_symbols(self) -> set[str]:
+        """The symbols of every watchlist and every open position: what this device follows."""
+        symbols: set[str] = set()
+        for info in self.documents():
+            if info.kind is DocumentKind.WATCHLIST:
+                symbols.update((await self.watchlist(info.id)).symbols)
+            elif info.kind is DocumentKind.PORTFOLIO:
+                positions = (await self.portfolio(info.id)).positions()
+                symbols.update(s for s, p in positions.items() if p.quantity)
+        return symbols
 
     # -- notifications -----------------------------------------------------------------------
 
@@ -572,11 +653,26 @@ class Replica:
         return loaded
 
     async def _reload(self, doc_id: str) -> None:
-        """Forget the in-memory document; the next use reads it back from the file."""
+        """Drop what memory holds beyond the file: read the document back from it.
+
+        The model object survives, rebound to the document read back, so that the handles an
+        app holds keep working and show what the file holds, not the change that failed.
+        """
         loaded = self._loaded.pop(doc_id, None)
-        if loaded is not None:
-            loaded.model.doc.unobserve(loaded.subscription)
-            loaded.model.close()
+        if loaded is None:
+            return
+        model = loaded.model
+        model.doc.unobserve(loaded.subscription)
+        model.close()
+        try:
+            fresh = await self._load(doc_id)
+        except FolioSyncError:
+            return  # not readable now: the next use of the document tries again
+        fresh.model.doc.unobserve(fresh.subscription)
+        fresh.model.close()
+        type(model).__init__(model, fresh.model.doc, self._context)
+        fresh.model = model
+        self._watch(fresh)
 
     async def _apply_local(self, doc_id: str, loaded: _Loaded, change: Callable[[Any], R]) -> R:
         captured: list[bytes] = []
@@ -643,6 +739,17 @@ class Replica:
             elif not self._rows[entry.id].name:
                 self._rows[entry.id] = _replace_row(self._rows[entry.id], name=entry.name)
                 await self._store.rename(entry.id, entry.name)
+
+
+def _quotes_from_rows(rows: list[tuple[str, str, int, int, str | None]]) -> list[Quote]:
+    quotes = []
+    for symbol, price, time_ms, seq, previous in rows:
+        try:
+            close = None if previous is None else Decimal(previous)
+            quotes.append(Quote(symbol, Decimal(price), time_ms, seq, close))
+        except (ArithmeticError, ValueError):
+            continue  # a damaged row is dropped: the relay sends the price again
+    return quotes
 
 
 def _replace_row(row: DocumentRow, **changes: Any) -> DocumentRow:

@@ -5,14 +5,16 @@ file of another program is recognised and never written to):
 
 - ``meta``: device id, pycrdt client id, the relay's address and token after a successful sync.
 - ``documents``: one row per document: kind, name (so that listing needs no CRDT load), the
-  compacted state, and sync bookkeeping (last confirmed in sync, the relay's watermark).
+  compacted state and the last update seq it covers (``base_seq``), and sync bookkeeping (last
+  confirmed in sync, the relay's watermark).
+- ``quotes``: the last price of each symbol seen from the relay (not CRDT data: newest wins).
 - ``updates``: every delta since the last compaction, local and remote, in order. ``pending``
   rows are local changes the relay has not acknowledged; ``changes`` counts the user edits a row
   holds (merged rows hold many). A local edit is ONE insert, committed before the edit returns.
 
 Compaction writes the in-memory document as the new state and deletes the acknowledged rows it
-covers; pending rows stay (re-applying an update is a no-op) until the relay acks them, and long
-runs of them are merged into one row. The file is opened with an exclusive lock: two processes
+covers; pending rows stay until the relay acks them (loading skips them: the state has them), and
+long runs of them are merged into one row. The file is opened with an exclusive lock: two processes
 writing as the same device would fork its history.
 """
 
@@ -38,7 +40,7 @@ from foliosync.sync.errors import (
 __all__ = ["APPLICATION_ID", "SCHEMA_VERSION", "DocumentRow", "PendingUpdate", "ReplicaStore"]
 
 APPLICATION_ID = 0x466F6C53  # "FolS"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -47,6 +49,7 @@ CREATE TABLE documents (
     kind TEXT NOT NULL,
     name TEXT NOT NULL,
     state BLOB NOT NULL,
+    base_seq INTEGER NOT NULL DEFAULT 0,
     created_at INTEGER NOT NULL,
     last_synced_at INTEGER,
     remote_changed_at INTEGER,
@@ -60,7 +63,24 @@ CREATE TABLE updates (
     changes INTEGER NOT NULL
 );
 CREATE INDEX updates_by_doc ON updates (doc_id, seq);
+CREATE TABLE quotes (
+    symbol TEXT PRIMARY KEY,
+    price TEXT NOT NULL,
+    time_ms INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    previous_close TEXT
+);
 """
+
+# Upgrades, by the version they start from; each runs in the transaction that opens the file.
+_MIGRATIONS: dict[int, list[str]] = {
+    # 1 -> 2: the snapshot's covered seq (loading skips those rows), and the quotes table.
+    1: [
+        "ALTER TABLE documents ADD COLUMN base_seq INTEGER NOT NULL DEFAULT 0",
+        "CREATE TABLE IF NOT EXISTS quotes (symbol TEXT PRIMARY KEY, price TEXT NOT NULL, "
+        "time_ms INTEGER NOT NULL, seq INTEGER NOT NULL, previous_close TEXT)",
+    ],
+}
 
 T = TypeVar("T")
 
@@ -158,12 +178,26 @@ class ReplicaStore:
                     f"PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
                 )
             else:
+                await self._migrate(version)
                 await self._conn.execute("COMMIT")
             await self._conn.execute("PRAGMA busy_timeout = 5000")
             if app_id != 0:
                 await self._scalar("SELECT count(*) FROM documents")  # a damaged file fails here
         except sqlite3.Error as exc:
             raise _translate(exc, self.path) from exc
+
+    async def _migrate(self, version: int) -> None:
+        """Bring a replica of an older schema up to date (inside the opening transaction)."""
+        for start in range(version, SCHEMA_VERSION):
+            for sql in _MIGRATIONS.get(start, []):
+                if sql.startswith("ALTER TABLE documents ADD COLUMN base_seq"):
+                    async with self._conn.execute("PRAGMA table_info(documents)") as cursor:
+                        columns = [row[1] async for row in cursor]
+                    if "base_seq" in columns:
+                        continue
+                await self._conn.execute(sql)
+        if version < SCHEMA_VERSION:
+            await self._conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     async def close(self) -> None:
         await self._conn.close()
@@ -253,16 +287,18 @@ class ReplicaStore:
 
         async def run() -> tuple[bytes, list[bytes], int] | None:
             async with self._conn.execute(
-                "SELECT state FROM documents WHERE id = ?", (doc_id,)
+                "SELECT state, base_seq FROM documents WHERE id = ?", (doc_id,)
             ) as cursor:
                 row = await cursor.fetchone()
             if row is None:
                 return None
+            base_seq = int(row[1])
             async with self._conn.execute(
-                "SELECT seq, data FROM updates WHERE doc_id = ? ORDER BY seq", (doc_id,)
+                "SELECT seq, data FROM updates WHERE doc_id = ? AND seq > ? ORDER BY seq",
+                (doc_id, base_seq),
             ) as cursor:
                 rows = [(int(s), bytes(d)) async for s, d in cursor]
-            return bytes(row[0]), [d for _, d in rows], max((s for s, _ in rows), default=0)
+            return bytes(row[0]), [d for _, d in rows], max((s for s, _ in rows), default=base_seq)
 
         return await self._guard(run)
 
@@ -316,7 +352,10 @@ class ReplicaStore:
         """Make ``state`` (which covers every update up to ``up_to_seq``) the document's base."""
         await self._transaction(
             [
-                ("UPDATE documents SET state = ? WHERE id = ?", (state, doc_id)),
+                (
+                    "UPDATE documents SET state = ?, base_seq = ? WHERE id = ?",
+                    (state, up_to_seq, doc_id),
+                ),
                 (
                     "DELETE FROM updates WHERE doc_id = ? AND seq <= ? AND pending = 0",
                     (doc_id, up_to_seq),
@@ -325,25 +364,28 @@ class ReplicaStore:
         )
 
     async def replace_pending(self, doc_id: str, old: list[PendingUpdate], merged: bytes) -> int:
-        """Swap pending rows for one merged row holding all their changes; returns its seq."""
+        """Swap pending rows for one merged row holding all their changes; returns its seq.
+
+        The merged row takes the highest seq of the rows it replaces, so that acknowledging the
+        seqs a sync connection read before the merge still settles them.
+        """
+        seq = max(p.seq for p in old)
 
         async def run() -> int:
             await self._conn.execute("BEGIN IMMEDIATE")
             try:
-                cursor = await self._conn.execute(
-                    "INSERT INTO updates (doc_id, data, pending, changes) VALUES (?, ?, 1, ?)",
-                    (doc_id, merged, sum(p.changes for p in old)),
-                )
-                seq = cursor.lastrowid
-                await cursor.close()
                 await self._conn.executemany(
                     "DELETE FROM updates WHERE seq = ? AND pending = 1", [(p.seq,) for p in old]
+                )
+                await self._conn.execute(
+                    "INSERT INTO updates (seq, doc_id, data, pending, changes) "
+                    "VALUES (?, ?, ?, 1, ?)",
+                    (seq, doc_id, merged, sum(p.changes for p in old)),
                 )
                 await self._conn.execute("COMMIT")
             except BaseException:
                 await self._conn.execute("ROLLBACK")
                 raise
-            assert seq is not None
             return seq
 
         return await self._guard(run)
@@ -371,6 +413,32 @@ class ReplicaStore:
                     f"UPDATE documents SET {', '.join(sets)} WHERE id = ?", (*params, doc_id)
                 )
             )
+
+    # -- quotes ------------------------------------------------------------------------------
+
+    async def load_quotes(self) -> list[tuple[str, str, int, int, str | None]]:
+        async def run() -> list[tuple[str, str, int, int, str | None]]:
+            sql = "SELECT symbol, price, time_ms, seq, previous_close FROM quotes"
+            async with self._conn.execute(sql) as cursor:
+                return [(str(a), str(b), int(c), int(d), e) async for a, b, c, d, e in cursor]
+
+        return await self._guard(run)
+
+    async def save_quotes(self, rows: list[tuple[str, str, int, int, str | None]]) -> None:
+        async def run() -> None:
+            await self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                await self._conn.executemany(
+                    "INSERT OR REPLACE INTO quotes (symbol, price, time_ms, seq, previous_close) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    rows,
+                )
+                await self._conn.execute("COMMIT")
+            except BaseException:
+                await self._conn.execute("ROLLBACK")
+                raise
+
+        await self._guard(run)
 
     async def set_size_limit(self, max_pages: int) -> None:
         """Cap the file at ``max_pages`` pages (used to exercise the disk-full path)."""

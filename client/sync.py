@@ -22,7 +22,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -40,17 +40,20 @@ from foliosync.sync.errors import (
     ValidationError,
 )
 from foliosync.sync.freshness import Freshness, document_freshness
-from foliosync.sync.model import INDEX_DOCUMENT_ID
+from foliosync.sync.model import INDEX_DOCUMENT_ID, DocumentKind
+from foliosync.sync.prices import PricePoint, SequenceTracker
 from foliosync.sync.protocol import (
     Acked,
     ClientSession,
     ErrorCode,
     ErrorReceived,
     PingReceived,
+    PricesReceived,
     SyncReplied,
     UpdateReceived,
     Welcomed,
 )
+from foliosync.sync.validation import normalize_symbol
 
 __all__ = ["Backoff", "SyncClient", "SyncStatus"]
 
@@ -141,6 +144,8 @@ class SyncClient:
         self._idle = asyncio.Event()
         self._stopping = False
         self._listeners: list[Callable[[bool], None]] = []
+        self.extra_symbols: set[str] = set()
+        self._connection: _Connection | None = None
 
     # -- status ------------------------------------------------------------------------------
 
@@ -172,6 +177,17 @@ class SyncClient:
         if synced is not None and synced > now:
             synced = now
         return document_freshness(synced, now, status.pending)
+
+    def follow(self, symbols: Iterable[str]) -> None:
+        """Also follow these symbols' prices (besides those of watchlists and positions)."""
+        self.extra_symbols.update(normalize_symbol(s) for s in symbols)
+        if self._connection is not None:
+            self._connection.refresh_subscription()
+
+    def unfollow(self, symbols: Iterable[str]) -> None:
+        self.extra_symbols.difference_update(normalize_symbol(s) for s in symbols)
+        if self._connection is not None:
+            self._connection.refresh_subscription()
 
     def on_connection_change(self, listener: Callable[[bool], None]) -> None:
         """Call ``listener(connected)`` whenever the connection comes up or goes down."""
@@ -248,7 +264,11 @@ class SyncClient:
                 except (aiohttp.ClientError, OSError, TimeoutError) as exc:
                     raise ConnectionLost(f"cannot reach the relay at {self.url}: {exc}") from exc
                 async with ws:
-                    await _Connection(self, ws, until_idle).serve()
+                    self._connection = _Connection(self, ws, until_idle)
+                    try:
+                        await self._connection.serve()
+                    finally:
+                        self._connection = None
         finally:
             self._set_connected(False)
             self._idle.clear()
@@ -278,6 +298,9 @@ class _Connection:
         self.requested: set[str] = set()
         self.in_flight: dict[str, int] = {}  # doc -> highest seq sent and not yet acked
         self.sent_upto: dict[str, int] = {}
+        self.subscribed: frozenset[str] | None = None
+        self.price_seqs = SequenceTracker()
+        self._subscription_task: asyncio.Task[None] | None = None
 
     async def serve(self) -> None:
         writer = asyncio.get_running_loop().create_task(self._write_loop())
@@ -338,6 +361,8 @@ class _Connection:
             await self._on_sync_reply(event)
         elif isinstance(event, Welcomed):
             await self._on_welcome(event)
+        elif isinstance(event, PricesReceived):
+            await self._on_prices(event)
         elif isinstance(event, ErrorReceived):
             self._on_error(event)
         elif isinstance(event, PingReceived):
@@ -351,6 +376,46 @@ class _Connection:
             with contextlib.suppress(ValidationError):
                 await self.replica.ensure_document(doc_id)
         await self._request_new_documents()
+        if not self.until_idle:  # a one-shot sync of documents needs no prices
+            await self._update_subscription()
+
+    # -- prices ------------------------------------------------------------------------------
+
+    def refresh_subscription(self) -> None:
+        """Re-check the followed symbols soon (after a burst of edits, once)."""
+        if self.until_idle or self.session.closed:
+            return
+        if self._subscription_task is None or self._subscription_task.done():
+            self._subscription_task = asyncio.get_running_loop().create_task(
+                self._update_subscription(delay=0.05)
+            )
+
+    async def _update_subscription(self, delay: float = 0.0) -> None:
+        if delay:
+            await asyncio.sleep(delay)
+        wanted = frozenset(await self.replica.followed_symbols() | self.client.extra_symbols)
+        if wanted != self.subscribed and not self.session.closed:
+            self.subscribed = wanted
+            self.price_seqs.reset()
+            self._send(self.session.subscribe(sorted(wanted)))
+
+    async def _on_prices(self, event: PricesReceived) -> None:
+        points: list[PricePoint] = []
+        regressed: list[str] = []
+        for item in event.ticks:
+            try:
+                point = PricePoint.from_wire(item)
+            except ValidationError:
+                log.warning("ignoring a malformed price from the relay: %.80r", item)
+                continue
+            if self.price_seqs.accept(point, snapshot=event.snapshot):
+                points.append(point)
+            else:
+                regressed.append(point.symbol)
+        if regressed:  # the relay's numbers went back (it restarted): trust a fresh snapshot
+            self._send(self.session.resync(sorted(set(regressed))))
+        if points:
+            await self.replica.apply_prices(points, snapshot=event.snapshot)
 
     async def _request_new_documents(self) -> None:
         for doc_id in self.replica.document_ids():
@@ -392,6 +457,8 @@ class _Connection:
 
     async def _on_ack(self, event: Acked) -> None:
         await self.replica.acknowledge(event.doc, event.seq)
+        if self.client.device:  # the relay's newest change of it is now ours
+            await self.replica.record_watermark(event.doc, _now_ms(), self.client.device)
         if self.in_flight.get(event.doc, 0) <= event.seq:
             self.in_flight.pop(event.doc, None)
             await self._settled(event.doc)
@@ -427,6 +494,8 @@ class _Connection:
 
     def _on_local_change(self, change: DocumentChange) -> None:
         doc = change.doc_id
+        if change.kind is not DocumentKind.INDEX:
+            self.refresh_subscription()
         if change.origin != "local" or doc not in self.client._live or self.session.closed:
             return
         if not change.update:  # several rows at once (a new document): read what is unsent

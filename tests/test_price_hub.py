@@ -1,0 +1,101 @@
+"""The relay's price hub: conflated delivery to subscribers and the stalled-feed alert."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+from foliosync.server.prices import PriceHub
+from foliosync.sync.prices import Tick, TickConflator
+
+# Tuesday 2026-11-24 15:00 New York (20:00 UTC): in session. Saturday 2026-11-28: closed.
+IN_SESSION = int(datetime(2026, 11, 24, 20, 0, tzinfo=UTC).timestamp() * 1000)
+SATURDAY = int(datetime(2026, 11, 28, 17, 0, tzinfo=UTC).timestamp() * 1000)
+MINUTE = 60_000
+
+
+class Subscriber:
+    def __init__(self, hub: PriceHub) -> None:
+        self.prices = TickConflator(hub.window_ms)
+        self.woken = 0
+
+    def wake_prices(self) -> None:
+        self.woken += 1
+
+
+def tick(symbol: str, price: str, at: int) -> Tick:
+    return Tick(symbol, Decimal(price), at)
+
+
+def test_a_followed_symbol_without_a_recent_price_in_session_raises_the_alert() -> None:
+    now = [IN_SESSION]
+    hub = PriceHub(clock_ms=lambda: now[0], stall_after=timedelta(minutes=5))
+    subscriber = Subscriber(hub)
+    hub.subscribe(subscriber, ["AAPL", "MSFT"])
+    hub.publish([tick("AAPL", "100", IN_SESSION - 10 * MINUTE)])
+    hub.publish([tick("MSFT", "300", IN_SESSION - 1 * MINUTE)])
+
+    stalled = {s.symbol: s.age_s for s in hub.stalled()}
+    assert stalled == {"AAPL": 600.0}
+
+    hub.publish([tick("AAPL", "101", IN_SESSION)])
+    assert hub.stalled() == []
+
+
+def test_a_followed_symbol_that_never_had_a_price_is_stalled_too() -> None:
+    hub = PriceHub(clock_ms=lambda: IN_SESSION)
+    hub.subscribe(Subscriber(hub), ["NEWCO"])
+    assert [(s.symbol, s.age_s) for s in hub.stalled()] == [("NEWCO", None)]
+
+
+def test_no_alert_while_the_market_is_closed() -> None:
+    hub = PriceHub(clock_ms=lambda: SATURDAY)
+    hub.subscribe(Subscriber(hub), ["AAPL"])
+    hub.publish([tick("AAPL", "100", SATURDAY - 24 * 60 * MINUTE)])
+    assert hub.stalled() == []
+
+
+def test_symbols_nobody_follows_never_alert() -> None:
+    hub = PriceHub(clock_ms=lambda: IN_SESSION)
+    hub.publish([tick("AAPL", "100", IN_SESSION - 60 * MINUTE)])
+    assert hub.stalled() == []
+
+
+def test_subscribers_get_only_their_symbols_and_a_snapshot_of_new_ones() -> None:
+    hub = PriceHub(clock_ms=lambda: IN_SESSION, window_override_ms=0)
+    hub.publish([tick("AAPL", "100", IN_SESSION - 1000)])
+    a, b = Subscriber(hub), Subscriber(hub)
+    snapshot = hub.subscribe(a, ["AAPL", "MSFT"])
+    assert [(p.symbol, p.price) for p in snapshot] == [("AAPL", Decimal("100"))]
+    assert hub.subscribe(a, ["AAPL", "MSFT"]) == []  # nothing new: no snapshot again
+    hub.subscribe(b, ["MSFT"])
+
+    hub.publish([tick("AAPL", "101", IN_SESSION), tick("MSFT", "300", IN_SESSION)])
+    assert sorted(p.symbol for p in a.prices.due(IN_SESSION)) == ["AAPL", "MSFT"]
+    assert [p.symbol for p in b.prices.due(IN_SESSION)] == ["MSFT"]
+
+    hub.unsubscribe(a)
+    hub.publish([tick("AAPL", "102", IN_SESSION + 1)])
+    assert len(a.prices) == 0
+    assert hub.subscribed_symbols() == {"MSFT"}
+
+
+def test_push_windows_follow_the_policy_and_conflate_to_the_newest_price() -> None:
+    now = [IN_SESSION]
+    hub = PriceHub(clock_ms=lambda: now[0])
+    subscriber = Subscriber(hub)
+    hub.subscribe(subscriber, ["AAPL"])
+    assert hub.window_ms("AAPL") == 1000  # in session, not volatile: the policy's default
+
+    hub.publish([tick("AAPL", "100.00", now[0])])
+    assert [p.price for p in subscriber.prices.due(now[0])] == [Decimal("100.00")]
+    for cents in range(1, 50):  # 49 ticks inside one window
+        hub.publish([tick("AAPL", f"100.{cents:02d}", now[0] + cents)])
+    assert subscriber.prices.due(now[0] + 500) == []  # the window is still open
+    due = subscriber.prices.due(now[0] + 1000)
+    assert [p.price for p in due] == [Decimal("100.49")]  # one price: the newest
+    assert len(subscriber.prices) == 0
+
+    now[0] = SATURDAY
+    hub._windows.clear()
+    assert hub.window_ms("AAPL") == 5000  # market closed
