@@ -10,15 +10,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import inspect
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from foliosync.sync.errors import FolioSyncError
 
-__all__ = ["EXIT_ERROR", "EXIT_USAGE", "build_parser", "main"]
+__all__ = ["EXIT_ERROR", "EXIT_INTERNAL", "EXIT_USAGE", "build_parser", "main"]
 
 EXIT_ERROR = 1
+EXIT_INTERNAL = 70  # EX_SOFTWARE
 EXIT_USAGE = 2
 
 
@@ -28,6 +30,8 @@ def _registrars() -> list[Callable[[Any], None]]:
     from foliosync.client import (
         commands_documents,
         commands_market,
+        commands_prices,
+        commands_quotes,
         commands_relay,
         commands_sync,
     )
@@ -36,6 +40,8 @@ def _registrars() -> list[Callable[[Any], None]]:
         commands_documents.register,
         commands_market.register,
         commands_sync.register,
+        commands_quotes.register,
+        commands_prices.register,
         commands_relay.register,
     ]
     return registrars
@@ -73,6 +79,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_ERROR
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:  # a bug: still one clear line, the traceback on request
+        if os.environ.get("FOLIOSYNC_DEBUG"):
+            raise
+        print(
+            f"foliosync: internal error: {type(exc).__name__}: {exc} "
+            "(set FOLIOSYNC_DEBUG=1 for details)",
+            file=sys.stderr,
+        )
+        return EXIT_INTERNAL
     return int(result or 0)
 
 

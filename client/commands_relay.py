@@ -58,6 +58,14 @@ def register(subparsers: Any) -> None:
         metavar="N",
         help="documents synced at once after connects (default 32)",
     )
+    relay.add_argument(
+        "--feed",
+        default="sim",
+        metavar="SPEC",
+        help="price source: sim (simulated prices in market hours, the default), sim:always "
+        "(also outside them), csv:PATH[@SPEED] (replay a recorded file; @10 ten times faster, "
+        "@max as fast as possible), or none (only what publishers send)",
+    )
     relay.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
     relay.set_defaults(handler=_run_relay)
 
@@ -105,6 +113,7 @@ def _run_relay(args: argparse.Namespace) -> int:
         durability=args.durability,
         max_hot_documents=args.max_hot_documents,
         max_initial_syncs=args.max_initial_syncs,
+        feed=args.feed,
     )
     print(f"foliosync relay on ws://{args.host}:{args.port}/ws, data in {data_dir}", flush=True)
     web.run_app(

@@ -72,6 +72,8 @@ class PriceHub:
         window_override_ms: int | None = None,
     ) -> None:
         self.book = PriceBook()
+        self.epoch = clock_ms()
+        """Names this run of the hub: HTTP cursors carry it, so old ones are recognised."""
         self.policy = policy
         self.calendar = calendar
         self.flush_interval = flush_interval

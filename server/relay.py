@@ -30,6 +30,8 @@ from aiohttp import WSMsgType, web
 from foliosync.server.auth import Identity, load_or_create_secret, verify_token
 from foliosync.server.documents import BadUpdate, RelayDocuments
 from foliosync.server.fanout import Change, FanOut, InProcessFanOut, Subscription
+from foliosync.server.feeds import start_feed
+from foliosync.server.http_prices import add_price_routes
 from foliosync.server.prices import PriceHub
 from foliosync.server.storage import RelayStore, RelayStoreError, SQLiteRelayStore
 from foliosync.sync.errors import AuthError, RemoteProtocolError, ValidationError
@@ -125,6 +127,18 @@ class Relay:
                 "connections": len(self.connections),
                 "hot_documents": self.documents.hot_count,
                 "uptime_s": round(time.monotonic() - self.started, 1),
+                "prices": {
+                    "symbols": len(self.prices.book),
+                    "followed": len(self.prices.subscribed_symbols()),
+                    "subscribers": self.prices.subscriber_count,
+                    "ticks_in": self.prices.ticks_in,
+                    "market_open": self.prices.market_open(),
+                },
+                # The alert condition: followed symbols without a price for too long in session.
+                "alerts": [
+                    {"kind": "stalled_feed", **stalled.to_json()}
+                    for stalled in self.prices.stalled()
+                ],
             }
         )
 
@@ -379,6 +393,14 @@ class Connection:
         return list(valid)
 
     def _on_subscribe(self, event: SubscribeRequested) -> None:
+        assert self.identity is not None
+        if "sync" not in self.identity.scopes:
+            self._send(
+                self.session.error(
+                    ErrorCode.FORBIDDEN, "this token may not follow prices", doc="prices"
+                )
+            )
+            return
         symbols = self._valid_symbols(event.symbols)[: self.relay.config.max_symbols]
         snapshot = self.relay.prices.subscribe(self, symbols)
         self._send(self.session.send(PriceSnapshot(tuple(p.to_wire() for p in snapshot))))
@@ -427,7 +449,14 @@ def create_app(
         relay = Relay(config, relay_store, fanout or InProcessFanOut(), secret)
         app[RelayKey] = relay
         relay.prices.start()
+        try:
+            feed = start_feed(config.feed, relay.prices)
+        except BaseException:  # a bad --feed: release the store, or its thread keeps us alive
+            await relay.close()
+            raise
         yield
+        if feed is not None:
+            await feed.close()
         await relay.close()
 
     async def close_connections(app: web.Application) -> None:
@@ -447,4 +476,5 @@ def create_app(
     app.on_shutdown.append(close_connections)
     app.router.add_get("/ws", ws)
     app.router.add_get("/healthz", health)
+    add_price_routes(app)
     return app

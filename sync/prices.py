@@ -35,6 +35,7 @@ __all__ = [
 MAX_FUTURE_MS = 60_000
 """A tick stamped further than this in the future is refused: a clock that is off, not a price."""
 _MAX_PRICE = Decimal("1e12")
+_MAX_TEXT = 40  # the longest decimal text a price frame carries
 _TICK_FIELDS = frozenset({"symbol", "price", "timestamp", "time_ms", "size"})
 _PLAIN = re.compile(r"^\d{1,13}(?:\.\d{1,10})?$")
 
@@ -110,6 +111,13 @@ def _decimal(value: object, what: str) -> Decimal:
         raise TickRejected(f"{what} must be finite")
     if number >= _MAX_PRICE:
         raise TickRejected(f"{what} {value} is implausibly large")
+    exponent = number.normalize().as_tuple().exponent
+    if isinstance(exponent, int) and (
+        exponent < -_MAX_TEXT or len(decimal_to_str(number)) > _MAX_TEXT
+    ):
+        # 1e-999999 is finite and small, but its decimal text is a million digits long: more
+        # than the price frames carry (the relay could not send it to any subscriber).
+        raise TickRejected(f"{what} {value} has too many digits")
     return number
 
 
