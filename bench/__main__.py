@@ -26,6 +26,7 @@ from bench.table import Table
 # name -> module; one line per benchmark.
 BENCHMARKS: dict[str, str] = {
     "replica": "bench.replica",
+    "relay": "bench.relay",
 }
 
 

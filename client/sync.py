@@ -71,7 +71,7 @@ def _now_ms() -> int:
 class Backoff:
     """Exponential backoff with full jitter: delay = uniform(0, min(cap, base * 2**attempt))."""
 
-    base: float = 0.5
+    base: float = 0.25
     cap: float = 30.0
     attempt: int = 0
     rng: random.Random = field(default_factory=random.Random)
@@ -312,6 +312,10 @@ class _Connection:
             pass
         finally:
             unsubscribe()
+            if self._subscription_task is not None and not self._subscription_task.done():
+                self._subscription_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, FolioSyncError):
+                    await self._subscription_task
             self.outbox.put_nowait(None)
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(writer, 5)

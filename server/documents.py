@@ -118,13 +118,15 @@ class RelayDocuments:
         return hot
 
     def _evict(self) -> None:
-        if len(self._hot) <= self._max_hot:
-            return
-        for key in list(self._hot):
-            if len(self._hot) <= self._max_hot:
-                break
-            if self._hot[key].in_flight == 0:
-                del self._hot[key]
+        """Drop least recently used documents past the bound (not those being stored)."""
+        busy: list[tuple[tuple[str, str], _Hot]] = []
+        while len(self._hot) > self._max_hot:
+            key, hot = self._hot.popitem(last=False)
+            if hot.in_flight:
+                busy.append((key, hot))
+        for key, hot in busy:  # kept, at the cold end, until their appends return
+            self._hot[key] = hot
+            self._hot.move_to_end(key, last=False)
 
     async def state(
         self, user: str, doc_id: str, state_vector: bytes

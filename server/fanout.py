@@ -23,6 +23,7 @@ class Change:
     changed_by: str
     origin: str  # the connection it came from: it is not sent back there
     relay: str = ""  # the relay that stored it (peers apply it to their memory only)
+    frame: bytes = b""  # the encoded Update frame, made once for every receiver
 
 
 Deliver = Callable[[Change], None]

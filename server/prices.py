@@ -92,6 +92,7 @@ class PriceHub:
     # -- life cycle --------------------------------------------------------------------------
 
     def start(self) -> None:
+        self.market_open()  # builds the calendar's sessions now, not in the first request
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._flush_loop())
 
