@@ -26,7 +26,8 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/mypy -p foliosync
 
-bench: install
+bench: $(BIN)/python
+	$(BIN)/pip install -q -e ".[test,bench]"
 	$(BIN)/python -m bench $(ARGS)
 
 clean:
