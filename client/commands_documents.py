@@ -130,7 +130,7 @@ async def _watchlist_show(args: argparse.Namespace) -> int:
         entries = handle.entries()
         now = datetime.now(tz=UTC)
         quotes = {e.symbol: replica.quotes.get(e.symbol) for e in entries}
-        data = {
+        data: dict[str, Any] = {
             "id": handle.id,
             "name": handle.name,
             "symbols": [e.symbol for e in entries],
@@ -330,7 +330,7 @@ async def _portfolio_show(args: argparse.Namespace) -> int:
         positions = handle.positions()
         trades = handle.trades()
         now = datetime.now(tz=UTC)
-        data = {
+        data: dict[str, Any] = {
             "id": handle.id,
             "name": handle.name,
             "positions": {

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import secrets
 import time
 import uuid
@@ -633,7 +634,7 @@ class Replica:
         if stored is None:
             raise DocumentNotFound(f"no document {doc_id!r}")
         state, updates, max_seq = stored
-        doc = Doc(client_id=self.client_id)
+        doc: Doc[Any] = Doc(client_id=self.client_id)
         try:
             if state:
                 doc.apply_update(state)
@@ -753,14 +754,5 @@ def _quotes_from_rows(rows: list[tuple[str, str, int, int, str | None]]) -> list
 
 
 def _replace_row(row: DocumentRow, **changes: Any) -> DocumentRow:
-    values = {
-        "id": row.id,
-        "kind": row.kind,
-        "name": row.name,
-        "created_at": row.created_at,
-        "last_synced_at": row.last_synced_at,
-        "remote_changed_at": row.remote_changed_at,
-        "remote_changed_by": row.remote_changed_by,
-    }
-    values.update({k: v for k, v in changes.items() if v is not None})
-    return DocumentRow(**values)
+    """``row`` with the given fields changed; None means "leave as it is"."""
+    return dataclasses.replace(row, **{k: v for k, v in changes.items() if v is not None})

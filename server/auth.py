@@ -15,6 +15,7 @@ import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import jwt
 
@@ -98,7 +99,7 @@ def verify_token(secret: bytes, token: object, *, now: float | None = None) -> I
         raise AuthError("no token given")
     if len(token) > 4096:
         raise AuthError("token too long")
-    options = {"require": ["exp", "iat", "sub", "iss"]}
+    options: Any = {"require": ["exp", "iat", "sub", "iss"]}
     try:
         claims = (
             jwt.decode(

@@ -13,6 +13,7 @@ import asyncio
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import Any
 
 from pycrdt import Doc, TransactionEvent
 
@@ -36,7 +37,7 @@ class Applied:
 
 @dataclass(slots=True)
 class _Hot:
-    doc: Doc
+    doc: Doc[Any]
     watermark: Watermark
     stored_seq: int
     since_compaction: int
@@ -45,7 +46,7 @@ class _Hot:
     subscription: object = None
 
 
-def _guarded_apply(doc: Doc, update: bytes) -> None:
+def _guarded_apply(doc: Doc[Any], update: bytes) -> None:
     try:
         doc.apply_update(update)
     except BaseException as exc:  # pycrdt's Rust panics derive from BaseException
@@ -94,7 +95,7 @@ class RelayDocuments:
 
     async def _load(self, user: str, doc_id: str) -> _Hot:
         stored = await self._store.load(user, doc_id)
-        doc: Doc = Doc()
+        doc: Doc[Any] = Doc()
         hot = _Hot(doc, Watermark(None, None), 0, 0)
 
         def on_change(_event: TransactionEvent) -> None:

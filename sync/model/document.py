@@ -80,7 +80,7 @@ class DocumentModel:
 
     KIND: ClassVar[DocumentKind]
 
-    def __init__(self, doc: Doc, context: EditContext) -> None:
+    def __init__(self, doc: Doc[Any], context: EditContext) -> None:
         self.doc = doc
         self.context = context
         self.meta: Map[Any] = doc.get("meta", type=Map)

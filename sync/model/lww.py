@@ -43,7 +43,7 @@ class LwwSlots:
     def clear(self, entity: str) -> None:
         """Remove every visible slot of ``entity`` (must run inside a transaction)."""
         prefix = entity + _SEP
-        for key in [k for k in self._map if k.startswith(prefix)]:
+        for key in [k for k in self._map.keys() if k.startswith(prefix)]:  # noqa: SIM118
             del self._map[key]
 
     def resolve(self) -> dict[str, dict[str, LwwValue]]:

@@ -119,7 +119,7 @@ class Portfolio(DocumentModel):
 
     def __init__(
         self,
-        doc: Doc,
+        doc: Doc[Any],
         context: EditContext,
         new_id: Callable[[], str] = lambda: uuid.uuid4().hex,
     ) -> None:

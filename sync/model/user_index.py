@@ -35,7 +35,7 @@ class IndexEntry:
 class UserIndex(DocumentModel):
     KIND = DocumentKind.INDEX
 
-    def __init__(self, doc: Doc, context: EditContext) -> None:
+    def __init__(self, doc: Doc[Any], context: EditContext) -> None:
         super().__init__(doc, context)
         self._documents: Map[Any] = doc.get("documents", type=Map)
 

@@ -46,7 +46,7 @@ class WatchlistEntry:
 class Watchlist(DocumentModel):
     KIND = DocumentKind.WATCHLIST
 
-    def __init__(self, doc: Doc, context: EditContext) -> None:
+    def __init__(self, doc: Doc[Any], context: EditContext) -> None:
         super().__init__(doc, context)
         self._symbols: Map[Any] = doc.get("symbols", type=Map)
         self._fields = LwwSlots(doc.get("fields", type=Map))
