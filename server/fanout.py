@@ -24,6 +24,7 @@ class Change:
     origin: str  # the connection it came from: it is not sent back there
     relay: str = ""  # the relay that stored it (peers apply it to their memory only)
     frame: bytes = b""  # the encoded Update frame, made once for every receiver
+    wire: bytes = b""  # the same as a WebSocket frame (a relay's frames are the same for all)
 
 
 Deliver = Callable[[Change], None]
