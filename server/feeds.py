@@ -41,6 +41,7 @@ from foliosync.sync.prices import Tick, check_tick
 
 __all__ = [
     "DEFAULT_SYMBOLS",
+    "REFERENCE_PRICES",
     "CsvReplayFeed",
     "CsvTickRow",
     "Feed",
@@ -60,6 +61,17 @@ DEFAULT_SYMBOLS: tuple[str, ...] = (
     "PFE", "PG", "QCOM", "QQQ", "SPY", "T", "TSLA", "UNH", "V", "VZ",
     "WMT", "XOM",
 )  # fmt: skip
+
+# Rough price levels of the default symbols, so that a demo looks plausible; each walk starts
+# within 10 % of its level. Symbols without one start log-uniformly between $10 and $800.
+REFERENCE_PRICES: dict[str, float] = {
+    "AAPL": 230, "ABBV": 180, "ADBE": 500, "AMD": 150, "AMZN": 190, "BA": 170, "BAC": 40,
+    "BRK.B": 450, "COST": 900, "CRM": 280, "CSCO": 55, "CVX": 150, "DIS": 100, "GOOGL": 170,
+    "HD": 380, "IBM": 220, "INTC": 25, "JNJ": 155, "JPM": 220, "KO": 65, "MA": 500, "MCD": 290,
+    "META": 550, "MRK": 100, "MSFT": 420, "NFLX": 700, "NKE": 80, "NVDA": 130, "ORCL": 170,
+    "PEP": 160, "PFE": 28, "PG": 165, "QCOM": 160, "QQQ": 490, "SPY": 570, "T": 22,
+    "TSLA": 250, "UNH": 550, "V": 290, "VZ": 42, "WMT": 80, "XOM": 115,
+}  # fmt: skip
 
 _CENT = Decimal("0.01")
 _MIN_PRICE = 0.01
@@ -129,8 +141,13 @@ class _Walk:
         # Volatility per move from the symbol alone: 0.05 % to 0.4 % (an index fund moves less
         # than a meme stock, and a given symbol keeps its temperament from run to run).
         self.sigma = 0.0005 + (digest % 1000) / 1000 * 0.0035
-        # A starting price between $10 and $800, log-uniform, from the symbol's own generator.
-        self.price = math.exp(self.rng.uniform(math.log(10), math.log(800)))
+        # A starting price near the symbol's reference level, or log-uniform in $10..$800,
+        # drawn from the symbol's own generator.
+        level = REFERENCE_PRICES.get(symbol)
+        if level is not None:
+            self.price = level * math.exp(self.rng.uniform(-0.1, 0.1))
+        else:
+            self.price = math.exp(self.rng.uniform(math.log(10), math.log(800)))
 
     def move(self) -> Decimal:
         shock = self.rng.gauss(0.0, self.sigma)
