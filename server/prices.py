@@ -76,6 +76,9 @@ class PriceHub:
         """Names this run of the hub: HTTP cursors carry it, so old ones are recognised."""
         self.policy = policy
         self.calendar = calendar
+        # A fixed window shorter than the flush interval would be held back by it.
+        if window_override_ms is not None:
+            flush_interval = min(flush_interval, max(0.005, window_override_ms / 1000))
         self.flush_interval = flush_interval
         self.stall_after = stall_after
         self._clock_ms = clock_ms
@@ -183,15 +186,23 @@ class PriceHub:
         last_stall_check = 0
         while True:
             await asyncio.sleep(self.flush_interval)
-            dirty, self._dirty = self._dirty, set()
-            for subscriber in dirty:
-                subscriber.wake_prices()
-                if len(subscriber.prices):  # some wait for their window: look again next time
-                    self._dirty.add(subscriber)
-            now = self._clock_ms()
+            now = self.flush_once()
             if now - last_stall_check >= 10_000:
                 last_stall_check = now
                 self._check_stalls(now)
+
+    def flush_once(self) -> int:
+        """Wake the subscribers that have a price due; keep watching those with more pending.
+
+        Returns the time it used."""
+        dirty, self._dirty = self._dirty, set()
+        now = self._clock_ms()
+        for subscriber in dirty:
+            if subscriber.prices.next_due_ms <= now:
+                subscriber.wake_prices()
+            if len(subscriber.prices):  # some wait for their window: look again next time
+                self._dirty.add(subscriber)
+        return now
 
     def _check_stalls(self, now_ms: int) -> None:
         if not self.market_open(now_ms):

@@ -43,8 +43,6 @@ from foliosync.sync.protocol import (
     HelloReceived,
     OutboundQueue,
     PingReceived,
-    PriceBatch,
-    PriceSnapshot,
     Published,
     PublishReceived,
     ResyncRequested,
@@ -248,7 +246,7 @@ class Connection:
                 if data is None and len(self.prices) and not self.session.closed:
                     due = self.prices.due(_now_ms())
                     if due:
-                        data = self.session.send(PriceBatch(tuple(p.to_wire() for p in due)))
+                        data = self.session.prices([p.wire_bytes() for p in due])
                 if data is None:
                     break
                 if self.ws.closed:
@@ -437,13 +435,13 @@ class Connection:
             return
         symbols = self._valid_symbols(event.symbols)[: self.relay.config.max_symbols]
         snapshot = self.relay.prices.subscribe(self, symbols)
-        self._send(self.session.send(PriceSnapshot(tuple(p.to_wire() for p in snapshot))))
+        self._send(self.session.prices([p.wire_bytes() for p in snapshot], snapshot=True))
 
     def _on_resync(self, event: ResyncRequested) -> None:
         symbols = self._valid_symbols(event.symbols)
         self.prices.forget(symbols)
         snapshot = self.relay.prices.book.snapshot(symbols)
-        self._send(self.session.send(PriceSnapshot(tuple(p.to_wire() for p in snapshot))))
+        self._send(self.session.prices([p.wire_bytes() for p in snapshot], snapshot=True))
 
     def _on_publish(self, event: PublishReceived) -> None:
         assert self.identity is not None

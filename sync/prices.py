@@ -14,10 +14,11 @@ from __future__ import annotations
 import re
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from decimal import Decimal, InvalidOperation
 
 from foliosync.sync.errors import ValidationError
+from foliosync.sync.protocol.frames import pack_price_tick
 from foliosync.sync.validation import decimal_to_str, normalize_symbol
 
 __all__ = [
@@ -38,6 +39,9 @@ _MAX_PRICE = Decimal("1e12")
 _MAX_TEXT = 40  # the longest decimal text a price frame carries
 _TICK_FIELDS = frozenset({"symbol", "price", "timestamp", "time_ms", "size"})
 _PLAIN = re.compile(r"^\d{1,13}(?:\.\d{1,10})?$")
+
+
+_NEVER = 1 << 62
 
 
 class TickRejected(ValidationError):
@@ -63,6 +67,11 @@ class PricePoint:
     time_ms: int
     seq: int
     size: Decimal | None = None
+    packed: bytes = field(default=b"", compare=False, repr=False)
+    """The tick's wire form, packed once by the book and sent as is to every subscriber."""
+
+    def wire_bytes(self) -> bytes:
+        return self.packed or pack_price_tick(self.to_wire())
 
     def to_wire(self) -> tuple[str, str, int, int, str | None]:
         size = decimal_to_str(self.size) if self.size is not None else None
@@ -228,6 +237,7 @@ class PriceBook:
         self._cursor += 1
         seq = current.point.seq + 1 if current is not None else 1
         point = PricePoint(tick.symbol, tick.price, tick.time_ms, seq, tick.size)
+        point = replace(point, packed=pack_price_tick(point.to_wire()))
         if current is None:
             current = self._symbols[tick.symbol] = _Symbol(point, self._cursor)
         else:
@@ -272,18 +282,26 @@ class TickConflator:
     tick rate and however slow the reader.
     """
 
-    __slots__ = ("_last_sent", "_pending", "_window_ms")
+    __slots__ = ("_last_sent", "_pending", "_window_ms", "next_due_ms")
 
     def __init__(self, window_ms: Callable[[str], int]) -> None:
         self._window_ms = window_ms
         self._pending: dict[str, PricePoint] = {}
         self._last_sent: dict[str, int] = {}
+        self.next_due_ms = _NEVER
+        """The earliest time a pending price may go: nothing is due before it."""
 
     def __len__(self) -> int:
         return len(self._pending)
 
     def offer(self, point: PricePoint) -> None:
-        self._pending[point.symbol] = point
+        symbol = point.symbol
+        if symbol not in self._pending:
+            last = self._last_sent.get(symbol)
+            due_at = 0 if last is None else last + self._window_ms(symbol)
+            if due_at < self.next_due_ms:
+                self.next_due_ms = due_at
+        self._pending[symbol] = point
 
     def forget(self, symbols: Iterable[str]) -> None:
         for symbol in symbols:
@@ -292,15 +310,20 @@ class TickConflator:
 
     def due(self, now_ms: int) -> list[PricePoint]:
         """The pending prices whose window has passed; they count as sent at ``now_ms``."""
-        if not self._pending:
+        if not self._pending or now_ms < self.next_due_ms:
             return []
         ready: list[PricePoint] = []
+        next_due = _NEVER
         for symbol, point in list(self._pending.items()):
             last = self._last_sent.get(symbol)
-            if last is None or now_ms - last >= self._window_ms(symbol):
+            window = self._window_ms(symbol)
+            if last is None or now_ms - last >= window:
                 ready.append(point)
                 del self._pending[symbol]
                 self._last_sent[symbol] = now_ms
+            elif last + window < next_due:
+                next_due = last + window
+        self.next_due_ms = next_due
         return ready
 
 

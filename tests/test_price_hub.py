@@ -99,3 +99,31 @@ def test_push_windows_follow_the_policy_and_conflate_to_the_newest_price() -> No
     now[0] = SATURDAY
     hub._windows.clear()
     assert hub.window_ms("AAPL") == 5000  # market closed
+
+
+def test_a_conflator_knows_when_it_is_next_due_and_the_hub_wakes_it_only_then() -> None:
+    now = [IN_SESSION]
+    hub = PriceHub(clock_ms=lambda: now[0])  # policy windows: 1 s in session
+    subscriber = Subscriber(hub)
+    hub.subscribe(subscriber, ["AAPL"])
+    hub.publish([tick("AAPL", "1", now[0])])
+    assert subscriber.prices.next_due_ms == 0  # never sent: due at once
+    assert len(subscriber.prices.due(now[0])) == 1
+    hub.publish([tick("AAPL", "2", now[0] + 10)])
+    assert subscriber.prices.next_due_ms == IN_SESSION + 1000
+    assert subscriber.prices.due(IN_SESSION + 999) == []
+
+    # the hub's flush wakes a subscriber only once something of it is due
+    woken = subscriber.woken
+    now[0] = IN_SESSION + 500
+    hub.flush_once()
+    assert subscriber.woken == woken and subscriber in hub._dirty
+    now[0] = IN_SESSION + 1000
+    hub.flush_once()
+    assert subscriber.woken == woken + 1
+
+
+def test_a_fixed_window_shortens_the_flush_interval() -> None:
+    assert PriceHub(window_override_ms=10).flush_interval == 0.01
+    assert PriceHub(window_override_ms=0).flush_interval == 0.005
+    assert PriceHub().flush_interval == 0.05

@@ -243,3 +243,24 @@ def test_frames_are_immutable() -> None:
     frame = Ack("d", 1)
     with pytest.raises(AttributeError):
         frame.seq = 2  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("count", [0, 1, 15, 16, 300, 10000])
+@pytest.mark.parametrize("snapshot", [False, True])
+def test_price_frames_from_packed_ticks_are_the_same_bytes(count: int, snapshot: bool) -> None:
+    ticks = tuple(
+        (f"S{i % 500}", f"{i}.25", i, i + 1, None if i % 2 else "100") for i in range(count)
+    )
+    frame = PriceSnapshot(ticks) if snapshot else PriceBatch(ticks)
+    packed = [frames.pack_price_tick(t) for t in ticks]
+    assert frames.encode_price_frame(snapshot, packed) == encode_frame(frame)
+    assert (
+        decode_frame(frames.encode_price_frame(snapshot, packed), max_frame_size=1 << 24) == frame
+    )
+
+
+def test_a_bad_tick_cannot_be_packed() -> None:
+    with pytest.raises(LocalProtocolError):
+        frames.pack_price_tick(("AAPL", 187.25, 1, 1, None))  # type: ignore[arg-type]
+    with pytest.raises(LocalProtocolError):
+        frames.encode_price_frame(False, [b"\xc0"] * (frames.MAX_TICKS + 1))

@@ -46,6 +46,8 @@ from foliosync.sync.protocol.frames import (
     Welcome,
     decode_frame,
     encode_frame,
+    encode_price_frame,
+    pack_price_tick,
 )
 from foliosync.sync.protocol.limits import DEFAULT_MAX_FRAME_SIZE
 from foliosync.sync.protocol.memory import MemoryConnection, connected_pair
@@ -104,4 +106,6 @@ __all__ = [
     "connected_pair",
     "decode_frame",
     "encode_frame",
+    "encode_price_frame",
+    "pack_price_tick",
 ]

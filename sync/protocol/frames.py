@@ -53,7 +53,7 @@ to say the same thing would only be a second thing for the peers to disagree abo
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import ClassVar, TypeAlias
@@ -90,6 +90,8 @@ __all__ = [
     "Welcome",
     "decode_frame",
     "encode_frame",
+    "encode_price_frame",
+    "pack_price_tick",
 ]
 
 PROTOCOL_VERSION = 1
@@ -552,6 +554,35 @@ def encode_frame(frame: Frame) -> bytes:
         return msgpack.packb(values, use_bin_type=True)  # type: ignore[no-any-return]
     except (ValueError, TypeError, OverflowError) as exc:  # e.g. a lone surrogate in a str
         raise LocalProtocolError(f"cannot encode {type(frame).__name__}: {exc}") from exc
+
+
+def pack_price_tick(tick: PriceTickTuple) -> bytes:
+    """One price tick in its wire form, packed once and reused for every subscriber."""
+    problem = _price_ticks((tick,))
+    if problem is not None:
+        raise LocalProtocolError(f"price tick: {problem}")
+    return msgpack.packb(tick, use_bin_type=True)  # type: ignore[no-any-return]
+
+
+def _array_header(count: int) -> bytes:
+    if count < 16:
+        return bytes((0x90 | count,))
+    if count < 1 << 16:
+        return b"\xdc" + count.to_bytes(2, "big")
+    return b"\xdd" + count.to_bytes(4, "big")
+
+
+def encode_price_frame(snapshot: bool, packed_ticks: Sequence[bytes]) -> bytes:
+    """A PriceSnapshot or PriceBatch from ticks packed by :func:`pack_price_tick`.
+
+    The same bytes as ``encode_frame(PriceBatch(ticks))``, without re-checking and re-packing
+    every tick for every subscriber: a relay sends each tick to hundreds of subscribers, and doing
+    that work per subscriber was half of its time.
+    """
+    if len(packed_ticks) > MAX_TICKS:
+        raise LocalProtocolError(f"a price frame holds at most {MAX_TICKS} ticks")
+    code = PriceSnapshot._CODE if snapshot else PriceBatch._CODE
+    return b"\x92" + bytes((code,)) + _array_header(len(packed_ticks)) + b"".join(packed_ticks)
 
 
 def decode_frame(data: bytes, *, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -> Frame:

@@ -25,7 +25,7 @@ whole documents to clients, which accept large ones.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from enum import Enum
 
 from foliosync.sync.errors import ConfigError, LocalProtocolError, RemoteProtocolError
@@ -68,6 +68,7 @@ from foliosync.sync.protocol.frames import (
     Welcome,
     decode_frame,
     encode_frame,
+    encode_price_frame,
 )
 from foliosync.sync.protocol.limits import DEFAULT_MAX_FRAME_SIZE
 
@@ -312,6 +313,18 @@ class ServerSession(_Session):
                 f"Ack of seq {frame.seq} of {frame.doc!r}, which this connection never received"
             )
         return self._encode(frame)
+
+    def prices(self, packed_ticks: Sequence[bytes], *, snapshot: bool = False) -> bytes:
+        """A PriceBatch (or PriceSnapshot) of ticks packed once by ``pack_price_tick``."""
+        if self.state is not ServerState.READY:
+            raise LocalProtocolError(f"prices before the handshake completed ({self.state.value})")
+        data = encode_price_frame(snapshot, packed_ticks)
+        if len(data) > self._max_send_size:
+            raise LocalProtocolError(
+                f"a price frame of {len(data)} bytes exceeds {self._max_send_size}",
+                code=ErrorCode.TOO_LARGE,
+            )
+        return data
 
     def accept(
         self, user: str, device: str, documents: Iterable[str], server_time_ms: int

@@ -1,0 +1,334 @@
+"""Load clients of the price fan-out benchmark: many WebSocket subscribers in one process.
+
+Run by :mod:`bench.prices` as ``python -m bench.prices_load MODE URL FIRST COUNT [DATA_DIR]`` and
+driven by JSON lines on stdin (one answer line on stdout per command):
+
+- ``{"cmd": "connect", "concurrency": C, "timeout": S}``: open clients FIRST .. FIRST+COUNT-1; each
+  subscribes to its 50 symbols (:func:`watched`) and counts as connected once the server confirmed
+  (the relay's PriceSnapshot, the bare loop's empty ``[42, []]``).
+- ``{"cmd": "measure", "t0": T0, "t1": T1}``: count what arrives between wall-clock times T0 and
+  T1; answers at once.
+- ``{"cmd": "report"}``: after T1, the counts: PriceBatch frames and ticks received in the window
+  by every client, and a histogram of the latency of every tick received by the sampling clients.
+- ``{"cmd": "quiet", "idle": S, "timeout": S}``: waits until no frame arrived for ``idle`` s.
+- ``{"cmd": "close"}``: closes every client and exits.
+
+Both servers send the same frames: ``[43, [[symbol, price, time_ms, seq, size], ...]]`` (the
+PriceBatch of the foliosync protocol), decoded here with plain ``msgpack.unpackb`` for both, so the
+clients cost both sides the same. The relay's handshake (Hello, Welcome, Subscribe) goes through
+the library's ClientSession; after it, frames are read raw.
+
+Latency: the publisher writes its send time as the tick's ``size``: ``time.time()`` modulo
+:data:`SEND_TIME_MODULO_S` in seconds with six decimals (decimal text, which the relay keeps
+exactly: it is a Decimal end to end; the whole epoch time would exceed the relay's bound on
+sizes). The receiver subtracts it from its own ``time.time()`` modulo the same (the difference is
+taken modulo too, so the wrap every 27 hours costs nothing). A tick
+that arrives carries its own send time, so a price replaced by a newer one while it waited
+(conflation) is never measured against the wrong send time, and nothing has to be matched across
+processes. All processes run on one machine and read the same clock.
+
+The process exits by itself when stdin closes or after ``MAX_LIFETIME_S``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import random
+import resource
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import msgpack
+
+__all__ = [
+    "HIST_PER_MS",
+    "MAX_LIFETIME_S",
+    "SEND_TIME_MODULO_S",
+    "SYMBOLS_PER_CLIENT",
+    "UNIVERSE",
+    "raise_nofile_limit",
+    "send_time_text",
+    "watched",
+]
+
+UNIVERSE = tuple(f"P{i:03d}" for i in range(500))
+"""The symbols ticking: P000 .. P499."""
+SYMBOLS_PER_CLIENT = 50
+SAMPLE_EVERY = 10
+"""One client in this many records the latency of every tick it receives."""
+HIST_PER_MS = 10
+"""Latency histogram buckets per millisecond (0.1 ms resolution)."""
+MAX_LIFETIME_S = 1800.0
+SEND_TIME_MODULO_S = 100_000
+
+PRICE_BATCH = 43
+PRICE_SNAPSHOT = 42
+
+
+def watched(client: int) -> list[str]:
+    """The symbols client number ``client`` follows: 50 of the 500, the same on every run."""
+    return random.Random(f"prices-client-{client}").sample(UNIVERSE, SYMBOLS_PER_CLIENT)
+
+
+def send_time_text(now_us: int) -> str:
+    """A send time as tick size text: seconds modulo SEND_TIME_MODULO_S, to the microsecond."""
+    seconds, micros = divmod(now_us % (SEND_TIME_MODULO_S * 1_000_000), 1_000_000)
+    return f"{seconds}.{micros:06d}"
+
+
+def raise_nofile_limit() -> int:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+class Stats:
+    """What all the clients of this process received in the current window."""
+
+    def __init__(self) -> None:
+        self.t0 = float("inf")
+        self.t1 = float("-inf")
+        self.frames = 0
+        self.ticks = 0
+        self.latency: Counter[int] = Counter()
+        self.last_frame = 0.0
+        self.closed = 0  # connections lost after connecting
+
+    def reset(self, t0: float, t1: float) -> None:
+        self.t0, self.t1 = t0, t1
+        self.frames = self.ticks = 0
+        self.latency = Counter()
+
+
+class Loader:
+    def __init__(self, mode: str, url: str, first: int, count: int, data_dir: Path | None) -> None:
+        self.mode = mode
+        self.url = url
+        self.first = first
+        self.count = count
+        self.data_dir = data_dir
+        self.stats = Stats()
+        self.http: aiohttp.ClientSession | None = None
+        self.sockets: list[aiohttp.ClientWebSocketResponse] = []
+        self.readers: list[asyncio.Task[None]] = []
+        self.secret: bytes | None = None
+
+    # -- connecting ----------------------------------------------------------------------------
+
+    async def _open(self, client: int) -> aiohttp.ClientWebSocketResponse:
+        assert self.http is not None
+        ws = await self.http.ws_connect(
+            self.url, autoping=True, heartbeat=None, max_msg_size=64 << 20, compress=0
+        )
+        try:
+            symbols = watched(client)
+            if self.mode == "relay":
+                await self._relay_handshake(ws, client, symbols)
+            else:
+                await ws.send_bytes(msgpack.packb(symbols))
+                while True:
+                    message = await ws.receive()
+                    if message.type != aiohttp.WSMsgType.BINARY:
+                        raise ConnectionError(f"bare server closed: {message.type.name}")
+                    if msgpack.unpackb(message.data)[0] == PRICE_SNAPSHOT:
+                        break
+        except BaseException:
+            await ws.close()
+            raise
+        return ws
+
+    async def _relay_handshake(
+        self, ws: aiohttp.ClientWebSocketResponse, client: int, symbols: list[str]
+    ) -> None:
+        from foliosync.server.auth import issue_token, load_or_create_secret
+        from foliosync.sync.protocol import ClientSession, ErrorReceived, PricesReceived, Welcomed
+
+        if self.secret is None:
+            assert self.data_dir is not None
+            self.secret = load_or_create_secret(self.data_dir)
+        token = issue_token(self.secret, f"viewer{client}", device="bench")
+        session = ClientSession()
+        await ws.send_bytes(session.hello(token, "prices-bench"))
+        subscribed = False
+        while True:
+            message = await ws.receive()
+            if message.type != aiohttp.WSMsgType.BINARY:
+                raise ConnectionError(f"relay closed the handshake: {message.type.name}")
+            for event in session.receive_data(message.data):
+                if isinstance(event, Welcomed) and not subscribed:
+                    await ws.send_bytes(session.subscribe(symbols))
+                    subscribed = True
+                elif isinstance(event, PricesReceived) and event.snapshot:
+                    return
+                elif isinstance(event, ErrorReceived):
+                    raise ConnectionError(f"relay error {event.code}: {event.message}")
+
+    async def connect(self, concurrency: int, timeout: float) -> dict[str, Any]:
+        raise_nofile_limit()
+        if self.http is None:
+            self.http = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=0, force_close=True),
+                timeout=aiohttp.ClientTimeout(total=None, connect=30, sock_connect=30),
+            )
+        gate = asyncio.Semaphore(concurrency)
+        errors: Counter[str] = Counter()
+        failed: list[int] = []
+        started = time.perf_counter()
+        deadline = started + timeout
+
+        async def one(client: int) -> None:
+            async with gate:
+                left = deadline - time.perf_counter()
+                if left <= 0:
+                    errors["timeout"] += 1
+                    failed.append(client)
+                    return
+                try:
+                    ws = await asyncio.wait_for(self._open(client), left)
+                except Exception as exc:  # counted and reported, never raised
+                    errors[type(exc).__name__] += 1
+                    failed.append(client)
+                    return
+                self.sockets.append(ws)
+                self.readers.append(
+                    asyncio.get_running_loop().create_task(
+                        self._read(ws, client % SAMPLE_EVERY == 0)
+                    )
+                )
+
+        await asyncio.gather(*(one(c) for c in range(self.first, self.first + self.count)))
+        return {
+            "connected": len(self.sockets),
+            "failed": sum(errors.values()),
+            "errors": dict(errors),
+            "failed_ids": failed,
+            "seconds": round(time.perf_counter() - started, 3),
+        }
+
+    # -- receiving -----------------------------------------------------------------------------
+
+    async def _read(self, ws: aiohttp.ClientWebSocketResponse, sampler: bool) -> None:
+        stats = self.stats
+        unpackb = msgpack.unpackb
+        clock = time.time
+        binary = aiohttp.WSMsgType.BINARY
+        while True:
+            message = await ws.receive()
+            if message.type != binary:
+                if message.type in (
+                    aiohttp.WSMsgType.CLOSE,
+                    aiohttp.WSMsgType.CLOSING,
+                    aiohttp.WSMsgType.CLOSED,
+                    aiohttp.WSMsgType.ERROR,
+                ):
+                    stats.closed += 1
+                    return
+                continue
+            now = clock()
+            stats.last_frame = now
+            frame = unpackb(message.data)
+            if frame[0] != PRICE_BATCH or not stats.t0 <= now < stats.t1:
+                continue
+            ticks = frame[1]
+            stats.frames += 1
+            stats.ticks += len(ticks)
+            if sampler:
+                latency = stats.latency
+                here = now % SEND_TIME_MODULO_S
+                for tick in ticks:
+                    waited = (here - float(tick[4])) % SEND_TIME_MODULO_S  # s
+                    latency[int(waited * 1000 * HIST_PER_MS)] += 1
+
+    async def report(self) -> dict[str, Any]:
+        wait = self.stats.t1 - time.time()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        stats = self.stats
+        return {
+            "frames": stats.frames,
+            "ticks": stats.ticks,
+            "latency": {str(k): v for k, v in stats.latency.items()},
+            "open": len(self.sockets) - stats.closed,
+            "closed": stats.closed,
+        }
+
+    async def quiet(self, idle: float, timeout: float) -> dict[str, Any]:
+        started = time.time()
+        while time.time() - started < timeout:
+            if time.time() - self.stats.last_frame >= idle:
+                return {"quiet": True, "seconds": round(time.time() - started, 3)}
+            await asyncio.sleep(0.1)
+        return {"quiet": False, "seconds": round(time.time() - started, 3)}
+
+    async def close(self) -> dict[str, Any]:
+        for task in self.readers:
+            task.cancel()
+        await asyncio.gather(*self.readers, return_exceptions=True)
+
+        async def shut(ws: aiohttp.ClientWebSocketResponse) -> None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(ws.close(), 2)
+
+        for start in range(0, len(self.sockets), 500):
+            await asyncio.gather(*(shut(ws) for ws in self.sockets[start : start + 500]))
+        if self.http is not None:
+            await self.http.close()
+        return {"closed": len(self.sockets)}
+
+
+async def serve(loader: Loader) -> None:
+    """Answer JSON-line commands from stdin until ``close``, EOF or the lifetime runs out."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    out = sys.stdout
+    deadline = time.monotonic() + MAX_LIFETIME_S
+
+    def answer(reply: dict[str, Any]) -> None:
+        out.write(json.dumps(reply) + "\n")
+        out.flush()
+
+    while time.monotonic() < deadline:
+        try:
+            line = await asyncio.wait_for(reader.readline(), deadline - time.monotonic())
+        except TimeoutError:
+            break
+        if not line:
+            break
+        command = json.loads(line)
+        cmd = command.pop("cmd")
+        if cmd == "connect":
+            answer(await loader.connect(**command))
+        elif cmd == "measure":
+            loader.stats.reset(command["t0"], command["t1"])
+            answer({"ok": True})
+        elif cmd == "report":
+            answer(await loader.report())
+        elif cmd == "quiet":
+            answer(await loader.quiet(**command))
+        elif cmd == "close":
+            answer(await loader.close())
+            return
+        else:
+            answer({"error": f"unknown command {cmd}"})
+    await loader.close()
+
+
+def main(argv: list[str]) -> int:
+    mode, url, first, count = argv[0], argv[1], int(argv[2]), int(argv[3])
+    data_dir = Path(argv[4]) if len(argv) > 4 else None
+    if mode not in ("relay", "bare"):
+        raise SystemExit(f"mode is relay or bare, not {mode}")
+    asyncio.run(serve(Loader(mode, url, first, count, data_dir)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
