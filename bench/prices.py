@@ -701,10 +701,9 @@ def notes(sizes: Sizes, policy_health: dict[str, Any]) -> list[str]:
         "busy time (/proc/stat) over the window: kernel work charged to no process (softirq: "
         "loopback TCP) and any process outside the benchmark running meanwhile. The machine has "
         f"{os.cpu_count()} cores: {100 * (os.cpu_count() or 1)} % in all.",
-        f"{RELAY}: RelayConfig(price_window_ms=10). The relay's PriceHub still wakes subscribers "
-        "only every flush_interval (50 ms; RelayConfig does not set it), so it sends about every "
-        f"50 ms. {RELAY_FLUSH}: the same with the hub's flush_interval set to 10 ms after start "
-        "(an experiment).",
+        f"{RELAY}: RelayConfig(price_window_ms=10); a fixed window also sets the hub's flush "
+        f"interval (here 10 ms). {RELAY_FLUSH}: the same, with flush_interval set to 10 ms "
+        "explicitly after start (kept as a control: the two rows should agree).",
         "relay policy: price_window_ms=None, the smart-refresh policy's push windows (250 ms for a "
         "volatile symbol in session, 1 s in session, 5 s with the market closed); market open "
         f"during the run: {market}. Its delivered share is conflation by design: not judged.",

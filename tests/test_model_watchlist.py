@@ -271,3 +271,23 @@ def test_user_index_lists_documents() -> None:
     sync(a, b)
     assert [e.id for e in b.entries()] == [tech]
     assert b.get(main) is None
+
+
+def test_the_order_after_many_moves_is_the_order_a_fresh_read_gives() -> None:
+    """Moves patch the cached order instead of re-sorting; it must match a read from scratch."""
+    import random
+
+    from pycrdt import Doc
+
+    from foliosync.sync.model import EditContext, Watchlist
+
+    watchlist = Watchlist(Doc(client_id=1), EditContext("device"))
+    watchlist.initialize("Moves")
+    watchlist.add([f"S{i:03d}X" for i in range(120)])
+    rng = random.Random(11)
+    for step in range(600):
+        watchlist.move(rng.choice(watchlist.symbols), rng.randint(0, 119))
+        if step % 50 == 0:
+            fresh = Watchlist(Doc(client_id=2), EditContext("reader"))
+            fresh.doc.apply_update(watchlist.doc.get_update())
+            assert watchlist.symbols == fresh.symbols

@@ -188,8 +188,12 @@ class Watchlist(DocumentModel):
         stamp = self.context.clock.now()
         with self.doc.transaction():
             self._fields.write(symbol, "pos", self.context.device, stamp, position)
-        entries[symbol] = WatchlistEntry(symbol, current.note, position, current.added)
+        moved = WatchlistEntry(symbol, current.note, position, current.added)
+        entries[symbol] = moved
         self._patch(entries)
+        if (before is None or before < position) and (after is None or position < after):
+            # The new key sorts strictly between its neighbours: the order is known, no re-sort.
+            self._ordered = [*others[:index], moved, *others[index:]]
 
     def _patch(self, entries: dict[str, WatchlistEntry]) -> None:
         """Adopt ``entries`` (the cache, patched in place by a local edit) as current."""
