@@ -273,8 +273,8 @@ def test_user_index_lists_documents() -> None:
     assert b.get(main) is None
 
 
-def test_the_order_after_many_moves_is_the_order_a_fresh_read_gives() -> None:
-    """Moves patch the cached order instead of re-sorting; it must match a read from scratch."""
+def test_the_order_after_many_edits_is_the_order_a_fresh_read_gives() -> None:
+    """Edits patch the cached order instead of re-sorting; it must match a read from scratch."""
     import random
 
     from pycrdt import Doc
@@ -286,8 +286,17 @@ def test_the_order_after_many_moves_is_the_order_a_fresh_read_gives() -> None:
     watchlist.add([f"S{i:03d}X" for i in range(120)])
     rng = random.Random(11)
     for step in range(600):
-        watchlist.move(rng.choice(watchlist.symbols), rng.randint(0, 119))
-        if step % 50 == 0:
+        roll = rng.random()
+        if roll < 0.6 and watchlist.symbols:
+            watchlist.move(rng.choice(watchlist.symbols), rng.randint(0, len(watchlist) - 1))
+        elif roll < 0.75:
+            watchlist.add([f"N{step:03d}X", rng.choice(watchlist.symbols or ["AAPL"])])
+        elif roll < 0.9 and watchlist.symbols:
+            watchlist.remove([rng.choice(watchlist.symbols)])
+        elif watchlist.symbols:
+            watchlist.set_note(rng.choice(watchlist.symbols), f"note {step}")
+        if step % 25 == 0:
             fresh = Watchlist(Doc(client_id=2), EditContext("reader"))
             fresh.doc.apply_update(watchlist.doc.get_update())
             assert watchlist.symbols == fresh.symbols
+            assert [e.note for e in watchlist.entries()] == [e.note for e in fresh.entries()]

@@ -136,7 +136,12 @@ class Watchlist(DocumentModel):
                 elif note is not None and note != current.note:
                     self._fields.write(symbol, "note", device, clock.now(), note)
                     entries[symbol] = WatchlistEntry(symbol, note, current.position, current.added)
-        self._patch(entries)
+        # New keys sort after every valid key, so the order is the old one plus the additions
+        # (unless an unreadable key, which sorts last, is in the way: then sort once again).
+        order = None
+        if all(e.position != "~" for e in ordered):
+            order = [entries[e.symbol] for e in ordered] + [entries[s] for s in added]
+        self._patch(entries, order)
         return added
 
     def remove(self, symbols: Iterable[str]) -> list[str]:
@@ -147,13 +152,15 @@ class Watchlist(DocumentModel):
         if removed:
             gone = set(removed)
             keys = [k for k, _ in self._symbols.items() if k.partition(_KEY_SEP)[0] in gone]
+            ordered = self._ordered
             with self.doc.transaction():
                 for key in keys:
                     del self._symbols[key]
                 for symbol in removed:
                     self._fields.clear(symbol)
                     del entries[symbol]
-            self._patch(entries)
+            order = None if ordered is None else [e for e in ordered if e.symbol not in gone]
+            self._patch(entries, order)
         return removed
 
     def set_note(self, symbol: str, note: str | None) -> None:
@@ -164,10 +171,13 @@ class Watchlist(DocumentModel):
         if current is None:
             raise DocumentNotFound(f"{symbol} is not in watchlist {self.name!r}")
         stamp = self.context.clock.now()
+        ordered = self._ordered
         with self.doc.transaction():
             self._fields.write(symbol, "note", self.context.device, stamp, note)
-        entries[symbol] = WatchlistEntry(symbol, note, current.position, current.added)
-        self._patch(entries)
+        noted = WatchlistEntry(symbol, note, current.position, current.added)
+        entries[symbol] = noted
+        order = None if ordered is None else [noted if e is current else e for e in ordered]
+        self._patch(entries, order)
 
     def move(self, symbol: str, index: int) -> None:
         """Move ``symbol`` to ``index`` in the display order (negative counts from the end)."""
@@ -190,16 +200,20 @@ class Watchlist(DocumentModel):
             self._fields.write(symbol, "pos", self.context.device, stamp, position)
         moved = WatchlistEntry(symbol, current.note, position, current.added)
         entries[symbol] = moved
-        self._patch(entries)
+        order = None
         if (before is None or before < position) and (after is None or position < after):
             # The new key sorts strictly between its neighbours: the order is known, no re-sort.
-            self._ordered = [*others[:index], moved, *others[index:]]
+            order = [*others[:index], moved, *others[index:]]
+        self._patch(entries, order)
 
-    def _patch(self, entries: dict[str, WatchlistEntry]) -> None:
-        """Adopt ``entries`` (the cache, patched in place by a local edit) as current."""
+    def _patch(
+        self, entries: dict[str, WatchlistEntry], order: list[WatchlistEntry] | None = None
+    ) -> None:
+        """Adopt ``entries`` (the cache, patched in place by a local edit) as current, with
+        ``order`` as the display order when the edit knows it (None: sort on the next read)."""
         self._cache = entries
         self._cache_version = self.version
-        self._ordered = None
+        self._ordered = order
 
 
 def _member_key(symbol: str, device: str) -> str:
