@@ -40,7 +40,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import sys
 import tempfile
 import time
@@ -52,6 +51,7 @@ from typing import Any
 import aiohttp
 
 from bench.prices_load import HIST_PER_MS, UNIVERSE, raise_nofile_limit, watched
+from bench.procstat import free_port, machine_busy_s, proc_cpu_s
 from bench.table import Table
 
 __all__ = ["run"]
@@ -91,27 +91,6 @@ QUICK = Sizes(clients=100, many=500, rates=(2000, 10_000), step_s=2.5, warmup_s=
 
 
 # -- processes -------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def proc_cpu_s(pid: int) -> float:
-    """utime + stime of a process, in seconds."""
-    with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
-        fields = stat.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def machine_busy_s() -> float:
-    """CPU seconds spent by all cores on anything but idling (``/proc/stat``)."""
-    with open("/proc/stat", encoding="ascii") as stat:
-        fields = [int(v) for v in stat.readline().split()[1:9]]
-    idle = fields[3] + fields[4]  # idle, iowait
-    return (sum(fields) - idle) / os.sysconf("SC_CLK_TCK")
 
 
 def proc_rss_mib(pid: int) -> float:

@@ -33,10 +33,8 @@ import asyncio
 import contextlib
 import functools
 import json
-import os
 import resource
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -50,6 +48,7 @@ from typing import Any
 import aiohttp
 import msgpack
 
+from bench.procstat import free_port, machine_busy_s, proc_cpu_s
 from bench.relay_load import (
     FolioDevice,
     YDevice,
@@ -133,12 +132,6 @@ def percentile(ordered: Sequence[float], q: float) -> float:
     return ordered[rank - 1]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _raise_child_nofile() -> None:
     raise_nofile_limit()
 
@@ -149,21 +142,6 @@ def proc_rss_kib(pid: int) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
     raise RuntimeError(f"no VmRSS for {pid}")
-
-
-def proc_cpu_s(pid: int) -> float:
-    with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
-        data = stat.read()
-    fields = data[data.rindex(")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def machine_busy_s() -> float:
-    """CPU seconds all cores spent busy since boot (/proc/stat), to see other processes' load."""
-    with open("/proc/stat", encoding="ascii") as stat:
-        fields = [int(x) for x in stat.readline().split()[1:]]
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
 def own_cpu_s() -> float:
