@@ -251,16 +251,8 @@ class Connection:
                     break
                 if self.ws.closed:
                     return
-                transport = self._transport
                 try:
-                    if (
-                        transport is not None
-                        and not transport.is_closing()
-                        and transport.get_write_buffer_size() < _DIRECT_WRITE_LIMIT
-                    ):
-                        transport.write(websocket_binary_frame(data))  # no await: buffer is small
-                    else:
-                        await self.ws.send_bytes(data)  # waits for the socket to drain
+                    await self.ws.send_bytes(data)
                 except (ConnectionError, RuntimeError):
                     return
             if self._closing:
