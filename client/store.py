@@ -20,6 +20,7 @@ writing as the same device would fork its history.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sqlite3
 from collections.abc import Awaitable, Callable, Iterable
@@ -122,6 +123,10 @@ class ReplicaStore:
     def __init__(self, path: Path, conn: aiosqlite.Connection) -> None:
         self.path = path
         self._conn = conn
+        # One operation at a time on the connection: a statement of one coroutine run while
+        # another's transaction is open would join that transaction (an accepted edit could be
+        # rolled back with it), and a second BEGIN would fail.
+        self._lock = asyncio.Lock()
 
     # -- opening -----------------------------------------------------------------------------
 
@@ -200,7 +205,8 @@ class ReplicaStore:
             await self._conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     async def close(self) -> None:
-        await self._conn.close()
+        async with self._lock:  # never in the middle of another operation's transaction
+            await self._conn.close()
 
     # -- helpers -----------------------------------------------------------------------------
 
@@ -210,10 +216,12 @@ class ReplicaStore:
         return int(row[0]) if row and row[0] is not None else 0
 
     async def _guard(self, operation: Callable[[], Awaitable[T]]) -> T:
-        try:
-            return await operation()
-        except sqlite3.Error as exc:
-            raise _translate(exc, self.path) from exc
+        """Run one operation (a statement or a whole transaction) alone on the connection."""
+        async with self._lock:
+            try:
+                return await operation()
+            except sqlite3.Error as exc:
+                raise _translate(exc, self.path) from exc
 
     async def _transaction(self, statements: list[tuple[str, tuple[object, ...]]]) -> None:
         async def run() -> None:

@@ -431,3 +431,38 @@ async def test_garbage_from_the_relay_is_refused_and_changes_nothing(tmp_path: P
     assert update_rows(path, wl.id) == local_rows  # nothing of the garbage was stored
     async with await Replica.open(path) as replica:
         assert (await replica.watchlist("Tech")).symbols == ["AAPL", "MSFT", "GOOG"]
+
+
+async def test_overlapping_writers_share_the_file_safely(tmp_path: Path) -> None:
+    """Quotes flushed in the background, settings and edits may overlap in time: each must get
+    its own transaction, and no accepted edit may ride along in another's (and be rolled back)."""
+    from foliosync.sync.prices import PricePoint
+
+    replica = await Replica.open(tmp_path / "r.db")
+    watchlist = await replica.create_watchlist("Busy")
+
+    async def prices() -> None:
+        for i in range(100):
+            points = [PricePoint(f"S{j}X", Decimal(i + 1), i, i + 1) for j in range(100)]
+            await replica.apply_prices(points)
+            await replica._flush_quotes(delay=0)
+
+    async def settings() -> None:
+        for i in range(100):
+            await replica.set_meta(note=str(i))
+
+    async def edits() -> None:
+        for i in range(100):
+            await watchlist.add([f"A{i}X"])
+
+    await asyncio.gather(prices(), settings(), edits())
+    await replica.close()
+
+    reopened = await Replica.open(tmp_path / "r.db")
+    try:
+        assert len((await reopened.watchlist("Busy")).symbols) == 100
+        assert reopened.meta["note"] == "99"
+        quote = reopened.quotes.get("S0X")
+        assert quote is not None and quote.price == Decimal(100)
+    finally:
+        await reopened.close()
