@@ -301,6 +301,7 @@ class _Connection:
         self.subscribed: frozenset[str] | None = None
         self.price_seqs = SequenceTracker()
         self._subscription_task: asyncio.Task[None] | None = None
+        self._side_tasks: set[asyncio.Task[None]] = set()  # work started from callbacks
 
     async def serve(self) -> None:
         writer = asyncio.get_running_loop().create_task(self._write_loop())
@@ -312,10 +313,11 @@ class _Connection:
             pass
         finally:
             unsubscribe()
-            if self._subscription_task is not None and not self._subscription_task.done():
-                self._subscription_task.cancel()
+            # Work started from callbacks ends with the connection it was for.
+            for task in list(self._side_tasks):
+                task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, FolioSyncError):
-                    await self._subscription_task
+                    await task
             self.outbox.put_nowait(None)
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(writer, 5)
@@ -390,9 +392,14 @@ class _Connection:
         if self.until_idle or self.session.closed:
             return
         if self._subscription_task is None or self._subscription_task.done():
-            self._subscription_task = asyncio.get_running_loop().create_task(
-                self._update_subscription(delay=0.05)
-            )
+            self._subscription_task = self._spawn(self._update_subscription(delay=0.05))
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """Run ``work`` alongside the read loop; it is cancelled when the connection ends."""
+        task = asyncio.get_running_loop().create_task(work)
+        self._side_tasks.add(task)
+        task.add_done_callback(self._side_tasks.discard)
+        return task
 
     async def _update_subscription(self, delay: float = 0.0) -> None:
         if delay:
@@ -503,7 +510,7 @@ class _Connection:
         if change.origin != "local" or doc not in self.client._live or self.session.closed:
             return
         if not change.update:  # several rows at once (a new document): read what is unsent
-            asyncio.get_running_loop().create_task(self._send_unsent(doc))
+            self._spawn(self._send_unsent(doc))
             return
         if change.seq <= self.sent_upto.get(doc, 0):
             return
@@ -513,7 +520,7 @@ class _Connection:
         self.client._idle.clear()
         self._send(self.session.update(doc, change.seq, change.update))
         if doc == INDEX_DOCUMENT_ID or doc not in self.requested:
-            asyncio.get_running_loop().create_task(self._request_new_documents())
+            self._spawn(self._request_new_documents())
 
     async def _send_unsent(self, doc: str) -> None:
         for pending in await self.replica.pending_updates(doc):
