@@ -40,12 +40,11 @@ from aiohttp import web
 
 from foliosync.server.auth import Identity, verify_token
 from foliosync.sync.errors import AuthError, ValidationError
-from foliosync.sync.prices import PricePoint, TickConflator, check_ticks
+from foliosync.sync.prices import LatestPrices, PricePoint, check_ticks
 from foliosync.sync.protocol.frames import MAX_TICKS
 from foliosync.sync.validation import normalize_symbol
 
 if TYPE_CHECKING:
-    from foliosync.server.prices import PriceHub
     from foliosync.server.relay import Relay
 
 __all__ = ["HEARTBEAT_SECONDS", "MAX_BODY_BYTES", "SseSubscriber", "add_price_routes"]
@@ -236,14 +235,15 @@ async def _get_prices(request: web.Request) -> web.Response:
 
 
 class SseSubscriber:
-    """One event stream's side of the hub: a conflator and a flag the hub's flush loop raises."""
+    """One event stream's side of the hub: the prices it has not written yet, and a flag."""
 
-    def __init__(self, hub: PriceHub) -> None:
-        self.prices = TickConflator(hub.window_ms)
+    def __init__(self) -> None:
+        self.prices = LatestPrices()
         self.closing = False
         self._wakeup = asyncio.Event()
 
-    def wake_prices(self) -> None:
+    def deliver_prices(self, points: list[PricePoint]) -> None:
+        self.prices.add(points)
         self._wakeup.set()
 
     def close(self) -> None:
@@ -278,7 +278,7 @@ async def _stream_prices(request: web.Request) -> web.StreamResponse:
         }
     )
     await response.prepare(request)
-    subscriber = SseSubscriber(hub)
+    subscriber = SseSubscriber()
     streams = request.app[_STREAMS]
     streams.open.add(subscriber)
     try:
@@ -291,14 +291,12 @@ async def _stream_prices(request: web.Request) -> web.StreamResponse:
             transport = request.transport
             if subscriber.closing or transport is None or transport.is_closing():
                 break
-            if woken and len(subscriber.prices):
-                due = subscriber.prices.due(_now_ms())
-                if due:
-                    # The write waits for the socket: meanwhile newer prices replace older ones
-                    # in the conflator, so a slow reader costs one entry per symbol, no more.
-                    await response.write(_event("prices", _points(due)))
-                    last_write = time.monotonic()
-                    continue
+            if woken and subscriber.prices:
+                # The write waits for the socket: meanwhile newer prices replace older ones in
+                # subscriber.prices, so a slow reader costs one entry per symbol, no more.
+                await response.write(_event("prices", _points(subscriber.prices.take())))
+                last_write = time.monotonic()
+                continue
             if time.monotonic() - last_write >= HEARTBEAT_SECONDS:
                 await response.write(b": keep-alive\n\n")
                 last_write = time.monotonic()

@@ -1,12 +1,13 @@
-"""The relay's prices: one book, many subscribers, each conflated to its own pace.
+"""The relay's prices: one book, one conflator, many subscribers.
 
 Sources (the simulator, a CSV replay, publishers over WebSocket or HTTP) call
-:meth:`PriceHub.publish`. Each subscriber (a sync connection, an SSE stream) holds a
-:class:`TickConflator`; the hub offers it every new price of the symbols it follows and wakes it at
-most every ``flush_interval``. The subscriber's writer *pulls* the due prices when it has written
-its control frames (documents and acknowledgements first), so a slow reader gets fewer, newer
-prices and nothing is dropped or
-queued without bound: memory per subscriber is one entry per followed symbol.
+:meth:`PriceHub.publish`. A push window depends on the symbol and the market, not on who listens,
+so the hub conflates once for everyone: a :class:`TickConflator` keeps the newest price of each
+followed symbol until its window has passed. Every ``flush_interval`` the hub releases what is due
+and hands each subscriber, in one call, the released prices of the symbols it follows. The
+subscriber writes them at once when its socket is free, or keeps the newest per symbol until its
+writer has sent its control frames (documents and acknowledgements first); so a slow reader gets
+fewer, newer prices and memory per subscriber is one entry per followed symbol.
 
 Push windows come from the smart-refresh policy: short for a volatile symbol in session, longer
 by default, longer still with the market closed. The hub also watches for a stalled feed: a
@@ -43,11 +44,10 @@ def _now_ms() -> int:
 
 
 class PriceSubscriber(Protocol):
-    """What the hub needs of a subscriber: its conflator and a way to wake its writer."""
+    """What the hub needs of a subscriber: somewhere to hand the prices released for it."""
 
-    prices: TickConflator
-
-    def wake_prices(self) -> None: ...
+    def deliver_prices(self, points: list[PricePoint]) -> None:
+        """Take these prices (the newest of symbols it follows); must not block or raise."""
 
 
 class StalledSymbol:
@@ -85,7 +85,7 @@ class PriceHub:
         self._window_override_ms = window_override_ms
         self._followers: dict[str, set[PriceSubscriber]] = {}
         self._subscriptions: dict[PriceSubscriber, frozenset[str]] = {}
-        self._dirty: set[PriceSubscriber] = set()
+        self._pending = TickConflator(self.window_ms)
         self._windows: dict[str, tuple[int, int]] = {}  # symbol -> (computed at ms, window ms)
         self._market_open: tuple[int, bool] = (-1, False)
         self._task: asyncio.Task[None] | None = None
@@ -109,16 +109,16 @@ class PriceHub:
     # -- sources -----------------------------------------------------------------------------
 
     def publish(self, ticks: Iterable[Tick]) -> list[PricePoint]:
-        """Record checked ticks and offer the new prices to their followers."""
+        """Record checked ticks; the new prices of followed symbols go out with the next flush."""
         accepted: list[PricePoint] = []
+        followers = self._followers
         for tick in ticks:
             point = self.book.apply(tick)
             if point is None:
                 continue
             accepted.append(point)
-            for subscriber in self._followers.get(point.symbol, ()):
-                subscriber.prices.offer(point)
-                self._dirty.add(subscriber)
+            if point.symbol in followers:
+                self._pending.offer(point)
         self.ticks_in += len(accepted)
         return accepted
 
@@ -134,7 +134,7 @@ class PriceHub:
                 followers.discard(subscriber)
                 if not followers:
                     del self._followers[symbol]
-        subscriber.prices.forget(before - wanted)
+                    self._pending.forget((symbol,))
         for symbol in wanted - before:
             self._followers.setdefault(symbol, set()).add(subscriber)
         self._subscriptions[subscriber] = wanted
@@ -143,7 +143,6 @@ class PriceHub:
     def unsubscribe(self, subscriber: PriceSubscriber) -> None:
         self.subscribe(subscriber, ())
         self._subscriptions.pop(subscriber, None)
-        self._dirty.discard(subscriber)
 
     def subscribed_symbols(self) -> set[str]:
         return set(self._followers)
@@ -183,26 +182,52 @@ class PriceHub:
     # -- flushing and health -----------------------------------------------------------------
 
     async def _flush_loop(self) -> None:
+        # A fixed cadence: each flush is stamped with its planned time, so that a window as long
+        # as the interval is due at every flush instead of every other one when a timer fires a
+        # millisecond early. A hub that falls behind goes on at once, with larger batches.
+        planned = self._clock_ms()
         last_stall_check = 0
         while True:
-            await asyncio.sleep(self.flush_interval)
-            now = self.flush_once()
-            if now - last_stall_check >= 10_000:
-                last_stall_check = now
-                self._check_stalls(now)
+            planned += max(1, round(self.flush_interval * 1000))
+            now = self._clock_ms()
+            if planned > now:
+                await asyncio.sleep((planned - now) / 1000)
+            else:
+                planned = now
+                await asyncio.sleep(0)
+            try:
+                self.flush_once(planned)
+            except Exception:  # one bad subscriber must not stop prices for everyone
+                log.exception("price flush failed")
+            if planned - last_stall_check >= 10_000:
+                last_stall_check = planned
+                self._check_stalls(planned)
 
-    def flush_once(self) -> int:
-        """Wake the subscribers that have a price due; keep watching those with more pending.
+    def flush_once(self, now_ms: int | None = None) -> int:
+        """Release the prices that are due and hand each subscriber those of its symbols.
 
         Returns the time it used."""
-        dirty, self._dirty = self._dirty, set()
-        now = self._clock_ms()
-        for subscriber in dirty:
-            if subscriber.prices.next_due_ms <= now:
-                subscriber.wake_prices()
-            if len(subscriber.prices):  # some wait for their window: look again next time
-                self._dirty.add(subscriber)
+        now = self._clock_ms() if now_ms is None else now_ms
+        released = self._pending.due(now)
+        if not released:
+            return now
+        batches: dict[PriceSubscriber, list[PricePoint]] = {}
+        followers = self._followers
+        for point in released:
+            for subscriber in followers.get(point.symbol, ()):
+                batch = batches.get(subscriber)
+                if batch is None:
+                    batches[subscriber] = [point]
+                else:
+                    batch.append(point)
+        for subscriber, batch in batches.items():
+            subscriber.deliver_prices(batch)
         return now
+
+    @property
+    def next_due_ms(self) -> int:
+        """When the next flush has something to release (a very large number if nothing)."""
+        return self._pending.next_due_ms
 
     def _check_stalls(self, now_ms: int) -> None:
         if not self.market_open(now_ms):

@@ -34,9 +34,14 @@ from foliosync.server.feeds import start_feed
 from foliosync.server.http_prices import add_price_routes
 from foliosync.server.prices import PriceHub
 from foliosync.server.storage import RelayStore, RelayStoreError, SQLiteRelayStore
-from foliosync.sync.errors import AuthError, RemoteProtocolError, ValidationError
+from foliosync.sync.errors import (
+    AuthError,
+    LocalProtocolError,
+    RemoteProtocolError,
+    ValidationError,
+)
 from foliosync.sync.model import kind_of
-from foliosync.sync.prices import TickConflator, check_ticks
+from foliosync.sync.prices import LatestPrices, PricePoint, check_ticks
 from foliosync.sync.protocol import (
     ErrorCode,
     ErrorReceived,
@@ -171,7 +176,7 @@ class Connection:
         self.identity: Identity | None = None
         self.device = ""
         self.outbound = OutboundQueue()
-        self.prices = TickConflator(relay.prices.window_ms)
+        self.prices = LatestPrices()  # released for this connection, not yet written
         self._wakeup = asyncio.Event()
         self._subscription: Subscription | None = None
         self._closing = False
@@ -200,16 +205,12 @@ class Connection:
         with contextlib.suppress(ConnectionError, RuntimeError):
             await self.ws.close(code=code, message=message)
 
-    def _send(self, data: bytes, wire: bytes = b"") -> None:
-        """Send a control frame: at once if nothing is queued before it, else in turn.
-
-        The fast path writes a ready WebSocket frame straight to the transport when the writer is
-        idle, nothing waits in the queue and the socket's buffer is small: with hundreds of
-        devices on one document, waking a writer task per receiver for every change cost more
-        than the write itself. Anything else goes through the queue and the writer, in order.
-        """
+    def _can_write_now(self) -> bool:
+        """Whether a frame may go straight to the socket: the writer idle, nothing queued before
+        it, and the socket's buffer small (else the writer, which waits for the socket, sends it
+        in turn)."""
         transport = self._transport
-        if (
+        return (
             transport is not None
             and not self._writer_busy
             and not self.outbound
@@ -217,8 +218,18 @@ class Connection:
             and not self.ws.closed
             and not transport.is_closing()
             and transport.get_write_buffer_size() < _DIRECT_WRITE_LIMIT
-        ):
-            transport.write(wire or websocket_binary_frame(data))
+        )
+
+    def _send(self, data: bytes, wire: bytes = b"") -> None:
+        """Send a control frame: at once if nothing is queued before it, else in turn.
+
+        The direct path writes a ready WebSocket frame to the transport: with hundreds of devices
+        on one document, waking a writer task per receiver for every change cost more than the
+        write itself. Anything else goes through the queue and the writer, in order.
+        """
+        if self._can_write_now():
+            assert self._transport is not None
+            self._transport.write(wire or websocket_binary_frame(data))
             return
         self.outbound.push_control(data)
         self._wakeup.set()
@@ -229,13 +240,30 @@ class Connection:
                 self.close(code=1013, message=b"too far behind; reconnect to catch up")
             )
 
-    def wake_prices(self) -> None:
+    def deliver_prices(self, points: list[PricePoint]) -> None:
+        """The hub's flush hands over the prices released for this connection.
+
+        They go out in one PriceBatch at once when the socket is free, as a bare broadcast loop
+        would send them. Otherwise they wait, the newest per symbol, until the writer has sent
+        what is queued before them; prices that arrive meanwhile replace older ones.
+        """
+        if self.session.closed:
+            return
+        if not self.prices and self._can_write_now():
+            assert self._transport is not None
+            try:
+                frame = self.session.prices([p.wire_bytes() for p in points])
+            except LocalProtocolError as exc:  # cannot happen with the limits we set; never fatal
+                log.error("connection %s: %s", self.id, exc)
+                return
+            self._transport.write(websocket_binary_frame(frame))
+            return
+        self.prices.add(points)
         self._wakeup.set()
 
     async def _write_loop(self) -> None:
-        """Control frames first, always; then the prices that are due, pulled from the conflator
-        only when the socket has taken everything else (a slow reader gets newer prices later,
-        never a backlog)."""
+        """Control frames first, always; then the prices that wait, the newest per symbol (a slow
+        reader gets newer prices later, never a backlog)."""
         while True:
             self._writer_busy = False
             await self._wakeup.wait()
@@ -243,10 +271,8 @@ class Connection:
             self._writer_busy = True
             while True:
                 data = self.outbound.pop()
-                if data is None and len(self.prices) and not self.session.closed:
-                    due = self.prices.due(_now_ms())
-                    if due:
-                        data = self.session.prices([p.wire_bytes() for p in due])
+                if data is None and self.prices and not self.session.closed:
+                    data = self.session.prices([p.wire_bytes() for p in self.prices.take()])
                 if data is None:
                     break
                 if self.ws.closed:

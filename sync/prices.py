@@ -3,10 +3,13 @@
 Price ticks are high-churn data and never enter a CRDT document (tombstones would grow without
 bound). The relay keeps one :class:`PriceBook`: the latest price of each symbol, a sequence number
 per symbol (so that a client can tell it missed one) and a global cursor (so that an HTTP client
-asks "what changed since" instead of reloading everything). Each subscriber gets a
-:class:`TickConflator`: while a delivery window is open, a newer price of a symbol replaces the
-older one instead of queueing behind it, so a slow reader gets fewer, newer prices and the relay's
-memory per subscriber is bounded by the number of symbols it follows.
+asks "what changed since" instead of reloading everything). A :class:`TickConflator` holds the
+newest price of each symbol until the symbol's delivery window has passed: while a window is open,
+a newer price replaces the older one instead of queueing behind it. Push windows depend on the
+symbol and the market, not on who listens, so the relay keeps one conflator for all its
+subscribers and hands each released price to every follower at once. A subscriber whose socket is
+busy keeps what it was handed in :class:`LatestPrices`, the newest per symbol: a slow reader gets
+fewer, newer prices and the relay's memory per subscriber is bounded by the symbols it follows.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from foliosync.sync.validation import decimal_to_str, normalize_symbol
 
 __all__ = [
     "MAX_FUTURE_MS",
+    "LatestPrices",
     "PriceBook",
     "PricePoint",
     "SequenceTracker",
@@ -274,12 +278,12 @@ class PriceBook:
 
 
 class TickConflator:
-    """One subscriber's pending prices: the newest per symbol, sent at most once per window.
+    """Pending prices: the newest per symbol, released at most once per window.
 
     ``window_ms(symbol)`` gives the push window of a symbol (from the smart-refresh policy). A
-    price offered inside the window of the symbol's last send waits, and a newer one replaces it;
-    :meth:`due` hands out what may go now. Memory is one entry per followed symbol, whatever the
-    tick rate and however slow the reader.
+    price offered inside the window of the symbol's last release waits, and a newer one replaces
+    it; :meth:`due` hands out what may go now. Memory is one entry per symbol, whatever the tick
+    rate.
     """
 
     __slots__ = ("_last_sent", "_pending", "_window_ms", "next_due_ms")
@@ -310,7 +314,10 @@ class TickConflator:
 
     def due(self, now_ms: int) -> list[PricePoint]:
         """The pending prices whose window has passed; they count as sent at ``now_ms``."""
-        if not self._pending or now_ms < self.next_due_ms:
+        if not self._pending:
+            self.next_due_ms = _NEVER  # what was due was forgotten
+            return []
+        if now_ms < self.next_due_ms:
             return []
         ready: list[PricePoint] = []
         next_due = _NEVER
@@ -327,6 +334,40 @@ class TickConflator:
         return ready
 
 
+class LatestPrices:
+    """Prices handed to a subscriber and not yet written: the newest per symbol, nothing older.
+
+    What a busy socket could not take at once waits here, and a newer price of the same symbol
+    replaces the one waiting, so the backlog of a slow reader is at most one entry per symbol it
+    follows and what it finally gets is the newest.
+    """
+
+    __slots__ = ("_points",)
+
+    def __init__(self) -> None:
+        self._points: dict[str, PricePoint] = {}
+
+    def __len__(self) -> int:
+        return len(self._points)
+
+    def add(self, points: Iterable[PricePoint]) -> None:
+        waiting = self._points
+        for point in points:
+            current = waiting.get(point.symbol)
+            if current is None or point.seq >= current.seq:
+                waiting[point.symbol] = point
+
+    def forget(self, symbols: Iterable[str]) -> None:
+        for symbol in symbols:
+            self._points.pop(symbol, None)
+
+    def take(self) -> list[PricePoint]:
+        """Everything waiting, which is then no longer waiting."""
+        points = list(self._points.values())
+        self._points.clear()
+        return points
+
+
 class SequenceTracker:
     """Client side: notices a gap in a symbol's sequence numbers (a missed or skipped price).
 
@@ -340,9 +381,12 @@ class SequenceTracker:
         self._seen: dict[str, int] = {}
 
     def accept(self, point: PricePoint, *, snapshot: bool = False) -> bool:
-        """Whether ``point`` is newer than what was seen; False means resync that symbol."""
+        """Whether ``point`` is not older than what was seen; False means resync that symbol.
+
+        The same number again is the same price (a batch may repeat what a snapshot just gave):
+        accepted, not a gap."""
         last = self._seen.get(point.symbol)
-        if snapshot or last is None or point.seq > last:
+        if snapshot or last is None or point.seq >= last:
             self._seen[point.symbol] = point.seq
             return True
         return False

@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 from foliosync.server.prices import PriceHub
-from foliosync.sync.prices import Tick, TickConflator
+from foliosync.sync.prices import PricePoint, Tick
 
 # Tuesday 2026-11-24 15:00 New York (20:00 UTC): in session. Saturday 2026-11-28: closed.
 IN_SESSION = int(datetime(2026, 11, 24, 20, 0, tzinfo=UTC).timestamp() * 1000)
@@ -16,11 +16,16 @@ MINUTE = 60_000
 
 class Subscriber:
     def __init__(self, hub: PriceHub) -> None:
-        self.prices = TickConflator(hub.window_ms)
-        self.woken = 0
+        self.batches: list[list[PricePoint]] = []
 
-    def wake_prices(self) -> None:
-        self.woken += 1
+    def deliver_prices(self, points: list[PricePoint]) -> None:
+        self.batches.append(points)
+
+    def take(self) -> list[PricePoint]:
+        """Everything delivered since the last take, in order."""
+        points = [p for batch in self.batches for p in batch]
+        self.batches.clear()
+        return points
 
 
 def tick(symbol: str, price: str, at: int) -> Tick:
@@ -71,12 +76,16 @@ def test_subscribers_get_only_their_symbols_and_a_snapshot_of_new_ones() -> None
     hub.subscribe(b, ["MSFT"])
 
     hub.publish([tick("AAPL", "101", IN_SESSION), tick("MSFT", "300", IN_SESSION)])
-    assert sorted(p.symbol for p in a.prices.due(IN_SESSION)) == ["AAPL", "MSFT"]
-    assert [p.symbol for p in b.prices.due(IN_SESSION)] == ["MSFT"]
+    assert a.take() == [] and b.take() == []  # nothing goes before the flush
+    hub.flush_once()
+    assert len(a.batches) == 1 and len(b.batches) == 1  # one hand-over each, whatever the count
+    assert sorted(p.symbol for p in a.take()) == ["AAPL", "MSFT"]
+    assert [p.symbol for p in b.take()] == ["MSFT"]
 
     hub.unsubscribe(a)
     hub.publish([tick("AAPL", "102", IN_SESSION + 1)])
-    assert len(a.prices) == 0
+    hub.flush_once()
+    assert a.take() == []
     assert hub.subscribed_symbols() == {"MSFT"}
 
 
@@ -88,39 +97,63 @@ def test_push_windows_follow_the_policy_and_conflate_to_the_newest_price() -> No
     assert hub.window_ms("AAPL") == 1000  # in session, not volatile: the policy's default
 
     hub.publish([tick("AAPL", "100.00", now[0])])
-    assert [p.price for p in subscriber.prices.due(now[0])] == [Decimal("100.00")]
+    hub.flush_once()
+    assert [p.price for p in subscriber.take()] == [Decimal("100.00")]
     for cents in range(1, 50):  # 49 ticks inside one window
         hub.publish([tick("AAPL", f"100.{cents:02d}", now[0] + cents)])
-    assert subscriber.prices.due(now[0] + 500) == []  # the window is still open
-    due = subscriber.prices.due(now[0] + 1000)
-    assert [p.price for p in due] == [Decimal("100.49")]  # one price: the newest
-    assert len(subscriber.prices) == 0
+    now[0] = IN_SESSION + 500
+    hub.flush_once()
+    assert subscriber.take() == []  # the window is still open
+    now[0] = IN_SESSION + 1000
+    hub.flush_once()
+    assert [p.price for p in subscriber.take()] == [Decimal("100.49")]  # one price: the newest
+    hub.flush_once()
+    assert subscriber.take() == []
 
     now[0] = SATURDAY
     hub._windows.clear()
     assert hub.window_ms("AAPL") == 5000  # market closed
 
 
-def test_a_conflator_knows_when_it_is_next_due_and_the_hub_wakes_it_only_then() -> None:
+def test_the_hub_knows_when_its_next_release_is_due() -> None:
     now = [IN_SESSION]
     hub = PriceHub(clock_ms=lambda: now[0])  # policy windows: 1 s in session
+    hub.subscribe(Subscriber(hub), ["AAPL"])
+    hub.publish([tick("AAPL", "1", now[0])])
+    assert hub.next_due_ms == 0  # never released: due at once
+    hub.flush_once()
+    hub.publish([tick("AAPL", "2", now[0] + 10)])
+    assert hub.next_due_ms == IN_SESSION + 1000
+
+
+def test_every_follower_of_a_symbol_gets_the_same_release_and_late_joiners_a_snapshot() -> None:
+    now = [IN_SESSION]
+    hub = PriceHub(clock_ms=lambda: now[0], window_override_ms=100)
+    crowd = [Subscriber(hub) for _ in range(50)]
+    for subscriber in crowd:
+        hub.subscribe(subscriber, ["AAPL", "MSFT"])
+    for step in range(1, 11):  # ten ticks in one window: each follower gets the tenth, once
+        hub.publish([tick("AAPL", str(100 + step), now[0] + step)])
+    hub.flush_once()
+    assert {tuple((p.symbol, p.seq) for p in s.take()) for s in crowd} == {(("AAPL", 10),)}
+
+    hub.publish([tick("AAPL", "200", now[0] + 20)])
+    late = Subscriber(hub)
+    assert [p.seq for p in hub.subscribe(late, ["AAPL"])] == [11]  # the newest, at once
+    now[0] += 100
+    hub.flush_once()
+    assert [p.seq for p in late.take()] == [11]  # may repeat the snapshot: same number, no gap
+    assert all([p.seq for p in s.take()] == [11] for s in crowd)
+
+
+def test_a_symbol_nobody_follows_any_more_is_not_released() -> None:
+    hub = PriceHub(clock_ms=lambda: IN_SESSION, window_override_ms=0)
     subscriber = Subscriber(hub)
     hub.subscribe(subscriber, ["AAPL"])
-    hub.publish([tick("AAPL", "1", now[0])])
-    assert subscriber.prices.next_due_ms == 0  # never sent: due at once
-    assert len(subscriber.prices.due(now[0])) == 1
-    hub.publish([tick("AAPL", "2", now[0] + 10)])
-    assert subscriber.prices.next_due_ms == IN_SESSION + 1000
-    assert subscriber.prices.due(IN_SESSION + 999) == []
-
-    # the hub's flush wakes a subscriber only once something of it is due
-    woken = subscriber.woken
-    now[0] = IN_SESSION + 500
+    hub.publish([tick("AAPL", "1", IN_SESSION)])
+    hub.subscribe(subscriber, [])
     hub.flush_once()
-    assert subscriber.woken == woken and subscriber in hub._dirty
-    now[0] = IN_SESSION + 1000
-    hub.flush_once()
-    assert subscriber.woken == woken + 1
+    assert subscriber.take() == [] and hub.next_due_ms > IN_SESSION + 10**9
 
 
 def test_a_fixed_window_shortens_the_flush_interval() -> None:

@@ -22,7 +22,7 @@ from foliosync.server.feeds import (
 )
 from foliosync.server.prices import PriceHub
 from foliosync.sync.errors import ConfigError, ValidationError
-from foliosync.sync.prices import TickConflator
+from foliosync.sync.prices import PricePoint
 
 
 def ms(text: str) -> int:
@@ -40,9 +40,9 @@ def hub_at(now_ms: int) -> PriceHub:
 
 class Follower:
     def __init__(self, hub: PriceHub) -> None:
-        self.prices = TickConflator(hub.window_ms)
+        self.hub = hub
 
-    def wake_prices(self) -> None:
+    def deliver_prices(self, points: list[PricePoint]) -> None:
         pass
 
 

@@ -10,6 +10,7 @@ import pytest
 from foliosync.sync.errors import ValidationError
 from foliosync.sync.prices import (
     MAX_FUTURE_MS,
+    LatestPrices,
     PriceBook,
     PricePoint,
     SequenceTracker,
@@ -260,6 +261,30 @@ def test_memory_is_bounded_by_the_symbols_not_the_ticks() -> None:
     assert {p.seq for p in conflator.due(10**9)} == {2_001}
 
 
+# -- LatestPrices ------------------------------------------------------------------------------
+
+
+def test_latest_prices_keep_the_newest_per_symbol_and_hand_them_out_once() -> None:
+    waiting = LatestPrices()
+    waiting.add([point("AAPL", 1, 1), point("MSFT", 1, 1)])
+    waiting.add([point("AAPL", 3, 3)])
+    waiting.add([point("AAPL", 2, 2)])  # older than what waits: it does not replace it
+    assert len(waiting) == 2
+    taken = sorted(waiting.take(), key=lambda p: p.symbol)
+    assert taken == [point("AAPL", 3, 3), point("MSFT", 1, 1)]
+    assert len(waiting) == 0 and waiting.take() == []
+
+
+def test_latest_prices_forget_symbols_and_stay_bounded_by_them() -> None:
+    waiting = LatestPrices()
+    for seq in range(1, 1001):
+        waiting.add([point(f"S{i}", seq, seq) for i in range(20)])
+    assert len(waiting) == 20
+    waiting.forget(["S0", "S1", "NOPE"])
+    taken = waiting.take()
+    assert len(taken) == 18 and {p.seq for p in taken} == {1000}
+
+
 # -- SequenceTracker -----------------------------------------------------------------------------
 
 
@@ -267,7 +292,7 @@ def test_sequence_tracker_accepts_newer_and_flags_a_restart() -> None:
     tracker = SequenceTracker()
     assert tracker.accept(point("AAPL", 1, 5))
     assert tracker.accept(point("AAPL", 1, 9))  # conflation skips numbers: not a gap
-    assert not tracker.accept(point("AAPL", 1, 9))  # the same again: nothing new
+    assert tracker.accept(point("AAPL", 1, 9))  # the same again (after a snapshot): no gap
     assert not tracker.accept(point("AAPL", 1, 2))  # lower: the relay restarted, resync
     assert tracker.accept(point("AAPL", 1, 2), snapshot=True)  # a snapshot resets the symbol
     assert tracker.accept(point("AAPL", 1, 3))
