@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import defaultdict
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
@@ -211,15 +212,11 @@ class PriceHub:
         released = self._pending.due(now)
         if not released:
             return now
-        batches: dict[PriceSubscriber, list[PricePoint]] = {}
+        batches: defaultdict[PriceSubscriber, list[PricePoint]] = defaultdict(list)
         followers = self._followers
-        for point in released:
+        for point in released:  # the innermost loop of the relay's price fan-out: keep it bare
             for subscriber in followers.get(point.symbol, ()):
-                batch = batches.get(subscriber)
-                if batch is None:
-                    batches[subscriber] = [point]
-                else:
-                    batch.append(point)
+                batches[subscriber].append(point)
         for subscriber, batch in batches.items():
             subscriber.deliver_prices(batch)
         return now

@@ -252,7 +252,7 @@ class Connection:
         if not self.prices and self._can_write_now():
             assert self._transport is not None
             try:
-                frame = self.session.prices([p.wire_bytes() for p in points])
+                frame = self.session.prices([p.packed or p.wire_bytes() for p in points])
             except LocalProtocolError as exc:  # cannot happen with the limits we set; never fatal
                 log.error("connection %s: %s", self.id, exc)
                 return
