@@ -3,8 +3,8 @@
 ``python -m bench.prices_relay PORT DATA_DIR WINDOW [--flush-ms N] [--max-seconds S]`` runs
 :func:`create_app` on 127.0.0.1:PORT with ``price_window_ms=WINDOW`` (an int, or ``policy`` for
 the smart-refresh policy's windows), no price feed of its own (ticks come from the benchmark's
-publisher) and a 60 s heartbeat. ``--flush-ms`` sets the price hub's ``flush_interval`` (how often
-it wakes subscribers with pending prices; 50 ms by default) once the app has started: an
+publisher) and a 60 s heartbeat. ``--flush-ms`` sets the price hub's ``flush_interval`` (the least
+time between two flushes; 50 ms by default, the window if shorter) once the app has started: an
 experiment, not a setting RelayConfig offers. The process stops by itself after ``--max-seconds``
 (default 1800).
 """

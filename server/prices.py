@@ -3,8 +3,11 @@
 Sources (the simulator, a CSV replay, publishers over WebSocket or HTTP) call
 :meth:`PriceHub.publish`. A push window depends on the symbol and the market, not on who listens,
 so the hub conflates once for everyone: a :class:`TickConflator` keeps the newest price of each
-followed symbol until its window has passed. Every ``flush_interval`` the hub releases what is due
-and hands each subscriber, in one call, the released prices of the symbols it follows. The
+followed symbol until its window has passed. A flush releases what is due and hands each
+subscriber, in one call, the released prices of the symbols it follows. Flushes follow the ticks:
+one runs as soon as a new price may go (so a tick does not wait for a timer), at most once per
+``flush_interval`` (so a burst of small publishes still makes few, larger frames), and none runs
+while nothing is pending. The
 subscriber writes them at once when its socket is free, or keeps the newest per symbol until its
 writer has sent its control frames (documents and acknowledgements first); so a slow reader gets
 fewer, newer prices and memory per subscriber is one entry per followed symbol.
@@ -90,17 +93,28 @@ class PriceHub:
         self._windows: dict[str, tuple[int, int]] = {}  # symbol -> (computed at ms, window ms)
         self._market_open: tuple[int, bool] = (-1, False)
         self._task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._flush_timer: asyncio.TimerHandle | None = None
+        self._flush_at_ms = 0
+        self._last_flush_ms = 0
         self._stalled: list[StalledSymbol] = []
         self.ticks_in = 0
 
     # -- life cycle --------------------------------------------------------------------------
 
     def start(self) -> None:
+        """Flush from now on in the running loop, and watch for a stalled feed."""
         self.market_open()  # builds the calendar's sessions now, not in the first request
         if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._flush_loop())
+            self._loop = asyncio.get_running_loop()
+            self._task = self._loop.create_task(self._watch_stalls())
+            self._schedule_flush()
 
     async def close(self) -> None:
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
+            self._flush_timer = None
+        self._loop = None
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -121,6 +135,7 @@ class PriceHub:
             if point.symbol in followers:
                 self._pending.offer(point)
         self.ticks_in += len(accepted)
+        self._schedule_flush()
         return accepted
 
     # -- subscribers -------------------------------------------------------------------------
@@ -182,27 +197,38 @@ class PriceHub:
 
     # -- flushing and health -----------------------------------------------------------------
 
-    async def _flush_loop(self) -> None:
-        # A fixed cadence: each flush is stamped with its planned time, so that a window as long
-        # as the interval is due at every flush instead of every other one when a timer fires a
-        # millisecond early. A hub that falls behind goes on at once, with larger batches.
-        planned = self._clock_ms()
-        last_stall_check = 0
+    def _schedule_flush(self) -> None:
+        """Arm the flush for when the next price may go, no sooner than an interval after the
+        last flush; nothing is armed while nothing is pending (an idle relay does not wake)."""
+        loop = self._loop
+        if loop is None or not len(self._pending):
+            return
+        interval_ms = max(1, round(self.flush_interval * 1000))
+        at_ms = max(self._pending.next_due_ms, self._last_flush_ms + interval_ms)
+        if self._flush_timer is not None:
+            if at_ms >= self._flush_at_ms:
+                return  # armed soon enough
+            self._flush_timer.cancel()  # a price that may go sooner than the one armed for
+        delay = max(0, at_ms - self._clock_ms()) / 1000
+        self._flush_at_ms = at_ms
+        self._flush_timer = loop.call_later(delay, self._timed_flush, at_ms)
+
+    def _timed_flush(self, planned_ms: int) -> None:
+        self._flush_timer = None
+        # A timer may fire a little before its millisecond: flush as of the planned time, so that
+        # what was due then goes now instead of one more round later.
+        now = max(self._clock_ms(), planned_ms)
+        self._last_flush_ms = now
+        try:
+            self.flush_once(now)
+        except Exception:  # one bad subscriber must not stop prices for everyone
+            log.exception("price flush failed")
+        self._schedule_flush()
+
+    async def _watch_stalls(self) -> None:
         while True:
-            planned += max(1, round(self.flush_interval * 1000))
-            now = self._clock_ms()
-            if planned > now:
-                await asyncio.sleep((planned - now) / 1000)
-            else:
-                planned = now
-                await asyncio.sleep(0)
-            try:
-                self.flush_once(planned)
-            except Exception:  # one bad subscriber must not stop prices for everyone
-                log.exception("price flush failed")
-            if planned - last_stall_check >= 10_000:
-                last_stall_check = planned
-                self._check_stalls(planned)
+            self._check_stalls(self._clock_ms())
+            await asyncio.sleep(10)
 
     def flush_once(self, now_ms: int | None = None) -> int:
         """Release the prices that are due and hand each subscriber those of its symbols.

@@ -9,9 +9,12 @@ bytes and decides what frames mean:
   a thousand reconnecting clients queue for them instead of starving live updates.
 - Update: applied, stored, then acknowledged and fanned out to the user's other connections.
 
-Outgoing frames go through an :class:`OutboundQueue` drained by one writer task per connection, so
-a slow reader never blocks the relay; one that falls too far behind is disconnected (it catches up
-by state vector when it reconnects) rather than allowed to grow the relay's memory.
+A frame goes straight to the socket when nothing waits before it and the socket's buffer is small
+(the common case: no task switch per receiver). Otherwise it waits in an :class:`OutboundQueue`
+drained by the connection's writer task, control frames before prices, so a slow reader never
+blocks the relay; one that falls too far behind is disconnected (it catches up by state vector
+when it reconnects) rather than allowed to grow the relay's memory. Its prices meanwhile wait as
+the newest per symbol, a bounded backlog.
 """
 
 from __future__ import annotations

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
@@ -160,3 +162,53 @@ def test_a_fixed_window_shortens_the_flush_interval() -> None:
     assert PriceHub(window_override_ms=10).flush_interval == 0.01
     assert PriceHub(window_override_ms=0).flush_interval == 0.005
     assert PriceHub().flush_interval == 0.05
+
+
+async def test_a_running_hub_flushes_when_a_price_may_go_and_sleeps_while_idle() -> None:
+    hub = PriceHub(window_override_ms=0)
+    hub.flush_interval = 0.5  # (a fixed window would shorten it)
+    hub.start()
+    try:
+        subscriber = Subscriber(hub)
+        hub.subscribe(subscriber, ["AAPL"])
+        assert hub._flush_timer is None  # nothing pending: no timer at all
+        hub.publish([tick("AAPL", "1", IN_SESSION)])
+        await wait_for(lambda: subscriber.batches)  # at once, not after an interval
+        assert [p.price for p in subscriber.take()] == [Decimal("1")]
+        assert hub._flush_timer is None
+
+        # Within the interval after that flush, publishes gather into one later flush.
+        hub.publish([tick("AAPL", "2", IN_SESSION + 1)])
+        await asyncio.sleep(0.02)
+        hub.publish([tick("AAPL", "3", IN_SESSION + 2)])
+        await wait_for(lambda: subscriber.batches, timeout=5)
+        assert [[p.price for p in batch] for batch in subscriber.batches] == [[Decimal("3")]]
+    finally:
+        await hub.close()
+
+
+async def test_a_price_due_now_is_not_held_behind_one_that_waits_for_its_window() -> None:
+    hub = PriceHub(flush_interval=0.01, window_override_ms=300)
+    hub.start()
+    try:
+        subscriber = Subscriber(hub)
+        hub.subscribe(subscriber, ["AAPL", "MSFT"])
+        hub.publish([tick("AAPL", "1", IN_SESSION)])
+        await wait_for(lambda: subscriber.batches)
+        subscriber.take()
+        hub.publish([tick("AAPL", "2", IN_SESSION + 1)])  # waits for AAPL's window
+        hub.publish([tick("MSFT", "5", IN_SESSION + 1)])  # never sent: may go at once
+        await wait_for(lambda: subscriber.batches)
+        assert [(p.symbol, p.price) for p in subscriber.take()] == [("MSFT", Decimal("5"))]
+        await wait_for(lambda: subscriber.batches)  # AAPL once its window has passed
+        assert [(p.symbol, p.price) for p in subscriber.take()] == [("AAPL", Decimal("2"))]
+    finally:
+        await hub.close()
+
+
+async def wait_for(condition: Callable[[], object], timeout: float = 2.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("the condition did not come true in time")
+        await asyncio.sleep(0.001)
