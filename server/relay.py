@@ -149,8 +149,10 @@ class Relay:
         )
 
     async def close_connections(self) -> None:
-        for connection in list(self.connections):
-            await connection.close(code=1001, message=b"relay shutting down")
+        # All at once: each close may wait up to _CLOSE_TIMEOUT for a peer that does not read.
+        await asyncio.gather(
+            *(c.close(code=1001, message=b"relay shutting down") for c in list(self.connections))
+        )
 
     async def close(self) -> None:
         await self.prices.close()
@@ -197,16 +199,39 @@ class Connection:
             self.session.close()
             self._closing = True
             self._wakeup.set()
-            with contextlib.suppress(asyncio.CancelledError, ConnectionError):
-                await asyncio.wait_for(writer, timeout=5)
-            if not self.ws.closed:
-                await self.ws.close()
+            with contextlib.suppress(asyncio.CancelledError, ConnectionError, TimeoutError):
+                await asyncio.wait_for(writer, timeout=_CLOSE_TIMEOUT)
+            if not writer.done():
+                writer.cancel()
+            await self._close_ws()
+            # A socket closed with bytes its peer never takes would stay open for as long as the
+            # peer keeps the connection: cut it once a healthy peer would have had them.
+            asyncio.get_running_loop().call_later(_CLOSE_TIMEOUT, self._abort_if_stuck)
 
     async def close(self, code: int = 1000, message: bytes = b"") -> None:
         self._closing = True
         self._wakeup.set()
-        with contextlib.suppress(ConnectionError, RuntimeError):
-            await self.ws.close(code=code, message=message)
+        await self._close_ws(code, message)
+
+    async def _close_ws(self, code: int = 1000, message: bytes = b"") -> None:
+        """The closing handshake if the peer takes it in time; else the connection is cut, so
+        that a peer that stopped reading holds neither a shutdown nor a socket."""
+        if self.ws.closed:
+            return
+        try:
+            await asyncio.wait_for(self.ws.close(code=code, message=message), _CLOSE_TIMEOUT)
+        except TimeoutError:
+            log.info("connection %s did not take its close frame; cutting it", self.id)
+            if self._transport is not None:
+                self._transport.abort()
+        except (ConnectionError, RuntimeError):
+            pass
+
+    def _abort_if_stuck(self) -> None:
+        transport = self._transport
+        if transport is not None and transport.get_write_buffer_size() > 0:
+            log.info("connection %s left unread bytes behind; cutting it", self.id)
+            transport.abort()
 
     def _can_write_now(self) -> bool:
         """Whether a frame may go straight to the socket: the writer idle, nothing queued before
@@ -495,6 +520,7 @@ class Connection:
 RelayKey = web.AppKey("relay", Relay)
 
 _DIRECT_WRITE_LIMIT = 64 << 10  # above this many unsent bytes, frames wait for the writer
+_CLOSE_TIMEOUT = 2.0  # seconds a closing peer has to take what is left and the close frame
 
 
 def websocket_binary_frame(payload: bytes) -> bytes:

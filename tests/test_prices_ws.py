@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import os
+import socket
+import struct
 import time
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+import yarl
 
 from foliosync.sync.prices import PricePoint, SequenceTracker
 from foliosync.sync.protocol import (
@@ -186,3 +191,143 @@ async def test_after_a_forced_disconnect_a_resubscribe_gets_the_newest_price(
     (point,) = [PricePoint.from_wire(w) for w in snapshot.ticks]
     assert (str(point.price), point.seq) == ("122", 3)
     assert tracker.accept(point, snapshot=True)
+
+
+class StalledPeer:
+    """A WebSocket client on a plain socket with a tiny receive buffer that reads only when told,
+    so that the relay's side of the socket really fills up (aiohttp's client would read ahead)."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+        self.session = ClientSession()
+
+    @classmethod
+    async def connect(cls, relay: Any, token: str) -> StalledPeer:
+        url = yarl.URL(relay.url)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, (url.host, url.port))
+        reader, writer = await asyncio.open_connection(sock=sock, limit=4096)
+        key = base64.b64encode(os.urandom(16)).decode()
+        writer.write(
+            f"GET {url.path} HTTP/1.1\r\nHost: {url.host}:{url.port}\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+            "Sec-WebSocket-Version: 13\r\n\r\n".encode()
+        )
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 101"), head
+        peer = cls(reader, writer)
+        await peer.send(peer.session.hello(token, "stalled"))
+        assert isinstance(await peer.next(), Welcomed)
+        return peer
+
+    async def send(self, payload: bytes) -> None:
+        mask = os.urandom(4)
+        size = len(payload)
+        head = (
+            bytes((0x82, 0x80 | size))
+            if size < 126
+            else bytes((0x82, 0xFE)) + struct.pack(">H", size)
+        )
+        masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+        self.writer.write(head + mask + masked)
+        await self.writer.drain()
+
+    async def next(self, timeout: float = 5.0) -> ClientEvent:
+        async with asyncio.timeout(timeout):
+            first, second = await self.reader.readexactly(2)
+            assert first == 0x82, hex(first)  # a final binary frame, unmasked
+            size = second & 0x7F
+            if size == 126:
+                (size,) = struct.unpack(">H", await self.reader.readexactly(2))
+            elif size == 127:
+                (size,) = struct.unpack(">Q", await self.reader.readexactly(8))
+            (event,) = self.session.receive_data(await self.reader.readexactly(size))
+            return event
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+async def stall(relay: Any, http: Any, symbols: list[str]) -> tuple[StalledPeer, Any, Peer, int]:
+    """A subscriber to ``symbols`` that stopped reading, and a publisher that kept on until the
+    relay had to hold prices back for it (kernel and transport buffers full)."""
+    stalled = await StalledPeer.connect(relay, relay.token("alice", "stalled"))
+    await stalled.send(stalled.session.subscribe(symbols))
+    assert isinstance(await stalled.next(), PricesReceived)  # the (empty) snapshot
+    (connection,) = [c for c in relay.relay.connections if c.device == "stalled"]
+    # Small kernel buffers on the relay's side too, or filling them takes megabytes.
+    connection._transport.get_extra_info("socket").setsockopt(
+        socket.SOL_SOCKET, socket.SO_SNDBUF, 8192
+    )
+    publisher = await Peer.connect(http, relay, relay.token("feeder", scopes=PUBLISH))
+    batch = 0
+    while not connection.prices:
+        batch += 1
+        ticks: list[list[object]] = [[s, f"{batch}.5", T0 + batch] for s in symbols]
+        assert (await publisher.publish(batch, ticks)).accepted == len(symbols)
+        await asyncio.sleep(0.006)  # about a flush interval
+        assert batch < 5000, "the stalled socket never filled up"
+    return stalled, connection, publisher, batch
+
+
+T0 = now_ms()
+
+
+async def test_a_socket_that_stops_taking_data_costs_one_price_per_symbol_and_control_goes_first(
+    relay_server: Any, tmp_path: Path, http: Any
+) -> None:
+    symbols = [f"S{i:03d}" for i in range(200)]
+    async with relay_server(tmp_path / "r", price_window_ms=0, heartbeat=60) as relay:
+        stalled, connection, publisher, batch = await stall(relay, http, symbols)
+        transport = connection._transport
+        buffered = []
+        for _ in range(30):  # more prices while it is stalled: they replace the waiting ones
+            batch += 1
+            ticks: list[list[object]] = [[s, f"{batch}.5", T0 + batch] for s in symbols]
+            await publisher.publish(batch, ticks)
+            await asyncio.sleep(0.006)
+            assert len(connection.prices) <= len(symbols)  # one per symbol, never a queue
+            buffered.append(transport.get_write_buffer_size())
+        assert max(buffered) < 1 << 20, buffered  # the writer waits for the socket
+        assert buffered[-1] <= buffered[len(buffered) // 2], buffered  # and it stopped growing
+        newest = f"{batch}.5"
+        await stalled.send(stalled.session.ping(7))  # a control frame while prices wait
+
+        # The reader comes back: the pong comes before the prices that were waiting, and the
+        # last price of every symbol is its newest.
+        last: dict[str, str] = {}
+        after_pong: dict[str, str] = {}
+        pong_seen = False
+        while len(after_pong) < len(symbols):
+            event = await stalled.next()
+            if isinstance(event, PongReceived):
+                pong_seen = True
+                continue
+            assert isinstance(event, PricesReceived), event
+            for tick in event.ticks:
+                last[tick[0]] = tick[1]
+                if pong_seen:
+                    after_pong[tick[0]] = tick[1]
+        assert after_pong == last == dict.fromkeys(symbols, newest)
+        assert len(connection.prices) == 0
+        await stalled.send(stalled.session.ping(8))
+        assert await stalled.next() == PongReceived(8)
+        stalled.close()
+
+
+async def test_a_relay_with_a_stalled_client_still_shuts_down_promptly(
+    relay_server: Any, tmp_path: Path, http: Any
+) -> None:
+    symbols = [f"S{i:03d}" for i in range(200)]
+    async with relay_server(tmp_path / "r", price_window_ms=0, heartbeat=60) as relay:
+        stalled, connection, _, _ = await stall(relay, http, symbols)
+        transport = connection._transport
+        async with asyncio.timeout(10):
+            await relay.stop()
+        assert transport.is_closing() and transport.get_write_buffer_size() == 0
+        with pytest.raises((ConnectionError, asyncio.IncompleteReadError, AssertionError)):
+            while True:  # what it gets ends with the connection cut, not a clean close
+                await stalled.next()
+        stalled.close()
