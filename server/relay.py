@@ -35,6 +35,7 @@ from foliosync.server.documents import BadUpdate, RelayDocuments
 from foliosync.server.fanout import Change, FanOut, InProcessFanOut, Subscription
 from foliosync.server.feeds import start_feed
 from foliosync.server.http_prices import add_price_routes
+from foliosync.server.memory import trim_memory_every
 from foliosync.server.prices import PriceHub
 from foliosync.server.storage import RelayStore, RelayStoreError, SQLiteRelayStore
 from foliosync.sync.errors import (
@@ -85,6 +86,7 @@ class RelayConfig:
     feed: str = "none"  # "sim", "sim:always", "csv:PATH" or "none"; see foliosync.server.feeds
     price_window_ms: int | None = None  # fixed push window instead of the policy's (benchmarks)
     max_symbols: int = 2000  # symbols one connection may follow
+    trim_memory_every: float = 60.0  # seconds between handing freed memory back (0: never)
 
 
 def _now_ms() -> int:
@@ -558,7 +560,16 @@ def create_app(
         except BaseException:  # a bad --feed: release the store, or its thread keeps us alive
             await relay.close()
             raise
+        trimming = (
+            asyncio.get_running_loop().create_task(trim_memory_every(config.trim_memory_every))
+            if config.trim_memory_every > 0
+            else None
+        )
         yield
+        if trimming is not None:
+            trimming.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await trimming
         if feed is not None:
             await feed.close()
         await relay.close()

@@ -1,0 +1,59 @@
+"""Giving the memory a relay freed back to the system.
+
+A relay allocates and frees many short-lived buffers of a few KiB (frames, socket writes). glibc's
+allocator keeps freed pages inside its heap while live allocations sit above them, so the relay's
+resident size creeps up by some MiB over minutes while its live objects stay the same: measured at
+the price benchmark's nominal load, 94 -> 103 MiB over ten minutes with a constant number of
+objects, and each ``malloc_trim(0)`` gave 2-4 MiB back. Trimming once a minute keeps the resident
+size an honest measure of what the relay holds. Where there is no glibc (musl, macOS) this does
+nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import ctypes.util
+import logging
+import sys
+import time
+from collections.abc import Callable
+
+__all__ = ["release_free_memory", "trim_memory_every"]
+
+log = logging.getLogger("foliosync.relay")
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+    return trim
+
+
+_TRIM = _malloc_trim()
+
+
+def release_free_memory() -> bool:
+    """Hand the allocator's free pages back to the system; False where that is not possible."""
+    if _TRIM is None:
+        return False
+    _TRIM(0)
+    return True
+
+
+async def trim_memory_every(seconds: float) -> None:
+    """Run :func:`release_free_memory` every ``seconds`` until cancelled."""
+    if _TRIM is None:
+        return
+    while True:
+        await asyncio.sleep(seconds)
+        started = time.perf_counter()
+        release_free_memory()
+        log.debug("memory trimmed in %.1f ms", 1000 * (time.perf_counter() - started))
