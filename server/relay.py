@@ -61,6 +61,7 @@ from foliosync.sync.protocol import (
     Update,
     UpdateReceived,
     encode_frame,
+    encode_price_frame,
 )
 from foliosync.sync.validation import normalize_symbol
 
@@ -184,6 +185,7 @@ class Connection:
         self.device = ""
         self.outbound = OutboundQueue()
         self.prices = LatestPrices()  # released for this connection, not yet written
+        self._prices_waiting = False  # prices were handed to the writer: none go around it
         self._wakeup = asyncio.Event()
         self._subscription: Subscription | None = None
         self._closing = False
@@ -277,18 +279,31 @@ class Connection:
         would send them. Otherwise they wait, the newest per symbol, until the writer has sent
         what is queued before them; prices that arrive meanwhile replace older ones.
         """
-        if self.session.closed:
-            return
-        if not self.prices and self._can_write_now():
-            assert self._transport is not None
+        # The relay's innermost loop at scale (a call per connection per flush): the checks are
+        # those of _can_write_now, inlined, cheapest first.
+        transport = self._transport
+        if (
+            not self._prices_waiting
+            and not self._writer_busy
+            and transport is not None
+            and not self.outbound
+            and transport.get_write_buffer_size() < _DIRECT_WRITE_LIMIT
+            and not self._closing
+            and not transport.is_closing()
+            and not self.ws.closed
+            and not self.session.closed
+        ):
             try:
-                frame = self.session.prices([p.packed or p.wire_bytes() for p in points])
+                frame = encode_price_frame(False, [p.packed or p.wire_bytes() for p in points])
             except LocalProtocolError as exc:  # cannot happen with the limits we set; never fatal
                 log.error("connection %s: %s", self.id, exc)
                 return
-            self._transport.write(websocket_binary_frame(frame))
+            transport.write(websocket_binary_frame(frame))
+            return
+        if self.session.closed:
             return
         self.prices.add(points)
+        self._prices_waiting = True
         self._wakeup.set()
 
     async def _write_loop(self) -> None:
@@ -301,8 +316,11 @@ class Connection:
             self._writer_busy = True
             while True:
                 data = self.outbound.pop()
-                if data is None and self.prices and not self.session.closed:
-                    data = self.session.prices([p.wire_bytes() for p in self.prices.take()])
+                if data is None and self._prices_waiting:
+                    self._prices_waiting = False
+                    waiting = self.prices.take()
+                    if waiting and not self.session.closed:
+                        data = self.session.prices([p.wire_bytes() for p in waiting])
                 if data is None:
                     break
                 if self.ws.closed:
