@@ -7,10 +7,10 @@ followed symbol until its window has passed. A flush releases what is due and ha
 subscriber, in one call, the released prices of the symbols it follows. Flushes follow the ticks:
 one runs as soon as a new price may go (so a tick does not wait for a timer), at most once per
 ``flush_interval`` (so a burst of small publishes still makes few, larger frames), and none runs
-while nothing is pending. The
-subscriber writes them at once when its socket is free, or keeps the newest per symbol until its
-writer has sent its control frames (documents and acknowledgements first); so a slow reader gets
-fewer, newer prices and memory per subscriber is one entry per followed symbol.
+while nothing is pending. A subscriber writes what it is handed at once when its socket is free,
+or keeps the newest per symbol until its writer has sent its control frames (documents and
+acknowledgements first); so a slow reader gets fewer, newer prices and memory per subscriber is
+one entry per followed symbol.
 
 Push windows come from the smart-refresh policy: short for a volatile symbol in session, longer
 by default, longer still with the market closed. The hub also watches for a stalled feed: a
