@@ -18,7 +18,7 @@ import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -117,11 +117,6 @@ class _Loaded:
     subscription: Any = None
 
 
-@dataclass(slots=True)
-class _Counters:
-    pending: dict[str, int] = field(default_factory=dict)
-
-
 class Replica:
     """A device's replica of its user's documents. Open with :meth:`open`, close with
     :meth:`close` (or ``async with``)."""
@@ -143,7 +138,6 @@ class Replica:
         """The last known price of each symbol (kept in the replica file)."""
         self._dirty_quotes: dict[str, Quote] = {}
         self._quote_flush: asyncio.Task[None] | None = None
-        self._store_closed = False
 
     # -- life cycle --------------------------------------------------------------------------
 
@@ -189,7 +183,6 @@ class Replica:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._quote_flush
         await self._flush_quotes(delay=0)
-        self._store_closed = True
         for loaded in self._loaded.values():
             loaded.model.close()
         self._loaded.clear()
@@ -480,20 +473,25 @@ class Replica:
     async def _flush_quotes(self, delay: float | None = None) -> None:
         await asyncio.sleep(QUOTE_FLUSH_SECONDS if delay is None else delay)
         dirty, self._dirty_quotes = self._dirty_quotes, {}
-        if not dirty or self._store_closed:
+        if not dirty:
             return
-        await self._store.save_quotes(
-            [
-                (
-                    q.symbol,
-                    decimal_to_str(q.price),
-                    q.time_ms,
-                    q.seq,
-                    None if q.previous_close is None else decimal_to_str(q.previous_close),
-                )
-                for q in dirty.values()
-            ]
-        )
+        try:
+            await self._store.save_quotes(
+                [
+                    (
+                        q.symbol,
+                        decimal_to_str(q.price),
+                        q.time_ms,
+                        q.seq,
+                        None if q.previous_close is None else decimal_to_str(q.previous_close),
+                    )
+                    for q in dirty.values()
+                ]
+            )
+        except BaseException:  # cancelled by close() or failed: the next flush saves them
+            for symbol, quote in dirty.items():
+                self._dirty_quotes.setdefault(symbol, quote)
+            raise
 
     async def followed_symbols(self) -> set[str]:
         """The symbols of every watchlist and every open position: what this device follows."""

@@ -21,9 +21,10 @@ writing as the same device would fork its history.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sqlite3
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -144,7 +145,10 @@ class ReplicaStore:
         file = Path(path)
         if file.exists() and not file.is_file():
             raise ReplicaError(f"replica path {file} is not a file")
-        file.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            file.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ReplicaError(f"cannot create the folder of replica {file}: {exc}") from exc
         try:
             conn = await aiosqlite.connect(str(file), isolation_level=None, timeout=0.2)
         except sqlite3.Error as exc:
@@ -223,16 +227,28 @@ class ReplicaStore:
             except sqlite3.Error as exc:
                 raise _translate(exc, self.path) from exc
 
+    @contextlib.asynccontextmanager
+    async def _atomic(self) -> AsyncIterator[None]:
+        """BEGIN IMMEDIATE ... COMMIT, rolled back on any error.
+
+        A failed ROLLBACK never replaces the error that caused it: SQLite may already have rolled
+        back (a full disk at COMMIT), or the COMMIT ran anyway (aiosqlite finishes a call in its
+        thread after the awaiting task was cancelled) and there is nothing to roll back.
+        """
+        await self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+            await self._conn.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                await self._conn.execute("ROLLBACK")
+            raise
+
     async def _transaction(self, statements: list[tuple[str, tuple[object, ...]]]) -> None:
         async def run() -> None:
-            await self._conn.execute("BEGIN IMMEDIATE")
-            try:
+            async with self._atomic():
                 for sql, params in statements:
                     await self._conn.execute(sql, params)
-                await self._conn.execute("COMMIT")
-            except BaseException:
-                await self._conn.execute("ROLLBACK")
-                raise
 
         await self._guard(run)
 
@@ -380,8 +396,7 @@ class ReplicaStore:
         seq = max(p.seq for p in old)
 
         async def run() -> int:
-            await self._conn.execute("BEGIN IMMEDIATE")
-            try:
+            async with self._atomic():
                 await self._conn.executemany(
                     "DELETE FROM updates WHERE seq = ? AND pending = 1", [(p.seq,) for p in old]
                 )
@@ -390,10 +405,6 @@ class ReplicaStore:
                     "VALUES (?, ?, ?, 1, ?)",
                     (seq, doc_id, merged, sum(p.changes for p in old)),
                 )
-                await self._conn.execute("COMMIT")
-            except BaseException:
-                await self._conn.execute("ROLLBACK")
-                raise
             return seq
 
         return await self._guard(run)
@@ -434,17 +445,12 @@ class ReplicaStore:
 
     async def save_quotes(self, rows: list[tuple[str, str, int, int, str | None]]) -> None:
         async def run() -> None:
-            await self._conn.execute("BEGIN IMMEDIATE")
-            try:
+            async with self._atomic():
                 await self._conn.executemany(
                     "INSERT OR REPLACE INTO quotes (symbol, price, time_ms, seq, previous_close) "
                     "VALUES (?, ?, ?, ?, ?)",
                     rows,
                 )
-                await self._conn.execute("COMMIT")
-            except BaseException:
-                await self._conn.execute("ROLLBACK")
-                raise
 
         await self._guard(run)
 

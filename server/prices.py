@@ -230,14 +230,11 @@ class PriceHub:
             self._check_stalls(self._clock_ms())
             await asyncio.sleep(10)
 
-    def flush_once(self, now_ms: int | None = None) -> int:
-        """Release the prices that are due and hand each subscriber those of its symbols.
-
-        Returns the time it used."""
-        now = self._clock_ms() if now_ms is None else now_ms
-        released = self._pending.due(now)
+    def flush_once(self, now_ms: int | None = None) -> None:
+        """Release the prices that are due and hand each subscriber those of its symbols."""
+        released = self._pending.due(self._clock_ms() if now_ms is None else now_ms)
         if not released:
-            return now
+            return
         batches: defaultdict[PriceSubscriber, list[PricePoint]] = defaultdict(list)
         followers = self._followers
         for point in released:  # the innermost loop of the relay's price fan-out: keep it bare
@@ -245,7 +242,6 @@ class PriceHub:
                 batches[subscriber].append(point)
         for subscriber, batch in batches.items():
             subscriber.deliver_prices(batch)
-        return now
 
     @property
     def next_due_ms(self) -> int:

@@ -242,14 +242,14 @@ class Connection:
         it, and the socket's buffer small (else the writer, which waits for the socket, sends it
         in turn)."""
         transport = self._transport
-        return (
-            transport is not None
-            and not self._writer_busy
+        return (  # cheapest first: every connection asks at every price flush
+            not self._writer_busy
+            and transport is not None
             and not self.outbound
-            and not self._closing
-            and not self.ws.closed
-            and not transport.is_closing()
             and transport.get_write_buffer_size() < _DIRECT_WRITE_LIMIT
+            and not self._closing
+            and not transport.is_closing()
+            and not self.ws.closed
         )
 
     def _send(self, data: bytes, wire: bytes = b"") -> None:
@@ -279,28 +279,17 @@ class Connection:
         would send them. Otherwise they wait, the newest per symbol, until the writer has sent
         what is queued before them; prices that arrive meanwhile replace older ones.
         """
-        # The relay's innermost loop at scale (a call per connection per flush): the checks are
-        # those of _can_write_now, inlined, cheapest first.
+        if self.session.closed:
+            return
         transport = self._transport
-        if (
-            not self._prices_waiting
-            and not self._writer_busy
-            and transport is not None
-            and not self.outbound
-            and transport.get_write_buffer_size() < _DIRECT_WRITE_LIMIT
-            and not self._closing
-            and not transport.is_closing()
-            and not self.ws.closed
-            and not self.session.closed
-        ):
+        if not self._prices_waiting and self._can_write_now():
+            assert transport is not None
             try:
-                frame = encode_price_frame(False, [p.packed or p.wire_bytes() for p in points])
+                frame = encode_price_frame(False, [p.wire_bytes() for p in points])
             except LocalProtocolError as exc:  # cannot happen with the limits we set; never fatal
                 log.error("connection %s: %s", self.id, exc)
                 return
             transport.write(websocket_binary_frame(frame))
-            return
-        if self.session.closed:
             return
         self.prices.add(points)
         self._prices_waiting = True

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from typing import Any
 
 from foliosync.server.prices import PriceHub
 from foliosync.sync.prices import PricePoint, Tick
@@ -164,7 +164,9 @@ def test_a_fixed_window_shortens_the_flush_interval() -> None:
     assert PriceHub().flush_interval == 0.05
 
 
-async def test_a_running_hub_flushes_when_a_price_may_go_and_sleeps_while_idle() -> None:
+async def test_a_running_hub_flushes_when_a_price_may_go_and_sleeps_while_idle(
+    helpers: Any,
+) -> None:
     hub = PriceHub(window_override_ms=0)
     hub.flush_interval = 0.5  # (a fixed window would shorten it)
     hub.start()
@@ -173,7 +175,7 @@ async def test_a_running_hub_flushes_when_a_price_may_go_and_sleeps_while_idle()
         hub.subscribe(subscriber, ["AAPL"])
         assert hub._flush_timer is None  # nothing pending: no timer at all
         hub.publish([tick("AAPL", "1", IN_SESSION)])
-        await wait_for(lambda: subscriber.batches)  # at once, not after an interval
+        await helpers.eventually(lambda: bool(subscriber.batches))  # at once, not after an interval
         assert [p.price for p in subscriber.take()] == [Decimal("1")]
         assert hub._flush_timer is None
 
@@ -181,34 +183,30 @@ async def test_a_running_hub_flushes_when_a_price_may_go_and_sleeps_while_idle()
         hub.publish([tick("AAPL", "2", IN_SESSION + 1)])
         await asyncio.sleep(0.02)
         hub.publish([tick("AAPL", "3", IN_SESSION + 2)])
-        await wait_for(lambda: subscriber.batches, timeout=5)
+        await helpers.eventually(lambda: bool(subscriber.batches), timeout=5)
         assert [[p.price for p in batch] for batch in subscriber.batches] == [[Decimal("3")]]
     finally:
         await hub.close()
 
 
-async def test_a_price_due_now_is_not_held_behind_one_that_waits_for_its_window() -> None:
+async def test_a_price_due_now_is_not_held_behind_one_that_waits_for_its_window(
+    helpers: Any,
+) -> None:
     hub = PriceHub(flush_interval=0.01, window_override_ms=300)
     hub.start()
     try:
         subscriber = Subscriber(hub)
         hub.subscribe(subscriber, ["AAPL", "MSFT"])
         hub.publish([tick("AAPL", "1", IN_SESSION)])
-        await wait_for(lambda: subscriber.batches)
+        await helpers.eventually(lambda: bool(subscriber.batches))
         subscriber.take()
         hub.publish([tick("AAPL", "2", IN_SESSION + 1)])  # waits for AAPL's window
         hub.publish([tick("MSFT", "5", IN_SESSION + 1)])  # never sent: may go at once
-        await wait_for(lambda: subscriber.batches)
+        await helpers.eventually(lambda: bool(subscriber.batches))
         assert [(p.symbol, p.price) for p in subscriber.take()] == [("MSFT", Decimal("5"))]
-        await wait_for(lambda: subscriber.batches)  # AAPL once its window has passed
+        await helpers.eventually(
+            lambda: bool(subscriber.batches)
+        )  # AAPL once its window has passed
         assert [(p.symbol, p.price) for p in subscriber.take()] == [("AAPL", Decimal("2"))]
     finally:
         await hub.close()
-
-
-async def wait_for(condition: Callable[[], object], timeout: float = 2.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not condition():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError("the condition did not come true in time")
-        await asyncio.sleep(0.001)

@@ -13,6 +13,7 @@ import socket
 import sys
 import textwrap
 from collections.abc import AsyncIterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ import aiohttp
 import pytest
 
 from foliosync.client.replica import DocumentChange, Replica
-from foliosync.client.sync import Backoff, SyncClient
+from foliosync.client.sync import SyncClient
 from foliosync.server.auth import issue_token, load_or_create_secret
 from foliosync.sync.model import DocumentKind, document_id
 
@@ -96,24 +97,6 @@ async def relay_process(tmp_path: Path) -> AsyncIterator[RelayProcess]:
             await relay.process.wait()
 
 
-def quick(replica: Replica, url: str, token: str) -> SyncClient:
-    return SyncClient(replica, url, token, backoff=Backoff(base=0.05, cap=0.25))
-
-
-async def eventually(check: Any, timeout: float = 20.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        result = check()
-        if not isinstance(result, bool):
-            result = await result
-        if result:
-            return
-        if loop.time() > deadline:
-            pytest.fail(f"condition not met within {timeout} s")
-        await asyncio.sleep(0.02)
-
-
 async def trade_ids_seen_by_a_fresh_device(relay: RelayProcess, path: Path) -> set[str]:
     path.unlink(missing_ok=True)
     async with await Replica.open(path) as fresh:
@@ -127,11 +110,12 @@ async def trade_ids_seen_by_a_fresh_device(relay: RelayProcess, path: Path) -> s
 
 
 async def test_relay_killed_mid_stream_keeps_every_acknowledged_edit(
-    relay_process: RelayProcess, tmp_path: Path
+    relay_process: RelayProcess, tmp_path: Path, helpers: Any
 ) -> None:
     relay = relay_process
+    eventually = partial(helpers.eventually, timeout=20.0)
     async with await Replica.open(tmp_path / "writer.db") as writer:
-        client = quick(writer, relay.url, relay.token("alice", "d1"))
+        client = helpers.fast_client(writer, relay.url, relay.token("alice", "d1"))
         seq_of: dict[str, int] = {}  # trade id -> the seq of the local update holding it
         last_seq: list[int] = [0]
 
