@@ -17,7 +17,7 @@ from typing import Any
 
 from pycrdt import Doc, TransactionEvent
 
-from foliosync.server.storage import RelayStore, Watermark
+from foliosync.server.storage import RelayStore, RelayStoreError, Watermark
 from foliosync.sync.errors import ValidationError
 
 __all__ = ["Applied", "BadUpdate", "RelayDocuments"]
@@ -41,7 +41,7 @@ class _Hot:
     watermark: Watermark
     stored_seq: int
     since_compaction: int
-    in_flight: int = 0
+    writes: set[asyncio.Future[int]] = field(default_factory=set)  # appends under way
     changed: list[bool] = field(default_factory=list)
     subscription: object = None
 
@@ -123,7 +123,7 @@ class RelayDocuments:
         busy: list[tuple[tuple[str, str], _Hot]] = []
         while len(self._hot) > self._max_hot:
             key, hot = self._hot.popitem(last=False)
-            if hot.in_flight:
+            if hot.writes:
                 busy.append((key, hot))
         for key, hot in busy:  # kept, at the cold end, until their appends return
             self._hot[key] = hot
@@ -152,16 +152,24 @@ class RelayDocuments:
         changed = bool(hot.changed)
         hot.changed.clear()
         if not changed:
+            # Nothing new in memory, but what it holds may come from a write still under way (the
+            # same update resent by a reconnecting client): acknowledge only once that is stored.
+            if hot.writes:
+                earlier = set(hot.writes)
+                await asyncio.wait(earlier)  # wait() never cancels what it waits for
+                if any(w.cancelled() or w.exception() is not None for w in earlier):
+                    raise RelayStoreError(f"an earlier write to {doc_id} failed")
             return Applied(False, hot.watermark)
-        hot.in_flight += 1
+        write = asyncio.ensure_future(self._store.append(user, doc_id, update, now_ms, device))
+        hot.writes.add(write)
         try:
-            seq = await self._store.append(user, doc_id, update, now_ms, device)
+            seq = await write
         except BaseException:
             # Memory may now hold what the store lacks: forget the document, reload on next use.
             self._hot.pop((user, doc_id), None)
             raise
         finally:
-            hot.in_flight -= 1
+            hot.writes.discard(write)
         hot.watermark = Watermark(now_ms, device)
         hot.stored_seq = max(hot.stored_seq, seq)
         hot.since_compaction += 1

@@ -165,7 +165,8 @@ def _decode_ticks(body: bytes, content_type: str) -> list[Any]:
             payload = msgpack.unpackb(body, raw=False, strict_map_key=False)
         else:
             payload = json.loads(body)
-    except (ValueError, TypeError) as exc:  # msgpack's errors are ValueErrors; a list as a key
+    except (ValueError, TypeError, RecursionError) as exc:  # msgpack's are ValueErrors; a list
+        # as a key is a TypeError; JSON nested too deep a RecursionError
         kind = "msgpack" if content_type in _MSGPACK_TYPES else "JSON"
         raise _fail(web.HTTPBadRequest, f"the body is not valid {kind}: {exc}") from None
     if isinstance(payload, dict):
@@ -210,13 +211,14 @@ async def _get_prices(request: web.Request) -> web.Response:
         text_epoch, dot, text_n = since_text.strip().rpartition(".")
         try:
             since = int(text_n)
-            if since < 0 or (dot and not text_epoch.isdigit()):
+            if since < 0 or (dot and not (text_epoch.isascii() and text_epoch.isdigit())):
                 raise ValueError
+            run = int(text_epoch) if dot else None
         except ValueError:
             raise _fail(
                 web.HTTPBadRequest, f"since must be a cursor from this API, not {since_text!r}"
             ) from None
-        if not dot or int(text_epoch) != epoch:
+        if run != epoch:
             since = None  # another run of the relay (or a bare number): start over
     if since is None or since > book.cursor:
         points = book.snapshot(sorted(symbols)) if symbols is not None else None

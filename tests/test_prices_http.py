@@ -125,8 +125,8 @@ async def test_post_needs_a_publish_token(relay: Any, http: Any) -> None:
 
 @pytest.mark.parametrize(
     "body",
-    [b"{not json", b'{"tickz": []}', b'"AAPL"', b"42"],
-    ids=["broken", "wrong-key", "string", "number"],
+    [b"{not json", b'{"tickz": []}', b'"AAPL"', b"42", b"[" * 100_000],
+    ids=["broken", "wrong-key", "string", "number", "nested-too-deep"],
 )
 async def test_a_malformed_body_is_400(relay: Any, http: Any, body: bytes) -> None:
     async with http.post(
@@ -185,7 +185,7 @@ async def test_bad_queries_are_400(relay: Any, http: Any) -> None:
     many = ",".join([a + b + c for a in letters for b in letters for c in letters][:2001])
     status, answer = await get_prices(http, relay, f"symbols={many}")
     assert status == 400 and "2000" in answer["error"]
-    for bad in ("-1", "x.1", "1.-1", "abc"):
+    for bad in ("-1", "x.1", "1.-1", "abc", "%C2%B2.5", "9" * 5000 + ".1"):
         status, _ = await get_prices(http, relay, f"symbols=AAPL&since={bad}")
         assert status == 400, bad
     status, _ = await get_prices(http, relay, "symbols=AAPL&since=soon")

@@ -1,0 +1,62 @@
+"""The relay's documents: an update is acknowledged only once what it holds is stored."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from pycrdt import Doc, Map
+
+from foliosync.server.documents import RelayDocuments
+from foliosync.server.storage import MemoryRelayStore, RelayStoreError
+
+DOC = "alice/watchlist:tech"
+
+
+class GatedStore(MemoryRelayStore):
+    """The memory store, whose appends wait for a gate and may then fail (a slow, full disk)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+        self.fail = False
+
+    async def append(
+        self, user: str, doc_id: str, update: bytes, changed_at: int, changed_by: str
+    ) -> int:
+        await self.gate.wait()
+        if self.fail:
+            raise RelayStoreError("simulated full disk")
+        return await super().append(user, doc_id, update, changed_at, changed_by)
+
+
+def an_update() -> bytes:
+    doc: Doc = Doc()
+    doc["m"] = Map()
+    doc["m"]["note"] = "hello"
+    return doc.get_update()
+
+
+@pytest.mark.parametrize("fails", [False, True])
+async def test_the_same_update_resent_while_the_first_is_stored_waits_for_that_write(
+    fails: bool,
+) -> None:
+    store = GatedStore()
+    store.fail = fails
+    documents = RelayDocuments(store)
+    update = an_update()
+    first = asyncio.ensure_future(documents.apply("alice", DOC, update, device="d1", now_ms=1))
+    await asyncio.sleep(0.01)
+    again = asyncio.ensure_future(documents.apply("alice", DOC, update, device="d1", now_ms=2))
+    await asyncio.sleep(0.01)
+    assert not again.done()  # nothing new in memory, yet not stored: no acknowledgement yet
+    store.gate.set()
+    if fails:
+        with pytest.raises(RelayStoreError):
+            await first
+        with pytest.raises(RelayStoreError):
+            await again
+        assert await store.load("alice", DOC) is None
+    else:
+        assert (await first).changed and not (await again).changed
+        assert await store.load("alice", DOC) is not None
