@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import dataclasses
 import secrets
-import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from pycrdt import Doc, TransactionEvent, merge_updates
 from foliosync.client.documents import PortfolioHandle, WatchlistHandle
 from foliosync.client.quotes import Quote, QuoteBook
 from foliosync.client.store import DocumentRow, PendingUpdate, ReplicaStore
+from foliosync.sync.clock import wall_ms
 from foliosync.sync.errors import (
     DocumentExists,
     DocumentNotFound,
@@ -74,10 +74,6 @@ _MODELS: dict[DocumentKind, type[DocumentModel]] = {
     DocumentKind.PORTFOLIO: Portfolio,
     DocumentKind.INDEX: UserIndex,
 }
-
-
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,7 +152,7 @@ class Replica:
                     # One pycrdt client id per device, kept across restarts: the exclusive lock
                     # guarantees a single writer, and a stable id keeps state vectors small.
                     "client_id": str(secrets.randbelow(2**31 - 2) + 1),
-                    "created_at": str(_now_ms()),
+                    "created_at": str(wall_ms()),
                 }
                 await store.set_meta(meta)
             rows = await store.documents()
@@ -421,7 +417,7 @@ class Replica:
 
     async def mark_synced(self, doc_id: str, at_ms: int | None = None) -> None:
         """Record that this device confirmed ``doc_id`` in sync with the relay."""
-        at = at_ms if at_ms is not None else _now_ms()
+        at = at_ms if at_ms is not None else wall_ms()
         async with self._lock:
             self._check_open()
             await self._store.update_sync_info(doc_id, last_synced_at=at)
@@ -571,7 +567,7 @@ class Replica:
                 self._watch(loaded)
                 captured = self._capture(loaded, lambda m: m.initialize(name))
                 listed = self._capture(index, lambda m: m.register(doc_id, kind, name))
-                row = DocumentRow(doc_id, kind.value, name, _now_ms(), None, None, None)
+                row = DocumentRow(doc_id, kind.value, name, wall_ms(), None, None, None)
                 updates = [(doc_id, u) for u in captured] + [(INDEX_DOCUMENT_ID, u) for u in listed]
                 try:
                     await self._store.create_document(row, b"", updates)
@@ -612,7 +608,7 @@ class Replica:
     async def _insert_row(
         self, doc_id: str, kind: DocumentKind, name: str, updates: list[tuple[str, bytes]]
     ) -> None:
-        row = DocumentRow(doc_id, kind.value, name, _now_ms(), None, None, None)
+        row = DocumentRow(doc_id, kind.value, name, wall_ms(), None, None, None)
         await self._store.create_document(row, b"", updates)
         self._rows[doc_id] = row
 

@@ -21,7 +21,6 @@ import asyncio
 import contextlib
 import logging
 import random
-import time
 from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -30,6 +29,7 @@ from typing import Any
 import aiohttp
 
 from foliosync.client.replica import DocumentChange, Replica
+from foliosync.sync.clock import wall_ms
 from foliosync.sync.errors import (
     AccessDenied,
     AuthError,
@@ -61,10 +61,6 @@ log = logging.getLogger("foliosync.sync")
 
 CLIENT_MAX_FRAME = 64 << 20  # the relay may send a whole document at once
 CLIENT_MAX_SEND = 4 << 20  # what the relay accepts by default
-
-
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 @dataclass(slots=True)
@@ -159,7 +155,7 @@ class SyncClient:
         return SyncStatus(
             doc_id=doc_id,
             pending=info.pending,
-            last_synced_at=_now_ms() if live else info.last_synced_at,
+            last_synced_at=wall_ms() if live else info.last_synced_at,
             remote_changed_at=info.remote_changed_at,
             remote_changed_by=info.remote_changed_by,
             connected=self._connected,
@@ -469,7 +465,7 @@ class _Connection:
     async def _on_ack(self, event: Acked) -> None:
         await self.replica.acknowledge(event.doc, event.seq)
         if self.client.device:  # the relay's newest change of it is now ours
-            await self.replica.record_watermark(event.doc, _now_ms(), self.client.device)
+            await self.replica.record_watermark(event.doc, wall_ms(), self.client.device)
         if self.in_flight.get(event.doc, 0) <= event.seq:
             self.in_flight.pop(event.doc, None)
             await self._settled(event.doc)

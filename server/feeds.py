@@ -27,7 +27,6 @@ import logging
 import math
 import random
 import re
-import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -36,6 +35,7 @@ from pathlib import Path
 from typing import Protocol
 
 from foliosync.server.prices import PriceHub
+from foliosync.sync.clock import wall_ms
 from foliosync.sync.errors import ConfigError, FolioSyncError, ValidationError
 from foliosync.sync.prices import Tick, check_tick
 
@@ -75,10 +75,6 @@ REFERENCE_PRICES: dict[str, float] = {
 
 _CENT = Decimal("0.01")
 _MIN_PRICE = 0.01
-
-
-def _wall_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 class Feed(Protocol):
@@ -181,7 +177,7 @@ class SimulatorFeed(_TaskFeed):
         ticks_per_second: float = 20.0,
         interval: float = 0.1,
         symbols: Iterable[str] = DEFAULT_SYMBOLS,
-        clock_ms: Callable[[], int] = _wall_ms,
+        clock_ms: Callable[[], int] = wall_ms,
     ) -> None:
         super().__init__()
         if not ticks_per_second > 0 or not interval > 0:
@@ -381,7 +377,7 @@ class CsvReplayFeed(_TaskFeed):
         speed: float | None = 1.0,
         restamp: bool = True,
         batch: int = 500,
-        clock_ms: Callable[[], int] = _wall_ms,
+        clock_ms: Callable[[], int] = wall_ms,
     ) -> None:
         super().__init__()
         if speed is not None and not speed > 0:

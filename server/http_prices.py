@@ -39,6 +39,7 @@ import msgpack
 from aiohttp import web
 
 from foliosync.server.auth import Identity, verify_token
+from foliosync.sync.clock import wall_ms
 from foliosync.sync.errors import AuthError, ValidationError
 from foliosync.sync.prices import LatestPrices, PricePoint, check_ticks
 from foliosync.sync.protocol.frames import MAX_TICKS
@@ -64,10 +65,6 @@ class _Streams:
 
 
 _STREAMS = web.AppKey("price_streams", _Streams)
-
-
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 def _relay(request: web.Request) -> Relay:
@@ -187,7 +184,7 @@ async def _post_ticks(request: web.Request) -> web.StreamResponse:
         raws = _decode_ticks(body, request.content_type)
     except _TooLarge as exc:
         return await _refuse_too_large(request, exc.message)
-    good, bad = check_ticks(raws, _now_ms())
+    good, bad = check_ticks(raws, wall_ms())
     _relay(request).prices.publish(good)
     return web.json_response(
         {"accepted": len(good), "rejected": [{"index": i, "reason": r} for i, r in bad]}

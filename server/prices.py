@@ -22,12 +22,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
+from foliosync.sync.clock import wall_ms
 from foliosync.sync.market import NYSE, ExchangeCalendar
 from foliosync.sync.prices import PriceBook, PricePoint, Tick, TickConflator
 from foliosync.sync.refresh_policy import (
@@ -41,10 +41,6 @@ from foliosync.sync.refresh_policy import (
 __all__ = ["PriceHub", "PriceSubscriber", "StalledSymbol"]
 
 log = logging.getLogger("foliosync.prices")
-
-
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 class PriceSubscriber(Protocol):
@@ -72,7 +68,7 @@ class PriceHub:
         calendar: ExchangeCalendar = NYSE,
         flush_interval: float = 0.05,
         stall_after: timedelta = timedelta(minutes=5),
-        clock_ms: Callable[[], int] = _now_ms,
+        clock_ms: Callable[[], int] = wall_ms,
         window_override_ms: int | None = None,
     ) -> None:
         self.book = PriceBook()

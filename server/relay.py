@@ -38,6 +38,7 @@ from foliosync.server.http_prices import add_price_routes
 from foliosync.server.memory import trim_memory_every
 from foliosync.server.prices import PriceHub
 from foliosync.server.storage import RelayStore, RelayStoreError, SQLiteRelayStore
+from foliosync.sync.clock import wall_ms
 from foliosync.sync.errors import (
     AuthError,
     LocalProtocolError,
@@ -88,10 +89,6 @@ class RelayConfig:
     price_window_ms: int | None = None  # fixed push window instead of the policy's (benchmarks)
     max_symbols: int = 2000  # symbols one connection may follow
     trim_memory_every: float = 60.0  # seconds between handing freed memory back (0: never)
-
-
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 class Relay:
@@ -380,7 +377,7 @@ class Connection:
         documents = (
             await self.relay.documents.documents(identity.user) if "sync" in identity.scopes else []
         )
-        self._send(self.session.accept(identity.user, self.device, documents, _now_ms()))
+        self._send(self.session.accept(identity.user, self.device, documents, wall_ms()))
         self._subscription = self.relay.fanout.subscribe(identity.user, self._deliver)
 
     def _check_document(self, doc: str, seq: int | None = None) -> bool:
@@ -433,7 +430,7 @@ class Connection:
         assert self.identity is not None
         if not self._check_document(event.doc, event.seq):
             return
-        now = _now_ms()
+        now = wall_ms()
         try:
             applied = await self.relay.documents.apply(
                 self.identity.user, event.doc, event.update, device=self.device, now_ms=now
@@ -513,7 +510,7 @@ class Connection:
                 self.session.error(ErrorCode.FORBIDDEN, "this token may not publish", doc="prices")
             )
             return
-        good, bad = check_ticks(event.ticks, _now_ms())
+        good, bad = check_ticks(event.ticks, wall_ms())
         self.relay.prices.publish(good)
         self._send(self.session.send(Published(event.batch, len(good), tuple(bad))))
 

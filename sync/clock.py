@@ -13,14 +13,16 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-__all__ = ["HybridClock", "stamp_millis"]
+__all__ = ["HybridClock", "stamp_millis", "wall_ms"]
 
 _MS_DIGITS = 13
 _COUNTER_DIGITS = 4
 _COUNTER_MAX = 16**_COUNTER_DIGITS - 1
 
 
-def _wall_ms() -> int:
+def wall_ms() -> int:
+    """Milliseconds since the epoch by the wall clock: the time unit of stamps, ticks and
+    watermarks everywhere in foliosync."""
     return time.time_ns() // 1_000_000
 
 
@@ -40,7 +42,7 @@ def stamp_millis(stamp: str) -> int:
 class HybridClock:
     """Issues strictly increasing stamps close to the wall clock."""
 
-    def __init__(self, wall_ms: Callable[[], int] = _wall_ms) -> None:
+    def __init__(self, wall_ms: Callable[[], int] = wall_ms) -> None:
         self._wall_ms = wall_ms
         self._last = (0, 0)
 
