@@ -10,7 +10,6 @@ from typing import Any
 from foliosync.client.cli_common import open_replica, print_json
 from foliosync.client.sync import SyncClient
 from foliosync.sync.errors import ConfigError
-from foliosync.sync.freshness import document_freshness
 
 __all__ = ["register"]
 
@@ -75,12 +74,7 @@ async def _status(args: argparse.Namespace) -> int:
     async with open_replica(args) as replica:
         rows = []
         for info in replica.documents():
-            synced = (
-                datetime.fromtimestamp(info.last_synced_at / 1000, tz=UTC)
-                if info.last_synced_at is not None
-                else None
-            )
-            freshness = document_freshness(synced, now, info.pending)
+            freshness = replica.freshness(info.id, now)
             rows.append(
                 {
                     "id": info.id,

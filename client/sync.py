@@ -452,9 +452,7 @@ class _Connection:
 
     async def _on_remote_update(self, event: UpdateReceived) -> None:
         doc = event.doc
-        if doc not in self.requested:
-            await self.replica.ensure_document(doc)
-        await self.replica.apply_remote(
+        await self.replica.apply_remote(  # makes the local copy of a document new to us
             doc, event.update, changed_at=event.changed_at_ms, changed_by=event.changed_by
         )
         if doc == INDEX_DOCUMENT_ID or doc not in self.requested:
