@@ -1,23 +1,29 @@
 # One command each: `make relay` sets up and runs the relay, `make test` sets up and runs the tests.
+# Both install foliosync into .venv from a wheel built from this checkout (tools/bootstrap.py), as
+# users get it; they may run at the same time (the set-up takes a lock and skips what is done).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+BOOTSTRAP := $(PYTHON) tools/bootstrap.py $(VENV)
 
-.PHONY: install relay test lint typecheck bench clean
+.PHONY: install dev relay test lint typecheck system-deps bench clean
 
-$(BIN)/python:
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
+install:
+	$(BOOTSTRAP) --extras test
 
-# Editable install: the wheel maps sync/, server/, client/ to foliosync.*; new modules are found at once.
-install: $(BIN)/python
-	$(BIN)/pip install -q -e ".[test]"
+# An editable install for a quick edit-and-run loop; `make test` puts the wheel back.
+dev:
+	$(BOOTSTRAP) --extras test --editable
 
-relay: $(BIN)/python
-	$(BIN)/pip install -q -e .
+relay:
+	$(BOOTSTRAP)
 	$(BIN)/foliosync relay $(ARGS)
 
-test: install typecheck
+# What the suite needs beyond Python: Node.js for the second client, Chromium for the browser test.
+system-deps:
+	tools/system-deps
+
+test: install system-deps typecheck
 	$(BIN)/ruff check .
 	@# pytest exits 5 when it collects no tests; make would turn that into 2, so decide here.
 	$(BIN)/pytest $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
@@ -25,16 +31,17 @@ test: install typecheck
 lint: install typecheck
 	$(BIN)/ruff check .
 
-# mypy resolves foliosync.* from a folder named foliosync, which the repository maps from three;
+# mypy resolves foliosync.* from a folder named foliosync, which the repository maps from four;
 # a throwaway tree of links gives it that layout.
 typecheck: install
 	rm -rf .typecheck && mkdir -p .typecheck/foliosync
 	ln -s ../../sync ../../server ../../client .typecheck/foliosync/
+	ln -s ../../package/__init__.py ../../package/__main__.py ../../package/py.typed .typecheck/foliosync/
 	cd .typecheck && ../$(BIN)/mypy --strict --ignore-missing-imports --cache-dir ../.mypy_cache -p foliosync
 
-bench: $(BIN)/python
-	$(BIN)/pip install -q -e ".[test,bench]"
+bench:
+	$(BOOTSTRAP) --extras test,bench
 	$(BIN)/python -m bench $(ARGS)
 
 clean:
-	rm -rf $(VENV) build *.egg-info .typecheck .mypy_cache
+	rm -rf $(VENV) $(VENV).lock build dist *.egg-info .typecheck .mypy_cache

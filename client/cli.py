@@ -15,6 +15,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from foliosync import __version__
 from foliosync.sync.errors import FolioSyncError
 
 __all__ = ["EXIT_ERROR", "EXIT_INTERNAL", "EXIT_USAGE", "build_parser", "main"]
@@ -52,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="foliosync",
         description="Offline-first watchlists and portfolios, synced through a foliosync relay.",
     )
+    parser.add_argument("--version", action="version", version=f"foliosync {__version__}")
     parser.add_argument(
         "--db",
         metavar="PATH",
