@@ -1,0 +1,78 @@
+"""The README's set-up, as a new user meets it: a copy of the checkout, a fresh venv, two set-ups
+started at the same time (``make relay`` in one shell, ``make test`` in another)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def copy_checkout(target: Path) -> None:
+    """The files a clone has (tracked, or new and not ignored), nothing built."""
+    listed = (
+        subprocess.run(
+            ["git", "ls-files", "-co", "--exclude-standard", "-z"],
+            cwd=ROOT,
+            capture_output=True,
+            check=True,
+        )
+        .stdout.decode()
+        .split("\0")
+    )
+    for name in filter(None, listed):
+        source = ROOT / name
+        if source.is_file():
+            (target / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target / name)
+
+
+def test_two_set_ups_at_once_build_one_working_venv(tmp_path: Path) -> None:
+    checkout = tmp_path / "foliosync"
+    copy_checkout(checkout)
+    venv = checkout / ".venv"
+    command = [sys.executable, "tools/bootstrap.py", str(venv)]
+    first = subprocess.Popen(
+        command, cwd=checkout, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    second = subprocess.Popen(
+        [*command, "--extras", "test"],
+        cwd=checkout,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    outputs = [p.communicate(timeout=300)[0].decode() for p in (first, second)]
+    assert first.returncode == 0, outputs[0]
+    assert second.returncode == 0, outputs[1]
+
+    # The wheel, not the checkout: run from elsewhere so that nothing of the copy is on sys.path.
+    done = subprocess.run(
+        [
+            venv / "bin/python",
+            "-c",
+            "import foliosync, foliosync.client, foliosync.server, foliosync.sync.model;"
+            "print(foliosync.__version__, foliosync.__file__)",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    version, location = done.stdout.split()
+    assert "site-packages" in location and not location.startswith(str(checkout / "package"))
+    assert (venv / "bin/pytest").exists()  # the second set-up's extras are there too
+    done = subprocess.run(
+        [venv / "bin/foliosync", "--version"], capture_output=True, text=True, timeout=60
+    )
+    assert done.stdout.strip() == f"foliosync {version}"
+
+    # A third run with nothing changed does nothing: a running relay keeps its files.
+    installed = location.replace("__init__.py", "client/cli.py")
+    before = Path(installed).stat().st_mtime_ns
+    done = subprocess.run(command, cwd=checkout, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert Path(installed).stat().st_mtime_ns == before
