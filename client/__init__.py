@@ -3,11 +3,13 @@
 Start with :class:`Replica` (open a file, create and edit watchlists and portfolios, offline) and
 :class:`SyncClient` (keep it in sync with a relay)::
 
-    replica = await Replica.open("replica.db")
-    tech = await replica.create_watchlist("Tech")
-    await tech.add(["AAPL", "MSFT"])
-    client = SyncClient(replica, "ws://127.0.0.1:8765/ws", token)
-    client.start()
+    async with Replica.open("replica.db") as replica:
+        async with SyncClient(replica, "ws://127.0.0.1:8765/ws", token) as client:
+            tech = await replica.create_watchlist("Tech")
+            await tech.add(["AAPL", "MSFT"])
+
+(``await Replica.open(path)`` with ``await replica.close()``, and ``client.start()`` with
+``await client.stop()``, are the same without the blocks.)
 """
 
 from foliosync.client.documents import PortfolioHandle, WatchlistHandle

@@ -16,7 +16,8 @@ import contextlib
 import dataclasses
 import secrets
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Generator, Iterable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -56,7 +57,7 @@ from foliosync.sync.model import (
 from foliosync.sync.prices import PricePoint
 from foliosync.sync.validation import decimal_to_str, normalize_name
 
-__all__ = ["DocumentChange", "DocumentInfo", "Replica"]
+__all__ = ["DocumentChange", "DocumentInfo", "OpeningReplica", "Replica"]
 
 M = TypeVar("M", bound=DocumentModel)
 R = TypeVar("R")
@@ -113,6 +114,34 @@ class _Loaded:
     subscription: Any = None
 
 
+class OpeningReplica(Awaitable["Replica"], AbstractAsyncContextManager["Replica"]):
+    """What :meth:`Replica.open` returns: await it for the replica, or use it in ``async with``
+    (the replica is then closed when the block ends, by an exception too).
+
+    Both forms in one object, as ``aiosqlite.connect`` does: ``async with Replica.open(p)`` reads
+    better than ``async with await Replica.open(p)``, and ``await Replica.open(p)`` keeps working.
+    It can be used once (like the coroutine it wraps: left unused, Python warns that it was
+    never awaited).
+    """
+
+    __slots__ = ("_opening", "_replica")
+
+    def __init__(self, opening: Coroutine[Any, Any, Replica]) -> None:
+        self._opening = opening
+        self._replica: Replica | None = None
+
+    def __await__(self) -> Generator[Any, None, Replica]:
+        return self._opening.__await__()
+
+    async def __aenter__(self) -> Replica:
+        self._replica = await self._opening
+        return self._replica
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self._replica is not None:
+            await self._replica.close()
+
+
 class Replica:
     """A device's replica of its user's documents. Open with :meth:`open`, close with
     :meth:`close` (or ``async with``)."""
@@ -138,11 +167,16 @@ class Replica:
     # -- life cycle --------------------------------------------------------------------------
 
     @classmethod
-    async def open(cls, path: str | Path, *, synchronous: str = "NORMAL") -> Replica:
-        """Open (or create) the replica at ``path``.
+    def open(cls, path: str | Path, *, synchronous: str = "NORMAL") -> OpeningReplica:
+        """Open (or create) the replica at ``path``: ``replica = await Replica.open(path)``, or
+        ``async with Replica.open(path) as replica:`` to have it closed when the block ends.
 
         Raises ReplicaCorrupt, ReplicaLocked or SchemaTooNew without touching the file.
         """
+        return OpeningReplica(cls._open(path, synchronous))
+
+    @classmethod
+    async def _open(cls, path: str | Path, synchronous: str) -> Replica:
         store = await ReplicaStore.open(path, synchronous=synchronous)
         try:
             meta = await store.get_meta()

@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import os
 import sqlite3
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,6 +107,23 @@ class PendingUpdate:
     changes: int
 
 
+def _daemonize(connection: aiosqlite.Connection) -> None:
+    """Make the connection's worker thread a daemon, before it starts.
+
+    aiosqlite (0.22) runs each connection in a non-daemon thread that ends only when the
+    connection is closed or garbage collected. A replica left open when an app stops (an
+    exception escaping ``asyncio.run``, whose traceback keeps the replica alive) made the
+    interpreter wait for that thread forever: the process never exited. A daemon thread cannot
+    hold the process; leaving it behind is safe, because every accepted edit is already committed
+    and SQLite rolls back an unfinished transaction when the file is next opened, as after a
+    kill of the app.
+    """
+    thread = getattr(connection, "_thread", None)
+    # Another aiosqlite may name it differently: tests/test_replica_lifecycle.py then fails.
+    if isinstance(thread, threading.Thread) and not thread.is_alive():
+        thread.daemon = True
+
+
 def _translate(exc: sqlite3.Error, path: Path) -> ReplicaError:
     """One place where sqlite3's errors become foliosync's."""
     message = str(exc).lower()
@@ -149,8 +167,10 @@ class ReplicaStore:
             file.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise ReplicaError(f"cannot create the folder of replica {file}: {exc}") from exc
+        connecting = aiosqlite.connect(str(file), isolation_level=None, timeout=0.2)
+        _daemonize(connecting)
         try:
-            conn = await aiosqlite.connect(str(file), isolation_level=None, timeout=0.2)
+            conn = await connecting
         except sqlite3.Error as exc:
             raise _translate(exc, file) from exc
         store = cls(file, conn)
@@ -163,6 +183,12 @@ class ReplicaStore:
 
     async def _prepare(self, synchronous: str) -> None:
         try:
+            # Exclusive locking before the first read: in WAL mode, a read in the default mode
+            # maps the shared-memory index (the -shm file), which needs disk space, so that on a
+            # full disk even listing failed with "disk I/O error". In exclusive mode SQLite keeps
+            # that index in memory, and reading needs no space at all. The first write takes the
+            # lock and keeps it until close.
+            await self._conn.execute("PRAGMA locking_mode = EXCLUSIVE")
             app_id = await self._scalar("PRAGMA application_id")
             version = await self._scalar("PRAGMA user_version")
             tables = await self._scalar("SELECT count(*) FROM sqlite_master")
@@ -176,8 +202,6 @@ class ReplicaStore:
                 f"({SCHEMA_VERSION}); upgrade foliosync. The file was left untouched."
             )
         try:
-            # Exclusive locking: the first write takes the lock and keeps it until close.
-            await self._conn.execute("PRAGMA locking_mode = EXCLUSIVE")
             await self._conn.execute("PRAGMA journal_mode = WAL")
             await self._conn.execute(f"PRAGMA synchronous = {synchronous}")
             await self._conn.execute("BEGIN IMMEDIATE")

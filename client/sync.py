@@ -123,6 +123,7 @@ class SyncClient:
         backoff: Backoff | None = None,
         heartbeat: float = 30.0,
         connect_timeout: float = 10.0,
+        flush_timeout: float = 5.0,
     ) -> None:
         self.replica = replica
         self.url = url
@@ -131,6 +132,7 @@ class SyncClient:
         self.backoff = backoff or Backoff()
         self.heartbeat = heartbeat
         self.connect_timeout = connect_timeout
+        self.flush_timeout = flush_timeout  # see __aexit__
         self.user: str | None = None
         self.device: str | None = None
         self._connected = False
@@ -226,6 +228,36 @@ class SyncClient:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+
+    async def __aenter__(self) -> SyncClient:
+        """``async with SyncClient(replica, url, token) as client:`` starts it..."""
+        self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object
+    ) -> None:
+        """...and stops it when the block ends.
+
+        Leaving normally, it first gives the edits made in the block up to ``flush_timeout``
+        seconds to reach the relay, so that a short script's changes are not left for its next
+        run. Leaving by an exception, it stops at once. Either way nothing is lost: an edit is
+        committed to the replica before it returns, and what the relay has not acknowledged stays
+        pending and is sent on the next connection.
+        """
+        if exc_type is not None:
+            with contextlib.suppress(FolioSyncError):  # the block's own exception goes on
+                await self.stop()
+            return
+        task = self._task
+        if self.flush_timeout > 0 and task is not None and not task.done():
+            idle = asyncio.ensure_future(self._idle.wait())
+            # Until in sync, or the connection gave up (a refused token: stop() raises it).
+            await asyncio.wait(
+                {idle, task}, timeout=self.flush_timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+            idle.cancel()
+        await self.stop()
 
     async def wait_in_sync(self, timeout: float = 30.0) -> None:
         """Wait until connected with every document synced and nothing pending."""
