@@ -7,7 +7,9 @@ bytes and decides what frames mean:
 - SyncRequest: the relay's diff against the client's state vector, its own state vector and the
   document's watermark. Initial syncs share a bounded number of slots, so that after a restart
   a thousand reconnecting clients queue for them instead of starving live updates.
-- Update: applied, stored, then acknowledged and fanned out to the user's other connections.
+- Update: applied, stored, then acknowledged and fanned out to the user's other connections that
+  synced that document. The session refuses (fatally) an Update before its document's
+  SyncRequest or with a seq that does not increase; see ``PROTOCOL.md``.
 
 A frame goes straight to the socket when nothing waits before it and the socket's buffer is small
 (the common case: no task switch per receiver). Otherwise it waits in an :class:`OutboundQueue`
@@ -185,6 +187,10 @@ class Connection:
         self._prices_waiting = False  # prices were handed to the writer: none go around it
         self._wakeup = asyncio.Event()
         self._subscription: Subscription | None = None
+        # Documents whose live changes this connection gets: those it sent a SyncRequest for
+        # (and was allowed to read). The SyncReply brings everything up to then; from then on
+        # every stored change of another connection follows, so nothing falls between the two.
+        self._synced_docs: set[str] = set()
         self._closing = False
 
     # -- life cycle --------------------------------------------------------------------------
@@ -408,6 +414,9 @@ class Connection:
         assert self.identity is not None
         if not self._check_document(event.doc):
             return
+        # Subscribed before the state is read: a change stored meanwhile is then in the reply,
+        # or fanned out after it, or both (applying an update twice changes nothing).
+        self._synced_docs.add(event.doc)
         async with self.relay.initial_sync_slots:
             try:
                 diff, state_vector, watermark = await self.relay.documents.state(
@@ -515,7 +524,14 @@ class Connection:
         self._send(self.session.send(Published(event.batch, len(good), tuple(bad))))
 
     def _deliver(self, change: Change) -> None:
-        if change.origin == self.id or self.session.closed or self._closing:
+        """A stored change of one of the user's documents: sent on if this connection synced
+        that document, and did not make the change itself (a sender is never echoed)."""
+        if (
+            change.origin == self.id
+            or change.doc_id not in self._synced_docs
+            or self.session.closed
+            or self._closing
+        ):
             return
         frame = change.frame or encode_frame(
             Update(change.doc_id, 0, change.update, change.changed_at, change.changed_by)

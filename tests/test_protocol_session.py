@@ -44,6 +44,15 @@ def ready_pair(**kwargs: object) -> MemoryConnection:
     return conn
 
 
+def synced_pair(*docs: str) -> MemoryConnection:
+    """A ready pair whose client sent (and the relay received) a SyncRequest of each doc."""
+    conn = ready_pair()
+    for doc in docs:
+        conn.client_sends(conn.client.sync_request(doc, b"\x00"))
+    conn.deliver_to_server()
+    return conn
+
+
 def server_refuses(server: ServerSession, frame: object, code: str) -> Error:
     """Feed ``frame`` (a frame or raw bytes); check the refusal and return the reply frame."""
     data = frame if isinstance(frame, bytes) else encode_frame(frame)  # type: ignore[arg-type]
@@ -244,28 +253,99 @@ def test_client_frames_from_the_relay_are_unexpected(frame: object) -> None:
 
 
 def test_client_update_needs_a_positive_seq_and_no_watermark() -> None:
-    conn = ready_pair()
+    conn = synced_pair("wl:main")
     with pytest.raises(LocalProtocolError):
         conn.client.update("wl:main", 0, b"\x00")
     with pytest.raises(LocalProtocolError):
         conn.client.send(Update("wl:main", 1, b"\x00", 5, "d1"))
     assert conn.client.state is ClientState.READY
     server_refuses(conn.server, Update("wl:main", 0, b"\x00"), "bad_frame")
-    conn = ready_pair()
+    conn = synced_pair("wl:main")
     server_refuses(conn.server, Update("wl:main", 1, b"\x00", 5, "d1"), "bad_frame")
 
 
-def test_resending_a_seq_is_allowed() -> None:
+# --- Sequence rules: SyncRequest first, then strictly increasing seqs per document -----------
+
+
+def test_an_update_before_its_documents_sync_request_is_fatal() -> None:
     conn = ready_pair()
-    for seq in (1, 2, 2, 1):
-        conn.client_sends(conn.client.update("wl:main", seq, b"\x00"))
-    assert [e.seq for e in conn.deliver_to_server()] == [1, 2, 2, 1]  # type: ignore[union-attr]
-    conn.server_sends(conn.server.ack("wl:main", 2))
-    assert conn.deliver_to_client() == [Acked("wl:main", 2)]
+    reply = server_refuses(conn.server, Update("wl:main", 1, b"\x00"), "not_synced")
+    assert reply.message == "Update of 'wl:main' before its SyncRequest on this connection"
+
+
+def test_a_sync_request_of_another_document_does_not_count() -> None:
+    conn = synced_pair("pf:main")
+    server_refuses(conn.server, Update("wl:main", 1, b"\x00"), "not_synced")
+
+
+def test_updates_may_follow_the_sync_request_before_its_reply() -> None:
+    conn = synced_pair("wl:main")  # no SyncReply sent yet
+    conn.client_sends(conn.client.update("wl:main", 1, b"\x00"))
+    assert conn.deliver_to_server() == [UpdateReceived("wl:main", 1, b"\x00", None, None)]
+    assert conn.server.state is ServerState.READY
+
+
+def test_client_cannot_send_an_update_before_its_sync_request() -> None:
+    conn = ready_pair()
+    with pytest.raises(LocalProtocolError) as caught:
+        conn.client.update("wl:main", 1, b"\x00")
+    assert caught.value.code == "not_synced"
+    assert conn.client.state is ClientState.READY
+    conn.client.sync_request("wl:main", b"\x00")
+    conn.client.update("wl:main", 1, b"\x00")
+
+
+def test_increasing_seqs_with_gaps_are_accepted_and_acked() -> None:
+    conn = synced_pair("wl:main", "pf:main")
+    for doc, seq in (("wl:main", 5), ("pf:main", 2), ("wl:main", 9), ("pf:main", 3)):
+        conn.client_sends(conn.client.update(doc, seq, b"\x00"))
+    events = conn.deliver_to_server()
+    assert [(e.doc, e.seq) for e in events] == [  # type: ignore[union-attr]
+        ("wl:main", 5),
+        ("pf:main", 2),
+        ("wl:main", 9),
+        ("pf:main", 3),
+    ]
+    conn.server_sends(conn.server.ack("wl:main", 9))
+    conn.server_sends(conn.server.ack("pf:main", 3))
+    assert conn.deliver_to_client() == [Acked("wl:main", 9), Acked("pf:main", 3)]
+
+
+@pytest.mark.parametrize("seqs", [(5, 5), (5, 3), (2, 7, 7), (9, 1)], ids=str)
+def test_a_repeated_or_lower_seq_is_fatal(seqs: tuple[int, ...]) -> None:
+    conn = synced_pair("wl:main")
+    for seq in seqs[:-1]:
+        conn.server.receive_data(encode_frame(Update("wl:main", seq, b"\x00")))
+    reply = server_refuses(conn.server, Update("wl:main", seqs[-1], b"\x00"), "bad_seq")
+    assert reply.message == (
+        f"Update seq {seqs[-1]} of 'wl:main' after seq {max(seqs[:-1])}: seqs must increase"
+    )
+
+
+def test_client_cannot_send_a_seq_that_does_not_increase() -> None:
+    conn = synced_pair("wl:main")
+    conn.client.update("wl:main", 5, b"\x00")
+    for seq in (5, 3):
+        with pytest.raises(LocalProtocolError) as caught:
+            conn.client.update("wl:main", seq, b"\x00")
+        assert caught.value.code == "bad_seq"
+    assert conn.client.state is ClientState.READY
+    conn.client.update("wl:main", 6, b"\x00")
+
+
+def test_seqs_start_afresh_on_a_new_connection() -> None:
+    """The Python client's seqs come from its replica and grow across connections, but another
+    client may restart at 1: a new connection knows no earlier seq."""
+    first = synced_pair("wl:main")
+    first.client_sends(first.client.update("wl:main", 7, b"\x00"))
+    first.deliver_to_server()
+    second = synced_pair("wl:main")
+    second.client_sends(second.client.update("wl:main", 1, b"\x00"))
+    assert [e.seq for e in second.deliver_to_server()] == [1]  # type: ignore[union-attr]
 
 
 def test_relay_cannot_ack_an_update_it_never_received() -> None:
-    conn = ready_pair()
+    conn = synced_pair("wl:main")
     with pytest.raises(LocalProtocolError):
         conn.server.ack("wl:main", 1)
     conn.client_sends(conn.client.update("wl:main", 3, b"\x00"))
@@ -278,7 +358,7 @@ def test_relay_cannot_ack_an_update_it_never_received() -> None:
 
 
 def test_client_refuses_an_ack_of_an_update_it_never_sent() -> None:
-    conn = ready_pair()
+    conn = synced_pair("wl:main")
     conn.client.update("wl:main", 2, b"\x00")
     client_refuses(conn.client, Ack("wl:main", 3), "unexpected_frame")
 
@@ -297,7 +377,7 @@ def test_relay_update_is_a_fan_out_with_a_watermark() -> None:
 
 
 def test_per_document_errors_keep_the_connection() -> None:
-    conn = ready_pair()
+    conn = synced_pair("pf:other")
     conn.client_sends(conn.client.update("pf:other", 1, b"\x00"))
     conn.deliver_to_server()
     conn.server_sends(conn.server.error("forbidden", "not yours", doc="pf:other", seq=1))

@@ -338,11 +338,11 @@ def crdt_update(symbol: str) -> bytes:
 async def test_raw_frames_for_another_users_document_are_forbidden(relay: Any, raw: Any) -> None:
     bob = await raw()
     await bob.hello(relay.token("bob", "b1"))
+    await bob.send(SyncRequest(f"alice/{TECH}", Doc().get_state()))
+    await bob.expect_error(ErrorCode.FORBIDDEN)
     await bob.send(Update(f"alice/{TECH}", 1, crdt_update("EVIL")))
     error = await bob.expect_error(ErrorCode.FORBIDDEN)
     assert (error.doc, error.seq, error.fatal) == (f"alice/{TECH}", 1, False)
-    await bob.send(SyncRequest(f"alice/{TECH}", Doc().get_state()))
-    await bob.expect_error(ErrorCode.FORBIDDEN)
     await bob.expect_open()
     assert await relay.relay.store.documents("alice") == []
 
@@ -354,6 +354,8 @@ async def test_raw_frames_for_unknown_documents_are_not_found(relay: Any, raw: A
         await client.send(SyncRequest(doc, Doc().get_state()))
         error = await client.expect_error(ErrorCode.NOT_FOUND)
         assert error.doc == doc and not error.fatal
+    await client.send(SyncRequest("pf-nothex", Doc().get_state()))
+    assert (await client.expect_error(ErrorCode.NOT_FOUND)).seq is None
     await client.send(Update("pf-nothex", 3, crdt_update("X")))
     assert (await client.expect_error(ErrorCode.NOT_FOUND)).seq == 3
     await client.expect_open()
@@ -390,6 +392,8 @@ async def test_a_valid_update_by_hand_is_stored_acked_and_fanned_out(relay: Any,
     writer, reader = await raw(), await raw()
     await writer.hello(relay.token("alice", "w"))
     await reader.hello(relay.token("alice", "r"))
+    await writer.sync(TECH)
+    await reader.sync(TECH)
     update = crdt_update("AAPL")
     await writer.send(Update(TECH, 5, update))
     assert await writer.receive() == Ack(TECH, 5)
@@ -402,6 +406,77 @@ async def test_a_valid_update_by_hand_is_stored_acked_and_fanned_out(relay: Any,
     await reader.expect_open()  # nothing else arrived before the pong
     stored = await relay.relay.store.load("alice", TECH)
     assert stored is not None and stored.updates == [update]
+
+
+# -- sequence rules and subscriptions (PROTOCOL.md) ----------------------------------------------
+
+
+async def test_an_update_before_its_sync_request_ends_the_connection_unstored(
+    relay: Any, raw: Any, open_replica: OpenReplica
+) -> None:
+    client = await raw()
+    await client.hello(relay.token("alice", "d1"))
+    await client.sync(MAIN)  # another document's SyncRequest does not count
+    await client.send(Update(TECH, 1, crdt_update("EARLY")))
+    error = await client.expect_error(ErrorCode.NOT_SYNCED)
+    assert error.fatal and TECH in error.message
+    await client.expect_closed()
+    assert await relay.relay.store.load("alice", TECH) is None
+    await _relay_is_unharmed(relay, open_replica)
+
+
+@pytest.mark.parametrize("seqs", [(5, 5), (5, 3)], ids=["repeated", "lower"])
+async def test_a_seq_that_does_not_increase_ends_the_connection_unstored(
+    relay: Any, raw: Any, seqs: tuple[int, int]
+) -> None:
+    client = await raw()
+    await client.hello(relay.token("alice", "d1"))
+    await client.sync(TECH)
+    first = crdt_update("AAPL")
+    await client.send(Update(TECH, seqs[0], first))
+    assert await client.receive() == Ack(TECH, seqs[0])
+    await client.send(Update(TECH, seqs[1], crdt_update("LATE")))
+    error = await client.expect_error(ErrorCode.BAD_SEQ)
+    assert error.fatal
+    assert error.message == (
+        f"Update seq {seqs[1]} of {TECH!r} after seq {seqs[0]}: seqs must increase"
+    )
+    await client.expect_closed()
+    stored = await relay.relay.store.load("alice", TECH)
+    assert stored is not None and stored.updates == [first]
+    # A new connection starts afresh: seq 1 is fine again.
+    again = await raw()
+    await again.hello(relay.token("alice", "d1"))
+    await again.sync(TECH)
+    await again.send(Update(TECH, 1, crdt_update("MSFT")))
+    assert await again.receive() == Ack(TECH, 1)
+
+
+async def test_live_updates_reach_only_connections_that_synced_the_document(
+    relay: Any, raw: Any
+) -> None:
+    writer, follower, bystander = await raw(), await raw(), await raw()
+    for name, client in (("w", writer), ("f", follower), ("b", bystander)):
+        await client.hello(relay.token("alice", name))
+    await writer.sync(TECH)
+    await follower.sync(TECH)
+    await bystander.sync(MAIN)  # the same user, another document
+    update = crdt_update("AAPL")
+    await writer.send(Update(TECH, 1, update))
+    assert await writer.receive() == Ack(TECH, 1)
+    fanned = await follower.receive()
+    assert isinstance(fanned, Update) and (fanned.doc, fanned.update) == (TECH, update)
+    await writer.expect_open()  # its own update is not echoed: the Pong comes next
+    await bystander.expect_open()  # it never synced TECH: nothing of it arrives
+    # A SyncRequest subscribes: from then on the bystander gets TECH's changes too.
+    reply = await bystander.sync(TECH)
+    assert reply.changed_by == "w"
+    second = crdt_update("MSFT")
+    await writer.send(Update(TECH, 2, second))
+    assert await writer.receive() == Ack(TECH, 2)
+    for client in (follower, bystander):
+        fanned = await client.receive()
+        assert isinstance(fanned, Update) and (fanned.doc, fanned.update) == (TECH, second)
 
 
 @pytest.mark.parametrize(
@@ -472,7 +547,8 @@ async def test_the_relay_survives_every_kind_of_abuse_at_once(
     abusers = [await raw() for _ in range(6)]
     for abuser in abusers[:4]:
         await abuser.hello(token)
-    await abusers[0].send(Update(f"alice/{TECH}", 1, crdt_update("X")))
+    await abusers[0].send(SyncRequest(f"alice/{TECH}", Doc().get_state()))
+    await abusers[3].sync(TECH)
     await abusers[1].ws.send_bytes(b"\xc1")
     await abusers[2].ws.send_bytes(b"\x00" * (relay.config.max_frame_size + 10))
     await abusers[3].send(Update(TECH, 1, b"\xff garbage"))
@@ -563,6 +639,7 @@ async def test_an_update_the_relay_failed_to_store_is_never_acknowledged(
         async with aiohttp.ClientSession() as http:
             client = RawClient(await http.ws_connect(relay.url))
             await client.hello(relay.token("alice", "raw"))
+            await client.sync(TECH)
             store.fail_next = 1
             await client.send(Update(TECH, 1, crdt_update("LOST")))
             await client.send(Update(TECH, 2, crdt_update("LATER")))

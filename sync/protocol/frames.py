@@ -124,6 +124,11 @@ class ErrorCode(StrEnum):
     """A document frame before the handshake completed."""
     UNEXPECTED_FRAME = "unexpected_frame"
     """A well-formed frame the receiver may not get in its state or from that side."""
+    NOT_SYNCED = "not_synced"
+    """An Update of a document before the SyncRequest of that document on this connection."""
+    BAD_SEQ = "bad_seq"
+    """An Update whose seq is not above the previous Update's of that document on this
+    connection (seqs strictly increase per document and connection)."""
     INTERNAL = "internal"
     """The sender failed on its own; the peer did nothing wrong."""
     # Per document: sent with the doc (and the seq of the update, if any); the connection stays.

@@ -17,7 +17,14 @@ then CLOSED and :attr:`error_reply` holds the Error frame to send before closing
         await ws.close()
 
 Our own misuse (sending a document frame before the handshake, anything after CLOSED) raises
-:class:`LocalProtocolError` and changes nothing. A session never sends a frame larger than its
+:class:`LocalProtocolError` and changes nothing.
+
+Both ends enforce the two ordering rules of a client's Updates (``PROTOCOL.md``, "Sequence
+rules"): on one connection, a document's Updates come after its SyncRequest (``not_synced``), and
+their seqs strictly increase (``bad_seq``). Broken by the client, either is fatal: an Ack settles
+every earlier seq of its document, so a refused Update followed by any later Ack would tell the
+client that something the relay never stored is safe. Closing instead costs a reconnect, whose
+state-vector sync repairs whatever was in flight. A session never sends a frame larger than its
 ``max_send_size`` (by default its own ``max_frame_size``: a peer with the same limit would refuse
 it). The two differ where the peers' limits do: the relay accepts small client frames but sends
 whole documents to clients, which accept large ones.
@@ -188,7 +195,7 @@ class _Session:
 class ServerSession(_Session):
     """The relay's end of one client connection."""
 
-    __slots__ = ("_received_seqs", "_state", "_supported", "protocol")
+    __slots__ = ("_received_seqs", "_state", "_supported", "_synced", "protocol")
 
     def __init__(
         self,
@@ -202,8 +209,11 @@ class ServerSession(_Session):
             raise ConfigError("supported_protocols must not be empty")
         self._supported = frozenset(supported_protocols)
         self._state = ServerState.AWAITING_HELLO
-        # Highest seq received per document, so that the relay cannot ack an update it never got.
+        # Highest seq received per document, so that the relay cannot ack an update it never got
+        # and refuses a seq that does not increase.
         self._received_seqs: dict[str, int] = {}
+        # Documents with a SyncRequest on this connection: only those may get Updates.
+        self._synced: set[str] = set()
         self.protocol: int | None = None
         """The version agreed in the handshake, once a supported Hello arrived."""
 
@@ -255,6 +265,7 @@ class ServerSession(_Session):
             )
         match frame:
             case SyncRequest(doc, state_vector):
+                self._synced.add(doc)
                 return SyncRequested(doc, state_vector)
             case Update(doc, seq, update, changed_at_ms, changed_by):
                 if seq == 0:
@@ -264,8 +275,18 @@ class ServerSession(_Session):
                         "an Update from a client cannot carry a watermark; the relay sets it",
                         ErrorCode.BAD_FRAME,
                     )
-                if seq > self._received_seqs.get(doc, 0):
-                    self._received_seqs[doc] = seq
+                if doc not in self._synced:
+                    raise _violation(
+                        f"Update of {doc!r} before its SyncRequest on this connection",
+                        ErrorCode.NOT_SYNCED,
+                    )
+                last = self._received_seqs.get(doc, 0)
+                if seq <= last:
+                    raise _violation(
+                        f"Update seq {seq} of {doc!r} after seq {last}: seqs must increase",
+                        ErrorCode.BAD_SEQ,
+                    )
+                self._received_seqs[doc] = seq
                 return UpdateReceived(doc, seq, update, changed_at_ms, changed_by)
             case Ping(nonce):
                 return PingReceived(nonce)
@@ -377,7 +398,7 @@ class ServerSession(_Session):
 class ClientSession(_Session):
     """The client's end of its connection to the relay."""
 
-    __slots__ = ("_sent_seqs", "_state", "device", "protocol", "user")
+    __slots__ = ("_requested", "_sent_seqs", "_state", "device", "protocol", "user")
 
     def __init__(
         self, *, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE, max_send_size: int | None = None
@@ -387,6 +408,8 @@ class ClientSession(_Session):
         # Highest seq sent per document, so that an Ack of an update never sent is caught: acting
         # on it, the client would forget an update the relay does not have.
         self._sent_seqs: dict[str, int] = {}
+        # Documents with a SyncRequest sent on this connection: only those may get Updates.
+        self._requested: set[str] = set()
         self.protocol: int = PROTOCOL_VERSION
         """The version this client speaks, and that the Welcome must confirm."""
         self.user: str | None = None
@@ -495,11 +518,23 @@ class ClientSession(_Session):
                 raise LocalProtocolError("an Update from a client needs a seq > 0")
             if frame.changed_at_ms is not None:
                 raise LocalProtocolError("the relay sets the watermark, not the client")
+            if frame.doc not in self._requested:
+                raise LocalProtocolError(
+                    f"Update of {frame.doc!r} before its SyncRequest", code=ErrorCode.NOT_SYNCED
+                )
+            last = self._sent_seqs.get(frame.doc, 0)
+            if frame.seq <= last:
+                raise LocalProtocolError(
+                    f"Update seq {frame.seq} of {frame.doc!r} after seq {last}: seqs must increase",
+                    code=ErrorCode.BAD_SEQ,
+                )
             data = self._encode(frame)
-            if frame.seq > self._sent_seqs.get(frame.doc, 0):
-                self._sent_seqs[frame.doc] = frame.seq
+            self._sent_seqs[frame.doc] = frame.seq
             return data
-        return self._encode(frame)
+        data = self._encode(frame)
+        if isinstance(frame, SyncRequest):
+            self._requested.add(frame.doc)
+        return data
 
     def subscribe(self, symbols: Iterable[str]) -> bytes:
         """Follow exactly these symbols (replaces the previous set)."""
@@ -522,8 +557,12 @@ class ClientSession(_Session):
         return self.send(SyncRequest(doc, state_vector))
 
     def update(self, doc: str, seq: int, update: bytes) -> bytes:
-        """Send a local change; ``seq`` (> 0) comes back in the Ack once the relay stored it.
-        Resending a seq is allowed (after a reconnect, or when unsure)."""
+        """Send a local change; ``seq`` comes back in the Ack once the relay stored it.
+
+        Needs a :meth:`sync_request` of ``doc`` first, and a seq above the previous Update's of
+        ``doc`` on this connection (a new connection starts afresh, so resending after a
+        reconnect is fine); LocalProtocolError otherwise, as the relay would close the
+        connection."""
         return self.send(Update(doc, seq, update))
 
     def error(
