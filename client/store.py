@@ -130,7 +130,10 @@ def _translate(exc: sqlite3.Error, path: Path) -> ReplicaError:
     if "locked" in message or "busy" in message:
         return ReplicaLocked(f"replica {path} is open in another process")
     if "full" in message:
-        return StorageFull(f"no space left for replica {path}; the change was not saved")
+        return StorageFull(
+            f"the disk is full: no space left for replica {path}, so the change was not saved "
+            "(reading still works)"
+        )
     if "not a database" in message or "malformed" in message or "corrupt" in message:
         return ReplicaCorrupt(f"replica {path} is damaged or not a foliosync replica: {exc}")
     return ReplicaError(f"replica {path}: {exc}")
