@@ -140,7 +140,7 @@ def test_on_a_full_disk_reading_works_and_an_edit_says_the_disk_is_full(tmp_path
     results = run_on_full_disk(tmp_path)
     assert all(code == 0 for code, _, _ in results["setup"]), results["setup"]
     assert results["free"] == 0
-    for args, (code, out, err) in zip(READ_ONLY, results["read"], strict=True):
+    for args, (code, _, err) in zip(READ_ONLY, results["read"], strict=True):
         assert (code, err) == (0, ""), (args, err)
     assert "AAPL" in results["read"][1][1] and "MSFT" in results["read"][1][1]
     for code, out, err in (results["edit"], results["create"]):
