@@ -18,6 +18,7 @@ import re
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 
 from foliosync.sync.errors import ValidationError
@@ -148,17 +149,58 @@ def _non_negative(value: object, what: str) -> Decimal:
     return number
 
 
-def _time_ms(value: object) -> int:
+def _time_ms(value: object, *, allow_text: bool = True) -> int:
+    """Epoch milliseconds from a number of them, or (``allow_text``) an ISO 8601 date and time.
+
+    Publishers often hold times as text (a JSON dashboard, a CSV export); asking them to convert
+    to epoch milliseconds first invites off-by-a-timezone errors. So a text time is taken, but
+    only with its zone (``Z`` or an offset): a naive one would be read in whatever zone the relay
+    runs in, which is the same off-by-hours error made silently.
+    """
+    if isinstance(value, str) and allow_text:
+        return _iso_time_ms(value)
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TickRejected("timestamp must be epoch milliseconds")
-    if value != value or value < 0 or value > 253402300799999:  # NaN, or outside 1970..9999
+        raise TickRejected(
+            f"timestamp must be epoch milliseconds{_OR_ISO if allow_text else ''}, "
+            f"got {value!r:.40}"
+        )
+    if value != value or value < 0 or value > _MAX_TIME_MS:  # NaN, or outside 1970..9999
         raise TickRejected("timestamp is out of range")
     return int(value)
 
 
+_OR_ISO = " or an ISO 8601 date and time with a zone, like 2026-11-24T15:00:00Z"
+_MAX_TIME_MS = 253402300799999  # 9999-12-31T23:59:59.999Z
+_ISO_SHAPE = re.compile(r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}")
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _iso_time_ms(text: str) -> int:
+    stripped = text.strip()
+    if len(stripped) > 40 or not _ISO_SHAPE.match(stripped):
+        raise TickRejected(f"timestamp {text!r:.48} is not epoch milliseconds{_OR_ISO}")
+    try:
+        moment = datetime.fromisoformat(stripped)
+    except ValueError:
+        raise TickRejected(
+            f"timestamp {stripped!r} is not a valid ISO 8601 date and time"
+        ) from None
+    if moment.utcoffset() is None:
+        raise TickRejected(
+            f"timestamp {stripped!r} has no time zone: add Z for UTC or an offset such as +01:00"
+        )
+    time_ms = (moment - _EPOCH) // timedelta(milliseconds=1)
+    if time_ms < 0:
+        raise TickRejected("timestamp is out of range")
+    return time_ms
+
+
 def check_tick(raw: object, now_ms: int, *, max_future_ms: int = MAX_FUTURE_MS) -> Tick:
     """A tick from a publisher, checked: a mapping (``symbol``, ``price``, ``timestamp`` or
-    ``time_ms``, optional ``size``) or a sequence ``[symbol, price, time_ms, size?]``.
+    ``time_ms``, optional ``size``) or a sequence ``[symbol, price, timestamp, size?]``.
+
+    A ``timestamp`` is epoch milliseconds or ISO 8601 text with its zone
+    (``2026-11-24T15:00:00Z``, ``2026-11-24T10:00:00-05:00``); ``time_ms`` is milliseconds only.
 
     Raises :class:`TickRejected` with the reason; unknown fields are refused, not ignored, so that a
     publisher's typo (``prcie``) is not silently a tick without a price.
@@ -171,10 +213,12 @@ def check_tick(raw: object, now_ms: int, *, max_future_ms: int = MAX_FUTURE_MS) 
             raise TickRejected("give timestamp or time_ms, not both")
         symbol, price = raw.get("symbol"), raw.get("price")
         time_value = raw.get("timestamp", raw.get("time_ms"))
+        time_text = "time_ms" not in raw  # time_ms says what it holds: a number
         size = raw.get("size")
     elif isinstance(raw, list | tuple) and 3 <= len(raw) <= 4:
         symbol, price, time_value = raw[0], raw[1], raw[2]
         size = raw[3] if len(raw) == 4 else None
+        time_text = True
     else:
         raise TickRejected("a tick is {symbol, price, timestamp[, size]} or [symbol, price, ms]")
     if symbol is None or price is None or time_value is None:
@@ -183,7 +227,7 @@ def check_tick(raw: object, now_ms: int, *, max_future_ms: int = MAX_FUTURE_MS) 
         canonical = normalize_symbol(symbol)
     except ValidationError as exc:
         raise TickRejected(str(exc)) from None
-    time_ms = _time_ms(time_value)
+    time_ms = _time_ms(time_value, allow_text=time_text)
     if time_ms > now_ms + max_future_ms:
         raise TickRejected(f"timestamp is {(time_ms - now_ms) // 1000} s in the future")
     return Tick(

@@ -78,7 +78,15 @@ def test_a_float_price_is_read_as_its_shortest_text() -> None:
         (["", "1", NOW], "invalid symbol"),
         ([42, "1", NOW], "symbol must be text"),
         (["AAPL", "1", NOW + MAX_FUTURE_MS + 1000], "in the future"),
-        (["AAPL", "1", "2024-06-10"], "epoch milliseconds"),
+        (["AAPL", "1", "2024-06-10"], "epoch milliseconds or an ISO 8601"),
+        (["AAPL", "1", "soon"], "epoch milliseconds or an ISO 8601"),
+        (["AAPL", "1", "2024-06-10T13:30:00"], "no time zone: add Z"),
+        (["AAPL", "1", "2024-06-10 13:30"], "no time zone"),
+        (["AAPL", "1", "2024-13-10T13:30:00Z"], "not a valid ISO 8601"),
+        (["AAPL", "1", "2024-06-10T23:59:60Z"], "not a valid ISO 8601"),
+        (["AAPL", "1", "2024-06-10T13:30:00Z" + " " * 10_000 + "x"], "not epoch milliseconds"),
+        (["AAPL", "1", "1969-12-31T23:59:59Z"], "out of range"),
+        ({"symbol": "AAPL", "price": "1", "time_ms": "2024-06-10T13:30:00Z"}, "milliseconds, got"),
         (["AAPL", "1", True], "epoch milliseconds"),
         (["AAPL", "1", -1], "out of range"),
         (["AAPL", "1", float("nan")], "out of range"),
@@ -88,6 +96,34 @@ def test_a_float_price_is_read_as_its_shortest_text() -> None:
 def test_bad_ticks_are_refused_with_a_reason(raw: object, reason: str) -> None:
     with pytest.raises(TickRejected, match=reason):
         check_tick(raw, NOW)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "2024-06-10T13:30:00Z",
+        "2024-06-10T13:30:00.000Z",
+        "2024-06-10T13:30:00+00:00",
+        "2024-06-10T09:30:00-04:00",
+        "2024-06-10T15:30:00+02:00",
+        "2024-06-10 13:30:00Z",
+        " 2024-06-10T13:30:00Z ",
+    ],
+)
+def test_an_iso_8601_timestamp_with_its_zone_is_taken(text: str) -> None:
+    assert check_tick({"symbol": "AAPL", "price": "1", "timestamp": text}, NOW).time_ms == NOW
+    assert check_tick(["AAPL", "1", text], NOW).time_ms == NOW
+
+
+def test_an_iso_timestamp_keeps_its_milliseconds_and_drops_finer_digits() -> None:
+    assert check_tick(["AAPL", "1", "2024-06-10T13:30:00.123456Z"], NOW + 200).time_ms == NOW + 123
+
+
+def test_an_iso_timestamp_far_in_the_past_is_taken_and_one_in_the_future_refused() -> None:
+    # Only the future is bounded (a clock that is off); an old price is still a price.
+    assert check_tick(["AAPL", "1", "1999-01-04T14:30:00Z"], NOW).time_ms == 915460200000
+    with pytest.raises(TickRejected, match="in the future"):
+        check_tick(["AAPL", "1", "2024-06-10T13:32:00Z"], NOW)
 
 
 def test_a_slightly_future_tick_is_taken() -> None:
