@@ -2,13 +2,15 @@
 
 Each group of commands lives in its own ``commands_*`` module with a ``register(subparsers)``
 function; this module only wires them together, so that every command reports errors the same
-way: a one-line message on stderr and a non-zero exit code, never a traceback.
+way: a one-line message on stderr and a non-zero exit code, never a traceback; and so that output
+piped to a reader that stops early (``| head``) ends every command quietly, as in other Unix tools.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import inspect
 import os
 import sys
@@ -18,10 +20,18 @@ from typing import Any
 from foliosync import __version__
 from foliosync.sync.errors import FolioSyncError
 
-__all__ = ["EXIT_ERROR", "EXIT_INTERNAL", "EXIT_USAGE", "build_parser", "main"]
+__all__ = [
+    "EXIT_ERROR",
+    "EXIT_INTERNAL",
+    "EXIT_PIPE_CLOSED",
+    "EXIT_USAGE",
+    "build_parser",
+    "main",
+]
 
 EXIT_ERROR = 1
 EXIT_INTERNAL = 70  # EX_SOFTWARE
+EXIT_PIPE_CLOSED = 141  # 128 + SIGPIPE: see main()
 EXIT_USAGE = 2
 
 
@@ -66,6 +76,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        try:
+            return _run(argv)
+        finally:
+            # What is still buffered goes now, so that a closed pipe shows here and not in the
+            # interpreter's exit (short outputs are all still buffered when a command returns).
+            sys.stdout.flush()
+    except BrokenPipeError:
+        # Whoever reads our output stopped early (`foliosync ... | head -1`). Like any Unix tool
+        # killed by SIGPIPE: no message, and the status a shell shows for that, 128 + SIGPIPE,
+        # as `yes | head` gives. Not 0: the output was cut short, and a script with
+        # `set -o pipefail` should see that just as it does for cat, grep or yes.
+        _silence_stdout()
+        return EXIT_PIPE_CLOSED
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null: what is still buffered would fail again at exit, and Python
+    would then print "Exception ignored ... BrokenPipeError" and exit 120."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+
+
+def _run(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     handler = getattr(args, "handler", None)
@@ -76,6 +112,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = handler(args)
         if inspect.iscoroutine(result):
             result = asyncio.run(result)
+    except BrokenPipeError:  # not a bug: handled in main()
+        raise
     except FolioSyncError as exc:
         print(f"foliosync: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
