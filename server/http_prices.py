@@ -23,7 +23,8 @@
 The token goes in ``Authorization: Bearer TOKEN``. The stream also takes it as a ``?token=``
 query parameter, because a browser's ``EventSource`` cannot set headers; such a URL ends up in
 access logs and browser history, so give it a short-lived token. A missing or invalid token
-gets 401, a token without the needed scope 403, a bad request 400, each with ``{"error": ...}``.
+gets 401, a token without the needed scope 403, a bad request 400, each with ``{"error": MESSAGE,
+"code": CODE}`` like every error of the relay (:mod:`foliosync.server.http_errors`).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ import msgpack
 from aiohttp import web
 
 from foliosync.server.auth import Identity, verify_token
+from foliosync.server.http_errors import http_error, json_error
 from foliosync.sync.clock import wall_ms
 from foliosync.sync.errors import AuthError, ValidationError
 from foliosync.sync.prices import LatestPrices, PricePoint, check_ticks
@@ -75,11 +77,7 @@ def _relay(request: web.Request) -> Relay:
 
 def _fail(cls: type[web.HTTPException], message: str, **extra: object) -> web.HTTPException:
     headers = {"WWW-Authenticate": "Bearer"} if cls is web.HTTPUnauthorized else None
-    return cls(
-        text=json.dumps({"error": message, **extra}),
-        content_type="application/json",
-        headers=headers,
-    )
+    return http_error(cls, message, headers=headers, **extra)
 
 
 class _TooLarge(Exception):
@@ -91,7 +89,7 @@ class _TooLarge(Exception):
 async def _refuse_too_large(request: web.Request, message: str) -> web.StreamResponse:
     """413, then the connection is closed: the rest of an oversized body is not worth reading
     (aiohttp would otherwise linger up to 10 s draining it before the next request)."""
-    response = web.json_response({"error": message}, status=413, headers={"Connection": "close"})
+    response = json_error(413, message, headers={"Connection": "close"})
     await response.prepare(request)
     await response.write_eof()
     request.protocol.force_close()

@@ -36,6 +36,8 @@ from foliosync.server.auth import Identity, load_or_create_secret, verify_token
 from foliosync.server.documents import BadUpdate, RelayDocuments
 from foliosync.server.fanout import Change, FanOut, InProcessFanOut, Subscription
 from foliosync.server.feeds import start_feed
+from foliosync.server.http_cors import add_cors, normalize_origins
+from foliosync.server.http_errors import http_error, json_errors
 from foliosync.server.http_prices import add_price_routes
 from foliosync.server.memory import trim_memory_every
 from foliosync.server.prices import PriceHub
@@ -91,6 +93,12 @@ class RelayConfig:
     price_window_ms: int | None = None  # fixed push window instead of the policy's (benchmarks)
     max_symbols: int = 2000  # symbols one connection may follow
     trim_memory_every: float = 60.0  # seconds between handing freed memory back (0: never)
+    cors_origins: tuple[str, ...] = ()
+    """Browser origins (``https://dash.example.com``) that may call the HTTP API; none by
+    default. Normalized as browsers send them; anything that is not an origin is a ConfigError."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "cors_origins", normalize_origins(self.cors_origins))
 
 
 class Relay:
@@ -119,6 +127,12 @@ class Relay:
             max_msg_size=self.config.max_frame_size + 1024,  # our own check gives the clear error
             compress=False,
         )
+        if not ws.can_prepare(request):  # a plain GET, e.g. a browser opening the URL
+            raise http_error(
+                web.HTTPUpgradeRequired,
+                "this is the relay's WebSocket endpoint: connect with a WebSocket client",
+                headers={"Upgrade": "websocket"},
+            )
         await ws.prepare(request)
         connection = Connection(self, ws, request.transport)
         self.connections.add(connection)
@@ -564,8 +578,12 @@ def create_app(
     store: RelayStore | None = None,
     fanout: FanOut | None = None,
 ) -> web.Application:
-    """The relay as an aiohttp application (store and fan-out default to SQLite, in-process)."""
-    app = web.Application()
+    """The relay as an aiohttp application (store and fan-out default to SQLite, in-process).
+
+    Serve it with :class:`~foliosync.server.http_errors.JsonErrorAppRunner` (as
+    :func:`foliosync.server.serve.serve` does), so that even a request aiohttp's parser refuses is
+    answered in the relay's JSON error shape."""
+    app = web.Application(middlewares=[json_errors])
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         secret = load_or_create_secret(config.data_dir)
@@ -612,4 +630,5 @@ def create_app(
     app.router.add_get("/ws", ws)
     app.router.add_get("/healthz", health)
     add_price_routes(app)
+    add_cors(app, config.cors_origins)
     return app

@@ -16,6 +16,7 @@ from aiohttp import web
 from foliosync.client.replica import Replica
 from foliosync.client.sync import Backoff, SyncClient
 from foliosync.server.auth import issue_token, load_or_create_secret
+from foliosync.server.http_errors import JsonErrorAppRunner
 from foliosync.server.relay import Relay, RelayConfig, RelayKey, create_app
 from foliosync.server.storage import RelayStore
 
@@ -60,7 +61,7 @@ async def serve_relay(
     """Run a relay (SQLite store in ``data_dir`` unless ``store`` is given) until the block ends."""
     config = replace(RelayConfig(data_dir=data_dir, heartbeat=5.0), **overrides)
     app = create_app(config, store=store)
-    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    runner = JsonErrorAppRunner(app, handle_signals=False, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
