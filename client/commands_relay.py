@@ -66,6 +66,13 @@ def register(subparsers: Any) -> None:
         "(also outside them), csv:PATH[@SPEED] (replay a recorded file; @10 ten times faster, "
         "@max as fast as possible), or none (only what publishers send)",
     )
+    relay.add_argument(
+        "--cors-origin",
+        action="append",
+        metavar="ORIGIN",
+        help="let browser pages from ORIGIN (e.g. https://dash.example.com) call the HTTP API; "
+        "may be repeated (default: none, no cross-origin access)",
+    )
     relay.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
     relay.set_defaults(handler=_run_relay)
 
@@ -92,10 +99,9 @@ def _data_dir(args: argparse.Namespace) -> Path:
     return Path(args.data).expanduser() if args.data else default_data_dir()
 
 
-def _run_relay(args: argparse.Namespace) -> int:
-    from aiohttp import web
-
-    from foliosync.server.relay import RelayConfig, create_app
+async def _run_relay(args: argparse.Namespace) -> int:
+    from foliosync.server.relay import RelayConfig
+    from foliosync.server.serve import serve
 
     if not 0 < args.port < 65536:
         raise ConfigError(f"invalid port {args.port}")
@@ -114,16 +120,14 @@ def _run_relay(args: argparse.Namespace) -> int:
         max_hot_documents=args.max_hot_documents,
         max_initial_syncs=args.max_initial_syncs,
         feed=args.feed,
+        cors_origins=tuple(args.cors_origin or ()),
     )
-    print(f"foliosync relay on ws://{args.host}:{args.port}/ws, data in {data_dir}", flush=True)
-    web.run_app(
-        create_app(config),
-        host=args.host,
-        port=args.port,
-        print=None,
-        access_log=None,
-        handle_signals=True,
-    )
+    host = f"[{args.host}]" if ":" in args.host else args.host
+
+    def listening() -> None:  # only once bound: a script may connect as soon as it reads this
+        print(f"foliosync relay on ws://{host}:{args.port}/ws, data in {data_dir}", flush=True)
+
+    await serve(config, on_listening=listening)
     return 0
 
 
