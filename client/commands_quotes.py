@@ -42,12 +42,14 @@ def register(subparsers: Any) -> None:
 
 
 def _line(quote: Quote, now: datetime) -> str:
+    """SYMBOL, price, change, age, freshness level and why, e.g.
+    ``AAPL  187.25 (+1.25)  12 s ago  live  updated 12 s ago``."""
     change = quote.change
     shown = "" if change is None else f" ({'+' if change >= 0 else ''}{decimal_to_str(change)})"
     freshness = quote.freshness(now)
     return (
         f"{quote.symbol:<10}{decimal_to_str(quote.price):>14}{shown:<14} "
-        f"{freshness.level.value:<9} {freshness.reason}"
+        f"{quote.describe_age(now):>14}  {freshness.level.value:<9} {freshness.reason}"
     )
 
 
@@ -72,21 +74,25 @@ async def _prices(args: argparse.Namespace) -> int:
         client = SyncClient(replica, server, token, client_name=f"cli-{replica.device_id}")
         client.extra_symbols.update(symbols)
         wanted = set(symbols)
-
-        def show(quotes: list[Quote]) -> None:
-            now = datetime.now(tz=UTC)
-            for quote in quotes:
-                if quote.symbol in wanted:
-                    text = json.dumps(quote.to_json(now)) if args.json else _line(quote, now)
-                    print(text, flush=True)
-
-        unsubscribe = replica.quotes.subscribe(show)
+        # Printed here, not in the listener: the price book keeps a failing listener from
+        # breaking the engine, so an error while printing (a closed pipe) must be raised here to
+        # end the command.
+        arrived: asyncio.Queue[list[Quote]] = asyncio.Queue()
+        unsubscribe = replica.quotes.subscribe(arrived.put_nowait)
         client.start()
         try:
-            if args.duration is not None:
-                await asyncio.sleep(args.duration)
-            else:
-                await asyncio.Event().wait()
+            async with asyncio.timeout(args.duration):
+                while True:
+                    quotes = await arrived.get()
+                    now = datetime.now(tz=UTC)
+                    for quote in quotes:
+                        if quote.symbol in wanted:
+                            text = (
+                                json.dumps(quote.to_json(now)) if args.json else _line(quote, now)
+                            )
+                            print(text, flush=True)
+        except TimeoutError:
+            pass  # --duration is over
         finally:
             unsubscribe()
             with contextlib.suppress(Exception):

@@ -20,9 +20,10 @@ def register(subparsers: Any) -> None:
     sync = subparsers.add_parser(
         "sync",
         help="push pending changes to the relay and pull what is new",
-        description="Connect, push what is pending, pull what is new, and exit 0 once every "
-        "document is in sync. The server and token come from the flags, else $FOLIOSYNC_SERVER "
-        "and $FOLIOSYNC_TOKEN, else the last successful sync.",
+        description="Connect, push what is pending, pull what is new, fetch the latest prices "
+        "of the followed symbols (those of the watchlists and open positions), and exit 0 once "
+        "every document is in sync. The server and token come from the flags, else "
+        "$FOLIOSYNC_SERVER and $FOLIOSYNC_TOKEN, else the last successful sync.",
     )
     sync.add_argument("--server", metavar="URL", help=f"relay URL (e.g. {DEFAULT_SERVER})")
     sync.add_argument("--token", help="token from `foliosync token USER` on the relay")
@@ -55,7 +56,12 @@ async def _sync(args: argparse.Namespace) -> int:
         await client.sync_once(timeout=args.timeout)
         docs = replica.documents()
         pending = sum(d.pending for d in docs)
-        print(f"in sync with {server}: {len(docs)} documents, {pending} changes pending")
+        followed = await replica.followed_symbols()
+        priced = sum(1 for symbol in followed if replica.quotes.get(symbol) is not None)
+        print(
+            f"in sync with {server}: {len(docs)} documents, {pending} changes pending, "
+            f"prices of {priced} of {len(followed)} followed symbols"
+        )
     return 0
 
 

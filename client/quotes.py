@@ -14,10 +14,10 @@ import contextlib
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
-from foliosync.sync.freshness import Freshness, price_freshness
+from foliosync.sync.freshness import Freshness, format_duration, price_freshness
 from foliosync.sync.market import NYSE, ExchangeCalendar
 from foliosync.sync.prices import PricePoint
 from foliosync.sync.validation import decimal_to_str
@@ -44,6 +44,19 @@ class Quote:
         """Change against the previous session's last price, when known."""
         return None if self.previous_close is None else self.price - self.previous_close
 
+    def age(self, now: datetime | None = None) -> timedelta:
+        """Wall-clock time since the price was taken (zero for a time ahead of ``now``).
+
+        This is the age a person reads ("12 s ago"); the freshness level rests on the market
+        time behind the price instead, so that a closing price stays current over a weekend.
+        """
+        return max((now or datetime.now(tz=UTC)) - self.time, timedelta())
+
+    def describe_age(self, now: datetime | None = None) -> str:
+        """How old the price is, for people: "just now", "12 s ago", "3 h 5 min ago"."""
+        age = self.age(now)
+        return "just now" if age < timedelta(seconds=1) else f"{format_duration(age)} ago"
+
     def freshness(
         self, now: datetime | None = None, calendar: ExchangeCalendar = NYSE
     ) -> Freshness:
@@ -51,6 +64,7 @@ class Quote:
         return price_freshness(self.time, now or datetime.now(tz=UTC), calendar)
 
     def to_json(self, now: datetime | None = None) -> dict[str, object]:
+        now = now or datetime.now(tz=UTC)
         freshness = self.freshness(now)
         change = self.change
         return {
@@ -58,6 +72,8 @@ class Quote:
             "price": decimal_to_str(self.price),
             "time": self.time.isoformat(timespec="seconds").replace("+00:00", "Z"),
             "change": None if change is None else decimal_to_str(change),
+            "age_seconds": int(self.age(now).total_seconds()),
+            "age": self.describe_age(now),
             "freshness": freshness.level.value,
             "freshness_reason": freshness.reason,
         }

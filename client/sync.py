@@ -124,6 +124,7 @@ class SyncClient:
         heartbeat: float = 30.0,
         connect_timeout: float = 10.0,
         flush_timeout: float = 5.0,
+        snapshot_timeout: float = 5.0,
     ) -> None:
         self.replica = replica
         self.url = url
@@ -133,6 +134,7 @@ class SyncClient:
         self.heartbeat = heartbeat
         self.connect_timeout = connect_timeout
         self.flush_timeout = flush_timeout  # see __aexit__
+        self.snapshot_timeout = snapshot_timeout  # see sync_once
         self.user: str | None = None
         self.device: str | None = None
         self._connected = False
@@ -201,8 +203,12 @@ class SyncClient:
     # -- running -----------------------------------------------------------------------------
 
     async def sync_once(self, timeout: float = 30.0) -> None:
-        """Connect, bring every document in sync both ways, and disconnect.
+        """Connect, bring every document in sync both ways, fetch the latest prices of the
+        followed symbols into ``replica.quotes``, and disconnect.
 
+        The prices are waited for at most ``snapshot_timeout`` seconds once the documents are in
+        sync (the relay answers a subscription with a snapshot at once; a relay without prices
+        only costs that wait, and the documents are in sync whatever happens to the prices).
         Raises ConnectionLost (unreachable, or not done within ``timeout``), AuthError (token
         refused) or ProtocolError. Local data is never touched by a failure.
         """
@@ -329,6 +335,11 @@ class _Connection:
         self.subscribed: frozenset[str] | None = None
         self.price_seqs = SequenceTracker()
         self._subscription_task: asyncio.Task[None] | None = None
+        # One-shot sync: once the documents are in sync, the prices' snapshot is waited for
+        # until this loop time; it came, or the wait ran out.
+        self.snapshot_deadline: float | None = None
+        self.snapshot_received = False
+        self.snapshot_given_up = False
         self._side_tasks: set[asyncio.Task[None]] = set()  # work started from callbacks
 
     async def serve(self) -> None:
@@ -363,7 +374,10 @@ class _Connection:
 
     async def _read_loop(self) -> None:
         while True:
-            message = await self.ws.receive()
+            message = await self._receive()
+            if message is None:  # the wait for the prices' snapshot ran out
+                await self._finish_one_shot()
+                continue
             if message.type in (
                 aiohttp.WSMsgType.CLOSE,
                 aiohttp.WSMsgType.CLOSING,
@@ -384,7 +398,35 @@ class _Connection:
                 raise
             for event in events:
                 await _run_to_completion(self._handle(event))
-            self._check_idle()
+            if self._check_idle() and self.until_idle:
+                await self._finish_one_shot()
+
+    async def _receive(self) -> aiohttp.WSMessage | None:
+        """The next frame; None if the wait for the prices' snapshot runs out first."""
+        if self.snapshot_deadline is None or self.snapshot_given_up:
+            return await self.ws.receive()
+        remaining = self.snapshot_deadline - asyncio.get_running_loop().time()
+        try:
+            return await self.ws.receive(timeout=max(remaining, 0.001))
+        except TimeoutError:
+            log.info("no price snapshot within %g s; syncing without", self.client.snapshot_timeout)
+            self.snapshot_given_up = True
+            return None
+
+    async def _finish_one_shot(self) -> None:
+        """A one-shot sync whose documents are in sync ends once it also holds the latest prices
+        of the followed symbols (so that prices shown right after a sync are not missing), or
+        once the bounded wait for them ran out."""
+        if self.snapshot_deadline is None:
+            if self.client.snapshot_timeout <= 0:
+                raise _Stop
+            await self._update_subscription()  # the symbols as the synced documents have them
+            if not self.subscribed:
+                raise _Stop  # nothing followed: no prices to wait for
+            loop = asyncio.get_running_loop()
+            self.snapshot_deadline = loop.time() + self.client.snapshot_timeout
+        elif (self.snapshot_received or self.snapshot_given_up) and self.client._idle.is_set():
+            raise _Stop
 
     async def _handle(self, event: object) -> None:
         if isinstance(event, UpdateReceived):
@@ -455,6 +497,8 @@ class _Connection:
             self._send(self.session.resync(sorted(set(regressed))))
         if points:
             await self.replica.apply_prices(points, snapshot=event.snapshot)
+        if event.snapshot and self.snapshot_deadline is not None:
+            self.snapshot_received = True
 
     async def _request_new_documents(self) -> None:
         for doc_id in self.replica.document_ids():
@@ -559,9 +603,10 @@ class _Connection:
         if doc == INDEX_DOCUMENT_ID:
             await self._request_new_documents()
 
-    def _check_idle(self) -> None:
+    def _check_idle(self) -> bool:
+        """Whether every document is in sync with nothing in flight (and say so to waiters)."""
         if not self.client._connected:
-            return
+            return False
         done = (
             not self.in_flight
             and self.requested
@@ -570,7 +615,6 @@ class _Connection:
         )
         if done:
             self.client._idle.set()
-            if self.until_idle:
-                raise _Stop
-        else:
-            self.client._idle.clear()
+            return True
+        self.client._idle.clear()
+        return False

@@ -18,6 +18,9 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+from foliosync.client.sync import SyncClient
 from foliosync.sync.prices import check_tick
 
 
@@ -184,3 +187,126 @@ async def test_document_deltas_are_not_held_behind_a_flood_of_ticks(
         # The acknowledgement is a control frame: it must not queue behind thousands of ticks.
         assert acked_after < 2.0, acked_after
         assert replica.quotes.get("SAA") is not None
+
+
+async def _cli(*args: str) -> tuple[int, str, str]:
+    """The real console script, run without blocking the loop that serves the relay."""
+    foliosync = shutil.which("foliosync", path=os.path.dirname(sys.executable))
+    assert foliosync is not None
+    process = await asyncio.create_subprocess_exec(
+        foliosync,
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={k: v for k, v in os.environ.items() if not k.startswith("FOLIOSYNC_")},
+    )
+    out, err = await asyncio.wait_for(process.communicate(), timeout=60)
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+async def test_sync_fetches_the_latest_prices_and_prices_shows_their_age(
+    tmp_path: Path, relay_server: Any
+) -> None:
+    laptop, phone = str(tmp_path / "laptop.db"), str(tmp_path / "phone.db")
+    async with relay_server(tmp_path / "relay", price_window_ms=0) as relay:
+        _publish(relay, "AAPL", "187.25", at_ms=time.time_ns() // 1_000_000 - 12_000)
+        _publish(relay, "TSLA", "250")
+        assert (await _cli("--db", laptop, "watchlist", "create", "Tech"))[0] == 0
+        assert (await _cli("--db", laptop, "watchlist", "add", "Tech", "AAPL", "MSFT"))[0] == 0
+        assert (await _cli("--db", laptop, "portfolio", "create", "Main"))[0] == 0
+        assert (await _cli("--db", laptop, "portfolio", "trade", "Main", "TSLA", "1", "200"))[
+            0
+        ] == 0
+
+        code, out, err = await _cli(
+            "--db", laptop, "sync", "--server", relay.url, "--token", relay.token("alice", "l")
+        )
+        assert code == 0, err
+        assert out.endswith(", prices of 2 of 3 followed symbols\n"), out  # MSFT has none yet
+        # a new device learns the documents in the same sync, and the prices of their symbols
+        code, out, err = await _cli(
+            "--db", phone, "sync", "--server", relay.url, "--token", relay.token("alice", "p")
+        )
+        assert code == 0, err
+        assert out.endswith(", prices of 2 of 3 followed symbols\n"), out
+
+    # The relay is gone: the prices come from the phone's own file, with their age.
+    code, out, err = await _cli("--db", phone, "prices", "AAPL", "MSFT", "TSLA")
+    assert code == 0, err
+    lines = {line.split()[0]: line for line in out.splitlines()}
+    assert "187.25" in lines["AAPL"] and " s ago" in lines["AAPL"]
+    age = int(lines["AAPL"].split(" s ago")[0].split()[-1])
+    assert 12 <= age < 60
+    assert lines["AAPL"].split(" s ago")[1].split()[0] in {"live", "fresh", "stale", "outdated"}
+    assert "no price yet" in lines["MSFT"]
+    assert "250" in lines["TSLA"] and (" s ago" in lines["TSLA"] or "just now" in lines["TSLA"])
+
+    code, out, err = await _cli("--db", phone, "prices", "AAPL", "MSFT", "--json")
+    assert code == 0, err
+    shown = json.loads(out)
+    assert shown["MSFT"] is None
+    aapl = shown["AAPL"]
+    assert aapl["price"] == "187.25"
+    assert 12 <= aapl["age_seconds"] < 60 and aapl["age"] == f"{aapl['age_seconds']} s ago"
+    assert aapl["freshness"] in {"live", "fresh", "stale", "outdated"}
+    assert aapl["freshness_reason"]
+
+
+async def test_a_one_shot_sync_waits_for_prices_only_as_long_as_allowed(
+    tmp_path: Path, relay_server: Any, open_replica: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A relay that never answers the subscription (one without prices, say) delays a sync by
+    ``snapshot_timeout`` at most, and the documents are in sync all the same."""
+    from foliosync.server.relay import Connection
+
+    monkeypatch.setattr(Connection, "_on_subscribe", lambda self, event: None)
+    async with relay_server(tmp_path / "relay", price_window_ms=0) as relay:
+        replica = await open_replica("a")
+        tech = await replica.create_watchlist("Tech")
+        await tech.add(["AAPL"])
+        client = SyncClient(replica, relay.url, relay.token("alice", "d1"), snapshot_timeout=0.5)
+        started = time.monotonic()
+        await client.sync_once(timeout=10)
+        took = time.monotonic() - started
+        assert 0.5 <= took < 5, took
+        assert tech.pending == 0 and replica.quotes.get("AAPL") is None
+
+
+async def test_prices_follow_into_a_reader_that_stops_early_exits_quietly(
+    tmp_path: Path, relay_server: Any
+) -> None:
+    db = str(tmp_path / "device.db")
+    async with relay_server(tmp_path / "relay", price_window_ms=0) as relay:
+        _publish(relay, "AAPL", "100")
+        token = relay.token("alice", "d1")
+        foliosync = shutil.which("foliosync", path=os.path.dirname(sys.executable))
+        assert foliosync is not None
+        pipeline = '"$@" | head -1; echo "status ${PIPESTATUS[0]}" >&2'
+        process = await asyncio.create_subprocess_exec(
+            "bash",
+            "-c",
+            pipeline,
+            "bash",
+            foliosync,
+            "--db",
+            db,
+            "prices",
+            "AAPL",
+            "--follow",
+            "--server",
+            relay.url,
+            "--token",
+            token,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        communicate = asyncio.ensure_future(process.communicate())
+        price = 100
+        while not communicate.done() and price < 2000:  # new prices until the writer has gone
+            price += 1
+            _publish(relay, "AAPL", str(price))
+            await asyncio.sleep(0.02)
+        out, err = await asyncio.wait_for(communicate, 30)
+    assert out.decode().startswith("AAPL")
+    assert err.decode() == "status 141\n"
