@@ -9,6 +9,7 @@ import json
 import os
 import sys
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 
 from foliosync.client.cli_common import open_replica, print_json
@@ -58,13 +59,13 @@ async def _prices(args: argparse.Namespace) -> int:
     async with open_replica(args) as replica:
         now = datetime.now(tz=UTC)
         known = {s: q for s in symbols if (q := replica.quotes.get(s)) is not None}
-        if args.json and not args.follow:
-            print_json({s: (known[s].to_json(now) if s in known else None) for s in symbols})
-        elif not args.follow or known:
-            for symbol in symbols:
-                quote = known.get(symbol)
-                print(_line(quote, now) if quote else f"{symbol:<10}{'no price yet':>14}")
         if not args.follow:
+            if args.json:
+                print_json({s: (known[s].to_json(now) if s in known else None) for s in symbols})
+            else:
+                for symbol in symbols:
+                    quote = known.get(symbol)
+                    print(_line(quote, now) if quote else f"{symbol:<10}{'no price yet':>14}")
             return 0
         meta = replica.meta
         server = args.server or os.environ.get("FOLIOSYNC_SERVER") or meta.get("server_url")
@@ -74,6 +75,16 @@ async def _prices(args: argparse.Namespace) -> int:
         client = SyncClient(replica, server, token, client_name=f"cli-{replica.device_id}")
         client.extra_symbols.update(symbols)
         wanted = set(symbols)
+        shown: dict[str, tuple[int, Decimal]] = {}
+
+        def show(quote: Quote, now: datetime) -> None:
+            if shown.get(quote.symbol) == (quote.time_ms, quote.price):
+                return  # the relay's snapshot repeats the price already shown
+            shown[quote.symbol] = (quote.time_ms, quote.price)
+            print(json.dumps(quote.to_json(now)) if args.json else _line(quote, now), flush=True)
+
+        for quote in known.values():  # the last known first, then every new one
+            show(quote, now)
         # Printed here, not in the listener: the price book keeps a failing listener from
         # breaking the engine, so an error while printing (a closed pipe) must be raised here to
         # end the command.
@@ -87,10 +98,7 @@ async def _prices(args: argparse.Namespace) -> int:
                     now = datetime.now(tz=UTC)
                     for quote in quotes:
                         if quote.symbol in wanted:
-                            text = (
-                                json.dumps(quote.to_json(now)) if args.json else _line(quote, now)
-                            )
-                            print(text, flush=True)
+                            show(quote, now)
         except TimeoutError:
             pass  # --duration is over
         finally:
