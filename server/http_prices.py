@@ -14,11 +14,15 @@
   relay's cursor (the relay restarted and counts from zero again) is answered with everything,
   as if there were no ``since``. Without ``symbols``: every symbol the relay has a price for.
   At most 2,000 symbols, and the URL must fit in the server's 8 KiB request line.
-- ``GET /v1/prices/stream?symbols=...`` (``sync`` scope): Server-Sent Events. First an
-  ``event: snapshot`` with the latest prices, then ``event: prices`` with the new ones as they
-  come, conflated exactly like a WebSocket subscriber's (per symbol, at the policy's push window;
-  a slow reader gets fewer, newer prices, and the relay holds one entry per symbol for it, never a
-  queue), and a ``: keep-alive`` comment every :data:`HEARTBEAT_SECONDS` seconds.
+- ``GET /v1/prices/stream?symbols=...`` (``sync`` scope): Server-Sent Events (aiohttp-sse).
+  First an ``event: snapshot`` with the latest prices, then ``event: prices`` with the new ones as
+  they come, conflated exactly like a WebSocket subscriber's (per symbol, at the policy's push
+  window; a slow reader gets fewer, newer prices, and the relay holds one entry per symbol for it,
+  never a queue), and a ``: ping`` comment every :data:`HEARTBEAT_SECONDS` seconds. Each event's
+  ``id`` is a cursor like ``GET /v1/prices``'s: a client reconnecting with it as ``Last-Event-ID``
+  (an ``EventSource`` does so by itself) gets one ``prices`` event with what changed meanwhile
+  instead of a new snapshot. The events are named, so a browser listens with
+  ``addEventListener("snapshot" | "prices", ...)``; ``onmessage`` sees none of them.
 
 The token goes in ``Authorization: Bearer TOKEN``. The stream also takes it as a ``?token=``
 query parameter, because a browser's ``EventSource`` cannot set headers; such a URL ends up in
@@ -32,12 +36,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import msgpack
 from aiohttp import web
+from aiohttp_sse import EventSourceResponse
 
 from foliosync.server.auth import Identity, verify_token
 from foliosync.server.http_errors import http_error, json_error
@@ -50,12 +54,23 @@ from foliosync.sync.validation import normalize_symbol
 if TYPE_CHECKING:
     from foliosync.server.relay import Relay
 
-__all__ = ["HEARTBEAT_SECONDS", "MAX_BODY_BYTES", "SseSubscriber", "add_price_routes"]
+__all__ = [
+    "HEARTBEAT_SECONDS",
+    "MAX_BODY_BYTES",
+    "RETRY_MS",
+    "SEND_TIMEOUT_SECONDS",
+    "SseSubscriber",
+    "add_price_routes",
+]
 
 MAX_BODY_BYTES = 4 << 20
 """Largest ``POST /v1/ticks`` body."""
 HEARTBEAT_SECONDS = 15.0
-"""How often an idle event stream gets a comment, so that proxies keep it open."""
+"""How often an event stream gets a ``: ping`` comment, so that proxies keep it open."""
+SEND_TIMEOUT_SECONDS = 120.0
+"""A stream whose client takes nothing for this long is cut (its socket stays full)."""
+RETRY_MS = 3000
+"""How long a browser waits before it reconnects a dropped stream."""
 _MSGPACK_TYPES = frozenset({"application/msgpack", "application/x-msgpack"})
 
 
@@ -192,6 +207,23 @@ async def _post_ticks(request: web.Request) -> web.StreamResponse:
 # -- GET /v1/prices ------------------------------------------------------------------------------
 
 
+def _parse_cursor(text: str, epoch: int) -> int | None:
+    """The count of a cursor of this run of the relay; None for another run's; ValueError if it
+    is not a cursor.
+
+    A cursor is ``EPOCH.N``: N counts this relay run's price changes and EPOCH names the run, so
+    a cursor from before a restart is recognised (and answered with everything) instead of being
+    compared with a count that began again from zero. A bare number is of no known run.
+    """
+    text_epoch, dot, text_n = text.strip().rpartition(".")
+    count = int(text_n)
+    if count < 0 or (dot and not (text_epoch.isascii() and text_epoch.isdigit())):
+        raise ValueError(text)
+    run = int(text_epoch) if dot else None
+    return count if run == epoch else None
+
+
+
 async def _get_prices(request: web.Request) -> web.Response:
     _authorize(request, "sync")
     relay = _relay(request)
@@ -201,20 +233,12 @@ async def _get_prices(request: web.Request) -> web.Response:
     epoch = relay.prices.epoch
     since: int | None = None
     if since_text is not None and since_text.strip():
-        # A cursor is "EPOCH.N": N counts this relay run's price changes and EPOCH names the run,
-        # so a cursor from before a restart is recognised and answered with everything.
-        text_epoch, dot, text_n = since_text.strip().rpartition(".")
         try:
-            since = int(text_n)
-            if since < 0 or (dot and not (text_epoch.isascii() and text_epoch.isdigit())):
-                raise ValueError
-            run = int(text_epoch) if dot else None
+            since = _parse_cursor(since_text, epoch)
         except ValueError:
             raise _fail(
                 web.HTTPBadRequest, f"since must be a cursor from this API, not {since_text!r}"
             ) from None
-        if run != epoch:
-            since = None  # another run of the relay (or a bare number): start over
     if since is None or since > book.cursor:
         points = book.snapshot(sorted(symbols)) if symbols is not None else None
         if points is None:
@@ -232,10 +256,12 @@ async def _get_prices(request: web.Request) -> web.Response:
 
 
 class SseSubscriber:
-    """One event stream's side of the hub: the prices it has not written yet, and a flag."""
+    """One event stream's side of the hub: the prices it has not written yet, the sequence number
+    of the last price it wrote of each symbol (for its event ids), and a flag."""
 
     def __init__(self) -> None:
         self.prices = LatestPrices()
+        self.written: dict[str, int] = {}
         self.closing = False
         self._wakeup = asyncio.Event()
 
@@ -247,6 +273,18 @@ class SseSubscriber:
         self.closing = True
         self._wakeup.set()
 
+    def fresh(self, points: list[PricePoint]) -> list[PricePoint]:
+        """Those of ``points`` not written yet (a price held in its push window when the stream
+        began is released later, though the snapshot or the resumed prices already had it)."""
+        written = self.written
+        return [p for p in points if p.seq > written.get(p.symbol, 0)]
+
+    def wrote(self, points: Iterable[PricePoint]) -> None:
+        written = self.written
+        for point in points:
+            if point.seq > written.get(point.symbol, 0):
+                written[point.symbol] = point.seq
+
     async def wait(self, timeout: float) -> bool:
         """Until woken (True) or ``timeout`` seconds (False)."""
         try:
@@ -257,54 +295,69 @@ class SseSubscriber:
         return True
 
 
-def _event(name: str, data: object) -> bytes:
-    return f"event: {name}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+def _data(points: Iterable[PricePoint]) -> str:
+    return json.dumps(_points(points), separators=(",", ":"))
 
 
 async def _stream_prices(request: web.Request) -> web.StreamResponse:
+    """The stream: aiohttp-sse writes the events and the keep-alive pings; this handler decides
+    what goes in them. Each event's id is a price cursor (as ``GET /v1/prices`` returns) from which
+    this client lacks nothing, so an ``EventSource`` that reconnects (it sends the id back as
+    ``Last-Event-ID``) gets only what changed meanwhile, in a ``prices`` event, instead of a new
+    snapshot. Without a usable id (none, another run of the relay's, not a cursor) it gets the
+    ``snapshot``."""
     _authorize(request, "sync", query_token=True)
     relay = _relay(request)
     symbols = _symbols(request, relay.config.max_symbols, required=True)
     assert symbols is not None
-    hub = relay.prices
-    response = web.StreamResponse(
-        headers={
-            "Content-Type": "text/event-stream",
-            "Cache-Control": "no-cache",
-            "X-Accel-Buffering": "no",  # nginx: pass the events through, do not buffer them
-        }
+    hub, book = relay.prices, relay.prices.book
+    try:
+        resume = _parse_cursor(request.headers.get("Last-Event-ID", ""), hub.epoch)
+    except ValueError:
+        resume = None
+    stream = EventSourceResponse(
+        sep="\n",  # as valid as CRLF for every client, one byte a line cheaper
+        ping_interval=HEARTBEAT_SECONDS,
+        send_timeout=SEND_TIMEOUT_SECONDS,
     )
-    await response.prepare(request)
+    await stream.prepare(request)
     subscriber = SseSubscriber()
     streams = request.app[_STREAMS]
     streams.open.add(subscriber)
+
+    def event_id() -> str:
+        return f"{hub.epoch}.{book.resume_cursor(subscriber.written, symbols)}"
+
     try:
-        snapshot = hub.subscribe(subscriber, symbols)
-        await response.write(b"retry: 3000\n" + _event("snapshot", _points(snapshot)))
-        last_write = time.monotonic()
-        while not subscriber.closing:
-            # Wake at least each second to notice a client that went away while nothing moved.
-            woken = await subscriber.wait(min(1.0, HEARTBEAT_SECONDS))
-            transport = request.transport
-            if subscriber.closing or transport is None or transport.is_closing():
-                break
-            if woken and subscriber.prices:
-                # The write waits for the socket: meanwhile newer prices replace older ones in
-                # subscriber.prices, so a slow reader costs one entry per symbol, no more.
-                await response.write(_event("prices", _points(subscriber.prices.take())))
-                last_write = time.monotonic()
-                continue
-            if time.monotonic() - last_write >= HEARTBEAT_SECONDS:
-                await response.write(b": keep-alive\n\n")
-                last_write = time.monotonic()
-    except (ConnectionError, RuntimeError):
-        pass  # the client went away
+        async with stream:
+            snapshot = hub.subscribe(subscriber, symbols)
+            if resume is not None and resume <= book.cursor:
+                first, name = book.changed_since(resume, symbols)[0], "prices"
+            else:
+                first, name = snapshot, "snapshot"
+            subscriber.wrote(book.snapshot(symbols))  # up to date, by the snapshot or the id
+            await stream.send(_data(first), id=event_id(), event=name, retry=RETRY_MS)
+            while not subscriber.closing and stream.is_connected():
+                # Wake at least each second to notice a client that went away while nothing moved.
+                woken = await subscriber.wait(1.0)
+                transport = request.transport
+                if subscriber.closing or transport is None or transport.is_closing():
+                    break
+                if woken and subscriber.prices:
+                    # The write waits for the socket: meanwhile newer prices replace older ones in
+                    # subscriber.prices, so a slow reader costs one entry per symbol, no more.
+                    points = subscriber.fresh(subscriber.prices.take())
+                    if points:
+                        subscriber.wrote(points)
+                        await stream.send(_data(points), id=event_id(), event="prices")
+    except (ConnectionError, RuntimeError, TimeoutError):
+        pass  # the client went away (or stopped reading for SEND_TIMEOUT_SECONDS: cut)
     finally:
         streams.open.discard(subscriber)
         hub.unsubscribe(subscriber)
     with contextlib.suppress(ConnectionError, RuntimeError):
-        await response.write_eof()
-    return response
+        await stream.write_eof()
+    return stream
 
 
 async def _end_streams(app: web.Application) -> None:

@@ -313,6 +313,21 @@ class PriceBook:
         changed.sort(key=lambda p: p.symbol)
         return changed, self._cursor
 
+    def resume_cursor(self, delivered: Mapping[str, int], symbols: Iterable[str]) -> int:
+        """The cursor from which a follower of ``symbols`` resumes without missing a price.
+
+        ``delivered`` holds the sequence number of the last price it got of each symbol. A
+        follower is handed conflated prices, so it may lag the book on some symbols: the cursor
+        is then just before the oldest change it lacks, and ``changed_since`` of it brings every
+        price it does not have yet (and perhaps a few it has, which repeat harmlessly).
+        """
+        cursor = self._cursor
+        for symbol in symbols:
+            entry = self._symbols.get(symbol)
+            if entry is not None and entry.point.seq > delivered.get(symbol, 0):
+                cursor = min(cursor, entry.cursor - 1)
+        return cursor
+
     def recent_prices(self, symbol: str) -> list[Decimal]:
         entry = self._symbols.get(symbol)
         return list(entry.recent) if entry is not None else []

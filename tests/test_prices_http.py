@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
+import logging
 import os
 import shutil
 import sys
@@ -145,7 +147,9 @@ async def test_broken_msgpack_is_400_and_a_huge_body_413(relay: Any, http: Any) 
             assert response.status == 400
     huge = b"[" + b" " * (http_prices.MAX_BODY_BYTES + 10) + b"]"
     headers["Content-Type"] = "application/json"
-    async with http.post(f"{relay.http}/v1/ticks", data=huge, headers=headers) as response:
+    async with http.post(  # a file-like body: aiohttp warns about sending big bytes at once
+        f"{relay.http}/v1/ticks", data=io.BytesIO(huge), headers=headers
+    ) as response:
         assert response.status == 413
 
 
@@ -205,6 +209,7 @@ async def test_reading_prices_needs_the_sync_scope(relay: Any, http: Any) -> Non
 class EventStream:
     def __init__(self, response: aiohttp.ClientResponse) -> None:
         self.response = response
+        self.last_id = ""  # as an EventSource keeps it: the id of the last event that had one
 
     async def next(self, timeout: float = 5.0) -> tuple[str, Any]:
         """The next event as (name, data), or ("comment", text)."""
@@ -212,7 +217,7 @@ class EventStream:
         while True:
             raw = await asyncio.wait_for(self.response.content.readline(), timeout)
             assert raw, "the stream ended"
-            line = raw.decode().rstrip("\n")
+            line = raw.decode().rstrip("\r\n")
             if line.startswith(":"):
                 return "comment", line[1:].strip()
             if not line:
@@ -223,6 +228,8 @@ class EventStream:
             value = value.removeprefix(" ")
             if field == "event":
                 name = value
+            elif field == "id":
+                self.last_id = value
             elif field == "data":
                 data.append(value)
 
@@ -262,7 +269,7 @@ async def test_the_stream_takes_the_token_as_a_query_parameter_and_keeps_alive(
         assert response.status == 200
         stream = EventStream(response)
         assert await stream.next() == ("snapshot", [])
-        assert await stream.next(timeout=3) == ("comment", "keep-alive")
+        assert await stream.next(timeout=3) == ("comment", "ping")
 
 
 async def test_the_stream_refuses_bad_requests(relay: Any, http: Any) -> None:
@@ -278,6 +285,78 @@ async def test_the_stream_refuses_bad_requests(relay: Any, http: Any) -> None:
         assert response.status == 400
     async with http.get(f"{base}?symbols=%24%24", headers=auth(relay.token("alice"))) as response:
         assert response.status == 400
+
+
+async def test_an_event_id_is_a_cursor_and_a_reconnect_gets_only_what_changed(
+    relay_server: Any, tmp_path: Path, http: Any
+) -> None:
+    async with relay_server(tmp_path / "r", price_window_ms=0) as relay:
+        t = now_ms()
+        await post_ticks(http, relay, [["AAPL", "1", t], ["MSFT", "2", t]])
+        url = f"{relay.http}/v1/prices/stream?symbols=AAPL,MSFT"
+        headers = auth(relay.token("alice"))
+        async with http.get(url, headers=headers) as response:
+            stream = EventStream(response)
+            assert [p["symbol"] for p in (await stream.next())[1]] == ["AAPL", "MSFT"]
+            _, polled = await get_prices(http, relay, "symbols=AAPL,MSFT")
+            assert stream.last_id == polled["cursor"]
+            await post_ticks(http, relay, [["MSFT", "2.5", t + 1]])
+            assert (await stream.next())[0] == "prices"
+            seen = stream.last_id
+        await post_ticks(http, relay, [["AAPL", "1.5", t + 2]])  # while away
+        async with http.get(url, headers={**headers, "Last-Event-ID": seen}) as response:
+            stream = EventStream(response)
+            name, prices = await stream.next()
+            assert (name, [(p["symbol"], p["price"]) for p in prices]) == (
+                "prices",
+                [("AAPL", "1.5")],
+            )
+            await post_ticks(http, relay, [["MSFT", "3", t + 3]])  # and live again
+            assert [p["price"] for p in (await stream.next())[1]] == ["3"]
+        epoch = seen.split(".")[0]
+        for unusable in ("", "garbage", f"{int(epoch) - 1}.1", f"{epoch}.999999"):
+            async with http.get(url, headers={**headers, "Last-Event-ID": unusable}) as response:
+                name, prices = await EventStream(response).next()
+                assert (name, len(prices)) == ("snapshot", 2), unusable
+
+
+async def test_an_event_id_never_skips_a_price_held_back_by_conflation(
+    relay_server: Any, tmp_path: Path, http: Any
+) -> None:
+    async with relay_server(tmp_path / "r", price_window_ms=5000) as relay:
+        t = now_ms()
+        url = f"{relay.http}/v1/prices/stream?symbols=AAPL,MSFT"
+        headers = auth(relay.token("alice"))
+        async with http.get(url, headers=headers) as response:
+            stream = EventStream(response)
+            assert await stream.next() == ("snapshot", [])
+            await post_ticks(http, relay, [["AAPL", "1", t]])
+            assert [p["price"] for p in (await stream.next())[1]] == ["1"]
+            # AAPL's next price waits for its window; MSFT's first goes at once, and the id of
+            # the event that brings it must still be before AAPL's waiting price.
+            await post_ticks(http, relay, [["AAPL", "2", t + 1], ["MSFT", "7", t + 1]])
+            name, prices = await stream.next()
+            assert (name, [p["symbol"] for p in prices]) == ("prices", ["MSFT"])
+            seen = stream.last_id
+        async with http.get(url, headers={**headers, "Last-Event-ID": seen}) as response:
+            name, prices = await EventStream(response).next()
+            assert name == "prices"
+            assert ("AAPL", "2") in [(p["symbol"], p["price"]) for p in prices]
+
+
+async def test_a_client_going_away_is_not_an_error(
+    relay: Any, http: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    response = await http.get(
+        f"{relay.http}/v1/prices/stream?symbols=AAPL", headers=auth(relay.token("alice"))
+    )
+    assert (await EventStream(response).next())[0] == "snapshot"
+    response.close()  # gone, without a word
+    await asyncio.wait_for(_until(lambda: relay.relay.prices.subscriber_count == 0), 5)
+    await asyncio.sleep(0.1)  # the handler finishes
+    noisy = [r for r in caplog.records if r.levelno >= logging.WARNING or r.exc_info]
+    assert not noisy, [r.getMessage() for r in noisy]
 
 
 async def test_a_slow_stream_reader_gets_conflated_prices(

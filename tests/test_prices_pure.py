@@ -190,6 +190,28 @@ def test_changed_since_answers_relative_to_a_cursor() -> None:
     assert book.changed_since(0, ["AAPL", "NOPE"])[0][0].symbol == "AAPL"
 
 
+def test_a_resume_cursor_brings_back_exactly_what_a_conflated_follower_lacks() -> None:
+    book = PriceBook()
+    book.apply(tick("AAPL", "1"))  # cursor 1
+    book.apply(tick("MSFT", "1"))  # 2
+    book.apply(tick("TSLA", "1"))  # 3: nobody follows it
+    followed = ["AAPL", "MSFT", "NVDA"]
+    got = {"AAPL": 1, "MSFT": 1}  # a snapshot of what there was
+    assert book.resume_cursor(got, followed) == 3
+    book.apply(tick("AAPL", "2", NOW + 1))  # 4: handed over at once
+    book.apply(tick("MSFT", "2", NOW + 1))  # 5: held back in its push window
+    book.apply(tick("AAPL", "3", NOW + 2))  # 6: handed over at once
+    got["AAPL"] = 3
+    cursor = book.resume_cursor(got, followed)
+    assert cursor == 4
+    # MSFT's held-back price comes back; AAPL's newest too, a harmless repeat
+    changed = book.changed_since(cursor, followed)[0]
+    assert [(p.symbol, p.seq) for p in changed] == [("AAPL", 3), ("MSFT", 2)]
+    book.apply(tick("NVDA", "9", NOW + 3))  # 7: a first price of a followed symbol
+    assert book.resume_cursor({**got, "MSFT": 2}, followed) == 6
+    assert book.resume_cursor({**got, "MSFT": 2, "NVDA": 1}, followed) == 7
+
+
 def test_snapshot_has_the_latest_of_the_symbols_that_have_one() -> None:
     book = PriceBook()
     book.apply(tick("AAPL", "1"))
