@@ -220,7 +220,12 @@ class ReplicaStore:
             if app_id != 0:
                 await self._scalar("SELECT count(*) FROM documents")  # a damaged file fails here
         except sqlite3.Error as exc:
-            raise _translate(exc, self.path) from exc
+            error = _translate(exc, self.path)
+            if app_id == 0 and isinstance(error, StorageFull):  # a new replica, not an edit
+                error = StorageFull(
+                    f"the disk is full: no space left to create replica {self.path}"
+                )
+            raise error from exc
 
     async def _migrate(self, version: int) -> None:
         """Bring a replica of an older schema up to date (inside the opening transaction)."""

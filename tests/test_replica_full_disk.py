@@ -74,12 +74,24 @@ def test_read_only_commands_work_when_no_file_can_grow(tmp_path: Path) -> None:
     assert foliosync(db, "watchlist", "show", "Tech", "--json").stdout == before
 
 
+KILLED = """
+import asyncio, os, sys
+from foliosync.client import Replica
+
+async def main():
+    replica = await Replica.open(sys.argv[1])
+    await (await replica.watchlist("Tech")).add(["NVDA"])
+    os._exit(0)  # as if killed: the edit is committed, in the write-ahead log only
+
+asyncio.run(main())
+"""
+
 FULL_DISK = """
     import json, os, subprocess, sys
     folder, script = sys.argv[1], sys.argv[2]
     db = os.path.join(folder, "replica.db")
 
-    def run(*args):
+    def run(*args, db=db):
         done = subprocess.run([script, "--db", db, *args], capture_output=True, text=True)
         return [done.returncode, done.stdout, done.stderr]
 
@@ -87,6 +99,11 @@ FULL_DISK = """
                          run("watchlist", "add", "Tech", "AAPL", "MSFT"),
                          run("portfolio", "create", "Main"),
                          run("portfolio", "trade", "Main", "AAPL", "10", "187.25")]}
+    # another replica, left by a process killed with an edit in its write-ahead log only
+    logged = os.path.join(folder, "logged.db")
+    results["setup"].append(run("watchlist", "create", "Tech", db=logged))
+    subprocess.run([sys.executable, "-c", sys.argv[4], logged], check=True)
+    results["wal"] = os.path.getsize(logged + "-wal")
     filler = os.path.join(folder, "filler")
     fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
     try:  # take every free block of the disk
@@ -99,6 +116,9 @@ FULL_DISK = """
     results["read"] = [run(*args) for args in json.loads(sys.argv[3])]
     results["edit"] = run("watchlist", "add", "Tech", "GOOG")
     results["create"] = run("watchlist", "create", "New")
+    results["new"] = run("watchlist", "list", db=os.path.join(folder, "new.db"))
+    # last: reading it folds the log into the file, and the log's blocks become free space
+    results["logged"] = run("watchlist", "show", "Tech", db=logged)
     os.remove(filler)  # space is back
     results["after"] = [run("watchlist", "add", "Tech", "GOOG"), run("watchlist", "show", "Tech")]
     print(json.dumps(results))
@@ -127,6 +147,7 @@ def run_on_full_disk(tmp_path: Path) -> dict[str, Any]:
         str(disk),
         SCRIPT,
         json.dumps(READ_ONLY),
+        KILLED,
     ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
     if done.returncode == 99 or "unshare:" in done.stderr:
@@ -147,6 +168,12 @@ def test_on_a_full_disk_reading_works_and_an_edit_says_the_disk_is_full(tmp_path
         assert code == 1 and out == "", err
         assert err.startswith("foliosync: error: the disk is full"), err
         assert "the change was not saved" in err
+    assert results["wal"] > 0
+    code, out, err = results["logged"]
+    assert code == 0 and "NVDA" in out, err
+    code, _, err = results["new"]
+    assert code == 1 and err.startswith("foliosync: error: the disk is full"), err
+    assert "no space left to create replica" in err
     (code, _, err), (_, shown, _) = results["after"]
     assert code == 0, err
     assert [line.split()[0] for line in shown.splitlines()[1:]] == ["AAPL", "MSFT", "GOOG"]
