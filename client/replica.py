@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import logging
 import secrets
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Generator, Iterable
@@ -35,6 +36,7 @@ from foliosync.sync.errors import (
     DocumentNotFound,
     FolioSyncError,
     ReplicaCorrupt,
+    ReplicaError,
     ValidationError,
 )
 from foliosync.sync.freshness import (
@@ -58,6 +60,8 @@ from foliosync.sync.prices import PricePoint
 from foliosync.sync.validation import decimal_to_str, normalize_name
 
 __all__ = ["DocumentChange", "DocumentInfo", "OpeningReplica", "Replica"]
+
+log = logging.getLogger(__name__)
 
 M = TypeVar("M", bound=DocumentModel)
 R = TypeVar("R")
@@ -163,6 +167,7 @@ class Replica:
         """The last known price of each symbol (kept in the replica file)."""
         self._dirty_quotes: dict[str, Quote] = {}
         self._quote_flush: asyncio.Task[None] | None = None
+        self._quotes_unsaved = False
 
     # -- life cycle --------------------------------------------------------------------------
 
@@ -212,11 +217,13 @@ class Replica:
             self._quote_flush.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._quote_flush
-        await self._flush_quotes(delay=0)
-        for loaded in self._loaded.values():
-            loaded.model.close()
-        self._loaded.clear()
-        await self._store.close()
+        try:
+            await self._flush_quotes(delay=0)
+        finally:
+            for loaded in self._loaded.values():
+                loaded.model.close()
+            self._loaded.clear()
+            await self._store.close()
 
     async def __aenter__(self) -> Replica:
         return self
@@ -518,10 +525,16 @@ class Replica:
                     for q in dirty.values()
                 ]
             )
-        except BaseException:  # cancelled by close() or failed: the next flush saves them
+        except BaseException as exc:  # cancelled by close() or failed: the next flush saves them
             for symbol, quote in dirty.items():
                 self._dirty_quotes.setdefault(symbol, quote)
-            raise
+            if not isinstance(exc, ReplicaError):
+                raise
+            # A full disk, say. Prices are a cache (the relay sends the latest again on the next
+            # subscribe): showing them live matters more than keeping them, so no error.
+            level = logging.DEBUG if self._quotes_unsaved else logging.WARNING
+            self._quotes_unsaved = True  # said once, not at every flush
+            log.log(level, "prices not saved in %s: %s", self.path, exc)
 
     async def followed_symbols(self) -> set[str]:
         """The symbols of every watchlist and every open position: what this device follows."""
@@ -561,9 +574,7 @@ class Replica:
             try:
                 listener(change)
             except Exception:  # an app's listener must not break the engine
-                import logging
-
-                logging.getLogger(__name__).exception("change listener failed")
+                log.exception("change listener failed")
 
     # -- internals ---------------------------------------------------------------------------
 

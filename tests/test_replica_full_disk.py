@@ -13,16 +13,20 @@ Two ways to take the space away, both real (no mock of SQLite or of the file sys
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from foliosync.sync.prices import check_tick
 
 SCRIPT = shutil.which("foliosync", path=os.path.dirname(sys.executable))
 
@@ -177,3 +181,48 @@ def test_on_a_full_disk_reading_works_and_an_edit_says_the_disk_is_full(tmp_path
     (code, _, err), (_, shown, _) = results["after"]
     assert code == 0, err
     assert [line.split()[0] for line in shown.splitlines()[1:]] == ["AAPL", "MSFT", "GOOG"]
+
+
+async def test_prices_follow_shows_live_prices_when_they_cannot_be_saved(
+    tmp_path: Path, relay_server: Any
+) -> None:
+    """Prices are a cache: with no room to keep them they are still shown, and the command
+    ends as usual (the replica closes although its last write of prices failed)."""
+    db = tmp_path / "replica.db"
+    make_replica(db)
+    async with relay_server(tmp_path / "relay", price_window_ms=0) as relay:
+        now = time.time_ns() // 1_000_000
+        assert relay.relay.prices.publish(
+            [check_tick({"symbol": "AAPL", "price": "101", "time_ms": now}, now)]
+        )
+        assert SCRIPT is not None
+        command = [
+            SCRIPT,
+            "--db",
+            str(db),
+            "prices",
+            "AAPL",
+            "--follow",
+            "--duration",
+            "1.5",
+            "--server",
+            relay.url,
+            "--token",
+            relay.token("alice", "d1"),
+        ]
+        process = await asyncio.create_subprocess_exec(
+            "bash",
+            "-c",
+            'trap "" XFSZ; ulimit -f 0; exec "$@"',
+            "bash",
+            *command,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode == 0, err.decode()
+    assert out.decode().startswith("AAPL") and "101" in out.decode()
+    assert err.decode().count("prices not saved") == 1, err.decode()
+    # nothing else was harmed: the replica opens and reads as before
+    shown = foliosync(db, "watchlist", "show", "Tech")
+    assert shown.returncode == 0 and "MSFT" in shown.stdout
