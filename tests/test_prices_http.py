@@ -80,6 +80,26 @@ async def test_post_json_takes_the_good_tick_and_names_the_bad_one(relay: Any, h
     ]
 
 
+async def test_the_readme_curl_example_is_accepted(relay: Any) -> None:
+    """The README's curl line, as written but for the port (ISO time with Z, form content type)."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    (line,) = [x for x in readme.splitlines() if x.startswith("curl ") and "/v1/ticks" in x]
+    curl = shutil.which("curl")
+    assert curl is not None, "curl is needed to run the README's example"
+    process = await asyncio.create_subprocess_exec(
+        "bash",
+        "-c",
+        line.replace("127.0.0.1:8765", f"127.0.0.1:{relay.port}"),
+        stdout=asyncio.subprocess.PIPE,
+        env={**os.environ, "TOKEN": relay.token("feeder", scopes=PUBLISH)},
+    )
+    out, _ = await asyncio.wait_for(process.communicate(), 20)
+    assert process.returncode == 0
+    assert json.loads(out) == {"accepted": 1, "rejected": []}
+    point = relay.relay.prices.book.latest("AAPL")
+    assert point is not None and point.time_ms == 1795532400000  # 2026-11-24T15:00:00Z
+
+
 async def test_post_a_bare_list_of_arrays(relay: Any, http: Any) -> None:
     status, answer = await post_ticks(http, relay, [["MSFT", 421.5, now_ms()], ["MSFT", "x", 1]])
     assert (status, answer["accepted"], len(answer["rejected"])) == (200, 1, 1)
