@@ -305,7 +305,8 @@ async def _stream_prices(request: web.Request) -> web.StreamResponse:
     this client lacks nothing, so an ``EventSource`` that reconnects (it sends the id back as
     ``Last-Event-ID``) gets only what changed meanwhile, in a ``prices`` event, instead of a new
     snapshot. Without a usable id (none, another run of the relay's, not a cursor) it gets the
-    ``snapshot``."""
+    ``snapshot``. An id holds for the stream's own ``symbols``: a client that reconnects with
+    others should send none."""
     _authorize(request, "sync", query_token=True)
     relay = _relay(request)
     symbols = _symbols(request, relay.config.max_symbols, required=True)
