@@ -13,13 +13,14 @@ Start with :class:`Replica` (open a file, create and edit watchlists and portfol
 """
 
 from foliosync.client.documents import PortfolioHandle, WatchlistHandle
-from foliosync.client.replica import DocumentChange, DocumentInfo, Replica
+from foliosync.client.replica import DocumentChange, DocumentInfo, OpeningReplica, Replica
 from foliosync.client.sync import Backoff, SyncClient, SyncStatus
 
 __all__ = [
     "Backoff",
     "DocumentChange",
     "DocumentInfo",
+    "OpeningReplica",
     "PortfolioHandle",
     "Replica",
     "SyncClient",
