@@ -256,14 +256,19 @@ class SyncClient:
                 await self.stop()
             return
         task = self._task
-        if self.flush_timeout > 0 and task is not None and not task.done():
-            idle = asyncio.ensure_future(self._idle.wait())
-            # Until in sync, or the connection gave up (a refused token: stop() raises it).
-            await asyncio.wait(
-                {idle, task}, timeout=self.flush_timeout, return_when=asyncio.FIRST_COMPLETED
-            )
-            idle.cancel()
-        await self.stop()
+        try:
+            if self.flush_timeout > 0 and task is not None and not task.done():
+                idle = asyncio.ensure_future(self._idle.wait())
+                try:  # until in sync, or the connection gave up (a refused token: stop() raises)
+                    await asyncio.wait(
+                        {idle, task},
+                        timeout=self.flush_timeout,
+                        return_when=asyncio.FIRST_COMPLETED,
+                    )
+                finally:
+                    idle.cancel()
+        finally:  # stopped even if the wait is cancelled (Ctrl-C)
+            await self.stop()
 
     async def wait_in_sync(self, timeout: float = 30.0) -> None:
         """Wait until connected with every document synced and nothing pending."""

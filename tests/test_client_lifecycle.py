@@ -18,6 +18,7 @@ import pytest
 
 from foliosync.client import Replica, SyncClient
 from foliosync.sync.errors import ReplicaCorrupt, ReplicaLocked
+from foliosync.sync.model import DocumentKind
 
 EXIT_WITHIN = 20.0  # seconds: a clean exit takes well under one
 
@@ -196,3 +197,26 @@ async def test_async_with_sync_client_reports_a_refused_token(tmp_path: Path, re
         with pytest.raises(AuthError):
             async with SyncClient(replica, relay.url, "forged", flush_timeout=30):
                 await replica.create_watchlist("Tech")
+
+
+async def test_cancelled_while_sending_on_exit_the_sync_client_still_stops(
+    tmp_path: Path,
+) -> None:
+    async with Replica.open(tmp_path / "a.db") as replica:
+        client = SyncClient(replica, "ws://127.0.0.1:9/ws", "token", flush_timeout=30)
+        leaving = asyncio.Event()
+
+        async def app() -> None:
+            async with client:
+                await replica.create_watchlist("Tech")
+                leaving.set()
+
+        task = asyncio.get_running_loop().create_task(app())
+        await leaving.wait()
+        await asyncio.sleep(0.1)  # in the exit's wait for a relay it cannot reach
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert client._task is None  # stopped, not left reconnecting in the background
+        tech = replica.resolve(DocumentKind.WATCHLIST, "Tech")
+        assert replica.info(tech).pending > 0  # kept for the next connection
