@@ -9,7 +9,7 @@ a ``prices`` event, and, when the relay drops the stream, reconnects by itself w
 does not list the page's origin: the browser gives the page nothing. The page reports everything
 to its own origin; no browser driver is involved.
 
-Chromium is found by ``$FOLIOSYNC_CHROMIUM`` or as ``chromium`` on PATH (``.ci/system-deps``
+Chromium is found by ``$FOLIOSYNC_CHROMIUM`` or as ``chromium`` on PATH (``tools/system-deps``
 installs it); without it this test fails, it does not skip.
 """
 
@@ -117,7 +117,7 @@ def chromium() -> str:
     if not path or not os.access(path, os.X_OK):
         pytest.fail(
             "Chromium is needed for the browser test and was not found: install it "
-            "(`.ci/system-deps`, or `apt-get install chromium`) or set FOLIOSYNC_CHROMIUM",
+            "(`tools/system-deps`, or `apt-get install chromium`) or set FOLIOSYNC_CHROMIUM",
             pytrace=False,
         )
     return path
