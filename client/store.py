@@ -24,7 +24,6 @@ import asyncio
 import contextlib
 import os
 import sqlite3
-import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ from typing import TypeVar
 
 import aiosqlite
 
+from foliosync._sqlite import connect as sqlite_connect
 from foliosync.sync.errors import (
     ReplicaCorrupt,
     ReplicaError,
@@ -107,23 +107,6 @@ class PendingUpdate:
     changes: int
 
 
-def _daemonize(connection: aiosqlite.Connection) -> None:
-    """Make the connection's worker thread a daemon, before it starts.
-
-    aiosqlite (0.22) runs each connection in a non-daemon thread that ends only when the
-    connection is closed or garbage collected. A replica left open when an app stops (an
-    exception escaping ``asyncio.run``, whose traceback keeps the replica alive) made the
-    interpreter wait for that thread forever: the process never exited. A daemon thread cannot
-    hold the process; leaving it behind is safe, because every accepted edit is already committed
-    and SQLite rolls back an unfinished transaction when the file is next opened, as after a
-    kill of the app.
-    """
-    thread = getattr(connection, "_thread", None)
-    # Another aiosqlite may name it differently: tests/test_replica_lifecycle.py then fails.
-    if isinstance(thread, threading.Thread) and not thread.is_alive():
-        thread.daemon = True
-
-
 def _translate(exc: sqlite3.Error, path: Path) -> ReplicaError:
     """One place where sqlite3's errors become foliosync's."""
     message = str(exc).lower()
@@ -170,8 +153,7 @@ class ReplicaStore:
             file.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise ReplicaError(f"cannot create the folder of replica {file}: {exc}") from exc
-        connecting = aiosqlite.connect(str(file), isolation_level=None, timeout=0.2)
-        _daemonize(connecting)
+        connecting = sqlite_connect(str(file), isolation_level=None, timeout=0.2)
         try:
             conn = await connecting
         except sqlite3.Error as exc:

@@ -22,6 +22,7 @@ from typing import Protocol
 
 import aiosqlite
 
+from foliosync._sqlite import connect as sqlite_connect
 from foliosync.sync.errors import FolioSyncError, StorageFull
 
 __all__ = [
@@ -125,7 +126,7 @@ class SQLiteRelayStore:
         file = Path(path)
         file.parent.mkdir(parents=True, exist_ok=True)
         try:
-            conn = await aiosqlite.connect(str(file), isolation_level=None)
+            conn = await sqlite_connect(str(file), isolation_level=None)
             await conn.execute("PRAGMA journal_mode = WAL")
             await conn.execute(f"PRAGMA synchronous = {synchronous}")
             await conn.execute("PRAGMA busy_timeout = 5000")

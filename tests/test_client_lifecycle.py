@@ -129,6 +129,25 @@ async def test_a_sync_client_to_an_unreachable_relay_does_not_hang_the_process(
     assert code == 1 and "RuntimeError: the app failed" in err, err
 
 
+RELAY_STORE_AND_RAISE = """
+    import asyncio, sys
+    from foliosync.server.storage import SQLiteRelayStore
+
+    async def main() -> None:
+        store = await SQLiteRelayStore.open(sys.argv[1])
+        raise RuntimeError("the server code failed")
+
+    asyncio.run(main())
+"""
+
+
+async def test_a_relay_store_left_open_does_not_hang_the_process(tmp_path: Path) -> None:
+    """The relay's store uses aiosqlite too: server code that opens it and fails exits."""
+    code, _, err = await run_script(RELAY_STORE_AND_RAISE, str(tmp_path / "relay.db"))
+    assert code == 1 and "RuntimeError: the server code failed" in err, err
+    assert err.count("Traceback") == 1, err
+
+
 async def test_the_sqlite_worker_thread_is_a_daemon(tmp_path: Path) -> None:
     """What the process tests rely on, checked directly: if aiosqlite renames its thread, this
     says why those tests hang."""
