@@ -350,7 +350,16 @@ async def test_raw_frames_for_another_users_document_are_forbidden(relay: Any, r
 async def test_raw_frames_for_unknown_documents_are_not_found(relay: Any, raw: Any) -> None:
     client = await raw()
     await client.hello(relay.token("alice", "d1"))
-    for doc in ("nonsense", "wl-short", "wl-" + "z" * 24, f"alice/{TECH}"):
+    # Ids only as document_id() makes them: no sign, prefix, blank or upper case in the hex
+    # (each would otherwise be a second document of the same name).
+    odd = ("+" + "0" * 23, "0x" + "0" * 22, " " + "0" * 22 + " ", TECH[3:].upper())
+    for doc in (
+        "nonsense",
+        "wl-short",
+        "wl-" + "z" * 24,
+        f"alice/{TECH}",
+        *("pf-" + x for x in odd),
+    ):
         await client.send(SyncRequest(doc, Doc().get_state()))
         error = await client.expect_error(ErrorCode.NOT_FOUND)
         assert error.doc == doc and not error.fatal

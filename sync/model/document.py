@@ -9,6 +9,7 @@ so the same id in two users' accounts names two different documents.
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, ClassVar
@@ -38,6 +39,7 @@ class DocumentKind(StrEnum):
 
 
 _PREFIX = {DocumentKind.WATCHLIST: "wl-", DocumentKind.PORTFOLIO: "pf-"}
+_HEX_ID = re.compile(r"[0-9a-f]{24}")
 
 
 def document_id(kind: DocumentKind, name: str) -> str:
@@ -53,11 +55,9 @@ def kind_of(doc_id: str) -> DocumentKind:
     if doc_id == INDEX_DOCUMENT_ID:
         return DocumentKind.INDEX
     for kind, prefix in _PREFIX.items():
-        if doc_id.startswith(prefix) and len(doc_id) == len(prefix) + 24:
-            try:
-                int(doc_id[len(prefix) :], 16)
-            except ValueError:
-                break
+        # Exactly what document_id() makes: int(x, 16) would also take "+0", "0x", spaces and
+        # upper case, and so make a second document of the same name.
+        if doc_id.startswith(prefix) and _HEX_ID.fullmatch(doc_id, len(prefix)):
             return kind
     raise ValidationError(f"not a foliosync document id: {doc_id[:60]!r}")
 
