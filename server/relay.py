@@ -507,20 +507,29 @@ class Connection:
                 self._send(self.session.error("invalid_symbol", str(exc), doc=symbol[:64]))
         return list(valid)
 
-    def _on_subscribe(self, event: SubscribeRequested) -> None:
+    def _may_follow_prices(self) -> bool:
+        """Following prices (Subscribe, Resync) takes the sync scope; a publisher's token may
+        only publish."""
         assert self.identity is not None
-        if "sync" not in self.identity.scopes:
-            self._send(
-                self.session.error(
-                    ErrorCode.FORBIDDEN, "this token may not follow prices", doc="prices"
-                )
+        if "sync" in self.identity.scopes:
+            return True
+        self._send(
+            self.session.error(
+                ErrorCode.FORBIDDEN, "this token may not follow prices", doc="prices"
             )
+        )
+        return False
+
+    def _on_subscribe(self, event: SubscribeRequested) -> None:
+        if not self._may_follow_prices():
             return
         symbols = self._valid_symbols(event.symbols)[: self.relay.config.max_symbols]
         snapshot = self.relay.prices.subscribe(self, symbols)
         self._send(self.session.prices([p.wire_bytes() for p in snapshot], snapshot=True))
 
     def _on_resync(self, event: ResyncRequested) -> None:
+        if not self._may_follow_prices():
+            return
         symbols = self._valid_symbols(event.symbols)
         self.prices.forget(symbols)
         snapshot = self.relay.prices.book.snapshot(symbols)

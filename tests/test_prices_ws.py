@@ -152,10 +152,13 @@ async def test_a_sync_token_may_not_publish(relay: Any, http: Any) -> None:
 
 async def test_a_publish_only_token_may_not_follow_prices(relay: Any, http: Any) -> None:
     feed = await Peer.connect(http, relay, relay.token("feed", scopes=frozenset({"publish"})))
-    await feed.send(feed.session.subscribe(["AAPL"]))
-    error = await feed.next()
-    assert isinstance(error, ErrorReceived)
-    assert error.code == ErrorCode.FORBIDDEN and not error.fatal
+    await feed.publish(1, [["AAPL", "187.3", now_ms()]])
+    # Neither by subscribing nor by asking for a resync of what it would follow.
+    for request in (feed.session.subscribe(["AAPL"]), feed.session.resync(["AAPL"])):
+        await feed.send(request)
+        error = await feed.next()
+        assert isinstance(error, ErrorReceived), error
+        assert error.code == ErrorCode.FORBIDDEN and not error.fatal
     await feed.still_open()
     assert relay.relay.prices.subscribed_symbols() == set()
 
