@@ -43,6 +43,7 @@ from foliosync.sync.freshness import Freshness, document_freshness
 from foliosync.sync.model import INDEX_DOCUMENT_ID, DocumentKind
 from foliosync.sync.prices import PricePoint, SequenceTracker
 from foliosync.sync.protocol import (
+    MAX_SYMBOLS,
     Acked,
     ClientSession,
     ErrorCode,
@@ -483,7 +484,15 @@ class _Connection:
         if wanted != self.subscribed and not self.session.closed:
             self.subscribed = wanted
             self.price_seqs.reset()
-            self._send(self.session.subscribe(sorted(wanted)))
+            symbols = sorted(wanted)
+            if len(symbols) > MAX_SYMBOLS:  # the most a Subscribe holds and a relay follows
+                log.warning(
+                    "%d symbols to follow: prices come for the first %d alphabetically only",
+                    len(symbols),
+                    MAX_SYMBOLS,
+                )
+                symbols = symbols[:MAX_SYMBOLS]
+            self._send(self.session.subscribe(symbols))
 
     async def _on_prices(self, event: PricesReceived) -> None:
         points: list[PricePoint] = []

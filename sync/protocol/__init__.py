@@ -25,6 +25,7 @@ from foliosync.sync.protocol.events import (
     Welcomed,
 )
 from foliosync.sync.protocol.frames import (
+    MAX_SYMBOLS,
     PROTOCOL_VERSION,
     RESERVED_PRICE_CODES,
     Ack,
@@ -61,6 +62,7 @@ from foliosync.sync.protocol.session import (
 
 __all__ = [
     "DEFAULT_MAX_FRAME_SIZE",
+    "MAX_SYMBOLS",
     "PROTOCOL_VERSION",
     "RESERVED_PRICE_CODES",
     "Ack",
