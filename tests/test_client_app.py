@@ -1,14 +1,15 @@
 """The README's "In an app" script, run as a user runs it: a file run with ``python``, against a
 real relay, on a new replica and again on the same one.
 
-tests/test_readme.py runs the README's own copy against ``make relay``; this copy also meets a relay
-that has no price to give, which must not break it either.
+tests/test_readme.py runs it against ``make relay``; here it also meets a relay that has no price
+to give, which must not break it either.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -17,53 +18,8 @@ import pytest
 
 from foliosync.client import Replica, SyncClient
 
-APP = """\
-import asyncio
-import contextlib
-import os
-
-from foliosync.client import Replica, SyncClient
-
-SERVER = os.environ.get("FOLIOSYNC_SERVER", "ws://127.0.0.1:8765/ws")
-TOKEN = os.environ["FOLIOSYNC_TOKEN"]  # e.g. from: foliosync token alice --device laptop
-
-
-async def main() -> None:
-    # ReplicaCorrupt / ReplicaLocked / SchemaTooNew; closed when the block ends, error or not
-    async with Replica.open("replica.db") as replica:
-        replica.subscribe(lambda change: print("changed:", change.doc_id, change.origin))
-        if not replica.documents():  # a new replica: create its documents (works offline)
-            await replica.create_watchlist("Tech")
-            await replica.create_portfolio("Main")
-        tech = await replica.watchlist("Tech")
-        await tech.add(["AAPL", "MSFT"], note="core")  # returns once committed to SQLite
-        main = await replica.portfolio("Main")
-        await main.add_trade("AAPL", "10", "187.25")  # exact decimals: text or int, never float
-        print(main.positions()["AAPL"].average_cost)  # Decimal('187.25')
-
-        first_price = asyncio.Event()
-        replica.quotes.subscribe(lambda quotes: first_price.set())  # live prices
-
-        # Syncs, streams edits, reconnects by itself; leaving the block sends what is pending
-        async with SyncClient(replica, SERVER, TOKEN) as client:
-            client.follow(["SPY"])  # prices beyond watchlists and positions
-            await client.wait_in_sync(timeout=10)
-            print(client.freshness(tech.id).describe())  # 'live — synced just now'
-            print(client.status(tech.id))  # pending, last sync, relay's last change
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(5):  # the relay sends the latest prices at once
-                    await first_price.wait()
-
-        quote = replica.quotes.get("AAPL")  # last known, also offline
-        if quote is not None:
-            # Decimal, change vs previous close (None until known), '12 s ago', 'live'...
-            print(quote.price, quote.change, quote.describe_age(), quote.freshness().level)
-        else:
-            print("no price for AAPL yet")
-
-
-asyncio.run(main())
-"""
+README = Path(__file__).resolve().parent.parent / "README.md"
+(APP,) = re.findall(r"^```python\n(.*?)^```", README.read_text(encoding="utf-8"), re.M | re.S)
 
 
 async def run_app(folder: Path, server: str, token: str) -> tuple[int, str, str]:
