@@ -28,20 +28,22 @@ test: install system-deps typecheck
 	@# pytest exits 5 when it collects no tests; make would turn that into 2, so decide here.
 	$(BIN)/pytest $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
 
-lint: install typecheck
+lint: install
+	$(MAKE) typecheck
 	$(BIN)/ruff check .
 
 # mypy resolves foliosync.* from a folder named foliosync, which the repository maps from four;
-# a throwaway tree of links gives it that layout.
-typecheck: install
-	rm -rf .typecheck && mkdir -p .typecheck/foliosync
-	ln -s ../../sync ../../server ../../client .typecheck/foliosync/
-	ln -s ../../package/__init__.py ../../package/__main__.py ../../package/py.typed .typecheck/foliosync/
-	cd .typecheck && ../$(BIN)/mypy --strict --ignore-missing-imports --cache-dir ../.mypy_cache -p foliosync
+# a throwaway tree of links gives it that layout. It uses the venv's mypy (`make install`).
+TYPECHECK_DIR ?= .typecheck
+typecheck:
+	rm -rf $(TYPECHECK_DIR) && mkdir -p $(TYPECHECK_DIR)/foliosync
+	ln -s $(CURDIR)/sync $(CURDIR)/server $(CURDIR)/client $(TYPECHECK_DIR)/foliosync/
+	ln -s $(CURDIR)/package/* $(TYPECHECK_DIR)/foliosync/
+	cd $(TYPECHECK_DIR) && $(abspath $(BIN))/mypy --strict --ignore-missing-imports --cache-dir $(abspath $(TYPECHECK_DIR)).cache -p foliosync
 
 bench:
 	$(BOOTSTRAP) --extras test,bench
 	$(BIN)/python -m bench $(ARGS)
 
 clean:
-	rm -rf $(VENV) $(VENV).lock build dist *.egg-info .typecheck .mypy_cache
+	rm -rf $(VENV) $(VENV).lock build dist *.egg-info .typecheck .typecheck.cache .mypy_cache
