@@ -11,6 +11,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from foliosync.sync.errors import FolioSyncError
+
 __all__ = ["Change", "FanOut", "InProcessFanOut", "Subscription"]
 
 
@@ -39,6 +41,11 @@ class FanOut(Protocol):
 
     def subscribe(self, user: str, deliver: Deliver) -> Subscription: ...
 
+    async def ping(self) -> None:
+        """Returns if changes can be published (a shared bus answers), else raises
+        :class:`~foliosync.sync.errors.FolioSyncError`; what ``/readyz`` asks."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -59,6 +66,7 @@ class InProcessFanOut:
 
     def __init__(self) -> None:
         self._listeners: dict[str, set[Deliver]] = {}
+        self._closed = False
 
     async def publish(self, change: Change) -> None:
         for deliver in list(self._listeners.get(change.user, ())):
@@ -68,5 +76,11 @@ class InProcessFanOut:
         self._listeners.setdefault(user, set()).add(deliver)
         return _LocalSubscription(self, user, deliver)
 
+    async def ping(self) -> None:
+        """In one process the hub is always reachable, until the relay closes it."""
+        if self._closed:
+            raise FolioSyncError("the fan-out is closed")
+
     async def close(self) -> None:
+        self._closed = True
         self._listeners.clear()

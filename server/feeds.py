@@ -88,6 +88,8 @@ class _TaskFeed:
 
     def __init__(self) -> None:
         self._task: asyncio.Task[None] | None = None
+        self.last_tick_ms: int | None = None
+        """When the feed last published a tick (wall ms), for the relay's readiness check."""
 
     def start(self) -> None:
         if self._task is None:
@@ -99,6 +101,17 @@ class _TaskFeed:
     @property
     def running(self) -> bool:
         return self._task is not None and not self._task.done()
+
+    @property
+    def failure(self) -> BaseException | None:
+        """What ended the feed's task, if it ended by an error (or was stopped: closed)."""
+        if self._task is None:
+            return asyncio.CancelledError("the feed was stopped")
+        if not self._task.done():
+            return None
+        if self._task.cancelled():
+            return asyncio.CancelledError("the feed was cancelled")
+        return self._task.exception()
 
     async def wait(self) -> None:
         """Until the feed ends by itself (a replay at the end of its file)."""
@@ -218,6 +231,7 @@ class SimulatorFeed(_TaskFeed):
                 ticks.append(Tick(symbol, self._walks[symbol].move(), now_ms))
         if ticks:
             self.hub.publish(ticks)
+            self.last_tick_ms = now_ms
         return ticks
 
     def _first_tick(self, symbol: str, now_ms: int) -> Tick:
@@ -443,6 +457,7 @@ class CsvReplayFeed(_TaskFeed):
     def _flush(self, pending: list[Tick]) -> None:
         if pending:
             self.hub.publish(pending)
+            self.last_tick_ms = self._clock_ms()
             self.published += len(pending)
             pending.clear()
 

@@ -35,12 +35,13 @@ from aiohttp import WSMsgType, web
 from foliosync.server.auth import Identity, load_or_create_secret, verify_token
 from foliosync.server.documents import BadUpdate, RelayDocuments
 from foliosync.server.fanout import Change, FanOut, InProcessFanOut, Subscription
-from foliosync.server.feeds import start_feed
+from foliosync.server.feeds import Feed, start_feed
 from foliosync.server.http_cors import add_cors, normalize_origins
 from foliosync.server.http_errors import http_error, json_errors
 from foliosync.server.http_prices import add_price_routes
 from foliosync.server.memory import trim_memory_every
 from foliosync.server.prices import PriceHub
+from foliosync.server.readiness import check_readiness
 from foliosync.server.storage import RelayStore, RelayStoreError, SQLiteRelayStore
 from foliosync.sync.clock import wall_ms
 from foliosync.sync.errors import (
@@ -115,6 +116,7 @@ class Relay:
         self.prices = PriceHub(window_override_ms=config.price_window_ms)
         self.initial_sync_slots = asyncio.Semaphore(config.max_initial_syncs)
         self.connections: set[Connection] = set()
+        self.feed: Feed | None = None  # the --feed task, once started; /readyz watches it
         self.started = time.monotonic()
         self._ids = itertools.count(1)
 
@@ -163,6 +165,12 @@ class Relay:
                 ],
             }
         )
+
+    async def handle_ready(self, request: web.Request) -> web.Response:
+        readiness = await check_readiness(
+            self.store, self.fanout, self.config.feed, self.feed, self.prices
+        )
+        return web.json_response(readiness.to_json(), status=200 if readiness.ready else 503)
 
     async def close_connections(self) -> None:
         # All at once: each close may wait up to _CLOSE_TIMEOUT for a peer that does not read.
@@ -603,7 +611,7 @@ def create_app(
         app[RelayKey] = relay
         relay.prices.start()
         try:
-            feed = start_feed(config.feed, relay.prices)
+            feed = relay.feed = start_feed(config.feed, relay.prices)
         except BaseException:  # a bad --feed: release the store, or its thread keeps us alive
             await relay.close()
             raise
@@ -634,10 +642,14 @@ def create_app(
     async def health(request: web.Request) -> web.StreamResponse:
         return await request.app[RelayKey].handle_health(request)
 
+    async def ready(request: web.Request) -> web.StreamResponse:
+        return await request.app[RelayKey].handle_ready(request)
+
     app.cleanup_ctx.append(lifecycle)
     app.on_shutdown.append(close_connections)
     app.router.add_get("/ws", ws)
     app.router.add_get("/healthz", health)
+    app.router.add_get("/readyz", ready)
     add_price_routes(app)
     add_cors(app, config.cors_origins)
     return app

@@ -70,6 +70,13 @@ class RelayStore(Protocol):
 
     async def documents(self, user: str) -> list[str]: ...
 
+    async def ping(self) -> None:
+        """A cheap real query: returns if the store answers, else raises RelayStoreError.
+
+        What ``/readyz`` asks: a store that is closed, lost its database or cannot read it is
+        not ready, even if the process still runs."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -261,6 +268,18 @@ class SQLiteRelayStore:
         except sqlite3.Error as exc:
             raise RelayStoreError(f"cannot list documents: {exc}") from exc
 
+    async def ping(self) -> None:
+        if self._closing or self._writer is None or self._writer.done():
+            raise RelayStoreError("the relay store is closed")
+        try:
+            async with (
+                self._lock,
+                self._conn.execute("SELECT 1 FROM updates LIMIT 1") as cursor,
+            ):
+                await cursor.fetchone()
+        except (sqlite3.Error, ValueError) as exc:  # ValueError: aiosqlite lost its connection
+            raise RelayStoreError(f"the relay store does not answer: {exc}") from exc
+
     async def close(self) -> None:
         self._closing = True  # no append may queue behind the writer's stop marker
         if self._writer is not None and not self._writer.done():
@@ -312,6 +331,10 @@ class MemoryRelayStore:
 
     async def documents(self, user: str) -> list[str]:
         return sorted(d for u, d in self._docs if u == user)
+
+    async def ping(self) -> None:
+        if self._closed:
+            raise RelayStoreError("the relay store is closed")
 
     async def close(self) -> None:
         self._closed = True

@@ -1,0 +1,126 @@
+"""GET /readyz on a real relay: ready when the store answers, the fan-out publishes and the feed
+feeds; 503 naming what fails otherwise."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from foliosync.server.feeds import SimulatorFeed
+from foliosync.server.prices import PriceHub
+from foliosync.server.readiness import FEED_STALE_AFTER_S, check_feed
+from foliosync.server.storage import MemoryRelayStore
+
+
+async def readyz(http: str) -> tuple[int, dict[str, Any]]:
+    async with aiohttp.ClientSession() as session, session.get(f"{http}/readyz") as response:
+        return response.status, await response.json()
+
+
+async def test_a_running_relay_is_ready_with_every_check(tmp_path: Path, helpers: Any) -> None:
+    async with helpers.serve_relay(tmp_path / "relay", feed="sim:always") as relay:
+        status, body = await readyz(relay.http)
+    assert status == 200, body
+    assert body["status"] == "ready"
+    assert set(body["checks"]) == {"store", "fanout", "feed"}
+    assert all(check["ok"] for check in body["checks"].values())
+    assert "failing" not in body
+
+
+async def test_no_feed_is_alive(tmp_path: Path, helpers: Any) -> None:
+    async with helpers.serve_relay(tmp_path / "relay", feed="none") as relay:
+        status, body = await readyz(relay.http)
+    assert status == 200
+    assert body["checks"]["feed"]["ok"]
+
+
+async def test_a_closed_store_is_not_ready(tmp_path: Path, helpers: Any) -> None:
+    async with helpers.serve_relay(tmp_path / "relay", feed="none") as relay:
+        await relay.relay.store.close()
+        status, body = await readyz(relay.http)
+    assert status == 503
+    assert body["status"] == "not_ready"
+    assert body["failing"] == ["store"]
+    assert "closed" in body["checks"]["store"]["detail"]
+    assert body["checks"]["fanout"]["ok"] and body["checks"]["feed"]["ok"]
+
+
+async def test_a_store_that_lost_its_database_is_not_ready(tmp_path: Path, helpers: Any) -> None:
+    async with helpers.serve_relay(tmp_path / "relay", feed="none") as relay:
+        assert (await readyz(relay.http))[0] == 200
+        await relay.relay.store._conn.close()  # the database connection gone under the store
+        status, body = await readyz(relay.http)
+    assert status == 503
+    assert body["failing"] == ["store"]
+    assert "does not answer" in body["checks"]["store"]["detail"]
+
+
+async def test_a_closed_memory_store_is_not_ready(tmp_path: Path, helpers: Any) -> None:
+    store = MemoryRelayStore()
+    async with helpers.serve_relay(tmp_path / "relay", store=store, feed="none") as relay:
+        assert (await readyz(relay.http))[0] == 200
+        await store.close()
+        status, body = await readyz(relay.http)
+    assert status == 503 and body["failing"] == ["store"]
+
+
+async def test_a_feed_that_died_is_not_ready(tmp_path: Path, helpers: Any) -> None:
+    async with helpers.serve_relay(tmp_path / "relay", feed="sim:always") as relay:
+        assert (await readyz(relay.http))[0] == 200
+        feed = relay.relay.feed
+        assert feed is not None
+        await feed.close()
+        status, body = await readyz(relay.http)
+    assert status == 503
+    assert body["failing"] == ["feed"]
+    assert "stopped" in body["checks"]["feed"]["detail"]
+
+
+async def test_a_finished_replay_is_alive_and_a_stopped_one_is_not(
+    tmp_path: Path, helpers: Any
+) -> None:
+    ticks = tmp_path / "ticks.csv"
+    ticks.write_text("timestamp,symbol,price\n1700000000000,AAPL,190.5\n")
+    async with helpers.serve_relay(tmp_path / "relay", feed=f"csv:{ticks}@max") as relay:
+        feed = relay.relay.feed
+        assert feed is not None
+        await helpers.eventually(lambda: not feed.running)  # type: ignore[attr-defined]
+        status, body = await readyz(relay.http)
+        assert status == 200, body  # a replay that reached the end of its file is done
+        assert body["checks"]["feed"]["detail"] == "replay finished"
+        await feed.close()
+        status, body = await readyz(relay.http)
+    assert status == 503 and body["failing"] == ["feed"]
+
+
+async def test_a_simulator_that_stopped_ticking_in_session_is_not_alive() -> None:
+    hub = PriceHub()
+    feed = SimulatorFeed(hub, always=True)
+    now = 1_800_000_000_000
+    feed.step(now)  # quotes the default symbols: a tick now
+    assert check_feed("sim:always", feed, hub, now + 1000).ok is False  # never started: stopped
+    feed.start()
+    try:
+        feed.last_tick_ms = now
+        assert check_feed("sim:always", feed, hub, now + 1000).ok
+        late = now + int(FEED_STALE_AFTER_S * 1000) + 1000
+        check = check_feed("sim:always", feed, hub, late)
+        assert not check.ok and "no tick for too long" in check.detail
+    finally:
+        await feed.close()
+
+
+async def test_both_stores_answer_a_ping_until_closed(tmp_path: Path) -> None:
+    from foliosync.server.storage import RelayStoreError, SQLiteRelayStore
+
+    for store in (await SQLiteRelayStore.open(tmp_path / "relay.db"), MemoryRelayStore()):
+        await store.ping()
+        await store.close()
+        try:
+            await store.ping()
+        except RelayStoreError as exc:
+            assert "closed" in str(exc)
+        else:
+            raise AssertionError(f"{type(store).__name__} answered a ping once closed")
