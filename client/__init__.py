@@ -13,17 +13,22 @@ Start with :class:`Replica` (open a file, create and edit watchlists and portfol
 """
 
 from foliosync.client.documents import PortfolioHandle, WatchlistHandle
+from foliosync.client.health import ConnectionState, LastError, PriceAge, SyncHealth
 from foliosync.client.replica import DocumentChange, DocumentInfo, OpeningReplica, Replica
 from foliosync.client.sync import Backoff, SyncClient, SyncStatus
 
 __all__ = [
     "Backoff",
+    "ConnectionState",
     "DocumentChange",
     "DocumentInfo",
+    "LastError",
     "OpeningReplica",
     "PortfolioHandle",
+    "PriceAge",
     "Replica",
     "SyncClient",
+    "SyncHealth",
     "SyncStatus",
     "WatchlistHandle",
 ]

@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from foliosync.client.cli_common import open_replica, print_json
+from foliosync.client.health import ConnectionState, LastError, build_health
 from foliosync.client.sync import SyncClient
 from foliosync.sync.errors import ConfigError
 
@@ -36,7 +37,14 @@ def register(subparsers: Any) -> None:
     )
     sync.set_defaults(handler=_sync)
 
-    status = subparsers.add_parser("status", help="pending changes and freshness per document")
+    status = subparsers.add_parser(
+        "status",
+        help="the status line, and pending changes and freshness per document",
+        description="How this device stands with its relay, from the replica alone: the status "
+        "line an app shows (lag, pending changes, last error, price ages), then each document. "
+        "--json prints the fields of SyncClient.health() (times in ISO 8601 UTC, ages and lag "
+        "in seconds) with the per-document rows.",
+    )
     status.add_argument("--json", action="store_true", help="print JSON")
     status.set_defaults(handler=_status)
 
@@ -94,10 +102,19 @@ async def _status(args: argparse.Namespace) -> int:
                     "freshness_reason": freshness.describe(),
                 }
             )
-        server = replica.meta.get("server_url")
+        meta = replica.meta
+        server = meta.get("server_url")
+        health = build_health(
+            replica,
+            state=ConnectionState.NOT_RUNNING,
+            now=now,
+            last_error=LastError.from_meta(meta),
+            followed=await replica.followed_symbols(),
+        )
     if args.json:
-        print_json({"server": server, "documents": rows})
+        print_json({"server": server, **health.to_json(), "documents": rows})
         return 0
+    print(health.describe())
     if not rows:
         print("no documents")
         return 0

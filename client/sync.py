@@ -23,12 +23,13 @@ import logging
 import random
 from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import aiohttp
 
-from foliosync.client.replica import DocumentChange, Replica
+from foliosync.client.health import ConnectionState, LastError, SyncHealth, build_health
+from foliosync.client.replica import DocumentChange, DocumentInfo, Replica
 from foliosync.sync.clock import wall_ms
 from foliosync.sync.errors import (
     AccessDenied,
@@ -147,6 +148,14 @@ class SyncClient:
         self._listeners: list[Callable[[bool], None]] = []
         self.extra_symbols: set[str] = set()
         self._connection: _Connection | None = None
+        # For health(): what run() is doing, and what last went wrong (the replica remembers it).
+        self._state = ConnectionState.STOPPED
+        self._next_retry_at: datetime | None = None
+        self._last_error = LastError.from_meta(replica.meta)
+        self._followed: frozenset[str] | None = None  # as the last subscription computed them
+        # Documents that left sync on this connection (an edit in flight), since when, in ms:
+        # they were in sync until that edit, whatever their last confirmation says.
+        self._left_sync_at: dict[str, int] = {}
 
     # -- status ------------------------------------------------------------------------------
 
@@ -154,13 +163,57 @@ class SyncClient:
     def connected(self) -> bool:
         return self._connected
 
+    @property
+    def state(self) -> ConnectionState:
+        return ConnectionState.CONNECTED if self._connected else self._state
+
+    @property
+    def last_error(self) -> LastError | None:
+        """What last went wrong with the relay (kept after a later success, with its time)."""
+        return self._last_error
+
+    def health(self, now: datetime | None = None) -> SyncHealth:
+        """Connection state, lag, pending changes, last error, price ages and the documents'
+        worst freshness in one value, from memory: cheap enough to call every second.
+
+        ``health().describe()`` is the one-line text of a status bar.
+        """
+        now = now or datetime.now(tz=UTC)
+        now_ms = int(now.timestamp() * 1000)
+
+        def synced_at(info: DocumentInfo) -> int | None:
+            return self._synced_at(info, now_ms)
+
+        return build_health(
+            self.replica,
+            state=self.state,
+            now=now,
+            synced_at=synced_at,
+            next_retry_at=self._next_retry_at,
+            last_error=self._last_error,
+            followed=self._followed,
+        )
+
+    def _synced_at(self, info: DocumentInfo, now_ms: int) -> int | None:
+        """When a document was last known in sync, in ms: ``now_ms`` while kept in sync."""
+        if self._connected and info.id in self._in_sync and info.pending == 0:
+            return now_ms
+        left = self._left_sync_at.get(info.id)
+        if left is not None and (info.last_synced_at is None or left > info.last_synced_at):
+            return left
+        return info.last_synced_at
+
+    async def _record_error(self, error: LastError) -> None:
+        self._last_error = error
+        with contextlib.suppress(FolioSyncError):  # a closed or full replica: memory still has it
+            await self.replica.set_meta(**error.to_meta())
+
     def status(self, doc_id: str) -> SyncStatus:
         info = self.replica.info(doc_id)
-        live = self._connected and doc_id in self._in_sync and info.pending == 0
         return SyncStatus(
             doc_id=doc_id,
             pending=info.pending,
-            last_synced_at=wall_ms() if live else info.last_synced_at,
+            last_synced_at=self._synced_at(info, wall_ms()),
             remote_changed_at=info.remote_changed_at,
             remote_changed_by=info.remote_changed_by,
             connected=self._connected,
@@ -213,12 +266,21 @@ class SyncClient:
         Raises ConnectionLost (unreachable, or not done within ``timeout``), AuthError (token
         refused) or ProtocolError. Local data is never touched by a failure.
         """
+        self._state = ConnectionState.CONNECTING
         try:
-            await asyncio.wait_for(self._connect_and_serve(until_idle=True), timeout)
-        except TimeoutError:
-            raise ConnectionLost(
-                f"sync with {self.url} did not finish within {timeout:g} s"
-            ) from None
+            try:
+                await asyncio.wait_for(self._connect_and_serve(until_idle=True), timeout)
+            except TimeoutError:
+                raise ConnectionLost(
+                    f"sync with {self.url} did not finish within {timeout:g} s"
+                ) from None
+        except (FolioSyncError, OSError) as exc:
+            await self._record_error(LastError.from_exception(exc))
+            self._state = (
+                ConnectionState.REFUSED if isinstance(exc, AuthError) else ConnectionState.STOPPED
+            )
+            raise
+        self._state = ConnectionState.STOPPED
         # Remembered only once a sync succeeded, so that `foliosync sync` works without flags.
         await self.replica.set_meta(server_url=self.url, token=self.token)
 
@@ -230,11 +292,16 @@ class SyncClient:
 
     async def stop(self) -> None:
         self._stopping = True
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        try:
+            if self._task is not None:
+                self._task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._task
+                self._task = None
+        finally:
+            if self._state is not ConnectionState.REFUSED:
+                self._state = ConnectionState.STOPPED
+            self._next_retry_at = None
 
     async def __aenter__(self) -> SyncClient:
         """``async with SyncClient(replica, url, token) as client:`` starts it..."""
@@ -278,14 +345,20 @@ class SyncClient:
     async def run(self) -> None:
         """Sync forever: reconnect with backoff after every failure except a refused token."""
         while not self._stopping:
+            self._state, self._next_retry_at = ConnectionState.CONNECTING, None
             try:
                 await self._connect_and_serve(until_idle=False)
-            except AuthError:
+            except AuthError as exc:
                 log.error("the relay refused the token; not reconnecting")
+                self._state = ConnectionState.REFUSED
+                await self._record_error(LastError.from_exception(exc))
                 raise
             except (ConnectionLost, ProtocolError, OSError) as exc:
                 log.info("sync connection ended: %s", exc)
+                await self._record_error(LastError.from_exception(exc))
             delay = self.backoff.next_delay()
+            self._next_retry_at = datetime.now(tz=UTC) + timedelta(seconds=delay)
+            self._state = ConnectionState.WAITING
             await asyncio.sleep(delay)
 
     # -- one connection ----------------------------------------------------------------------
@@ -315,12 +388,19 @@ class SyncClient:
             await self._remember_live_documents()
             self._in_sync.clear()
             self._live.clear()
+            self._left_sync_at.clear()
 
     async def _remember_live_documents(self) -> None:
         for doc_id in list(self._in_sync):
             with contextlib.suppress(FolioSyncError):
                 if self.replica.info(doc_id).pending == 0:
                     await self.replica.mark_synced(doc_id)
+        # In sync until an edit that is still in flight: confirmed up to that edit.
+        for doc_id, left in list(self._left_sync_at.items()):
+            with contextlib.suppress(FolioSyncError):
+                synced = self.replica.info(doc_id).last_synced_at
+                if doc_id not in self._in_sync and (synced is None or left > synced):
+                    await self.replica.mark_synced(doc_id, at_ms=left)
 
 
 class _Connection:
@@ -446,6 +526,10 @@ class _Connection:
         elif isinstance(event, PricesReceived):
             await self._on_prices(event)
         elif isinstance(event, ErrorReceived):
+            if not event.fatal:  # a fatal one ends the connection, and run() records it
+                await self.client._record_error(
+                    LastError(str(event.code), event.message, datetime.now(tz=UTC))
+                )
             self._on_error(event)
         elif isinstance(event, PingReceived):
             self._send(self.session.pong(event.nonce))
@@ -481,6 +565,7 @@ class _Connection:
         if delay:
             await asyncio.sleep(delay)
         wanted = frozenset(await self.replica.followed_symbols() | self.client.extra_symbols)
+        self.client._followed = wanted
         if wanted != self.subscribed and not self.session.closed:
             self.subscribed = wanted
             self.price_seqs.reset()
@@ -561,6 +646,7 @@ class _Connection:
     async def _settled(self, doc: str) -> None:
         if self.replica.info(doc).pending == 0:
             self.client._in_sync.add(doc)
+            self.client._left_sync_at.pop(doc, None)
             await self.replica.mark_synced(doc)
         else:
             self.client._in_sync.discard(doc)
@@ -600,7 +686,7 @@ class _Connection:
             return
         self.sent_upto[doc] = change.seq
         self.in_flight[doc] = change.seq
-        self.client._in_sync.discard(doc)
+        self._leave_sync(doc)
         self.client._idle.clear()
         self._send(self.session.update(doc, change.seq, change.update))
         if doc == INDEX_DOCUMENT_ID or doc not in self.requested:
@@ -611,11 +697,17 @@ class _Connection:
             if pending.seq > self.sent_upto.get(doc, 0) and not self.session.closed:
                 self.sent_upto[doc] = pending.seq
                 self.in_flight[doc] = pending.seq
-                self.client._in_sync.discard(doc)
+                self._leave_sync(doc)
                 self.client._idle.clear()
                 self._send(self.session.update(doc, pending.seq, pending.data))
         if doc == INDEX_DOCUMENT_ID:
             await self._request_new_documents()
+
+    def _leave_sync(self, doc: str) -> None:
+        """An edit of ``doc`` is on its way: it was in sync until now, and is not any more."""
+        if doc in self.client._in_sync:
+            self.client._left_sync_at.setdefault(doc, wall_ms())
+            self.client._in_sync.discard(doc)
 
     def _check_idle(self) -> bool:
         """Whether every document is in sync with nothing in flight (and say so to waiters)."""
