@@ -1,4 +1,10 @@
-"""`foliosync relay` runs the relay; `foliosync token` prints a token signed with its secret."""
+"""`foliosync relay` runs the relay; `foliosync token` prints a token signed with its secret.
+
+``foliosync relay [options]`` runs the relay, as it always has; ``foliosync relay backup FILE`` and
+``foliosync relay restore FILE`` are optional sub-commands of the same parser. argparse gives an
+option-only command optional sub-commands this way without changing how the options parse: the
+first positional word picks the sub-command, and the relay takes none of its own.
+"""
 
 from __future__ import annotations
 
@@ -28,7 +34,8 @@ def register(subparsers: Any) -> None:
         "relay",
         help="run the relay",
         description="Run the relay. With no flags: 127.0.0.1:8765, SQLite and a secret in the "
-        "data directory (created on first start).",
+        "data directory (created on first start). `relay backup FILE` copies its store while it "
+        "runs; `relay restore FILE` puts a copy back while it is stopped.",
     )
     relay.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     relay.add_argument("--port", type=int, default=8765, help="port (default 8765)")
@@ -74,7 +81,40 @@ def register(subparsers: Any) -> None:
         "may be repeated (default: none, no cross-origin access)",
     )
     relay.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    relay.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        default="text",
+        help="text (the default) or json: one JSON object per line with time, level, logger, "
+        "message and the connection, user, device and document it concerns",
+    )
     relay.set_defaults(handler=_run_relay)
+    operations = relay.add_subparsers(dest="relay_command", metavar="OPERATION", required=False)
+    backup = operations.add_parser(
+        "backup",
+        help="copy the relay's store to FILE, while the relay runs or not",
+        description="Copy the relay's SQLite store (relay.db in the data directory) to FILE, a "
+        "consistent snapshot taken while the relay runs. FILE is replaced if it exists. The "
+        "secret (secret.key) is not in it: keep a copy of that too.",
+    )
+    backup.add_argument("file", metavar="FILE", help="where to write the copy")
+    backup.add_argument(
+        "--data", metavar="DIR", default=argparse.SUPPRESS, help="the relay's data directory"
+    )
+    backup.set_defaults(handler=_backup)
+    restore = operations.add_parser(
+        "restore",
+        help="replace the relay's store by a backup (the relay must be stopped)",
+        description="Replace the relay's store by FILE, a backup made by `foliosync relay "
+        "backup`. Refused while a relay runs on the data directory. The current store is kept "
+        "beside it as relay.db.before-restore-TIMESTAMP. Devices send what the backup lacks at "
+        "their next sync.",
+    )
+    restore.add_argument("file", metavar="FILE", help="the backup to restore")
+    restore.add_argument(
+        "--data", metavar="DIR", default=argparse.SUPPRESS, help="the relay's data directory"
+    )
+    restore.set_defaults(handler=_restore)
 
     token = subparsers.add_parser("token", help="print a token signed with the relay's secret")
     token.add_argument("user")
@@ -100,6 +140,9 @@ def _data_dir(args: argparse.Namespace) -> Path:
 
 
 async def _run_relay(args: argparse.Namespace) -> int:
+    from foliosync.server.auth import load_or_create_secret
+    from foliosync.server.data_lock import DataDirLock
+    from foliosync.server.logs import configure_logging
     from foliosync.server.relay import RelayConfig
     from foliosync.server.serve import serve
 
@@ -110,8 +153,9 @@ async def _run_relay(args: argparse.Namespace) -> int:
     level = getattr(logging, str(args.log_level).upper(), None)
     if not isinstance(level, int):
         raise ConfigError(f"unknown log level {args.log_level!r}")
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     data_dir = _data_dir(args)
+    # Before anything logs: every line is redacted of tokens and of this relay's secret.
+    configure_logging(level, args.log_format, secrets=[load_or_create_secret(data_dir)])
     config = RelayConfig(
         host=args.host,
         port=args.port,
@@ -127,7 +171,29 @@ async def _run_relay(args: argparse.Namespace) -> int:
     def listening() -> None:  # only once bound: a script may connect as soon as it reads this
         print(f"foliosync relay on ws://{host}:{args.port}/ws, data in {data_dir}", flush=True)
 
-    await serve(config, on_listening=listening)
+    with DataDirLock(data_dir):  # refuses a second relay, and a restore under this one
+        await serve(config, on_listening=listening)
+    return 0
+
+
+def _backup(args: argparse.Namespace) -> int:
+    from foliosync.server.backup import backup_store
+
+    target = Path(args.file).expanduser()
+    data_dir = _data_dir(args)
+    summary = backup_store(data_dir, target)
+    print(f"backed up {data_dir / 'relay.db'} to {target} ({summary})")
+    return 0
+
+
+def _restore(args: argparse.Namespace) -> int:
+    from foliosync.server.backup import restore_store
+
+    data_dir = _data_dir(args)
+    restored = restore_store(data_dir, Path(args.file).expanduser())
+    print(f"restored {args.file} into {data_dir / 'relay.db'} ({restored.summary})")
+    if restored.previous is not None:
+        print(f"the store it replaced is kept as {restored.previous}")
     return 0
 
 

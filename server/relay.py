@@ -39,6 +39,7 @@ from foliosync.server.feeds import Feed, start_feed
 from foliosync.server.http_cors import add_cors, normalize_origins
 from foliosync.server.http_errors import http_error, json_errors
 from foliosync.server.http_prices import add_price_routes
+from foliosync.server.logs import bind_log_context, log_context
 from foliosync.server.memory import trim_memory_every
 from foliosync.server.prices import PriceHub
 from foliosync.server.readiness import check_readiness
@@ -218,6 +219,8 @@ class Connection:
     # -- life cycle --------------------------------------------------------------------------
 
     async def run(self) -> None:
+        bind_log_context(connection=self.id)  # this task's lines, and the writer's, name it
+        log.debug("connection opened")
         writer = asyncio.get_running_loop().create_task(self._write_loop())
         try:
             await self._read_loop()
@@ -233,6 +236,7 @@ class Connection:
             if not writer.done():
                 writer.cancel()
             await self._close_ws()
+            log.debug("connection closed")
             # A socket closed with bytes its peer never takes would stay open for as long as the
             # peer keeps the connection: cut it once a healthy peer would have had them.
             asyncio.get_running_loop().call_later(_CLOSE_TIMEOUT, self._abort_if_stuck)
@@ -370,7 +374,8 @@ class Connection:
                 self._send(self.session.error_reply)
                 return
             for event in events:
-                await self._handle(event)
+                with log_context(doc=getattr(event, "doc", None)):
+                    await self._handle(event)
 
     # -- events ------------------------------------------------------------------------------
 
@@ -398,10 +403,13 @@ class Connection:
             if not identity.scopes & {"sync", "publish"}:
                 raise AuthError("token has neither the sync nor the publish scope")
         except AuthError as exc:
+            log.info("authentication failed: %s", exc)
             self._send(self.session.reject(ErrorCode.AUTH_FAILED, str(exc)))
             return
         self.identity = identity
         self.device = identity.device or event.client_name[:64] or self.id
+        bind_log_context(user=identity.user, device=self.device)
+        log.debug("authenticated")
         documents = (
             await self.relay.documents.documents(identity.user) if "sync" in identity.scopes else []
         )
@@ -485,6 +493,7 @@ class Connection:
         if self.session.closed:
             return
         self._send(self.session.ack(event.doc, event.seq))
+        log.debug("update %d stored and acknowledged", event.seq)
         if applied.changed:
             # One encoding for every receiver: with hundreds of devices on one document, building
             # and encoding the same frame per receiver was a fifth of the relay's time.
