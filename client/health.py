@@ -13,6 +13,7 @@ a relay that has answered since.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -80,7 +81,12 @@ class LastError:
     at: datetime
 
     @classmethod
-    def from_exception(cls, exc: BaseException, at: datetime | None = None) -> LastError:
+    def now(cls, code: str, message: str) -> LastError:
+        """An error happening now (to the millisecond, as the replica keeps it)."""
+        return cls(code, message, _from_ms(int(time.time() * 1000)))
+
+    @classmethod
+    def from_exception(cls, exc: BaseException) -> LastError:
         if isinstance(exc, AuthError):
             code = "auth_failed"
         elif isinstance(exc, ProtocolError):
@@ -91,7 +97,7 @@ class LastError:
             code = type(exc).__name__
         else:
             code = "internal"
-        return cls(code, str(exc) or type(exc).__name__, at or datetime.now(tz=UTC))
+        return cls.now(code, str(exc) or type(exc).__name__)
 
     def to_meta(self) -> dict[str, str]:
         return {
@@ -227,10 +233,9 @@ class SyncHealth:
         newest = self.newest_price
         if newest is None:
             return ""
-        if newest.freshness.level is FreshnessLevel.LIVE and newest.freshness.reason.startswith(
-            "closing price"
-        ):
-            text = "closing prices"
+        closed = "market closed" in newest.freshness.reason
+        if closed and newest.freshness.level is FreshnessLevel.LIVE:
+            text = "closing prices"  # nothing traded since: as current as prices can be
         else:
             text = f"prices {format_duration(newest.age)} old"
             if newest.freshness.level is not FreshnessLevel.LIVE:

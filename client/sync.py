@@ -156,6 +156,8 @@ class SyncClient:
         # Documents that left sync on this connection (an edit in flight), since when, in ms:
         # they were in sync until that edit, whatever their last confirmation says.
         self._left_sync_at: dict[str, int] = {}
+        self._unwatch_followed: Callable[[], None] | None = None
+        self._followed_task: asyncio.Task[None] | None = None
 
     # -- status ------------------------------------------------------------------------------
 
@@ -235,13 +237,30 @@ class SyncClient:
     def follow(self, symbols: Iterable[str]) -> None:
         """Also follow these symbols' prices (besides those of watchlists and positions)."""
         self.extra_symbols.update(normalize_symbol(s) for s in symbols)
+        self._refresh_followed()
         if self._connection is not None:
             self._connection.refresh_subscription()
 
     def unfollow(self, symbols: Iterable[str]) -> None:
         self.extra_symbols.difference_update(normalize_symbol(s) for s in symbols)
+        self._refresh_followed()
         if self._connection is not None:
             self._connection.refresh_subscription()
+
+    def _refresh_followed(self, change: DocumentChange | None = None) -> None:
+        """Recount the followed symbols for health() soon, also offline (once per burst)."""
+        if change is not None and change.kind is DocumentKind.INDEX:
+            return
+        if self._unwatch_followed is None:  # not running: no loop to count them in
+            return
+        if self._followed_task is None or self._followed_task.done():
+            self._followed_task = asyncio.get_running_loop().create_task(self._count_followed())
+
+    async def _count_followed(self) -> None:
+        await asyncio.sleep(0.05)
+        with contextlib.suppress(FolioSyncError):
+            symbols = await self.replica.followed_symbols()
+            self._followed = frozenset(symbols | self.extra_symbols)
 
     def on_connection_change(self, listener: Callable[[bool], None]) -> None:
         """Call ``listener(connected)`` whenever the connection comes up or goes down."""
@@ -289,6 +308,9 @@ class SyncClient:
         if self._task is None or self._task.done():
             self._stopping = False
             self._task = asyncio.get_running_loop().create_task(self.run())
+        if self._unwatch_followed is None:
+            self._unwatch_followed = self.replica.subscribe(self._refresh_followed)
+            self._refresh_followed()
 
     async def stop(self) -> None:
         self._stopping = True
@@ -302,6 +324,14 @@ class SyncClient:
             if self._state is not ConnectionState.REFUSED:
                 self._state = ConnectionState.STOPPED
             self._next_retry_at = None
+            if self._unwatch_followed is not None:
+                self._unwatch_followed()
+                self._unwatch_followed = None
+            if self._followed_task is not None:
+                self._followed_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._followed_task
+                self._followed_task = None
 
     async def __aenter__(self) -> SyncClient:
         """``async with SyncClient(replica, url, token) as client:`` starts it..."""
@@ -527,9 +557,7 @@ class _Connection:
             await self._on_prices(event)
         elif isinstance(event, ErrorReceived):
             if not event.fatal:  # a fatal one ends the connection, and run() records it
-                await self.client._record_error(
-                    LastError(str(event.code), event.message, datetime.now(tz=UTC))
-                )
+                await self.client._record_error(LastError.now(str(event.code), event.message))
             self._on_error(event)
         elif isinstance(event, PingReceived):
             self._send(self.session.pong(event.nonce))
