@@ -56,28 +56,38 @@ TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 _JWT = re.compile(r"[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}")
 
-_context: contextvars.ContextVar[Mapping[str, str]] = contextvars.ContextVar(
-    "foliosync_log_context", default=MappingProxyType({})
+# Two variables: what a connection binds for its lifetime, and what a block adds for its own
+# duration. A block's end restores only its own variable, so a binding made inside one (the user,
+# learnt while handling the Hello frame) outlives it.
+_bound: contextvars.ContextVar[Mapping[str, str]] = contextvars.ContextVar(
+    "foliosync_log_bound", default=MappingProxyType({})
+)
+_scoped: contextvars.ContextVar[Mapping[str, str]] = contextvars.ContextVar(
+    "foliosync_log_scoped", default=MappingProxyType({})
 )
 
 
+def _present(fields: Mapping[str, str | None]) -> dict[str, str]:
+    return {k: v for k, v in fields.items() if v is not None}
+
+
 def current_log_context() -> Mapping[str, str]:
-    return _context.get()
+    return {**_bound.get(), **_scoped.get()}
 
 
 def bind_log_context(**fields: str | None) -> None:
     """Add ``fields`` to this task's context from now on (None values are left out)."""
-    _context.set({**_context.get(), **{k: v for k, v in fields.items() if v is not None}})
+    _bound.set({**_bound.get(), **_present(fields)})
 
 
 @contextlib.contextmanager
 def log_context(**fields: str | None) -> Iterator[None]:
     """``fields`` in the context for the block only."""
-    token = _context.set({**_context.get(), **{k: v for k, v in fields.items() if v is not None}})
+    token = _scoped.set({**_scoped.get(), **_present(fields)})
     try:
         yield
     finally:
-        _context.reset(token)
+        _scoped.reset(token)
 
 
 class RedactingFilter(logging.Filter):
