@@ -22,7 +22,13 @@ from types import MappingProxyType
 
 from foliosync.client.quotes import Quote, QuoteBook
 from foliosync.client.replica import DocumentInfo, Replica
-from foliosync.sync.errors import AuthError, ConnectionLost, FolioSyncError, ProtocolError
+from foliosync.sync.errors import (
+    AccessDenied,
+    AuthError,
+    ConnectionLost,
+    ProtocolError,
+    ReplicaError,
+)
 from foliosync.sync.freshness import (
     Freshness,
     FreshnessLevel,
@@ -73,7 +79,8 @@ class LastError:
     """The last thing that went wrong between this device and its relay.
 
     ``code`` is the relay's error code when the relay said it (``auth_failed``, ``forbidden``,
-    ``too_large``...), else ``connection_lost`` (unreachable, dropped, timed out).
+    ``too_large``...), else ``connection_lost`` (unreachable, dropped, timed out),
+    ``replica_error`` (this device's file failed) or ``internal``.
     """
 
     code: str
@@ -89,12 +96,14 @@ class LastError:
     def from_exception(cls, exc: BaseException) -> LastError:
         if isinstance(exc, AuthError):
             code = "auth_failed"
+        elif isinstance(exc, AccessDenied):
+            code = "forbidden"
         elif isinstance(exc, ProtocolError):
             code = exc.code
         elif isinstance(exc, ConnectionLost | OSError):
             code = "connection_lost"
-        elif isinstance(exc, FolioSyncError):
-            code = type(exc).__name__
+        elif isinstance(exc, ReplicaError):
+            code = "replica_error"  # this device's file, not the relay: a full disk, say
         else:
             code = "internal"
         return cls.now(code, str(exc) or type(exc).__name__)

@@ -87,7 +87,7 @@ class Backoff:
 class SyncStatus:
     doc_id: str
     pending: int
-    last_synced_at: int | None  # ms; "now" while connected and in sync
+    last_synced_at: int | None  # ms; "now" while connected and in sync, or the edit in flight's
     remote_changed_at: int | None
     remote_changed_by: str | None
     connected: bool
@@ -374,6 +374,15 @@ class SyncClient:
 
     async def run(self) -> None:
         """Sync forever: reconnect with backoff after every failure except a refused token."""
+        try:
+            await self._run()
+        except Exception as exc:  # health() says why the client ended, not "connecting"
+            if self._state is not ConnectionState.REFUSED:
+                self._state = ConnectionState.STOPPED
+                await self._record_error(LastError.from_exception(exc))
+            raise
+
+    async def _run(self) -> None:
         while not self._stopping:
             self._state, self._next_retry_at = ConnectionState.CONNECTING, None
             try:
