@@ -80,6 +80,13 @@ def register(subparsers: Any) -> None:
         help="let browser pages from ORIGIN (e.g. https://dash.example.com) call the HTTP API; "
         "may be repeated (default: none, no cross-origin access)",
     )
+    relay.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="PORT",
+        help="also serve GET /metrics on 127.0.0.1:PORT, without a token (default: only "
+        "/metrics on the main port, with an admin token)",
+    )
     relay.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
     relay.add_argument(
         "--log-format",
@@ -129,8 +136,9 @@ def register(subparsers: Any) -> None:
     token.add_argument(
         "--scope",
         action="append",
-        choices=["sync", "publish"],
-        help="what the token allows (default: sync); may be repeated",
+        choices=["sync", "publish", "admin"],
+        help="what the token allows (default: sync; admin: reading the relay's /metrics); "
+        "may be repeated",
     )
     token.set_defaults(handler=_print_token)
 
@@ -148,6 +156,8 @@ async def _run_relay(args: argparse.Namespace) -> int:
 
     if not 0 < args.port < 65536:
         raise ConfigError(f"invalid port {args.port}")
+    if args.metrics_port is not None and not 0 < args.metrics_port < 65536:
+        raise ConfigError(f"invalid metrics port {args.metrics_port}")
     if args.max_hot_documents < 1 or args.max_initial_syncs < 1:
         raise ConfigError("--max-hot-documents and --max-initial-syncs must be at least 1")
     level = getattr(logging, str(args.log_level).upper(), None)
@@ -165,11 +175,14 @@ async def _run_relay(args: argparse.Namespace) -> int:
         max_initial_syncs=args.max_initial_syncs,
         feed=args.feed,
         cors_origins=tuple(args.cors_origin or ()),
+        metrics_port=args.metrics_port,
     )
     host = f"[{args.host}]" if ":" in args.host else args.host
 
     def listening() -> None:  # only once bound: a script may connect as soon as it reads this
         print(f"foliosync relay on ws://{host}:{args.port}/ws, data in {data_dir}", flush=True)
+        if args.metrics_port is not None:
+            print(f"metrics on http://127.0.0.1:{args.metrics_port}/metrics", flush=True)
 
     with DataDirLock(data_dir):  # refuses a second relay, and a restore under this one
         await serve(config, on_listening=listening)

@@ -2,7 +2,8 @@
 
 Tokens are JWTs (HS256, via PyJWT) signed with the relay's secret, which the relay generates in
 its data directory on first start. A token names its user (``sub``), optionally its device
-(``dev``) and its scopes (``scope``: "sync" for devices, "publish" for price publishers). The relay
+(``dev``) and its scopes (``scope``: "sync" for devices, "publish" for price publishers, "admin"
+for operators: ``GET /metrics``). The relay
 checks a token before it touches any document; every failure is an :class:`AuthError` with a
 message that says what was wrong, never which part of the secret was.
 """
@@ -32,7 +33,7 @@ __all__ = [
 
 ISSUER = "foliosync"
 DEFAULT_TTL_SECONDS = 30 * 24 * 3600
-SCOPES = frozenset({"sync", "publish"})
+SCOPES = frozenset({"sync", "publish", "admin"})
 _ALGORITHM = "HS256"
 _USER = re.compile(r"\A[A-Za-z0-9_.@+\-]{1,128}\Z")  # \Z: "$" would let a final "\n" in
 _SECRET_FILE = "secret.key"

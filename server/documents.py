@@ -33,6 +33,11 @@ class BadUpdate(ValidationError):
 class Applied:
     changed: bool  # False when the relay had every part of it already
     watermark: Watermark
+    version: int = 0
+    """The document's change number after it (see :meth:`RelayDocuments.version`)."""
+    concurrent: bool = False
+    """It changed a document that had changed since the version its sender had seen: the
+    sender edited without another connection's change (the "conflicts" an operator watches)."""
 
 
 @dataclass(slots=True)
@@ -44,6 +49,8 @@ class _Hot:
     writes: set[asyncio.Future[int]] = field(default_factory=set)  # appends under way
     changed: list[bool] = field(default_factory=list)
     subscription: object = None
+    version: int = 0  # the relay-wide change number of its last change, or of its load
+    loaded_version: int = 0  # its version when loaded: what was seen before is not comparable
 
 
 def _guarded_apply(doc: Doc[Any], update: bytes) -> None:
@@ -64,6 +71,10 @@ class RelayDocuments:
         self._compact_after = compact_after
         self._hot: OrderedDict[tuple[str, str], _Hot] = OrderedDict()
         self._loading: dict[tuple[str, str], asyncio.Future[_Hot]] = {}
+        self._last_version = 0
+        self.hits = 0  # documents found in memory
+        self.misses = 0  # documents loaded from the store
+        self.evictions = 0  # documents dropped from memory past max_hot
 
     @property
     def hot_count(self) -> int:
@@ -74,6 +85,7 @@ class RelayDocuments:
         hot = self._hot.get(key)
         if hot is not None:
             self._hot.move_to_end(key)
+            self.hits += 1
             return hot
         pending = self._loading.get(key)
         if pending is not None:
@@ -88,6 +100,8 @@ class RelayDocuments:
             raise
         finally:
             del self._loading[key]
+        self.misses += 1
+        hot.version = hot.loaded_version = self._next_version()
         future.set_result(hot)
         self._hot[key] = hot
         self._evict()
@@ -125,6 +139,8 @@ class RelayDocuments:
             key, hot = self._hot.popitem(last=False)
             if hot.writes:
                 busy.append((key, hot))
+            else:
+                self.evictions += 1
         for key, hot in busy:  # kept, at the cold end, until their appends return
             self._hot[key] = hot
             self._hot.move_to_end(key, last=False)
@@ -142,8 +158,33 @@ class RelayDocuments:
             raise BadUpdate("the state vector is not valid") from exc
         return diff, hot.doc.get_state(), hot.watermark
 
+    def _next_version(self) -> int:
+        self._last_version += 1
+        return self._last_version
+
+    def version(self, user: str, doc_id: str) -> int:
+        """The document's change number: relay-wide, increasing, new at every change applied in
+        memory (before it is stored) and at every load; 0 for a document not in memory.
+
+        A connection remembers the version of the state it has (its SyncReply, its own updates,
+        the changes sent to it) and gives it to :meth:`apply` as ``seen``: an update that
+        changes a document whose version moved past ``seen`` did not descend from the relay's
+        state. That test is one comparison per update, exact while the document stays in
+        memory; one seen before the document was evicted and reloaded is not compared (the
+        changes in between are unknown), so it never counts a sequential edit as concurrent.
+        """
+        hot = self._hot.get((user, doc_id))
+        return 0 if hot is None else hot.version
+
     async def apply(
-        self, user: str, doc_id: str, update: bytes, *, device: str, now_ms: int
+        self,
+        user: str,
+        doc_id: str,
+        update: bytes,
+        *,
+        device: str,
+        now_ms: int,
+        seen: int | None = None,
     ) -> Applied:
         """Apply, store, then return: the caller may acknowledge once this returns."""
         hot = await self._get(user, doc_id)
@@ -151,6 +192,11 @@ class RelayDocuments:
         _guarded_apply(hot.doc, update)
         changed = bool(hot.changed)
         hot.changed.clear()
+        concurrent = False
+        if changed:
+            concurrent = seen is not None and hot.loaded_version <= seen < hot.version
+            hot.version = self._next_version()
+        version = hot.version
         if not changed:
             # Nothing new in memory, but what it holds may come from a write still under way (the
             # same update resent by a reconnecting client): acknowledge only once that is stored.
@@ -159,7 +205,7 @@ class RelayDocuments:
                 await asyncio.wait(earlier)  # wait() never cancels what it waits for
                 if any(w.cancelled() or w.exception() is not None for w in earlier):
                     raise RelayStoreError(f"an earlier write to {doc_id} failed")
-            return Applied(False, hot.watermark)
+            return Applied(False, hot.watermark, version)
         write = asyncio.ensure_future(self._store.append(user, doc_id, update, now_ms, device))
         hot.writes.add(write)
         try:
@@ -176,7 +222,7 @@ class RelayDocuments:
         if hot.since_compaction >= self._compact_after:
             hot.since_compaction = 0
             await self._compact(user, doc_id, hot)
-        return Applied(True, hot.watermark)
+        return Applied(True, hot.watermark, version, concurrent)
 
     def apply_peer(self, user: str, doc_id: str, update: bytes, watermark: Watermark) -> bool:
         """Apply an update another relay stored already (multi-relay fan-out); memory only."""
@@ -188,6 +234,8 @@ class RelayDocuments:
         hot.watermark = watermark
         changed = bool(hot.changed)
         hot.changed.clear()
+        if changed:
+            hot.version = self._next_version()
         return changed
 
     async def _compact(self, user: str, doc_id: str, hot: _Hot) -> None:

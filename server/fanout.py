@@ -7,13 +7,18 @@ purpose: a Redis pub/sub adapter implements the same three methods to join sever
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
+from foliosync.server.timings import Timings
 from foliosync.sync.errors import FolioSyncError
 
-__all__ = ["Change", "FanOut", "InProcessFanOut", "Subscription"]
+__all__ = ["Change", "FanOut", "FanOutStats", "InProcessFanOut", "Subscription"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,9 +32,19 @@ class Change:
     relay: str = ""  # the relay that stored it (peers apply it to their memory only)
     frame: bytes = b""  # the encoded Update frame, made once for every receiver
     wire: bytes = b""  # the same as a WebSocket frame (a relay's frames are the same for all)
+    version: int = 0  # the document's change number on the relay that stored it
 
 
 Deliver = Callable[[Change], None]
+
+
+@dataclass(slots=True)
+class FanOutStats:
+    """What an adapter measures for the relay's metrics: the time from a change published to
+    its delivery to the subscribers, and the changes it could not hand to one of them."""
+
+    lag: Timings = field(default_factory=Timings)
+    errors: int = 0
 
 
 class Subscription(Protocol):
@@ -37,6 +52,8 @@ class Subscription(Protocol):
 
 
 class FanOut(Protocol):
+    stats: FanOutStats
+
     async def publish(self, change: Change) -> None: ...
 
     def subscribe(self, user: str, deliver: Deliver) -> Subscription: ...
@@ -66,11 +83,20 @@ class InProcessFanOut:
 
     def __init__(self) -> None:
         self._listeners: dict[str, set[Deliver]] = {}
+        self.stats = FanOutStats()
         self._closed = False
 
     async def publish(self, change: Change) -> None:
+        """Hand ``change`` to every subscriber of its user; one that raises is logged and counted
+        and the others still get it."""
+        started = time.perf_counter()
         for deliver in list(self._listeners.get(change.user, ())):
-            deliver(change)
+            try:
+                deliver(change)
+            except Exception:
+                self.stats.errors += 1
+                log.exception("a subscriber failed to take a change of %s", change.doc_id)
+        self.stats.lag.observe(time.perf_counter() - started)
 
     def subscribe(self, user: str, deliver: Deliver) -> Subscription:
         self._listeners.setdefault(user, set()).add(deliver)

@@ -198,6 +198,7 @@ async def _post_ticks(request: web.Request) -> web.StreamResponse:
     except _TooLarge as exc:
         return await _refuse_too_large(request, exc.message)
     good, bad = check_ticks(raws, wall_ms())
+    _relay(request).prices.reject(len(bad))
     _relay(request).prices.publish(good)
     return web.json_response(
         {"accepted": len(good), "rejected": [{"index": i, "reason": r} for i, r in bad]}

@@ -22,11 +22,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
+from foliosync.server.timings import Timings
 from foliosync.sync.clock import wall_ms
 from foliosync.sync.market import NYSE, ExchangeCalendar
 from foliosync.sync.prices import PriceBook, PricePoint, Tick, TickConflator
@@ -95,6 +97,10 @@ class PriceHub:
         self._last_flush_ms = 0
         self._stalled: list[StalledSymbol] = []
         self.ticks_in = 0
+        self.ticks_rejected = 0  # refused by a check or older than the book's price
+        self.delivery = Timings()
+        """A followed symbol's price received -> handed to its subscribers, once per flush."""
+        self._received: dict[str, float] = {}  # pending symbol -> when its newest price came
 
     # -- life cycle --------------------------------------------------------------------------
 
@@ -123,16 +129,35 @@ class PriceHub:
         """Record checked ticks; the new prices of followed symbols go out with the next flush."""
         accepted: list[PricePoint] = []
         followers = self._followers
+        received = self._received
+        now = time.perf_counter()
+        refused = 0
         for tick in ticks:
             point = self.book.apply(tick)
             if point is None:
+                refused += 1
                 continue
             accepted.append(point)
             if point.symbol in followers:
                 self._pending.offer(point)
+                received[point.symbol] = now
         self.ticks_in += len(accepted)
+        self.ticks_rejected += refused
         self._schedule_flush()
         return accepted
+
+    def reject(self, count: int) -> None:
+        """Count ticks a source sent that failed their check before reaching the book."""
+        self.ticks_rejected += count
+
+    @property
+    def conflated(self) -> int:
+        """Ticks replaced by a newer one of their symbol before their window released them."""
+        return self._pending.conflated
+
+    def now_ms(self) -> int:
+        """The hub's clock (wall ms): what price ages are measured against."""
+        return self._clock_ms()
 
     # -- subscribers -------------------------------------------------------------------------
 
@@ -147,6 +172,7 @@ class PriceHub:
                 if not followers:
                     del self._followers[symbol]
                     self._pending.forget((symbol,))
+                    self._received.pop(symbol, None)
         for symbol in wanted - before:
             self._followers.setdefault(symbol, set()).add(subscriber)
         self._subscriptions[subscriber] = wanted
@@ -238,6 +264,13 @@ class PriceHub:
                 batches[subscriber].append(point)
         for subscriber, batch in batches.items():
             subscriber.deliver_prices(batch)
+        now = time.perf_counter()
+        received = self._received
+        observe = self.delivery.observe
+        for point in released:
+            came = received.pop(point.symbol, None)
+            if came is not None:
+                observe(now - came)
 
     @property
     def next_due_ms(self) -> int:

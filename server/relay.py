@@ -37,16 +37,26 @@ from foliosync.server.documents import BadUpdate, RelayDocuments
 from foliosync.server.fanout import Change, FanOut, InProcessFanOut, Subscription
 from foliosync.server.feeds import Feed, start_feed
 from foliosync.server.http_cors import add_cors, normalize_origins
-from foliosync.server.http_errors import http_error, json_errors
-from foliosync.server.http_prices import add_price_routes
+from foliosync.server.http_errors import JsonErrorAppRunner, http_error, json_errors
+from foliosync.server.http_prices import _authorize, add_price_routes
 from foliosync.server.logs import bind_log_context, log_context
+from foliosync.server.measured_store import MeasuredRelayStore
 from foliosync.server.memory import trim_memory_every
+from foliosync.server.metrics import (
+    CONTENT_TYPE,
+    FrameCounts,
+    RelayCounters,
+    relay_registry,
+    render,
+)
 from foliosync.server.prices import PriceHub
 from foliosync.server.readiness import check_readiness
 from foliosync.server.storage import RelayStore, RelayStoreError, SQLiteRelayStore
+from foliosync.server.sync_slots import InitialSyncSlots
 from foliosync.sync.clock import wall_ms
 from foliosync.sync.errors import (
     AuthError,
+    ConfigError,
     LocalProtocolError,
     RemoteProtocolError,
     ValidationError,
@@ -98,9 +108,19 @@ class RelayConfig:
     cors_origins: tuple[str, ...] = ()
     """Browser origins (``https://dash.example.com``) that may call the HTTP API; none by
     default. Normalized as browsers send them; anything that is not an origin is a ConfigError."""
+    metrics_port: int | None = None
+    """Also serve ``GET /metrics`` without a token on 127.0.0.1 at this port (0: any free one,
+    see :attr:`Relay.metrics_port`); None: only on the main port, with an admin token. Loopback
+    only: whoever can reach it reads the relay's figures, so it is for a Prometheus on the
+    same host (or behind a tunnel), never for the public address."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "cors_origins", normalize_origins(self.cors_origins))
+        port = self.metrics_port
+        if port is not None and (
+            not isinstance(port, int) or isinstance(port, bool) or not 0 <= port < 65536
+        ):
+            raise ConfigError(f"invalid metrics port {port!r}: a port number, 1 to 65535")
 
 
 class Relay:
@@ -110,12 +130,16 @@ class Relay:
         self, config: RelayConfig, store: RelayStore, fanout: FanOut, secret: bytes
     ) -> None:
         self.config = config
-        self.store = store
+        self.store = MeasuredRelayStore(store)  # every adapter's operations timed alike
         self.fanout = fanout
         self.secret = secret
-        self.documents = RelayDocuments(store, max_hot=config.max_hot_documents)
+        self.documents = RelayDocuments(self.store, max_hot=config.max_hot_documents)
         self.prices = PriceHub(window_override_ms=config.price_window_ms)
-        self.initial_sync_slots = asyncio.Semaphore(config.max_initial_syncs)
+        self.initial_sync_slots = InitialSyncSlots(config.max_initial_syncs)
+        self.counters = RelayCounters()
+        self.registry = relay_registry(self)
+        self.metrics_port: int | None = None  # where /metrics is served without a token, if
+        self.metrics_address: tuple[str, int] | None = None
         self.connections: set[Connection] = set()
         self.feed: Feed | None = None  # the --feed task, once started; /readyz watches it
         self.started = time.monotonic()
@@ -139,11 +163,25 @@ class Relay:
         await ws.prepare(request)
         connection = Connection(self, ws, request.transport)
         self.connections.add(connection)
+        self.counters.connections_opened += 1
         try:
             await connection.run()
         finally:
             self.connections.discard(connection)
+            self.counters.connections_closed[connection.close_code_label()] += 1
+            self.counters.prices_dropped_closed += connection.prices.replaced
         return ws
+
+    async def handle_metrics(self, request: web.Request) -> web.Response:
+        """``GET /metrics`` on the main port: the admin scope's, checked as the price API checks
+        its tokens (401 without a valid token, 403 without the scope, in JSON)."""
+        _authorize(request, "admin")
+        return self.metrics_response()
+
+    def metrics_response(self) -> web.Response:
+        response = web.Response(body=render(self.registry))
+        response.headers["Content-Type"] = CONTENT_TYPE
+        return response
 
     async def handle_health(self, request: web.Request) -> web.Response:
         return web.json_response(
@@ -215,6 +253,13 @@ class Connection:
         # every stored change of another connection follows, so nothing falls between the two.
         self._synced_docs: set[str] = set()
         self._closing = False
+        # Per document, the version (RelayDocuments.version) of the newest state this connection
+        # has: its SyncReply's, its own updates', the changes sent to it.
+        self._seen: dict[str, int] = {}
+        self._received_at = 0.0  # when the frame being handled was read (perf_counter)
+        self._close_code: int | None = None  # the code this connection closed with, once known
+        self._counters = relay.counters
+        self._sent = relay.counters.sent
 
     # -- life cycle --------------------------------------------------------------------------
 
@@ -246,11 +291,34 @@ class Connection:
         self._wakeup.set()
         await self._close_ws(code, message)
 
+    def close_code_label(self) -> str:
+        """The ``code`` label of ``foliosync_connections_closed_total``: the code the relay
+        closed with, or the peer's; "1006" for a connection cut (a missed heartbeat, a peer that
+        did not take its close frame); "none" for a socket that ended without a close frame."""
+        if self._close_code is not None:
+            return str(self._close_code)
+        return "1006" if self.ws.close_code == 1006 else "none"
+
+    def _note_ws_ended(self) -> None:
+        """The socket ended under the read loop: by a missed heartbeat? aiohttp's
+        ``WebSocketResponse(heartbeat=...)`` then closes it with 1006 and keeps the
+        ``TimeoutError`` ("No PONG received") as its exception; the only other TimeoutError it
+        keeps is from a closing handshake, which the relay would have begun (a code noted)."""
+        if (
+            self._close_code is None
+            and self.ws.close_code == 1006
+            and isinstance(self.ws.exception(), TimeoutError)
+        ):
+            self._close_code = 1006
+            self._counters.heartbeats_missed += 1
+
     async def _close_ws(self, code: int = 1000, message: bytes = b"") -> None:
         """The closing handshake if the peer takes it in time; else the connection is cut, so
         that a peer that stopped reading holds neither a shutdown nor a socket."""
         if self.ws.closed:
             return
+        if self._close_code is None:
+            self._close_code = code
         try:
             await asyncio.wait_for(self.ws.close(code=code, message=message), _CLOSE_TIMEOUT)
         except TimeoutError:
@@ -291,6 +359,7 @@ class Connection:
         if self._can_write_now():
             assert self._transport is not None
             self._transport.write(wire or websocket_binary_frame(data))
+            self._sent.count(data)
             return
         self.outbound.push_control(data)
         self._wakeup.set()
@@ -319,6 +388,7 @@ class Connection:
                 log.error("connection %s: %s", self.id, exc)
                 return
             transport.write(websocket_binary_frame(frame))
+            self._sent.count(frame)
             return
         self.prices.add(points)
         self._prices_waiting = True
@@ -347,6 +417,7 @@ class Connection:
                     await self.ws.send_bytes(data)
                 except (ConnectionError, RuntimeError):
                     return
+                self._sent.count(data)
             if self._closing:
                 return
 
@@ -357,20 +428,36 @@ class Connection:
                 timeout = hello_deadline if self.identity is None else None
                 message = await self.ws.receive(timeout=timeout)
             except TimeoutError:
+                self._counters.connections_refused["hello_timeout"] += 1
                 self._send(self.session.reject(ErrorCode.NOT_AUTHENTICATED, "no Hello in time"))
                 return
-            if message.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED):
+            if message.type == WSMsgType.CLOSE:
+                if self._close_code is None and isinstance(message.data, int):
+                    self._close_code = message.data  # the peer's
+                return
+            if message.type in (WSMsgType.CLOSING, WSMsgType.CLOSED):
+                self._note_ws_ended()
                 return
             if message.type == WSMsgType.ERROR:
+                self._note_ws_ended()
                 log.info("connection %s: %s", self.id, self.ws.exception())
                 return
             if message.type != WSMsgType.BINARY:
+                if self.identity is None:
+                    self._counters.connections_refused["bad_hello"] += 1
                 self._send(self.session.error(ErrorCode.BAD_FRAME, "frames are binary msgpack"))
                 return
+            data = message.data
+            self._received_at = time.perf_counter()
+            self._counters.received.count(data)
             try:
-                events = self.session.receive_data(message.data)
-            except RemoteProtocolError:
+                events = self.session.receive_data(data)
+            except RemoteProtocolError as exc:
                 assert self.session.error_reply is not None
+                if self.identity is None:
+                    self._counters.connections_refused["bad_hello"] += 1
+                elif FrameCounts.code_of(data) == _UPDATE_CODE:
+                    self._counters.updates_refused[exc.code] += 1
                 self._send(self.session.error_reply)
                 return
             for event in events:
@@ -400,11 +487,19 @@ class Connection:
     async def _on_hello(self, event: HelloReceived) -> None:
         try:
             identity = verify_token(self.relay.secret, event.token)
-            if not identity.scopes & {"sync", "publish"}:
-                raise AuthError("token has neither the sync nor the publish scope")
         except AuthError as exc:
             log.info("authentication failed: %s", exc)
+            self._counters.connections_refused["auth_failed"] += 1
             self._send(self.session.reject(ErrorCode.AUTH_FAILED, str(exc)))
+            return
+        if not identity.scopes & {"sync", "publish"}:
+            log.info("authentication failed: token has neither the sync nor the publish scope")
+            self._counters.connections_refused["scope"] += 1
+            self._send(
+                self.session.reject(
+                    ErrorCode.AUTH_FAILED, "token has neither the sync nor the publish scope"
+                )
+            )
             return
         self.identity = identity
         self.device = identity.device or event.client_name[:64] or self.id
@@ -416,15 +511,16 @@ class Connection:
         self._send(self.session.accept(identity.user, self.device, documents, wall_ms()))
         self._subscription = self.relay.fanout.subscribe(identity.user, self._deliver)
 
-    def _check_document(self, doc: str, seq: int | None = None) -> bool:
-        """Per-document authorization: a user reaches their own documents only."""
+    def _document_refusal(self, doc: str, seq: int | None = None) -> str | None:
+        """Per-document authorization: a user reaches their own documents only. Returns the
+        code of the Error sent, or None if the document may be used."""
         if self.identity is not None and "sync" not in self.identity.scopes:
             self._send(
                 self.session.error(
                     ErrorCode.AUTH_FAILED, "this token may not sync documents", doc=doc, seq=seq
                 )
             )
-            return False
+            return ErrorCode.AUTH_FAILED
         owner, slash, _ = doc.partition("/")
         if slash and self.identity is not None and owner != self.identity.user:
             self._send(
@@ -432,17 +528,17 @@ class Connection:
                     ErrorCode.FORBIDDEN, f"{doc} belongs to another user", doc=doc, seq=seq
                 )
             )
-            return False
+            return ErrorCode.FORBIDDEN
         try:
             kind_of(doc)
         except ValidationError as exc:
             self._send(self.session.error(ErrorCode.NOT_FOUND, str(exc), doc=doc, seq=seq))
-            return False
-        return True
+            return ErrorCode.NOT_FOUND
+        return None
 
     async def _on_sync_request(self, event: SyncRequested) -> None:
         assert self.identity is not None
-        if not self._check_document(event.doc):
+        if self._document_refusal(event.doc) is not None:
             return
         # Subscribed before the state is read: a change stored meanwhile is then in the reply,
         # or fanned out after it, or both (applying an update twice changes nothing).
@@ -452,6 +548,7 @@ class Connection:
                 diff, state_vector, watermark = await self.relay.documents.state(
                     self.identity.user, event.doc, event.state_vector
                 )
+                self._saw(event.doc, self.relay.documents.version(self.identity.user, event.doc))
             except BadUpdate as exc:
                 self._send(self.session.error(ErrorCode.BAD_UPDATE, str(exc), doc=event.doc))
                 return
@@ -465,21 +562,36 @@ class Connection:
             )
         )
 
+    def _saw(self, doc: str, version: int) -> None:
+        if version > self._seen.get(doc, 0):
+            self._seen[doc] = version
+
     async def _on_update(self, event: UpdateReceived) -> None:
         assert self.identity is not None
-        if not self._check_document(event.doc, event.seq):
+        counters = self._counters
+        refusal = self._document_refusal(event.doc, event.seq)
+        if refusal is not None:
+            counters.updates_refused[refusal] += 1
             return
+        received_at = self._received_at
         now = wall_ms()
         try:
             applied = await self.relay.documents.apply(
-                self.identity.user, event.doc, event.update, device=self.device, now_ms=now
+                self.identity.user,
+                event.doc,
+                event.update,
+                device=self.device,
+                now_ms=now,
+                seen=self._seen.get(event.doc),
             )
         except BadUpdate as exc:
+            counters.updates_refused[ErrorCode.BAD_UPDATE] += 1
             self._send(
                 self.session.error(ErrorCode.BAD_UPDATE, str(exc), doc=event.doc, seq=event.seq)
             )
             return
         except RelayStoreError as exc:
+            counters.updates_refused[ErrorCode.INTERNAL] += 1
             log.error("storing an update of %s failed: %s", event.doc, exc)
             # Fatal (no doc): an Ack of a later update on this connection would settle this one
             # too. The client reconnects and resends what the relay lacks by state vector.
@@ -492,7 +604,12 @@ class Connection:
             return
         if self.session.closed:
             return
+        self._saw(event.doc, applied.version)
         self._send(self.session.ack(event.doc, event.seq))
+        counters.update_store.observe(time.perf_counter() - received_at)
+        counters.updates_acknowledged += 1
+        if applied.concurrent:
+            counters.updates_merged_concurrent += 1
         log.debug("update %d stored and acknowledged", event.seq)
         if applied.changed:
             # One encoding for every receiver: with hundreds of devices on one document, building
@@ -510,8 +627,10 @@ class Connection:
                     relay=self.relay.config.relay_id,
                     frame=frame,
                     wire=wire,
+                    version=applied.version,
                 )
             )
+            counters.update_fanout.observe(time.perf_counter() - received_at)
 
     # -- prices ------------------------------------------------------------------------------
 
@@ -560,6 +679,7 @@ class Connection:
             )
             return
         good, bad = check_ticks(event.ticks, wall_ms())
+        self.relay.prices.reject(len(bad))
         self.relay.prices.publish(good)
         self._send(self.session.send(Published(event.batch, len(good), tuple(bad))))
 
@@ -573,6 +693,9 @@ class Connection:
             or self._closing
         ):
             return
+        seen = self._seen
+        if change.version > seen.get(change.doc_id, 0):
+            seen[change.doc_id] = change.version
         frame = change.frame or encode_frame(
             Update(change.doc_id, 0, change.update, change.changed_at, change.changed_by)
         )
@@ -582,6 +705,7 @@ class Connection:
 RelayKey = web.AppKey("relay", Relay)
 
 _DIRECT_WRITE_LIMIT = 64 << 10  # above this many unsent bytes, frames wait for the writer
+_UPDATE_CODE = Update._CODE
 _CLOSE_TIMEOUT = 2.0  # seconds a closing peer has to take what is left and the close frame
 
 
@@ -596,6 +720,39 @@ def websocket_binary_frame(payload: bytes) -> bytes:
     if size < 65536:
         return bytes((0x82, 126)) + size.to_bytes(2, "big") + payload
     return bytes((0x82, 127)) + size.to_bytes(8, "big") + payload
+
+
+async def _serve_metrics(relay: Relay) -> web.AppRunner | None:
+    """``GET /metrics`` without a token on 127.0.0.1:``config.metrics_port``, if set.
+
+    Bound to the loopback address whatever ``--host`` is: the port trusts whoever reaches it.
+    """
+    port = relay.config.metrics_port
+    if port is None:
+        return None
+
+    async def metrics(request: web.Request) -> web.StreamResponse:
+        return relay.metrics_response()
+
+    app = web.Application(middlewares=[json_errors])
+    app.router.add_get("/metrics", metrics)
+    runner = JsonErrorAppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", port)
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise ConfigError(
+            f"cannot serve metrics on 127.0.0.1:{port}: {exc.strerror or exc}"
+            " (choose another --metrics-port)"
+        ) from exc
+    server = site._server
+    sockets = getattr(server, "sockets", None) or ()
+    relay.metrics_address = sockets[0].getsockname()[:2] if sockets else ("127.0.0.1", port)
+    relay.metrics_port = relay.metrics_address[1]
+    log.info("metrics on http://127.0.0.1:%d/metrics", relay.metrics_port)
+    return runner
 
 
 def create_app(
@@ -620,8 +777,15 @@ def create_app(
         app[RelayKey] = relay
         relay.prices.start()
         try:
+            metrics_runner = await _serve_metrics(relay)
+        except BaseException:
+            await relay.close()
+            raise
+        try:
             feed = relay.feed = start_feed(config.feed, relay.prices)
         except BaseException:  # a bad --feed: release the store, or its thread keeps us alive
+            if metrics_runner is not None:
+                await metrics_runner.cleanup()
             await relay.close()
             raise
         trimming = (
@@ -636,6 +800,8 @@ def create_app(
                 await trimming
         if feed is not None:
             await feed.close()
+        if metrics_runner is not None:
+            await metrics_runner.cleanup()
         await relay.close()
 
     async def close_connections(app: web.Application) -> None:
@@ -651,6 +817,9 @@ def create_app(
     async def health(request: web.Request) -> web.StreamResponse:
         return await request.app[RelayKey].handle_health(request)
 
+    async def metrics(request: web.Request) -> web.StreamResponse:
+        return await request.app[RelayKey].handle_metrics(request)
+
     async def ready(request: web.Request) -> web.StreamResponse:
         return await request.app[RelayKey].handle_ready(request)
 
@@ -658,6 +827,7 @@ def create_app(
     app.on_shutdown.append(close_connections)
     app.router.add_get("/ws", ws)
     app.router.add_get("/healthz", health)
+    app.router.add_get("/metrics", metrics)
     app.router.add_get("/readyz", ready)
     add_price_routes(app)
     add_cors(app, config.cors_origins)

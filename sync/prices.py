@@ -345,7 +345,7 @@ class TickConflator:
     rate.
     """
 
-    __slots__ = ("_last_sent", "_pending", "_window_ms", "next_due_ms")
+    __slots__ = ("_last_sent", "_pending", "_window_ms", "conflated", "next_due_ms")
 
     def __init__(self, window_ms: Callable[[str], int]) -> None:
         self._window_ms = window_ms
@@ -353,6 +353,8 @@ class TickConflator:
         self._last_sent: dict[str, int] = {}
         self.next_due_ms = _NEVER
         """The earliest time a pending price may go: nothing is due before it."""
+        self.conflated = 0
+        """Prices replaced by a newer one of their symbol before their window released them."""
 
     def __len__(self) -> int:
         return len(self._pending)
@@ -364,6 +366,8 @@ class TickConflator:
             due_at = 0 if last is None else last + self._window_ms(symbol)
             if due_at < self.next_due_ms:
                 self.next_due_ms = due_at
+        else:
+            self.conflated += 1
         self._pending[symbol] = point
 
     def forget(self, symbols: Iterable[str]) -> None:
@@ -401,10 +405,12 @@ class LatestPrices:
     follows and what it finally gets is the newest.
     """
 
-    __slots__ = ("_points",)
+    __slots__ = ("_points", "replaced")
 
     def __init__(self) -> None:
         self._points: dict[str, PricePoint] = {}
+        self.replaced = 0
+        """Prices that waited here and were replaced by a newer one before they were written."""
 
     def __len__(self) -> int:
         return len(self._points)
@@ -413,8 +419,11 @@ class LatestPrices:
         waiting = self._points
         for point in points:
             current = waiting.get(point.symbol)
-            if current is None or point.seq >= current.seq:
+            if current is None:
                 waiting[point.symbol] = point
+            elif point.seq >= current.seq:
+                waiting[point.symbol] = point
+                self.replaced += 1
 
     def forget(self, symbols: Iterable[str]) -> None:
         for symbol in symbols:

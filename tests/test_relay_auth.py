@@ -128,7 +128,7 @@ def test_a_signed_token_naming_an_invalid_device_names_no_device() -> None:
 
 def test_invalid_scopes_and_lifetimes_are_refused() -> None:
     with pytest.raises(ConfigError, match="scope"):
-        issue_token(SECRET, "alice", scopes=frozenset({"admin"}))
+        issue_token(SECRET, "alice", scopes=frozenset({"root"}))
     with pytest.raises(ConfigError):
         issue_token(SECRET, "alice", ttl_seconds=0)
     with pytest.raises(ConfigError):
