@@ -149,19 +149,23 @@ class PriceAge:
             "symbol": self.symbol,
             "time": _iso(self.time),
             "age": _seconds(self.age),
-            "freshness": _freshness_json(self.freshness),
+            "freshness": _freshness_json(self.freshness, pending=False),
         }
 
 
-def _freshness_json(freshness: Freshness | None) -> dict[str, object] | None:
+def _freshness_json(
+    freshness: Freshness | None, *, pending: bool = True
+) -> dict[str, object] | None:
     if freshness is None:
         return None
-    return {
+    shown: dict[str, object] = {
         "level": freshness.level.value,
-        "age": _seconds(freshness.age),
+        "age": _seconds(freshness.age),  # market time for a price, wall time for a document
         "reason": freshness.reason,
-        "pending": freshness.pending,
     }
+    if pending:  # a price has no pending changes
+        shown["pending"] = freshness.pending
+    return shown
 
 
 @dataclass(frozen=True, slots=True)

@@ -336,3 +336,24 @@ async def test_a_new_replica_reports_its_age_as_lag_and_never_synced(open_replic
     assert health.freshness is not None and health.freshness.reason == "never synced"
     assert health.pending == 2 and health.newest_price is None
     assert health.describe().startswith("offline · behind 2 min · 2 changes waiting to sync")
+
+
+async def test_a_failed_cli_sync_is_remembered_for_status(tmp_path: Path, relay: Any) -> None:
+    db = str(tmp_path / "device.db")
+    assert (await run_cli("--db", db, "watchlist", "create", "Tech"))[0] == 0
+    code, _, _ = await run_cli("--db", db, "sync", "--server", relay.url, "--token", "forged")
+    assert code == 1
+    code, out, err = await run_cli("--db", db, "status", "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["last_error"]["code"] == "auth_failed" and report["pending"] == 1
+    assert "auth_failed: the relay refused the token" in report["status_line"]
+
+    token = relay.token("alice", "d1")
+    assert (await run_cli("--db", db, "sync", "--server", relay.url, "--token", token))[0] == 0
+    code, out, _ = await run_cli("--db", db, "status", "--json")
+    report = json.loads(out)
+    assert report["last_error"]["code"] == "auth_failed"  # kept, with its time...
+    assert "auth_failed" not in report["status_line"]  # ...but older than the sync since
+    assert report["pending"] == 0 and report["pending_by_document"] == {}
+    assert report["freshness"]["level"] == "live"
