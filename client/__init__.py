@@ -12,12 +12,14 @@ Start with :class:`Replica` (open a file, create and edit watchlists and portfol
 ``await client.stop()``, are the same without the blocks.)
 """
 
+from foliosync.client.background import BackgroundClient
 from foliosync.client.documents import PortfolioHandle, WatchlistHandle
 from foliosync.client.health import ConnectionState, LastError, PriceAge, SyncHealth
 from foliosync.client.replica import DocumentChange, DocumentInfo, OpeningReplica, Replica
 from foliosync.client.sync import Backoff, SyncClient, SyncStatus
 
 __all__ = [
+    "BackgroundClient",
     "Backoff",
     "ConnectionState",
     "DocumentChange",

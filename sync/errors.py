@@ -22,7 +22,10 @@ translated where they enter, raised ``from`` the original, and never reach the a
     ├── AuthError                  a token is missing, forged, expired or lacks a scope
     ├── AccessDenied               the user may not reach that document
     ├── ConnectionLost             the relay could not be reached or went away
-    └── ConfigError                a setting or flag is wrong
+    ├── ConfigError                a setting or flag is wrong
+    ├── ClientClosed               a BackgroundClient was used after (or while) closing
+    ├── CallTimeout                a BackgroundClient's blocking call ran out of time
+    └── WrongThread                a blocking call made on the client's own loop thread
 
 ``ValidationError`` also derives from ``ValueError`` and ``DocumentNotFound`` from ``KeyError``, so
 that code written against the standard exceptions keeps working.
@@ -33,6 +36,8 @@ from __future__ import annotations
 __all__ = [
     "AccessDenied",
     "AuthError",
+    "CallTimeout",
+    "ClientClosed",
     "ConfigError",
     "ConnectionLost",
     "DocumentExists",
@@ -50,6 +55,7 @@ __all__ = [
     "SchemaTooNew",
     "StorageFull",
     "ValidationError",
+    "WrongThread",
 ]
 
 
@@ -137,3 +143,20 @@ class ConnectionLost(FolioSyncError):
 
 class ConfigError(FolioSyncError):
     """A configuration value or command-line flag is invalid."""
+
+
+class ClientClosed(FolioSyncError):
+    """The background client is closed (or closing): the call was not carried out."""
+
+
+class CallTimeout(FolioSyncError, TimeoutError):
+    """A blocking call did not get its answer in time.
+
+    The work goes on in the client's loop: an edit that timed out may still be applied (and is
+    then durable like any other); only the caller stopped waiting.
+    """
+
+
+class WrongThread(FolioSyncError, RuntimeError):
+    """A blocking call was made on the client's own event-loop thread, where waiting for the
+    loop would wait for itself forever. Use ``submit`` there (or a dispatcher's thread)."""
