@@ -25,7 +25,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from pycrdt import Doc, TransactionEvent, merge_updates
+from pycrdt import Doc, TransactionEvent, get_update, merge_updates
 
 from foliosync.client.documents import PortfolioHandle, WatchlistHandle
 from foliosync.client.quotes import Quote, QuoteBook
@@ -366,11 +366,17 @@ class Replica:
             except ValueError as exc:
                 raise ValidationError(f"invalid state vector for {doc_id}") from exc
 
-    async def outgoing(self, doc_id: str, relay_state_vector: bytes) -> tuple[int, bytes] | None:
+    async def outgoing(
+        self, doc_id: str, relay_state_vector: bytes, relay_update: bytes | None = None
+    ) -> tuple[int, bytes] | None:
         """What to send a relay whose state vector is ``relay_state_vector``, or None.
 
         Returns (seq, update): the update holds everything the relay lacks, and acknowledging
         ``seq`` settles every pending change up to it. Taken under the lock, so that the two agree.
+
+        ``relay_update`` is the relay's SyncReply (already applied here): it carries the relay's
+        whole delete set, the one thing a state vector does not show. With it, deletions the
+        relay lost (restored from a backup) and that nothing pending would bring are sent too.
         """
         async with self._lock:
             self._check_open()
@@ -384,9 +390,20 @@ class Replica:
             if pending:
                 return max(p.seq for p in pending), diff
             # Nothing pending, but the relay may have lost data (restored from a backup): send
-            # what it lacks if that is more than the delete set every diff carries.
-            if diff != doc.get_update(doc.get_state()):
+            # what it lacks if that is more than the delete set every diff carries...
+            deletions = doc.get_update(doc.get_state())
+            if diff != deletions:
                 return max(loaded.max_seq, 1), diff
+            # ... or if our delete set holds deletions the relay's lacks (a removal made after
+            # the backup changes no state vector). Both sets, stripped of structs, are compared
+            # merged: merging the relay's with ours gives the relay's unless ours adds some.
+            if relay_update is not None:
+                try:
+                    theirs = get_update(relay_update, doc.get_state())
+                except ValueError:  # not an update we can read: the state vector decides
+                    return None
+                if merge_updates(theirs, deletions) != merge_updates(theirs, theirs):
+                    return max(loaded.max_seq, 1), diff
             return None
 
     async def pending_updates(self, doc_id: str | None = None) -> list[PendingUpdate]:

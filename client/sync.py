@@ -648,7 +648,7 @@ class _Connection:
         await self.replica.apply_remote(
             doc, event.update, changed_at=event.changed_at_ms, changed_by=event.changed_by
         )
-        outgoing = await self.replica.outgoing(doc, event.state_vector)
+        outgoing = await self.replica.outgoing(doc, event.state_vector, event.update)
         self.client._live.add(doc)
         if outgoing is not None:
             seq, update = outgoing

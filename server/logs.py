@@ -127,9 +127,9 @@ class RedactingFilter(logging.Filter):
             if record.stack_info:
                 record.stack_info = self.redact(record.stack_info)
             for name in CONTEXT_FIELDS:
-                value = getattr(record, name, None)
-                if value is not None:
-                    setattr(record, name, self.redact(str(value)))
+                field = getattr(record, name, None)
+                if field is not None:
+                    setattr(record, name, self.redact(str(field)))
             record._foliosync_redacted = True
         return True
 

@@ -1,0 +1,315 @@
+"""`foliosync relay backup` and `restore` with real processes: a backup taken while the relay
+runs, restored after more edits synced, loses nothing (the devices send the rest back by state
+vector) and duplicates nothing; bad input gets a clear error and an exit code."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import socket
+import sqlite3
+import sys
+from collections.abc import AsyncIterator
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from foliosync.client.replica import Replica
+from foliosync.client.sync import SyncClient
+from foliosync.server.auth import issue_token, load_or_create_secret
+from foliosync.sync.model import DocumentKind
+
+
+def foliosync() -> str:
+    script = shutil.which("foliosync", path=os.path.dirname(sys.executable))
+    assert script is not None
+    return script
+
+
+def _env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith("FOLIOSYNC_")}
+
+
+async def cli(*args: str) -> tuple[int, str, str]:
+    process = await asyncio.create_subprocess_exec(
+        foliosync(),
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=_env(),
+    )
+    out, err = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+class RelayProcess:
+    def __init__(self, data: Path) -> None:
+        self.data = data
+        self.port = free_port()
+        self.process: asyncio.subprocess.Process | None = None
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/ws"
+
+    async def start(self) -> None:
+        self.process = await asyncio.create_subprocess_exec(
+            foliosync(),
+            "relay",
+            "--feed",
+            "none",
+            "--port",
+            str(self.port),
+            "--data",
+            str(self.data),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=_env(),
+        )
+        assert self.process.stdout is not None
+        line = await asyncio.wait_for(self.process.stdout.readline(), 30)
+        assert b"foliosync relay on" in line, line + await self.process.stderr.read()  # type: ignore[union-attr]
+
+    async def stop(self) -> None:
+        if self.process is not None and self.process.returncode is None:
+            self.process.send_signal(signal.SIGTERM)
+            _, err = await asyncio.wait_for(self.process.communicate(), 20)
+            assert self.process.returncode == 0, err
+        self.process = None
+
+
+@pytest.fixture
+async def relay(tmp_path: Path) -> AsyncIterator[RelayProcess]:
+    running = RelayProcess(tmp_path / "relay-data")
+    await running.start()
+    try:
+        yield running
+    finally:
+        if running.process is not None and running.process.returncode is None:
+            running.process.kill()
+            await running.process.wait()
+
+
+class Device:
+    """A replica file and the token of one device of alice's."""
+
+    def __init__(self, path: Path, relay: RelayProcess, name: str) -> None:
+        self.path = path
+        self.relay = relay
+        self.token = issue_token(load_or_create_secret(relay.data), "alice", device=name)
+
+    @contextlib.asynccontextmanager
+    async def replica(self) -> AsyncIterator[Replica]:
+        replica = await Replica.open(self.path)
+        try:
+            yield replica
+        finally:
+            await replica.close()
+
+    async def sync(self) -> None:
+        async with self.replica() as replica:
+            await SyncClient(replica, self.relay.url, self.token).sync_once(timeout=20)
+            assert not await replica.pending_updates()
+
+
+async def content(device: Device) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+    async with device.replica() as replica:
+        for info in replica.documents():
+            if info.kind is DocumentKind.WATCHLIST:
+                wl = await replica.watchlist(info.id)
+                seen[info.name] = [e.symbol for e in wl.entries()]
+            else:
+                pf = await replica.portfolio(info.id)
+                trades = sorted((t.symbol, str(t.quantity)) for t in pf.trades())
+                positions = {s: str(p.quantity) for s, p in pf.positions().items()}
+                seen[info.name] = (trades, positions)
+    return seen
+
+
+async def by_name(replica: Replica, name: str) -> str:
+    return next(info.id for info in replica.documents() if info.name == name)
+
+
+async def test_a_backup_taken_while_running_restores_with_nothing_lost_or_doubled(
+    tmp_path: Path, relay: RelayProcess
+) -> None:
+    phone = Device(tmp_path / "phone.db", relay, "phone")
+    laptop = Device(tmp_path / "laptop.db", relay, "laptop")
+    async with phone.replica() as replica:
+        tech = await replica.create_watchlist("Tech")
+        await tech.add(["AAPL", "MSFT"])
+        old = await replica.create_watchlist("Old")
+        await old.add(["IBM", "INTC"])
+        main = await replica.create_portfolio("Main")
+        await main.add_trade("AAPL", "10", "150")
+        sold = await main.add_trade("MSFT", "5", "400")
+    await phone.sync()
+    await laptop.sync()
+    async with laptop.replica() as replica:
+        await (await replica.watchlist(await by_name(replica, "Tech"))).add("NVDA")
+        await (await replica.portfolio(await by_name(replica, "Main"))).add_trade(
+            "NVDA", "3", "120"
+        )
+    await laptop.sync()
+    await phone.sync()
+
+    backup = tmp_path / "backup.db"
+    code, out, err = await cli("relay", "backup", str(backup), "--data", str(relay.data))
+    assert code == 0, err
+    assert f"to {backup}" in out and "documents" in out
+
+    # After the backup: additions, a removal alone in its document, a deleted trade.
+    async with phone.replica() as replica:
+        await (await replica.watchlist(await by_name(replica, "Tech"))).add("GOOGL")
+        await (await replica.watchlist(await by_name(replica, "Old"))).remove("INTC")
+        pf = await replica.portfolio(await by_name(replica, "Main"))
+        await pf.delete_trade(sold.id)
+        await pf.add_trade("AAPL", "-4", "160")
+    await phone.sync()
+    async with laptop.replica() as replica:
+        await (await replica.watchlist(await by_name(replica, "Tech"))).add("TSLA")
+    await laptop.sync()
+    await phone.sync()
+    expected = await content(phone)
+    assert expected == await content(laptop)
+    assert expected["Tech"] == ["AAPL", "MSFT", "NVDA", "GOOGL", "TSLA"]
+    assert expected["Old"] == ["IBM"]
+
+    code, _, err = await cli("relay", "restore", str(backup), "--data", str(relay.data))
+    assert code == 1 and "a relay is running on the data directory" in err, err
+    await relay.stop()
+    code, out, err = await cli("relay", "restore", str(backup), "--data", str(relay.data))
+    assert code == 0, err
+    assert "kept as" in out
+    assert list(relay.data.glob("relay.db.before-restore-*"))
+    await relay.start()
+
+    fresh = Device(tmp_path / "fresh.db", relay, "tablet")
+    await fresh.sync()
+    restored = await content(fresh)
+    assert restored["Tech"] == ["AAPL", "MSFT", "NVDA"]  # the relay went back to the backup
+    await phone.sync()
+    await laptop.sync()
+    await phone.sync()
+    again = Device(tmp_path / "again.db", relay, "desktop")
+    await again.sync()
+    for device in (phone, laptop, again):
+        assert await content(device) == expected
+    trades, positions = expected["Main"]
+    assert trades == sorted([("AAPL", "10"), ("NVDA", "3"), ("AAPL", "-4")])
+    assert {s: Decimal(q) for s, q in positions.items()} == {
+        "AAPL": Decimal(6),
+        "NVDA": Decimal(3),
+    }
+
+
+async def test_backup_without_a_store_says_so(tmp_path: Path) -> None:
+    code, out, err = await cli("relay", "backup", str(tmp_path / "b.db"), "--data", str(tmp_path))
+    assert code == 1 and not out
+    assert "no relay store in" in err and "Traceback" not in err
+    assert not (tmp_path / "relay.db").exists() and not (tmp_path / "b.db").exists()
+
+
+async def test_restore_refuses_what_is_not_a_relay_store(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    text = tmp_path / "notes.txt"
+    text.write_text("not a database\n" * 100)
+    other = tmp_path / "other.db"
+    with contextlib.closing(sqlite3.connect(other)) as conn:
+        conn.execute("CREATE TABLE things (x)")
+        conn.commit()
+    for path, reason in (
+        (text, "is not a foliosync relay store"),
+        (other, "is not a foliosync relay store (no documents or updates table)"),
+        (tmp_path / "missing.db", "does not exist"),
+    ):
+        code, _, err = await cli("relay", "restore", str(path), "--data", str(data))
+        assert code == 1, err
+        assert reason in err and "Traceback" not in err, err
+        assert not (data / "relay.db").exists()
+
+
+async def test_a_backup_restores_into_a_relay_that_serves_it(
+    tmp_path: Path, relay: RelayProcess
+) -> None:
+    phone = Device(tmp_path / "phone.db", relay, "phone")
+    async with phone.replica() as replica:
+        await (await replica.create_watchlist("Tech")).add(["AAPL"])
+    await phone.sync()
+    backup = tmp_path / "backup.db"
+    assert (await cli("relay", "backup", str(backup), "--data", str(relay.data)))[0] == 0
+    assert not Path(f"{backup}-wal").exists()  # one self-contained file
+    code, _, err = await cli(
+        "relay", "backup", str(relay.data / "relay.db"), "--data", str(relay.data)
+    )
+    assert code == 1 and "is the relay's store itself" in err
+    await relay.stop()
+    assert (await cli("relay", "restore", str(backup), "--data", str(relay.data)))[0] == 0
+    await relay.start()
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(f"http://127.0.0.1:{relay.port}/readyz") as response,
+    ):
+        assert response.status == 200
+    fresh = Device(tmp_path / "fresh.db", relay, "tablet")
+    await fresh.sync()
+    assert (await content(fresh))["Tech"] == ["AAPL"]
+
+
+async def test_a_second_relay_on_the_same_data_is_refused(
+    tmp_path: Path, relay: RelayProcess
+) -> None:
+    second = RelayProcess(relay.data)
+    process = await asyncio.create_subprocess_exec(
+        foliosync(),
+        "relay",
+        "--feed",
+        "none",
+        "--port",
+        str(second.port),
+        "--data",
+        str(relay.data),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=_env(),
+    )
+    out, err = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode == 1
+    assert b"a relay is running on the data directory" in err
+    assert b"relay on" not in out
+
+
+async def test_a_relay_with_every_deletion_is_sent_nothing_at_connect(
+    tmp_path: Path, helpers: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The deletions check costs nothing while the relay has them all: no Update at connect."""
+    async with (
+        helpers.serve_relay(tmp_path / "relay", feed="none") as running,
+        helpers.opened_replica(tmp_path / "phone.db") as replica,
+    ):
+        wl = await replica.create_watchlist("Old")
+        await wl.add(["IBM", "INTC", "AMD"])
+        await wl.remove(["INTC"])
+        token = running.token("alice", "phone")
+        with caplog.at_level(logging.DEBUG, logger="foliosync.relay"):
+            await SyncClient(replica, running.url, token).sync_once(timeout=10)
+            assert any("acknowledged" in r.getMessage() for r in caplog.records)
+            caplog.clear()
+            for _ in range(2):
+                await SyncClient(replica, running.url, token).sync_once(timeout=10)
+            assert not [r for r in caplog.records if "acknowledged" in r.getMessage()]
