@@ -84,11 +84,11 @@ def metric_names(expr: str) -> set[str]:
 
 def test_metric_names_are_read_carefully_out_of_promql() -> None:
     assert metric_names(
-        'histogram_quantile(0.99, sum by (job, instance, le) (rate(foo_seconds_bucket{code=~"1006|x"}'
-        '[$__rate_interval])))'
+        "histogram_quantile(0.99, sum by (job, instance, le) "
+        '(rate(foo_seconds_bucket{code=~"1006|x"}[$__rate_interval])))'
     ) == {"foo_seconds_bucket"}
     assert metric_names(
-        'sum by (instance, reason) (rate(a_total[5m])) / on (job, instance) group_left '
+        "sum by (instance, reason) (rate(a_total[5m])) / on (job, instance) group_left "
         "sum by (job, instance) (rate(b_total[5m])) > 0.2 and c offset 5m == 1e3"
     ) == {"a_total", "b_total", "c"}
     assert metric_names('time() - start_time{instance=~"$instance"} or vector(0)') == {"start_time"}
@@ -166,7 +166,7 @@ def test_every_panel_has_the_datasource_and_a_target() -> None:
             assert target.get("expr", "").strip(), f"{title}: a target without an expression"
             assert target.get("datasource", panel["datasource"]) == panel["datasource"], title
         grid = panel["gridPos"]
-        assert 0 <= grid["x"] and grid["x"] + grid["w"] <= 24, f"{title}: wider than the grid"
+        assert grid["x"] >= 0 and grid["x"] + grid["w"] <= 24, f"{title}: wider than the grid"
 
 
 def test_the_panels_cover_what_an_operator_watches() -> None:
