@@ -357,6 +357,7 @@ async def _stream_prices(request: web.Request) -> web.StreamResponse:
     finally:
         streams.open.discard(subscriber)
         hub.unsubscribe(subscriber)
+        _relay(request).counters.prices_dropped_closed += subscriber.prices.replaced
     with contextlib.suppress(ConnectionError, RuntimeError):
         await stream.write_eof()
     return stream
