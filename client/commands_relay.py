@@ -96,7 +96,9 @@ def register(subparsers: Any) -> None:
         "message and the connection, user, device and document it concerns",
     )
     relay.set_defaults(handler=_run_relay)
-    operations = relay.add_subparsers(dest="relay_command", metavar="OPERATION", required=False)
+    operations = relay.add_subparsers(
+        dest="relay_command", metavar="[backup|restore]", title="operations", required=False
+    )
     backup = operations.add_parser(
         "backup",
         help="copy the relay's store to FILE, while the relay runs or not",
@@ -149,7 +151,7 @@ def _data_dir(args: argparse.Namespace) -> Path:
 
 async def _run_relay(args: argparse.Namespace) -> int:
     from foliosync.server.auth import load_or_create_secret
-    from foliosync.server.data_lock import DataDirLock
+    from foliosync.server.data_lock import DataDirLock, DataDirLocked
     from foliosync.server.logs import configure_logging
     from foliosync.server.relay import RelayConfig
     from foliosync.server.serve import serve
@@ -184,7 +186,12 @@ async def _run_relay(args: argparse.Namespace) -> int:
         if args.metrics_port is not None:
             print(f"metrics on http://127.0.0.1:{args.metrics_port}/metrics", flush=True)
 
-    with DataDirLock(data_dir):  # refuses a second relay, and a restore under this one
+    lock = DataDirLock(data_dir)  # refuses a second relay, and a restore under this one
+    try:
+        lock.acquire()
+    except DataDirLocked as exc:
+        raise DataDirLocked(f"{exc}: stop it or give this one another --data") from None
+    with lock:
         await serve(config, on_listening=listening)
     return 0
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from foliosync.server.data_lock import DataDirLock
+from foliosync.server.data_lock import DataDirLock, DataDirLocked
 from foliosync.server.storage import RelayStoreError
 from foliosync.sync.errors import ConfigError
 
@@ -160,7 +160,12 @@ def restore_store(data_dir: Path, backup: Path) -> Restored:
     Refused (DataDirLocked) while a relay runs on ``data_dir``; ConfigError if ``backup`` is not
     a foliosync relay store. Nothing is replaced unless the copy is complete."""
     summary = check_store(backup)
-    with DataDirLock(data_dir, "restore"):
+    lock = DataDirLock(data_dir, "restore")
+    try:
+        lock.acquire()
+    except DataDirLocked as exc:
+        raise DataDirLocked(f"{exc}: stop it, then restore") from None
+    with lock:
         store = data_dir / STORE_FILE
         incoming = data_dir / f".{STORE_FILE}.restoring-{os.getpid()}"
         source = _connect(backup, "ro")

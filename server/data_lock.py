@@ -63,7 +63,8 @@ class DataDirLock:
             os.close(fd)  # closing the descriptor releases the lock
 
     def __enter__(self) -> DataDirLock:
-        self.acquire()
+        if self._fd is None:  # not taken yet by an explicit acquire()
+            self.acquire()
         return self
 
     def __exit__(
