@@ -56,7 +56,7 @@ from foliosync.sync.errors import (
     ValidationError,
     WrongThread,
 )
-from foliosync.sync.freshness import Freshness, FreshnessLevel
+from foliosync.sync.freshness import DEFAULT_THRESHOLDS, Freshness, FreshnessLevel
 from foliosync.sync.model import DocumentKind, Position, Trade, WatchlistEntry
 from foliosync.sync.validation import normalize_symbol
 
@@ -79,6 +79,7 @@ Dispatcher = Callable[[Callable[[], None]], None]
 DEFAULT_TIMEOUT = 10.0  # a blocking call's wait; edits take milliseconds, a first load may not
 DEFAULT_FLUSH_TIMEOUT = 2.0  # what close() gives pending changes to reach a connected relay
 DEFAULT_FRESHNESS_INTERVAL = 1.0
+_PRICE_CHECKS_PER_TICK = 250
 _NOTIFIER_JOIN = 1.0  # close() waits this long for a dispatcher stuck in the app's thread
 
 
@@ -184,6 +185,7 @@ class BackgroundClient:
         self._accepting = False
         self._calls: dict[asyncio.Task[Any], bool] = {}  # running calls: cancel them on close?
         self._levels: dict[tuple[str, str], FreshnessLevel] = {}
+        self._price_cursor = 0
         self._thread = threading.Thread(target=self._run_loop, name="foliosync-loop", daemon=True)
         self._notifier = threading.Thread(
             target=self._run_notifier, name="foliosync-notify", daemon=True
@@ -709,7 +711,7 @@ class BackgroundClient:
         self._emit("prices", tuple(quotes))
         now = datetime.now(tz=UTC)
         for quote in quotes:
-            self._update_level("price", quote.symbol, quote.freshness(now), notify=True)
+            self._update_price_level(quote, now, notify=True)
 
     def _on_connection_change(self, connected: bool) -> None:
         self._check_connection()
@@ -754,8 +756,27 @@ class BackgroundClient:
         now = datetime.now(tz=UTC)
         for info in replica.documents():
             self._update_level("document", info.id, self._document_freshness(info.id), notify)
-        for symbol, quote in replica.quotes.all().items():
-            self._update_level("price", symbol, quote.freshness(now), notify)
+        # A price's level rests on the market calendar (~40 µs a price): a price younger than
+        # the live threshold is live without it, an outdated one stays so until a newer price
+        # comes (handled as it comes), and the others are checked a slice per tick, so that two
+        # thousand followed symbols cost the loop milliseconds a second, not a tenth of it.
+        others: list[Quote] = []
+        for quote in replica.quotes.all().values():
+            if now - quote.time <= DEFAULT_THRESHOLDS.live or not notify:
+                self._update_price_level(quote, now, notify)
+            elif self._levels.get(("price", quote.symbol)) is not FreshnessLevel.OUTDATED:
+                others.append(quote)
+        if others:
+            start = self._price_cursor % len(others)
+            for quote in (others[start:] + others[:start])[:_PRICE_CHECKS_PER_TICK]:
+                self._update_price_level(quote, now, notify)
+            self._price_cursor = start + _PRICE_CHECKS_PER_TICK
+
+    def _update_price_level(self, quote: Quote, now: datetime, notify: bool) -> None:
+        young = now - quote.time <= DEFAULT_THRESHOLDS.live  # no trading time can be longer
+        if young and self._levels.get(("price", quote.symbol)) is FreshnessLevel.LIVE:
+            return
+        self._update_level("price", quote.symbol, quote.freshness(now), notify)
 
     def _update_level(
         self, subject: Literal["document", "price"], key: str, freshness: Freshness, notify: bool
