@@ -24,6 +24,7 @@ import pytest
 from foliosync.client.replica import Replica
 from foliosync.client.sync import SyncClient
 from foliosync.server.auth import issue_token, load_or_create_secret
+from foliosync.server.storage import SQLiteRelayStore
 from foliosync.sync.model import DocumentKind
 
 
@@ -227,6 +228,10 @@ async def test_backup_without_a_store_says_so(tmp_path: Path) -> None:
 
 async def test_restore_refuses_what_is_not_a_relay_store(tmp_path: Path) -> None:
     data = tmp_path / "data"
+    store = await SQLiteRelayStore.open(data / "relay.db")
+    await store.append("alice", "wl:ab12", b"\x00\x00", 1, "phone")
+    await store.close()
+    before = (data / "relay.db").read_bytes()
     text = tmp_path / "notes.txt"
     text.write_text("not a database\n" * 100)
     other = tmp_path / "other.db"
@@ -241,7 +246,22 @@ async def test_restore_refuses_what_is_not_a_relay_store(tmp_path: Path) -> None
         code, _, err = await cli("relay", "restore", str(path), "--data", str(data))
         assert code == 1, err
         assert reason in err and "Traceback" not in err, err
-        assert not (data / "relay.db").exists()
+        assert (data / "relay.db").read_bytes() == before  # nothing replaced, nothing moved
+        assert not list(data.glob("relay.db.before-restore-*"))
+
+
+async def test_a_copied_live_store_restores_too(tmp_path: Path) -> None:
+    """A relay.db copied as it is (WAL mode, say from a file-system snapshot) is a valid
+    backup: restore reads it without its -wal and -shm beside it."""
+    source = tmp_path / "source"
+    store = await SQLiteRelayStore.open(source / "relay.db")
+    await store.append("alice", "wl:ab12", b"\x00\x00", 1, "phone")
+    await store.close()
+    copy = tmp_path / "copy.db"
+    shutil.copyfile(source / "relay.db", copy)
+    code, out, err = await cli("relay", "restore", str(copy), "--data", str(tmp_path / "new"))
+    assert code == 0, err
+    assert "(1 documents, 1 stored updates)" in out
 
 
 async def test_a_backup_restores_into_a_relay_that_serves_it(
@@ -313,3 +333,35 @@ async def test_a_relay_with_every_deletion_is_sent_nothing_at_connect(
             for _ in range(2):
                 await SyncClient(replica, running.url, token).sync_once(timeout=10)
             assert not [r for r in caplog.records if "acknowledged" in r.getMessage()]
+
+
+async def test_a_backup_during_a_stream_of_commits_holds_every_one_before_it(
+    tmp_path: Path, helpers: Any
+) -> None:
+    """The copy is one snapshot: intact, with every update committed before it started."""
+    from foliosync.server.backup import backup_store, check_store
+
+    async with helpers.serve_relay(tmp_path / "relay", feed="none") as running:
+        store = running.relay.store
+        committed = 0
+        stop = asyncio.Event()
+
+        async def write() -> None:
+            nonlocal committed
+            while not stop.is_set():
+                await store.append("alice", f"wl:{committed % 7:04x}", b"\x00\x00", 1, "phone")
+                committed += 1
+
+        writer = asyncio.get_running_loop().create_task(write())
+        try:
+            await helpers.eventually(lambda: committed > 50)
+            for round_ in range(3):
+                before = committed
+                target = tmp_path / f"backup-{round_}.db"
+                await asyncio.to_thread(backup_store, running.config.data_dir, target)
+                after = committed
+                summary = await asyncio.to_thread(check_store, target)
+                assert before <= summary.updates <= after
+        finally:
+            stop.set()
+            await writer

@@ -130,10 +130,11 @@ async def test_no_token_and_no_secret_in_a_debug_json_log(tmp_path: Path) -> Non
     good = issue_token(secret, "alice", device="phone")
     nameless = issue_token(secret, "alice")  # the device name then comes from the client
     publisher = issue_token(secret, "feeder", scopes=frozenset({"publish"}))
+    admin = issue_token(secret, "ops", scopes=frozenset({"admin"}))
     expired = issue_token(secret, "alice", ttl_seconds=60, now=1_600_000_000)
     foreign = issue_token(b"another relay's secret, long enough", "alice")
     tampered = good[:-3] + ("AAA" if not good.endswith("AAA") else "BBB")
-    tokens = [good, nameless, publisher, expired, foreign, tampered]
+    tokens = [good, nameless, publisher, admin, expired, foreign, tampered]
     async with json_relay(data, port) as relay:
         replica = await Replica.open(tmp_path / "phone.db")
         try:
@@ -155,6 +156,10 @@ async def test_no_token_and_no_secret_in_a_debug_json_log(tmp_path: Path) -> Non
                         await ws.receive(timeout=10)
                     else:
                         assert type(reply).__name__ == "Error", reply
+                async with session.get(
+                    f"{http}/metrics", headers={"Authorization": f"Bearer {token}"}
+                ) as r:
+                    assert r.status in (200, 401, 403)
             for token in [*tokens, "not-a-token"]:
                 headers = {"Authorization": f"Bearer {token}"}
                 async with session.get(f"{http}/v1/prices?symbols=AAPL", headers=headers) as r:
@@ -187,6 +192,7 @@ async def test_no_token_and_no_secret_in_a_debug_json_log(tmp_path: Path) -> Non
         assert line.get("doc") and line.get("connection"), line
     assert any("authentication failed" in line["message"] for line in lines)
     assert any(REDACTED in line["message"] for line in lines)  # the reported Error was logged
+    assert not [line for line in lines if line["logger"] == "aiohttp.access"]  # stays off
     for token in tokens:
         assert token not in log
         assert token.rsplit(".", 1)[1] not in log  # not even the signature alone
