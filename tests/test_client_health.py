@@ -121,7 +121,9 @@ async def test_state_lag_and_pending_follow_the_relay_going_away_and_coming_back
         back = client.health()
         assert back.state is ConnectionState.CONNECTED and back.pending == 0
         assert dict(back.pending_by_document) == {} and back.lag == timedelta()
-        assert back.last_error == waiting.last_error  # kept, with its time...
+        assert back.last_error is not None  # kept (the last failed retry), with its time...
+        assert back.last_error.code == "connection_lost"
+        assert back.last_error.at >= waiting.last_error.at
         assert not back.error_is_current  # ...but the status line no longer shows it
         assert "connection_lost" not in back.describe()
         await client.stop()
@@ -139,10 +141,11 @@ async def test_an_edit_on_a_live_connection_lags_from_the_edit_not_from_the_last
     await asyncio.sleep(0.3)  # in sync for a while, with no new confirmation written
     before = datetime.now(tz=UTC)
     await tech.add(["AAPL"])  # in flight until the relay acknowledges it
-    health = client.health()
-    if health.pending:  # not acknowledged yet: behind since the edit, not since the last sync
-        assert health.state is ConnectionState.CONNECTED
-        assert health.at - health.lag >= before - timedelta(milliseconds=5)
+    health = client.health()  # no await since the edit: the relay cannot have acknowledged it
+    assert health.pending == 1 and health.state is ConnectionState.CONNECTED
+    # behind since the edit, not since the last confirmation written (at the initial sync)
+    assert health.at - health.lag >= before - timedelta(milliseconds=5)
+    assert client.freshness(tech.id).level is FreshnessLevel.LIVE
     await client.wait_in_sync(timeout=10)
     assert client.health().lag == timedelta()
 
