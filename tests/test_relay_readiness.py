@@ -112,15 +112,21 @@ async def test_a_simulator_that_stopped_ticking_in_session_is_not_alive() -> Non
         await feed.close()
 
 
-async def test_both_stores_answer_a_ping_until_closed(tmp_path: Path) -> None:
-    from foliosync.server.storage import RelayStoreError, SQLiteRelayStore
+async def test_a_store_that_does_not_answer_in_time_is_not_ready(tmp_path: Path) -> None:
+    """A store stuck behind a long transaction makes the relay not ready, not the probe hang."""
+    from foliosync.server.fanout import InProcessFanOut
+    from foliosync.server.readiness import check_readiness
+    from foliosync.server.storage import SQLiteRelayStore
 
-    for store in (await SQLiteRelayStore.open(tmp_path / "relay.db"), MemoryRelayStore()):
-        await store.ping()
+    store = await SQLiteRelayStore.open(tmp_path / "relay.db")
+    try:
+        async with store._lock:  # what a long commit holds
+            readiness = await check_readiness(
+                store, InProcessFanOut(), "none", None, PriceHub(), timeout=0.2
+            )
+        assert not readiness.ready
+        assert readiness.to_json()["failing"] == ["store"]
+        assert "no answer within 0.2 s" in readiness.checks[0].detail
+        assert (await check_readiness(store, InProcessFanOut(), "none", None, PriceHub())).ready
+    finally:
         await store.close()
-        try:
-            await store.ping()
-        except RelayStoreError as exc:
-            assert "closed" in str(exc)
-        else:
-            raise AssertionError(f"{type(store).__name__} answered a ping once closed")

@@ -195,3 +195,13 @@ async def test_sqlite_data_survives_close_and_reopen(tmp_path: Path) -> None:
 async def test_sqlite_rejects_an_unknown_durability(tmp_path: Path) -> None:
     with pytest.raises(RelayStoreError, match="durability"):
         await SQLiteRelayStore.open(tmp_path / "relay.db", durability="sometimes")
+
+
+async def test_ping_answers_while_open_and_fails_once_closed(store: RelayStore) -> None:
+    """What /readyz asks of every adapter: a real query while open, RelayStoreError after."""
+    await store.ping()
+    await store.append("alice", WL, b"u1", 1000, "d1")
+    await store.ping()
+    await store.close()
+    with pytest.raises(RelayStoreError, match="closed"):
+        await store.ping()
