@@ -15,10 +15,8 @@ root = tk.Tk()
 root.title("Tech")
 server, token = os.environ.get("FOLIOSYNC_SERVER"), os.environ.get("FOLIOSYNC_TOKEN")
 # Callbacks come from foliosync's thread: root.after(0, fn) runs them in Tk's.
-client = BackgroundClient.open(
-    sys.argv[1] if len(sys.argv) > 1 else "replica.db", server, token,
-    dispatcher=lambda fn: root.after(0, fn),
-)
+path = sys.argv[1] if len(sys.argv) > 1 else "replica.db"
+client = BackgroundClient.open(path, server, token, dispatcher=lambda fn: root.after(0, fn))
 if "Tech" not in [d.name for d in client.documents()]:
     client.create_watchlist("Tech")
 badge, rows, entry = tk.Label(root), tk.Listbox(root, width=50), tk.Entry(root)

@@ -2,7 +2,8 @@
 
 Each example is a window on a watchlist that a phone made: it must show the phone's symbols with
 the relay's price, take a symbol the phone adds while it runs, and say it is live. Tk runs under
-Xvfb, Qt on its offscreen platform; both close by themselves (``FOLIOSYNC_EXAMPLE_SECONDS``) and
+Xvfb, Qt on its offscreen platform (with foliosync's thread, and with asyncio in Qt's loop through
+qasync); each closes by itself (``FOLIOSYNC_EXAMPLE_SECONDS``) and
 print their rows. A machine without Tk, Xvfb or PySide6 fails here with what to install: these
 are examples the README promises, not optional extras.
 """
@@ -113,8 +114,21 @@ async def test_the_qt_example_shows_the_watchlist_live(
     _check_rows(lines)
 
 
+async def test_the_qasync_example_shows_the_watchlist_live(
+    tmp_path: Path, relay_server: Any, helpers: Any
+) -> None:
+    """The same window with asyncio in Qt's loop: the README's note for such apps."""
+    _require("PySide6", "pip install PySide6-Essentials")
+    _require("qasync", "pip install qasync")
+    command = [sys.executable, str(EXAMPLES / "qt_asyncio_watchlist.py")]
+    lines = await _run_example(
+        command, tmp_path, relay_server, helpers, {"QT_QPA_PLATFORM": "offscreen"}
+    )
+    _check_rows(lines)
+
+
 def test_the_examples_are_about_thirty_lines() -> None:
-    for name in ("tk_watchlist.py", "qt_watchlist.py"):
+    for name in ("tk_watchlist.py", "qt_watchlist.py", "qt_asyncio_watchlist.py"):
         text = (EXAMPLES / name).read_text()
         code = [line for line in text.split('"""', 2)[2].splitlines() if line.strip()]
         assert len(code) <= 50, (name, len(code))
