@@ -48,6 +48,12 @@ def test_rule_unit_tests_pass() -> None:
     assert result.returncode == 0, f"promtool test rules failed:\n{result.stdout}{result.stderr}"
 
 
+def test_example_prometheus_config_is_valid_and_loads_the_rules() -> None:
+    result = run("check", "config", "prometheus.yml")
+    assert result.returncode == 0, f"promtool check config failed:\n{result.stdout}{result.stderr}"
+    assert RULES.name in result.stdout, result.stdout
+
+
 def _alert_names(text: str) -> set[str]:
     return set(re.findall(r"^\s*- alert:\s*(\w+)\s*$", text, re.MULTILINE))
 
