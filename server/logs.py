@@ -7,10 +7,10 @@ that connection (by the relay, the document cache or the store) carries them, an
 another connection never does: each WebSocket is served by its own task.
 
 Secrets: a token must never reach a log file, where whoever reads logs could replay it. The
-:class:`RedactingFilter` runs on every handler :func:`configure_logging` installs (and
-:func:`redact_handlers` adds it to handlers installed later) and replaces, in the message, the
-traceback and every context field, anything shaped like a JWT (three base64url parts separated by
-dots) and the relay's secret itself. It works on the finished text, so a token cannot slip through
+:class:`RedactingFilter` sits on the one handler :func:`configure_logging` leaves on the root
+logger, so every line from every library passes it, and replaces, in the message, the traceback
+and every context field, anything shaped like a JWT (three base64url parts separated by dots) and
+the relay's secret itself. It works on the finished text, so a token cannot slip through
 a ``%s`` argument, an exception's message or a URL that some library logs.
 
 aiohttp's access log stays off (the relay's runner is built with ``access_log=None``): it would
@@ -41,7 +41,6 @@ __all__ = [
     "configure_logging",
     "current_log_context",
     "log_context",
-    "redact_handlers",
 ]
 
 LogFormat = Literal["text", "json"]
@@ -181,11 +180,3 @@ def configure_logging(
     root.addHandler(handler)
     root.setLevel(level)
     return redacting
-
-
-def redact_handlers(redacting: RedactingFilter, loggers: Iterable[str] = ("",)) -> None:
-    """Put ``redacting`` on every handler of ``loggers`` (the root by default) that lacks it."""
-    for name in loggers:
-        for handler in logging.getLogger(name).handlers:
-            if redacting not in handler.filters:
-                handler.addFilter(redacting)
