@@ -267,8 +267,8 @@ class BackgroundClient:
     def close(self, timeout: float | None = None) -> None:
         """Stop: let the calls already made finish, give pending changes up to
         ``flush_timeout`` seconds to reach the relay (while connected), stop syncing and close
-        the replica. Waits at most ``timeout`` seconds (by default the call timeout plus the
-        flush timeout); calling it again is harmless.
+        the replica. Waits at most ``timeout`` seconds (by default twice the call timeout plus
+        the flush timeout); calling it again is harmless.
 
         Every edit that returned was committed before it did, so a close cut short loses
         nothing: what the relay lacks stays pending and goes on the next connection. No
@@ -281,7 +281,7 @@ class BackgroundClient:
         if first:
             with contextlib.suppress(RuntimeError):  # the loop has ended already
                 self._loop.call_soon_threadsafe(self._request_stop)
-        bound = self._timeout + self._flush_timeout + 1.0 if timeout is None else timeout
+        bound = 2 * self._timeout + self._flush_timeout if timeout is None else timeout
         if self._thread.ident is not None:
             self._thread.join(bound)
         if self._thread.is_alive():
@@ -567,8 +567,11 @@ class BackgroundClient:
             for callback in callbacks:
                 try:
                     self._dispatcher(self._guarded(callback, payload))
-                except Exception:
-                    log.exception("the dispatcher failed to take a %s callback", kind)
+                except Exception:  # closing: Tk's, say, refuses once its loop has ended
+                    level = logging.DEBUG if self._closing else logging.ERROR
+                    log.log(
+                        level, "the dispatcher failed to take a %s callback", kind, exc_info=True
+                    )
 
     def _guarded(self, callback: Callable[[Any], None], payload: Any) -> Callable[[], None]:
         def run() -> None:

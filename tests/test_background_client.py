@@ -365,6 +365,36 @@ def test_default_callbacks_may_call_back_and_a_failing_one_is_logged(
     assert len(read) == count
 
 
+def test_a_callback_may_close_the_client_and_none_starts_after_close(
+    tmp_path: Path, clients: Any
+) -> None:
+    client = clients(tmp_path / "a.db")
+    client.create_watchlist("Tech")
+    closed = threading.Event()
+
+    def close_on_change(change: Any) -> None:
+        client.close()  # from the notification thread: it must not wait for itself
+        closed.set()
+
+    client.on_change(close_on_change)
+    client.add_symbols("Tech", "AAPL")
+    assert closed.wait(WAIT)
+    with pytest.raises(ClientClosed):
+        client.add_symbols("Tech", "MSFT")
+    assert reopened_symbols(tmp_path / "a.db", "Tech") == ["AAPL"]
+
+    held: list[Callable[[], None]] = []  # a dispatcher whose app runs callbacks late
+    late = clients(tmp_path / "b.db", dispatcher=held.append)
+    ran: list[Any] = []
+    late.on_change(ran.append)
+    late.create_watchlist("Tech")
+    wait_until(lambda: bool(held))
+    late.close()
+    for fn in held:
+        fn()
+    assert ran == []  # handed over before close(), started after it: not run
+
+
 def test_a_blocking_call_on_the_loop_thread_says_so(tmp_path: Path, clients: Any) -> None:
     client = clients(tmp_path / "a.db")
 
