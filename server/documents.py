@@ -36,8 +36,9 @@ class Applied:
     version: int = 0
     """The document's change number after it (see :meth:`RelayDocuments.version`)."""
     concurrent: bool = False
-    """It changed a document that had changed since the version its sender had seen: the
-    sender edited without another connection's change (the "conflicts" an operator watches)."""
+    """It changed a document that another connection had changed in a way its sender had not
+    been sent yet: the sender edited without that change (the "conflicts" an operator
+    watches)."""
 
 
 @dataclass(slots=True)
@@ -50,7 +51,8 @@ class _Hot:
     changed: list[bool] = field(default_factory=list)
     subscription: object = None
     version: int = 0  # the relay-wide change number of its last change, or of its load
-    loaded_version: int = 0  # its version when loaded: what was seen before is not comparable
+    # Changes applied in memory and not yet stored (so not yet fanned out): version -> origin.
+    unsent: dict[int, str] = field(default_factory=dict)
 
 
 def _guarded_apply(doc: Doc[Any], update: bytes) -> None:
@@ -101,7 +103,7 @@ class RelayDocuments:
         finally:
             del self._loading[key]
         self.misses += 1
-        hot.version = hot.loaded_version = self._next_version()
+        hot.version = self._next_version()
         future.set_result(hot)
         self._hot[key] = hot
         self._evict()
@@ -166,12 +168,13 @@ class RelayDocuments:
         """The document's change number: relay-wide, increasing, new at every change applied in
         memory (before it is stored) and at every load; 0 for a document not in memory.
 
-        A connection remembers the version of the state it has (its SyncReply, its own updates,
-        the changes sent to it) and gives it to :meth:`apply` as ``seen``: an update that
-        changes a document whose version moved past ``seen`` did not descend from the relay's
-        state. That test is one comparison per update, exact while the document stays in
-        memory; one seen before the document was evicted and reloaded is not compared (the
-        changes in between are unknown), so it never counts a sequential edit as concurrent.
+        A connection remembers the version of its SyncReply and of its own last update and
+        gives it to :meth:`apply` as ``seen``. Every change stored after a connection's
+        SyncRequest is fanned out to it as soon as :meth:`apply` returns, so the only changes of
+        others it has not been sent are those applied here and not yet stored; an update is
+        concurrent (did not descend from the relay's state) if one of those is newer than
+        ``seen``. That test costs the sender one look at a small dict and costs the fan-out
+        nothing per receiver.
         """
         hot = self._hot.get((user, doc_id))
         return 0 if hot is None else hot.version
@@ -185,8 +188,12 @@ class RelayDocuments:
         device: str,
         now_ms: int,
         seen: int | None = None,
+        origin: str = "",
     ) -> Applied:
-        """Apply, store, then return: the caller may acknowledge once this returns."""
+        """Apply, store, then return: the caller may acknowledge once this returns.
+
+        ``origin`` (the sending connection) and ``seen`` (see :meth:`version`) make
+        :attr:`Applied.concurrent`; without ``seen`` it is False."""
         hot = await self._get(user, doc_id)
         hot.changed.clear()
         _guarded_apply(hot.doc, update)
@@ -194,7 +201,8 @@ class RelayDocuments:
         hot.changed.clear()
         concurrent = False
         if changed:
-            concurrent = seen is not None and hot.loaded_version <= seen < hot.version
+            if seen is not None and hot.unsent:
+                concurrent = any(v > seen and o != origin for v, o in hot.unsent.items())
             hot.version = self._next_version()
         version = hot.version
         if not changed:
@@ -208,20 +216,25 @@ class RelayDocuments:
             return Applied(False, hot.watermark, version)
         write = asyncio.ensure_future(self._store.append(user, doc_id, update, now_ms, device))
         hot.writes.add(write)
+        hot.unsent[version] = origin
         try:
-            seq = await write
-        except BaseException:
-            # Memory may now hold what the store lacks: forget the document, reload on next use.
-            self._hot.pop((user, doc_id), None)
-            raise
+            try:
+                seq = await write
+            except BaseException:
+                # Memory may now hold what the store lacks: forget the document, reload on next
+                # use.
+                self._hot.pop((user, doc_id), None)
+                raise
+            finally:
+                hot.writes.discard(write)
+            hot.watermark = Watermark(now_ms, device)
+            hot.stored_seq = max(hot.stored_seq, seq)
+            hot.since_compaction += 1
+            if hot.since_compaction >= self._compact_after:
+                hot.since_compaction = 0
+                await self._compact(user, doc_id, hot)
         finally:
-            hot.writes.discard(write)
-        hot.watermark = Watermark(now_ms, device)
-        hot.stored_seq = max(hot.stored_seq, seq)
-        hot.since_compaction += 1
-        if hot.since_compaction >= self._compact_after:
-            hot.since_compaction = 0
-            await self._compact(user, doc_id, hot)
+            del hot.unsent[version]  # the caller fans it out now, with no await in between
         return Applied(True, hot.watermark, version, concurrent)
 
     def apply_peer(self, user: str, doc_id: str, update: bytes, watermark: Watermark) -> bool:

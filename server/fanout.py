@@ -32,7 +32,6 @@ class Change:
     relay: str = ""  # the relay that stored it (peers apply it to their memory only)
     frame: bytes = b""  # the encoded Update frame, made once for every receiver
     wire: bytes = b""  # the same as a WebSocket frame (a relay's frames are the same for all)
-    version: int = 0  # the document's change number on the relay that stored it
 
 
 Deliver = Callable[[Change], None]
