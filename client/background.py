@@ -520,7 +520,11 @@ class BackgroundClient:
 
     def on_change(self, callback: Callable[[DocumentChange], None]) -> Callable[[], None]:
         """Call ``callback(change)`` (through the dispatcher) after every committed change of a
-        document, by this device (``origin == "local"``) or another. Returns an unsubscribe."""
+        document, by this device (``origin == "local"``) or another.
+
+        Each ``on_*`` returns a function that unsubscribes: no later event reaches the callback
+        (one already handed to the dispatcher may still run, as a queued Qt signal would).
+        """
         return self._subscribe("change", callback)
 
     def on_prices(self, callback: Callable[[tuple[Quote, ...]], None]) -> Callable[[], None]:
