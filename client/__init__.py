@@ -10,6 +10,12 @@ Start with :class:`Replica` (open a file, create and edit watchlists and portfol
 
 (``await Replica.open(path)`` with ``await replica.close()``, and ``client.start()`` with
 ``await client.stop()``, are the same without the blocks.)
+
+An app that does not run asyncio (a Tk or Qt window) uses :class:`BackgroundClient`: the same
+replica and sync on a thread of their own, behind blocking calls that any thread may make::
+
+    with BackgroundClient.open("replica.db", "ws://127.0.0.1:8765/ws", token) as client:
+        client.add_symbols("Tech", ["AAPL", "MSFT"])
 """
 
 from foliosync.client.background import BackgroundClient

@@ -597,7 +597,7 @@ class BackgroundClient:
     # -- calls -------------------------------------------------------------------------------
 
     def _check_thread(self, what: str) -> None:
-        if threading.get_ident() == self._thread.ident:
+        if threading.current_thread() is self._thread:
             raise WrongThread(
                 f"{what}() was called on the client's own loop thread, where it would wait for "
                 "itself; use submit() there (callbacks given to on_* never run on that thread)"

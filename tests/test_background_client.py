@@ -328,6 +328,28 @@ def test_a_callback_that_calls_back_does_not_deadlock(tmp_path: Path, clients: A
     assert seen and all(isinstance(s, tuple) for s in seen)
 
 
+def test_close_is_bounded_while_the_dispatcher_waits_for_the_closing_thread(
+    tmp_path: Path,
+) -> None:
+    """Tk's hand-over waits for Tk's thread; that thread, in a window's close handler, calls
+    close(): the notification thread is stuck until it returns, and close() must not wait
+    for it."""
+    released = threading.Event()
+
+    def stuck_dispatcher(fn: Callable[[], None]) -> None:
+        released.wait(WAIT)  # the app's thread never takes it (it is in close())
+
+    client = BackgroundClient.open(tmp_path / "a.db", dispatcher=stuck_dispatcher)
+    client.on_change(lambda change: None)
+    client.create_watchlist("Tech")
+    client.add_symbols("Tech", "AAPL")
+    started = time.monotonic()
+    client.close()
+    assert time.monotonic() - started < 3
+    released.set()
+    assert reopened_symbols(tmp_path / "a.db", "Tech") == ["AAPL"]
+
+
 def _get(q: queue.SimpleQueue[Callable[[], None] | None], timeout: float) -> Any:
     try:
         return q.get(timeout=timeout)
