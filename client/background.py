@@ -11,7 +11,8 @@ Notifications (document changes, prices, freshness levels, the connection) leave
 a queue to a notification thread, which hands each callback to the app's dispatcher:
 
 - ``lambda fn: root.after(0, fn)`` runs it in Tk's thread;
-- a Qt signal's ``emit`` runs it in Qt's thread (a queued connection);
+- the ``emit`` of a Qt signal connected to a slot of an object of Qt's thread runs it there (a
+  queued connection; examples/qt_watchlist.py);
 - the default, :func:`call_directly`, runs it in the notification thread itself.
 
 Callbacks never run on the loop thread, so a callback may call any method of the client: the
