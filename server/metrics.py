@@ -60,8 +60,10 @@ if TYPE_CHECKING:
     from foliosync.server.relay import Relay
 
 __all__ = [
+    "CLOSE_CODES",
     "CONTENT_TYPE",
     "REFUSAL_REASONS",
+    "UPDATE_REFUSALS",
     "FrameCounts",
     "RelayCollector",
     "RelayCounters",
@@ -75,6 +77,22 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 REFUSAL_REASONS = ("auth_failed", "hello_timeout", "bad_hello", "scope")
 """Why a connection was refused at admission (the ``reason`` label of
 ``foliosync_connections_refused_total``), every one exported from the start at 0."""
+
+UPDATE_REFUSALS = (
+    "bad_update",
+    "forbidden",
+    "not_found",
+    "not_synced",
+    "bad_seq",
+    "too_large",
+    "auth_failed",
+    "internal",
+)
+"""The error codes an Update is refused with, exported from the start at 0 (so that a rate of
+refusals is defined before the first one); a code not listed appears once sent."""
+
+CLOSE_CODES = ("1000", "1001", "1006", "1013", "none")
+"""The close codes exported from the start at 0; others (a peer's own) appear once seen."""
 
 _FRAME_NAMES: dict[int, str] = {
     cls._CODE: name
@@ -140,7 +158,7 @@ class RelayCounters:
     def __init__(self) -> None:
         self.started_at = time.time()
         self.connections_opened = 0
-        self.connections_closed: Counter[str] = Counter()
+        self.connections_closed: Counter[str] = Counter(dict.fromkeys(CLOSE_CODES, 0))
         self.heartbeats_missed = 0
         self.connections_refused: Counter[str] = Counter({r: 0 for r in REFUSAL_REASONS})
         self.received = FrameCounts()
@@ -148,7 +166,7 @@ class RelayCounters:
         self.update_store = Timings()
         self.update_fanout = Timings()
         self.updates_acknowledged = 0
-        self.updates_refused: Counter[str] = Counter()
+        self.updates_refused: Counter[str] = Counter(dict.fromkeys(UPDATE_REFUSALS, 0))
         self.updates_merged_concurrent = 0
         self.prices_dropped_closed = 0
         """Prices dropped by connections since closed (live ones are summed at scrape)."""

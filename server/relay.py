@@ -121,7 +121,7 @@ class RelayConfig:
         if port is not None and (
             not isinstance(port, int) or isinstance(port, bool) or not 0 <= port < 65536
         ):
-            raise ConfigError(f"invalid metrics port {port!r}: a port number, 1 to 65535")
+            raise ConfigError(f"invalid metrics port {port!r}: 1 to 65535, or 0 for any free one")
 
 
 class Relay:
@@ -139,7 +139,8 @@ class Relay:
         self.initial_sync_slots = InitialSyncSlots(config.max_initial_syncs)
         self.counters = RelayCounters()
         self.registry = relay_registry(self)
-        self.metrics_port: int | None = None  # where /metrics is served without a token, if
+        # Where /metrics is served without a token, once bound (None: not served there).
+        self.metrics_port: int | None = None
         self.metrics_address: tuple[str, int] | None = None
         self.connections: set[Connection] = set()
         self.feed: Feed | None = None  # the --feed task, once started; /readyz watches it

@@ -23,6 +23,7 @@ from foliosync import __version__
 from foliosync.client.cli import main as foliosync_main
 from foliosync.client.replica import Replica
 from foliosync.server.fanout import Change, InProcessFanOut
+from foliosync.server.metrics import CLOSE_CODES, REFUSAL_REASONS, UPDATE_REFUSALS
 from foliosync.server.relay import RelayConfig
 from foliosync.server.storage import MemoryRelayStore, RelayStoreError, StoredDocument
 from foliosync.server.timings import Timings
@@ -232,10 +233,16 @@ async def test_every_metric_of_the_catalog_is_there_with_its_type_and_labels(
     assert scraped.value("foliosync_market_open") == (1 if relay.relay.prices.market_open() else 0)
     assert any(n.startswith("process_") for n in scraped.families)
     assert any(n.startswith("python_") for n in scraped.families)
-    for reason in ("auth_failed", "hello_timeout", "bad_hello", "scope"):
-        assert ("foliosync_connections_refused_total", frozenset({("reason", reason)})) in (
-            scraped.samples
-        )
+    # exported at 0 from the start, so that rates over them are defined before the first one
+    for name, label, values in (
+        ("foliosync_connections_refused_total", "reason", REFUSAL_REASONS),
+        ("foliosync_updates_refused_total", "reason", UPDATE_REFUSALS),
+        ("foliosync_connections_closed_total", "code", CLOSE_CODES),
+        ("foliosync_store_errors_total", "operation", ("append", "load", "compact", "list")),
+        ("foliosync_frames_sent_total", "type", ("welcome", "update", "ack", "price_batch")),
+    ):
+        for value in values:
+            assert (name, frozenset({(label, value)})) in scraped.samples, (name, value)
 
 
 # -- connections, frames, updates ----------------------------------------------------------------
