@@ -8,6 +8,12 @@ document cache, the store wrapper, the fan-out, the price hub); :class:`RelayCol
 when Prometheus scrapes, so a scrape costs a walk over the relay's state and the hot paths pay for
 an integer increment, never for a prometheus-client lock.
 
+Two ways to read them: ``GET /metrics`` on the relay's port with ``Authorization: Bearer TOKEN``,
+a token of the ``admin`` scope (``foliosync token NAME --scope admin``; 401 without a valid token,
+403 with another scope, in the relay's JSON error shape); or ``--metrics-port PORT``
+(:attr:`RelayConfig.metrics_port <foliosync.server.relay.RelayConfig.metrics_port>`), which
+serves them without a token on 127.0.0.1 only, for a Prometheus on the same host.
+
 Each relay has a registry of its own (:func:`relay_registry`), not prometheus-client's global
 one: several relays in one process (tests, benchmarks) do not collide, and the standard
 ``process_*``/``python_*`` collectors are registered on it too.

@@ -709,3 +709,26 @@ def test_the_relay_command_refuses_a_bad_metrics_port(
     status = foliosync_main(["relay", "--metrics-port", port, "--data", str(tmp_path)])
     assert status != 0
     assert f"invalid metrics port {port}" in capsys.readouterr().err
+
+
+async def test_promtool_finds_nothing_to_fix_in_a_scrape(relay: RunningRelay) -> None:
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool is not installed (tools/system-deps installs it)")
+    token = relay.token("ops", scopes=ADMIN)
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(f"{relay.http}/metrics", headers={"Authorization": f"Bearer {token}"}) as r,
+    ):
+        text = await r.read()
+    check = await asyncio.create_subprocess_exec(
+        promtool,
+        "check",
+        "metrics",
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(check.communicate(text), 30)
+    assert check.returncode == 0, (out + err).decode()
+    assert not (out + err).strip(), (out + err).decode()  # no lint warnings either
