@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shutil
 import socket
 import sys
@@ -48,45 +49,24 @@ TECH = document_id(DocumentKind.WATCHLIST, "Tech")
 ADMIN = frozenset({"admin"})
 PUBLISH = frozenset({"publish"})
 
-# The catalog (the contract with the alerting rules and the dashboard): name, type, label names.
-CATALOG: list[tuple[str, str, tuple[str, ...]]] = [
-    ("foliosync_relay_info", "gauge", ("version", "relay_id")),
-    ("foliosync_relay_start_time_seconds", "gauge", ()),
-    ("foliosync_market_open", "gauge", ()),
-    ("foliosync_connections", "gauge", ()),
-    ("foliosync_connections_opened", "counter", ()),
-    ("foliosync_connections_closed", "counter", ("code",)),
-    ("foliosync_heartbeats_missed", "counter", ()),
-    ("foliosync_connections_refused", "counter", ("reason",)),
-    ("foliosync_frames_received", "counter", ("type",)),
-    ("foliosync_frames_sent", "counter", ("type",)),
-    ("foliosync_received_bytes", "counter", ("type",)),
-    ("foliosync_sent_bytes", "counter", ("type",)),
-    ("foliosync_update_store_seconds", "histogram", ()),
-    ("foliosync_update_fanout_seconds", "histogram", ()),
-    ("foliosync_updates_acknowledged", "counter", ()),
-    ("foliosync_updates_refused", "counter", ("reason",)),
-    ("foliosync_updates_merged_concurrent", "counter", ()),
-    ("foliosync_ticks_received", "counter", ()),
-    ("foliosync_ticks_rejected", "counter", ()),
-    ("foliosync_price_delivery_seconds", "histogram", ()),
-    ("foliosync_followed_price_age_max_seconds", "gauge", ()),
-    ("foliosync_followed_symbols", "gauge", ()),
-    ("foliosync_followed_symbols_stale", "gauge", ()),
-    ("foliosync_prices_conflated", "counter", ()),
-    ("foliosync_prices_dropped", "counter", ()),
-    ("foliosync_price_subscribers", "gauge", ()),
-    ("foliosync_document_cache_hits", "counter", ()),
-    ("foliosync_document_cache_misses", "counter", ()),
-    ("foliosync_document_cache_evictions", "counter", ()),
-    ("foliosync_documents_hot", "gauge", ()),
-    ("foliosync_store_seconds", "histogram", ("operation",)),
-    ("foliosync_store_errors", "counter", ("operation",)),
-    ("foliosync_fanout_lag_seconds", "histogram", ()),
-    ("foliosync_fanout_errors", "counter", ()),
-    ("foliosync_initial_syncs_waiting", "gauge", ()),
-    ("foliosync_initial_syncs_active", "gauge", ()),
-]
+
+def read_catalog() -> list[tuple[str, str, tuple[str, ...]]]:
+    """deploy/METRICS.md, the contract with the alerting rules and the dashboard: name (as the
+    parser names a family: counters without _total), type, label names."""
+    catalog = []
+    text = (Path(__file__).resolve().parent.parent / "deploy/METRICS.md").read_text()
+    for match in re.finditer(
+        r"^- (foliosync_\w+)(?:\{([^}]*)\})?\s+(gauge|counter|histogram)\b", text, re.M
+    ):
+        name, labels, kind = match[1], match[2] or "", match[3]
+        if kind == "counter":
+            assert name.endswith("_total"), f"deploy/METRICS.md: counter {name} without _total"
+            name = name.removesuffix("_total")
+        catalog.append((name, kind, tuple(label.strip() for label in labels.split(",") if label)))
+    return catalog
+
+
+CATALOG = read_catalog()
 
 
 class Scrape:
@@ -223,6 +203,7 @@ async def test_every_metric_of_the_catalog_is_there_with_its_type_and_labels(
     relay: RunningRelay,
 ) -> None:
     scraped = await scrape(relay)
+    assert len(CATALOG) >= 36, "deploy/METRICS.md: fewer metrics than were documented"
     for name, kind, labels in CATALOG:
         family = scraped.families.get(name)
         assert family is not None, f"{name} missing"
