@@ -19,7 +19,13 @@ import pytest
 from foliosync.client import Replica, SyncClient
 
 README = Path(__file__).resolve().parent.parent / "README.md"
-(APP,) = re.findall(r"^```python\n(.*?)^```", README.read_text(encoding="utf-8"), re.M | re.S)
+(APP,) = [  # the "In an app" script: the one that drives a SyncClient itself
+    block
+    for block in re.findall(
+        r"^```python\n(.*?)^```", README.read_text(encoding="utf-8"), re.M | re.S
+    )
+    if "SyncClient(" in block
+]
 
 
 async def run_app(folder: Path, server: str, token: str) -> tuple[int, str, str]:

@@ -11,6 +11,7 @@ tests/test_browser.py; the layout block is checked against the tree here.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -129,7 +130,11 @@ def make_relay(user_env: dict[str, str], tmp_path: Path) -> Iterator[subprocess.
     assert command == "make relay"
     log = (tmp_path / "relay.log").open("wb")
     relay = subprocess.Popen(
-        shlex.split(command), cwd=ROOT, env=user_env, stdout=log, stderr=subprocess.STDOUT,
+        shlex.split(command),
+        cwd=ROOT,
+        env=user_env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
         start_new_session=True,
     )
     deadline = time.monotonic() + 240  # a fresh set-up builds the wheel first
@@ -205,8 +210,11 @@ def test_the_readme_runs_as_written(
 
     by_command = {commands[i]: outputs[i] for i in outputs}
 
-    def output_of(prefix: str) -> str:
-        (found,) = [out for command, out in by_command.items() if command.startswith(prefix)]
+    def output_of(command: str) -> str:
+        """The output of the README command that is ``command`` once its comment is dropped."""
+        (found,) = [
+            out for line, out in by_command.items() if line.split("  #")[0].strip() == command
+        ]
         return found
 
     # What the README says each command shows.
@@ -215,4 +223,6 @@ def test_the_readme_runs_as_written(
         "prices promises the last known price with its age"
     )
     assert "AAPL" in output_of("foliosync prices AAPL --follow")
-    assert "in sync" in output_of("foliosync status") or "live" in output_of("foliosync status")
+    assert "live" in output_of("foliosync status")
+    status = json.loads(output_of("foliosync status --json"))
+    assert status["pending"] == 0 and status["state"] == "not_running", status
