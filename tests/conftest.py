@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import shutil
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, replace
@@ -149,6 +152,24 @@ async def sync_clients(open_replica: Any) -> AsyncIterator[Callable[..., SyncCli
             await client.stop()
 
 
+async def run_cli(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    """The real console script, installed beside this interpreter, run without blocking the loop
+    that may serve the relay: (exit status, stdout, stderr). Only ``env`` sets FOLIOSYNC_*."""
+    foliosync = shutil.which("foliosync", path=os.path.dirname(sys.executable))
+    assert foliosync is not None, "the foliosync script is not installed beside this Python"
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("FOLIOSYNC_")}
+    process = await asyncio.create_subprocess_exec(
+        foliosync,
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**clean, **(env or {})},
+    )
+    out, err = await asyncio.wait_for(process.communicate(), timeout=60)
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
 @pytest.fixture
 def helpers() -> Any:
     """Plain helpers for tests (importlib mode: test files cannot import each other)."""
@@ -156,6 +177,7 @@ def helpers() -> Any:
     class _Helpers:
         eventually = staticmethod(eventually)
         fast_client = staticmethod(fast_client)
+        run_cli = staticmethod(run_cli)
         opened_replica = staticmethod(opened_replica)
         serve_relay = staticmethod(serve_relay)
 

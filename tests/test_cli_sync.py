@@ -2,31 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
-import os
-import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-FOLIOSYNC = shutil.which("foliosync", path=os.path.dirname(sys.executable))
-
-
-async def run(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
-    """Run the real console script without blocking the event loop that serves the relay."""
-    assert FOLIOSYNC is not None
-    process = await asyncio.create_subprocess_exec(
-        FOLIOSYNC,
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, **(env or {})},
-    )
-    out, err = await asyncio.wait_for(process.communicate(), timeout=60)
-    assert process.returncode is not None
-    return process.returncode, out.decode(), err.decode()
+from .conftest import run_cli
 
 
 @pytest.fixture
@@ -39,25 +20,25 @@ async def test_two_devices_meet_through_the_cli_and_remember_the_relay(
     tmp_path: Path, relay: Any, clean_env: None
 ) -> None:
     laptop, phone = str(tmp_path / "laptop.db"), str(tmp_path / "phone.db")
-    assert (await run("--db", laptop, "watchlist", "create", "Tech"))[0] == 0
-    assert (await run("--db", laptop, "watchlist", "add", "Tech", "AAPL"))[0] == 0
-    assert (await run("--db", phone, "watchlist", "create", "tech"))[0] == 0
-    assert (await run("--db", phone, "watchlist", "add", "tech", "MSFT"))[0] == 0
+    assert (await run_cli("--db", laptop, "watchlist", "create", "Tech"))[0] == 0
+    assert (await run_cli("--db", laptop, "watchlist", "add", "Tech", "AAPL"))[0] == 0
+    assert (await run_cli("--db", phone, "watchlist", "create", "tech"))[0] == 0
+    assert (await run_cli("--db", phone, "watchlist", "add", "tech", "MSFT"))[0] == 0
 
-    code, out, err = await run(
+    code, out, err = await run_cli(
         "--db", laptop, "sync", "--server", relay.url, "--token", relay.token("alice", "laptop")
     )
     assert code == 0, err
     assert "in sync" in out
     # the phone gets server and token from the environment
     env = {"FOLIOSYNC_SERVER": relay.url, "FOLIOSYNC_TOKEN": relay.token("alice", "phone")}
-    assert (await run("--db", phone, "sync", env=env))[0] == 0
+    assert (await run_cli("--db", phone, "sync", env=env))[0] == 0
     # the laptop remembered both after its successful sync: no flags needed
-    code, _, err = await run("--db", laptop, "sync")
+    code, _, err = await run_cli("--db", laptop, "sync")
     assert code == 0, err
 
     for device in (laptop, phone):
-        code, out, _ = await run("--db", device, "watchlist", "show", "Tech")
+        code, out, _ = await run_cli("--db", device, "watchlist", "show", "Tech")
         assert code == 0 and "AAPL" in out and "MSFT" in out
 
 
@@ -65,21 +46,21 @@ async def test_an_unreachable_relay_or_a_refused_token_fails_clearly_and_changes
     tmp_path: Path, relay: Any, clean_env: None
 ) -> None:
     db = str(tmp_path / "device.db")
-    assert (await run("--db", db, "watchlist", "create", "Tech"))[0] == 0
-    assert (await run("--db", db, "watchlist", "add", "Tech", "AAPL"))[0] == 0
-    before = (await run("--db", db, "watchlist", "show", "Tech", "--json"))[1]
+    assert (await run_cli("--db", db, "watchlist", "create", "Tech"))[0] == 0
+    assert (await run_cli("--db", db, "watchlist", "add", "Tech", "AAPL"))[0] == 0
+    before = (await run_cli("--db", db, "watchlist", "show", "Tech", "--json"))[1]
 
-    code, _, err = await run(
+    code, _, err = await run_cli(
         "--db", db, "sync", "--server", "ws://127.0.0.1:9/ws", "--token", "x", "--timeout", "5"
     )
     assert code == 1 and "cannot reach the relay" in err and "Traceback" not in err
 
-    code, _, err = await run("--db", db, "sync", "--server", relay.url, "--token", "forged")
+    code, _, err = await run_cli("--db", db, "sync", "--server", relay.url, "--token", "forged")
     assert code == 1 and "refused the token" in err and "Traceback" not in err
 
-    code, _, err = await run("--db", db, "sync")
+    code, _, err = await run_cli("--db", db, "sync")
     assert code == 1 and "no relay given" in err
 
-    after = (await run("--db", db, "watchlist", "show", "Tech", "--json"))[1]
+    after = (await run_cli("--db", db, "watchlist", "show", "Tech", "--json"))[1]
     assert after == before  # local data untouched, still pending
     assert '"pending": 2' in after

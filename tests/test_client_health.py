@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import shutil
-import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -31,7 +28,8 @@ from foliosync.server.relay import RelayConfig, create_app
 from foliosync.sync.freshness import FreshnessLevel
 from foliosync.sync.prices import check_tick
 
-FOLIOSYNC = shutil.which("foliosync", path=os.path.dirname(sys.executable))
+from .conftest import run_cli
+
 # A Wednesday in session (10:00 in New York), and a Friday's last minute before the close.
 WEDNESDAY_SESSION = datetime(2026, 11, 25, 15, 0, tzinfo=UTC)
 FRIDAY_BEFORE_CLOSE = datetime(2026, 11, 20, 20, 59, 30, tzinfo=UTC)
@@ -58,20 +56,6 @@ async def relay_on_port(data_dir: Path, port: int) -> AsyncIterator[None]:
         yield
     finally:
         await runner.cleanup()
-
-
-async def run_cli(*args: str) -> tuple[int, str, str]:
-    assert FOLIOSYNC is not None
-    process = await asyncio.create_subprocess_exec(
-        FOLIOSYNC,
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env={k: v for k, v in os.environ.items() if not k.startswith("FOLIOSYNC_")},
-    )
-    out, err = await asyncio.wait_for(process.communicate(), timeout=60)
-    assert process.returncode is not None
-    return process.returncode, out.decode(), err.decode()
 
 
 async def test_state_lag_and_pending_follow_the_relay_going_away_and_coming_back(

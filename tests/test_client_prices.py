@@ -23,6 +23,8 @@ import pytest
 from foliosync.client.sync import SyncClient
 from foliosync.sync.prices import check_tick
 
+from .conftest import run_cli
+
 
 def _publish(relay: Any, symbol: str, price: str, at_ms: int | None = None) -> None:
     now = time.time_ns() // 1_000_000
@@ -189,22 +191,6 @@ async def test_document_deltas_are_not_held_behind_a_flood_of_ticks(
         assert replica.quotes.get("SAA") is not None
 
 
-async def _cli(*args: str) -> tuple[int, str, str]:
-    """The real console script, run without blocking the loop that serves the relay."""
-    foliosync = shutil.which("foliosync", path=os.path.dirname(sys.executable))
-    assert foliosync is not None
-    process = await asyncio.create_subprocess_exec(
-        foliosync,
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env={k: v for k, v in os.environ.items() if not k.startswith("FOLIOSYNC_")},
-    )
-    out, err = await asyncio.wait_for(process.communicate(), timeout=60)
-    assert process.returncode is not None
-    return process.returncode, out.decode(), err.decode()
-
-
 async def test_sync_fetches_the_latest_prices_and_prices_shows_their_age(
     tmp_path: Path, relay_server: Any
 ) -> None:
@@ -212,27 +198,27 @@ async def test_sync_fetches_the_latest_prices_and_prices_shows_their_age(
     async with relay_server(tmp_path / "relay", price_window_ms=0) as relay:
         _publish(relay, "AAPL", "187.25", at_ms=time.time_ns() // 1_000_000 - 12_000)
         _publish(relay, "TSLA", "250")
-        assert (await _cli("--db", laptop, "watchlist", "create", "Tech"))[0] == 0
-        assert (await _cli("--db", laptop, "watchlist", "add", "Tech", "AAPL", "MSFT"))[0] == 0
-        assert (await _cli("--db", laptop, "portfolio", "create", "Main"))[0] == 0
-        assert (await _cli("--db", laptop, "portfolio", "trade", "Main", "TSLA", "1", "200"))[
+        assert (await run_cli("--db", laptop, "watchlist", "create", "Tech"))[0] == 0
+        assert (await run_cli("--db", laptop, "watchlist", "add", "Tech", "AAPL", "MSFT"))[0] == 0
+        assert (await run_cli("--db", laptop, "portfolio", "create", "Main"))[0] == 0
+        assert (await run_cli("--db", laptop, "portfolio", "trade", "Main", "TSLA", "1", "200"))[
             0
         ] == 0
 
-        code, out, err = await _cli(
+        code, out, err = await run_cli(
             "--db", laptop, "sync", "--server", relay.url, "--token", relay.token("alice", "l")
         )
         assert code == 0, err
         assert out.endswith(", prices of 2 of 3 followed symbols\n"), out  # MSFT has none yet
         # a new device learns the documents in the same sync, and the prices of their symbols
-        code, out, err = await _cli(
+        code, out, err = await run_cli(
             "--db", phone, "sync", "--server", relay.url, "--token", relay.token("alice", "p")
         )
         assert code == 0, err
         assert out.endswith(", prices of 2 of 3 followed symbols\n"), out
 
     # The relay is gone: the prices come from the phone's own file, with their age.
-    code, out, err = await _cli("--db", phone, "prices", "AAPL", "MSFT", "TSLA")
+    code, out, err = await run_cli("--db", phone, "prices", "AAPL", "MSFT", "TSLA")
     assert code == 0, err
     lines = {line.split()[0]: line for line in out.splitlines()}
     assert "187.25" in lines["AAPL"] and " s ago" in lines["AAPL"]
@@ -242,7 +228,7 @@ async def test_sync_fetches_the_latest_prices_and_prices_shows_their_age(
     assert "no price yet" in lines["MSFT"]
     assert "250" in lines["TSLA"] and (" s ago" in lines["TSLA"] or "just now" in lines["TSLA"])
 
-    code, out, err = await _cli("--db", phone, "prices", "AAPL", "MSFT", "--json")
+    code, out, err = await run_cli("--db", phone, "prices", "AAPL", "MSFT", "--json")
     assert code == 0, err
     shown = json.loads(out)
     assert shown["MSFT"] is None
