@@ -7,6 +7,41 @@ and the device's pycrdt clock never runs ahead of what is stored.
 
 Documents load lazily: opening a replica reads names and counters only, so a device with a
 hundred large portfolios opens in milliseconds and pays for a document when it is first used.
+
+Several processes on one replica
+--------------------------------
+An app may hold a replica all day while the CLI, or a second app, reads and edits the same file
+(the store's docstring says how the file stays consistent). Each process keeps its own documents
+in memory and follows the others':
+
+- **Learning of another process's edits.** A watcher task asks the store every
+  ``watch_interval`` seconds (``WATCH_SECONDS``, 50 ms by default) whether another connection
+  committed (``PRAGMA data_version``: a counter in shared memory, microseconds, no disk). Only then
+  it reads, in one snapshot, the log rows after the last seq this process has seen and applies
+  them to the documents it has loaded, merges the state of any document another process
+  compacted past that seq, and refreshes names, sync bookkeeping, pending counts, device settings
+  and quotes. An edit committed in another process is seen here within about one interval plus
+  the read (measured: tests/test_replica_processes.py). :meth:`Replica.refresh` does it at once.
+- **Change notifications** fire for those changes too, with ``origin="other-process"`` (besides
+  ``"local"``: made by this process, and ``"remote"``: received from the relay by this
+  process). An other-process change that is an unacknowledged local edit of this device carries
+  its seq and update, like a local one, so that whichever process syncs sends it on.
+- **Notifications follow the log's order.** A sync connection settles, by one Ack, every pending
+  row up to a seq, so it must have sent every pending row below a seq before it sends that seq.
+  When this process commits row N while rows it has not seen lie below N (another process wrote
+  them since its last look), it reads and notifies those first, then N.
+- **pycrdt client ids are per document instance**, never shared: two processes of one device
+  each load their own Doc, and each Doc draws its own random id (pycrdt's default), so their
+  edits can never claim the same (client, clock) pair. (A fixed id per device, as before, was
+  only safe with one process.) The device id stays per replica: it is this device's identity at
+  the relay and in the documents' per-device slots.
+- **The hybrid logical clock is per process.** Each stamps its edits above every stamp it has
+  read, and a process reads the others' edits within one interval, so "the later edit wins"
+  holds across processes as across devices. Two processes writing the same per-device slot
+  within that interval are concurrent writers of one map key: pycrdt keeps one of the two
+  (by client id), the same one everywhere.
+- **Compaction** takes the file's write lock and first catches up (the store's docstring), so
+  the state it writes holds every committed edit of every process.
 """
 
 from __future__ import annotations
@@ -15,7 +50,6 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import secrets
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Generator, Iterable
 from contextlib import AbstractAsyncContextManager
@@ -29,7 +63,7 @@ from pycrdt import Doc, TransactionEvent, get_update, merge_updates
 
 from foliosync.client.documents import PortfolioHandle, WatchlistHandle
 from foliosync.client.quotes import Quote, QuoteBook
-from foliosync.client.store import DocumentRow, PendingUpdate, ReplicaStore
+from foliosync.client.store import DocumentRow, PendingUpdate, ReplicaStore, StoreChanges
 from foliosync.sync.clock import wall_ms
 from foliosync.sync.errors import (
     DocumentExists,
@@ -73,6 +107,8 @@ COMPACT_AFTER_BYTES = 1 << 20
 QUOTE_FLUSH_SECONDS = 0.5
 # Merge a document's pending updates into one row past this many rows.
 MERGE_PENDING_AFTER = 200
+# How often to check whether another process committed to the file.
+WATCH_SECONDS = 0.05
 
 _MODELS: dict[DocumentKind, type[DocumentModel]] = {
     DocumentKind.WATCHLIST: Watchlist,
@@ -83,15 +119,20 @@ _MODELS: dict[DocumentKind, type[DocumentModel]] = {
 
 @dataclass(frozen=True, slots=True)
 class DocumentChange:
-    """A document changed: ``origin`` says whether by this device or by another (via a relay).
+    """A document changed: ``origin`` says who changed it.
+
+    ``"local"``: this process, by an edit; ``"remote"``: another device, through a relay, received
+    by this process; ``"other-process"``: another process on this replica file (an edit, or a
+    change it received from the relay), seen here when this process read the file.
 
     A local change also carries the stored update and its sequence number, which is all a sync
-    connection needs to send it on.
+    connection needs to send it on; so does an other-process change that is a local edit of this
+    device not yet acknowledged by a relay (empty otherwise).
     """
 
     doc_id: str
     kind: DocumentKind
-    origin: Literal["local", "remote"]
+    origin: Literal["local", "remote", "other-process"]
     seq: int = 0
     update: bytes = b""
 
@@ -115,6 +156,7 @@ class _Loaded:
     rows_since_compaction: int = 0
     bytes_since_compaction: int = 0
     max_seq: int = 0
+    base_seq: int = 0  # the snapshot it was loaded from, or merged last
     subscription: Any = None
 
 
@@ -153,7 +195,6 @@ class Replica:
     def __init__(self, store: ReplicaStore, meta: dict[str, str], rows: list[DocumentRow]) -> None:
         self._store = store
         self.device_id = meta["device_id"]
-        self.client_id = int(meta["client_id"])
         self._meta = meta
         self._context = EditContext(self.device_id)
         self._rows = {row.id: row for row in rows}
@@ -168,41 +209,52 @@ class Replica:
         self._dirty_quotes: dict[str, Quote] = {}
         self._quote_flush: asyncio.Task[None] | None = None
         self._quotes_unsaved = False
+        self._seen_seq = 0  # every log row up to it is applied (or not loaded) and notified
+        self._watcher: asyncio.Task[None] | None = None
 
     # -- life cycle --------------------------------------------------------------------------
 
     @classmethod
-    def open(cls, path: str | Path, *, synchronous: str = "NORMAL") -> OpeningReplica:
+    def open(
+        cls,
+        path: str | Path,
+        *,
+        synchronous: str = "NORMAL",
+        watch_interval: float | None = WATCH_SECONDS,
+    ) -> OpeningReplica:
         """Open (or create) the replica at ``path``: ``replica = await Replica.open(path)``, or
         ``async with Replica.open(path) as replica:`` to have it closed when the block ends.
 
+        Other processes may have it open too; their changes are seen here within about
+        ``watch_interval`` seconds (None: only when :meth:`refresh` is called).
         Raises ReplicaCorrupt, ReplicaLocked or SchemaTooNew without touching the file.
         """
-        return OpeningReplica(cls._open(path, synchronous))
+        if watch_interval is not None and not watch_interval > 0:
+            raise ValidationError("watch_interval must be a positive number of seconds or None")
+        return OpeningReplica(cls._open(path, synchronous, watch_interval))
 
     @classmethod
-    async def _open(cls, path: str | Path, synchronous: str) -> Replica:
+    async def _open(cls, path: str | Path, synchronous: str, watch: float | None) -> Replica:
         store = await ReplicaStore.open(path, synchronous=synchronous)
         try:
+            last_seq = await store.last_seq()  # before the rest: what follows is caught up
             meta = await store.get_meta()
             if "device_id" not in meta:
-                meta = {
-                    "device_id": uuid.uuid4().hex[:16],
-                    # One pycrdt client id per device, kept across restarts: the exclusive lock
-                    # guarantees a single writer, and a stable id keeps state vectors small.
-                    "client_id": str(secrets.randbelow(2**31 - 2) + 1),
-                    "created_at": str(wall_ms()),
-                }
-                await store.set_meta(meta)
+                meta = {"device_id": uuid.uuid4().hex[:16], "created_at": str(wall_ms())}
+                await store.set_meta_if_absent(meta)  # another process may be creating it too
+                meta = await store.get_meta()
             rows = await store.documents()
             replica = cls(store, meta, rows)
             replica.quotes = QuoteBook(_quotes_from_rows(await store.load_quotes()))
             replica._pending = await store.pending_counts()
+            replica._seen_seq = last_seq
             if INDEX_DOCUMENT_ID not in replica._rows:
                 await replica._insert_row(INDEX_DOCUMENT_ID, DocumentKind.INDEX, "", [])
         except BaseException:
             await store.close()
             raise
+        if watch is not None:
+            replica._watcher = asyncio.get_running_loop().create_task(replica._watch_file(watch))
         return replica
 
     async def close(self) -> None:
@@ -210,6 +262,10 @@ class Replica:
             return
         async with self._lock:
             self._closed = True
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
         for task in list(self._background):
             with contextlib.suppress(asyncio.CancelledError):
                 await task
@@ -381,12 +437,18 @@ class Replica:
         async with self._lock:
             self._check_open()
             loaded = await self._load(doc_id)
+            # What other processes committed, and the pending rows, from one snapshot: the Ack
+            # of the seq returned settles every pending row up to it, so the diff must hold them.
+            changes = await self._store.changes_since(
+                self._seen_seq, self._bases(), pending_of=doc_id
+            )
+            self._apply_changes(changes)
             doc = loaded.model.doc
             try:
                 diff = doc.get_update(relay_state_vector)
             except ValueError as exc:
                 raise ValidationError(f"invalid state vector for {doc_id}") from exc
-            pending = await self._store.pending(doc_id)
+            pending = changes.pending_rows
             if pending:
                 return max(p.seq for p in pending), diff
             # Nothing pending, but the relay may have lost data (restored from a backup): send
@@ -455,6 +517,7 @@ class Replica:
                     await self._reload(doc_id)
                     raise
                 self._account(doc_id, loaded, seq, len(update))
+                await self._after_commit(seq, seq)
                 name = loaded.model.name
                 row = self._rows[doc_id]
                 if name and name != row.name:
@@ -564,6 +627,99 @@ class Replica:
                 symbols.update(s for s, p in positions.items() if p.quantity)
         return symbols
 
+    # -- other processes ---------------------------------------------------------------------
+
+    async def refresh(self) -> None:
+        """Read what other processes committed to the file now (the watcher does it by itself
+        every ``watch_interval``); their changes are notified with ``origin="other-process"``."""
+        async with self._lock:
+            self._check_open()
+            await self._catch_up()
+
+    async def _watch_file(self, interval: float) -> None:
+        while not self._closed:
+            await asyncio.sleep(interval)
+            try:
+                if not await self._store.data_changed():
+                    continue
+                async with self._lock:
+                    if self._closed:
+                        return
+                    await self._catch_up()
+            except FolioSyncError as exc:  # busy or unreadable for now: the next look tries again
+                log.debug("reading other processes' changes of %s failed: %s", self.path, exc)
+
+    def _bases(self) -> dict[str, int]:
+        return {doc_id: loaded.base_seq for doc_id, loaded in self._loaded.items()}
+
+    async def _catch_up(self) -> None:
+        self._apply_changes(await self._store.changes_since(self._seen_seq, self._bases()))
+
+    async def _after_commit(self, first: int, last: int) -> None:
+        """Rows ``first``..``last`` were just committed by this process: rows of others below
+        them are read and notified first, so that notifications keep the log's order."""
+        if first > self._seen_seq + 1:
+            try:
+                changes = await self._store.changes_since(
+                    self._seen_seq, self._bases(), before=first
+                )
+            except FolioSyncError as exc:  # the watcher reads them later
+                log.debug("reading other processes' changes of %s failed: %s", self.path, exc)
+                return
+            self._apply_changes(changes)
+        self._seen_seq = max(self._seen_seq, last)
+
+    def _apply_changes(self, changes: StoreChanges) -> None:
+        """Bring memory up to ``changes`` (read from the file in one snapshot) and notify.
+
+        Called with the lock held. Nothing here awaits, so that the compaction that calls it
+        inside its write transaction holds a consistent picture.
+        """
+        self._rows = {row.id: row for row in changes.documents}
+        self._pending = dict(changes.pending)
+        self._meta.update(changes.meta)
+        notices: list[DocumentChange] = []
+        for doc_id, state in changes.states.items():  # compacted past what we saw: merge first
+            loaded = self._loaded.get(doc_id)
+            if loaded is not None and self._merge_into(doc_id, loaded, state):
+                notices.append(DocumentChange(doc_id, kind_of(doc_id), "other-process"))
+            if loaded is not None:
+                loaded.base_seq = changes.bases.get(doc_id, loaded.base_seq)
+        for row in changes.rows:
+            self._seen_seq = max(self._seen_seq, row.seq)
+            if row.doc_id not in self._rows:
+                continue  # a document row always comes with its first updates; not this one
+            kind = DocumentKind(self._rows[row.doc_id].kind)
+            loaded = self._loaded.get(row.doc_id)
+            changed = True
+            if loaded is not None:
+                changed = self._merge_into(row.doc_id, loaded, row.data)
+                loaded.max_seq = max(loaded.max_seq, row.seq)
+            if row.pending:
+                notices.append(DocumentChange(row.doc_id, kind, "other-process", row.seq, row.data))
+            elif changed:
+                notices.append(DocumentChange(row.doc_id, kind, "other-process"))
+        quotes = self.quotes.merge(_points_from_rows(changes.quotes))
+        for notice in notices:
+            self._notify(notice)
+        if quotes:
+            self.quotes.notify(quotes)
+
+    def _merge_into(self, doc_id: str, loaded: _Loaded, update: bytes) -> bool:
+        """Apply another process's update to a loaded document; True if it changed."""
+        captured: list[bytes] = []
+        loaded.capture = captured
+        try:
+            loaded.model.doc.apply_update(update)
+        except BaseException as exc:  # pycrdt panics derive from BaseException
+            if isinstance(exc, KeyboardInterrupt | SystemExit | asyncio.CancelledError):
+                raise
+            log.error("an update of %s in %s cannot be read; skipped", doc_id, self.path)
+            return False
+        finally:
+            loaded.capture = None
+        return bool(captured)
+
     # -- notifications -----------------------------------------------------------------------
 
     def subscribe(self, listener: Callable[[DocumentChange], None]) -> Callable[[], None]:
@@ -625,24 +781,27 @@ class Replica:
                 )
             else:
                 # A new document and its index entry are committed in one transaction.
-                loaded = _Loaded(model_type(Doc(client_id=self.client_id), self._context))
+                loaded = _Loaded(model_type(Doc(), self._context))
                 self._watch(loaded)
                 captured = self._capture(loaded, lambda m: m.initialize(name))
                 listed = self._capture(index, lambda m: m.register(doc_id, kind, name))
                 row = DocumentRow(doc_id, kind.value, name, wall_ms(), None, None, None)
                 updates = [(doc_id, u) for u in captured] + [(INDEX_DOCUMENT_ID, u) for u in listed]
                 try:
-                    await self._store.create_document(row, b"", updates)
+                    seqs = await self._store.create_document(row, b"", updates)
                 except BaseException:
                     loaded.model.close()
                     await self._reload(INDEX_DOCUMENT_ID)
                     raise
                 self._rows[doc_id] = row
                 self._loaded[doc_id] = loaded
+                loaded.max_seq = max(seqs[: len(captured)], default=0)
                 self._pending[doc_id] = self._pending.get(doc_id, 0) + len(captured)
                 self._pending[INDEX_DOCUMENT_ID] = self._pending.get(INDEX_DOCUMENT_ID, 0) + len(
                     listed
                 )
+                if seqs:
+                    await self._after_commit(seqs[0], seqs[-1])
                 self._notify(DocumentChange(doc_id, kind, "local"))
                 self._notify(DocumentChange(INDEX_DOCUMENT_ID, DocumentKind.INDEX, "local"))
             model = loaded.model
@@ -671,8 +830,10 @@ class Replica:
         self, doc_id: str, kind: DocumentKind, name: str, updates: list[tuple[str, bytes]]
     ) -> None:
         row = DocumentRow(doc_id, kind.value, name, wall_ms(), None, None, None)
-        await self._store.create_document(row, b"", updates)
+        seqs = await self._store.create_document(row, b"", updates)
         self._rows[doc_id] = row
+        if seqs:
+            await self._after_commit(seqs[0], seqs[-1])
 
     async def _model(self, doc_id: str, model_type: type[M]) -> M:
         async with self._lock:
@@ -689,8 +850,8 @@ class Replica:
         stored = await self._store.load(doc_id)
         if stored is None:
             raise DocumentNotFound(f"no document {doc_id!r}")
-        state, updates, max_seq = stored
-        doc: Doc[Any] = Doc(client_id=self.client_id)
+        state, updates, max_seq, base_seq = stored
+        doc: Doc[Any] = Doc()  # its own random client id: see the module docstring
         try:
             if state:
                 doc.apply_update(state)
@@ -703,6 +864,7 @@ class Replica:
         kind = DocumentKind(self._rows[doc_id].kind)
         loaded = _Loaded(_MODELS[kind](doc, self._context))
         loaded.max_seq = max_seq
+        loaded.base_seq = base_seq
         loaded.rows_since_compaction = len(updates)
         loaded.bytes_since_compaction = sum(len(u) for u in updates)
         self._watch(loaded)
@@ -751,6 +913,7 @@ class Replica:
                 raise
             self._pending[doc_id] = self._pending.get(doc_id, 0) + 1
             self._account(doc_id, loaded, seq, len(update))
+            await self._after_commit(seq, seq)
             kind = DocumentKind(self._rows[doc_id].kind)
             self._notify(DocumentChange(doc_id, kind, "local", seq, update))
         return result
@@ -778,13 +941,20 @@ class Replica:
             if self._closed or doc_id not in self._loaded:
                 return
             loaded = self._loaded[doc_id]
-            state = loaded.model.doc.get_update()
-            await self._store.compact(doc_id, state, loaded.max_seq)
-            pending = await self._store.pending(doc_id)
-            if len(pending) > MERGE_PENDING_AFTER:
-                merged = merge_updates(*(p.data for p in pending))
-                seq = await self._store.replace_pending(doc_id, pending, merged)
-                loaded.max_seq = max(loaded.max_seq, seq)
+
+            def fold(changes: StoreChanges) -> bytes:
+                self._apply_changes(changes)  # every committed edit, then the state of them all
+                return loaded.model.doc.get_update()
+
+            loaded.base_seq = await self._store.compact(
+                doc_id,
+                self._seen_seq,
+                self._bases(),
+                fold,
+                merge=lambda updates: merge_updates(*updates),
+                merge_after=MERGE_PENDING_AFTER,
+            )
+            loaded.max_seq = max(loaded.max_seq, loaded.base_seq)
 
     async def _adopt_index_entries(self) -> None:
         """Create local rows for documents another device listed in the index."""
@@ -807,6 +977,16 @@ def _quotes_from_rows(rows: list[tuple[str, str, int, int, str | None]]) -> list
         except (ArithmeticError, ValueError):
             continue  # a damaged row is dropped: the relay sends the price again
     return quotes
+
+
+def _points_from_rows(rows: list[tuple[str, str, int, int, str | None]]) -> list[PricePoint]:
+    points = []
+    for symbol, price, time_ms, seq, _previous in rows:
+        try:
+            points.append(PricePoint(symbol, Decimal(price), time_ms, seq))
+        except (ArithmeticError, ValueError):
+            continue
+    return points
 
 
 def _replace_row(row: DocumentRow, **changes: Any) -> DocumentRow:

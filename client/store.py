@@ -1,9 +1,9 @@
 """The replica's SQLite file: document snapshots, the update log and what the relay has not acked.
 
-Tables (schema version 1, marked with ``PRAGMA user_version`` and our ``application_id`` so that a
+Tables (schema version 2, marked with ``PRAGMA user_version`` and our ``application_id`` so that a
 file of another program is recognised and never written to):
 
-- ``meta``: device id, pycrdt client id, the relay's address and token after a successful sync.
+- ``meta``: device id, the relay's address and token after a successful sync.
 - ``documents``: one row per document: kind, name (so that listing needs no CRDT load), the
   compacted state and the last update seq it covers (``base_seq``), and sync bookkeeping (last
   confirmed in sync, the relay's watermark).
@@ -14,8 +14,41 @@ file of another program is recognised and never written to):
 
 Compaction writes the in-memory document as the new state and deletes the acknowledged rows it
 covers; pending rows stay until the relay acks them (loading skips them: the state has them), and
-long runs of them are merged into one row. The file is opened with an exclusive lock: two processes
-writing as the same device would fork its history.
+long runs of them are merged into one row.
+
+Several processes at once
+-------------------------
+Any number of processes (and connections of one process) may open the file together: SQLite's
+WAL mode lets them read while one writes, and every write is one short transaction (a statement,
+or ``BEGIN IMMEDIATE`` ... ``COMMIT``) that waits up to ``BUSY_TIMEOUT_MS`` for another's to end.
+What keeps them consistent:
+
+- **The log's order is the commit order.** ``seq`` is taken inside the writing transaction, and
+  writing transactions are serialized, so a process that has read every row up to N has seen
+  every change committed before row N+1. :meth:`ReplicaStore.changes_since` reads, in one read
+  transaction (one snapshot), the rows after a seq, the document rows, pending counts, meta and
+  quotes; ``PRAGMA data_version`` (:meth:`ReplicaStore.data_changed`) says cheaply, without
+  reading a table, whether another connection committed anything since it was last asked.
+- **Compaction never hides a row from a reader.** It runs in one ``BEGIN IMMEDIATE``
+  transaction that first hands the compacting process every row it has not seen (so the state it
+  writes holds every committed change), then writes the state and deletes rows. A reader learns of
+  it by the document's ``base_seq``: if that passed the last seq it read, rows it never saw may be
+  gone, so it merges the new state (a CRDT merge: what it has already stays, nothing doubles).
+  Loading reads the state and the rows after it in one snapshot.
+- **Quotes**, written by every process that follows prices, are upserted newest-wins in SQL: an
+  older price of one process never overwrites a newer one of another.
+- **Schema changes need the file alone**: a process of an older schema may have it open, so a
+  migration takes SQLite's exclusive lock for its transaction and, if another process holds the
+  file, fails with ReplicaLocked naming the reason. Creating a new replica re-checks, under the
+  write lock, that no other process created it meanwhile.
+
+A full disk: in WAL mode a read maps the shared-memory index (the ``-shm`` file), which the first
+connection to open the file must create and size. On a full disk that fails ("disk I/O error",
+``SQLITE_IOERR_SHMOPEN``), so listing would fail too. Only then the store reopens the file in
+exclusive locking mode, where SQLite keeps that index in memory and reading needs no space: that
+process then has the file to itself (another opening it gets ReplicaLocked) until it closes. When
+another process already has the file open, its ``-shm`` exists and reading works in the normal
+mode, shared, full disk or not.
 """
 
 from __future__ import annotations
@@ -40,10 +73,21 @@ from foliosync.sync.errors import (
     StorageFull,
 )
 
-__all__ = ["APPLICATION_ID", "SCHEMA_VERSION", "DocumentRow", "PendingUpdate", "ReplicaStore"]
+__all__ = [
+    "APPLICATION_ID",
+    "BUSY_TIMEOUT_MS",
+    "SCHEMA_VERSION",
+    "DocumentRow",
+    "LogRow",
+    "PendingUpdate",
+    "ReplicaStore",
+    "StoreChanges",
+]
 
 APPLICATION_ID = 0x466F6C53  # "FolS"
 SCHEMA_VERSION = 2
+# How long a write waits for another connection's write transaction (they last milliseconds).
+BUSY_TIMEOUT_MS = 5000
 
 _SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -72,7 +116,7 @@ CREATE TABLE quotes (
     time_ms INTEGER NOT NULL,
     seq INTEGER NOT NULL,
     previous_close TEXT
-);
+)
 """
 
 # Upgrades, by the version they start from; each runs in the transaction that opens the file.
@@ -85,7 +129,12 @@ _MIGRATIONS: dict[int, list[str]] = {
     ],
 }
 
+_DOCUMENT_COLUMNS = (
+    "id, kind, name, created_at, last_synced_at, remote_changed_at, remote_changed_by"
+)
+
 T = TypeVar("T")
+QuoteRow = tuple[str, str, int, int, str | None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,11 +156,38 @@ class PendingUpdate:
     changes: int
 
 
+@dataclass(frozen=True, slots=True)
+class LogRow:
+    """One row of the update log, as another process committed it."""
+
+    seq: int
+    doc_id: str
+    data: bytes
+    pending: bool
+
+
+@dataclass(frozen=True, slots=True)
+class StoreChanges:
+    """What the file holds beyond a seq, read in one snapshot (see :meth:`changes_since`)."""
+
+    rows: list[LogRow]  # in seq order
+    documents: list[DocumentRow]
+    bases: dict[str, int]  # document -> base_seq
+    states: dict[str, bytes]  # compacted past the seq given: merge these first
+    pending: dict[str, int]  # document -> pending changes
+    meta: dict[str, str]
+    quotes: list[QuoteRow]
+    pending_rows: list[PendingUpdate]  # of the document asked for, if any
+
+
 def _translate(exc: sqlite3.Error, path: Path) -> ReplicaError:
     """One place where sqlite3's errors become foliosync's."""
     message = str(exc).lower()
     if "locked" in message or "busy" in message:
-        return ReplicaLocked(f"replica {path} is open in another process")
+        return ReplicaLocked(
+            f"replica {path} is busy: another process held its write lock for more than "
+            f"{BUSY_TIMEOUT_MS / 1000:g} s"
+        )
     if "full" in message:
         return StorageFull(
             f"the disk is full: no space left for replica {path}, so the change was not saved "
@@ -120,6 +196,14 @@ def _translate(exc: sqlite3.Error, path: Path) -> ReplicaError:
     if "not a database" in message or "malformed" in message or "corrupt" in message:
         return ReplicaCorrupt(f"replica {path} is damaged or not a foliosync replica: {exc}")
     return ReplicaError(f"replica {path}: {exc}")
+
+
+def _no_space(exc: sqlite3.Error) -> bool:
+    """Whether a first read failed because the shared-memory index could not get disk space."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if isinstance(code, int):
+        return code & 0xFF in (sqlite3.SQLITE_IOERR, sqlite3.SQLITE_FULL)
+    return "disk i/o error" in str(exc).lower() or "full" in str(exc).lower()
 
 
 class ReplicaStore:
@@ -132,6 +216,9 @@ class ReplicaStore:
         # another's transaction is open would join that transaction (an accepted edit could be
         # rolled back with it), and a second BEGIN would fail.
         self._lock = asyncio.Lock()
+        self._data_version = 0
+        self.exclusive = False
+        """True when opened in exclusive mode (a full disk): no other process can open it."""
 
     # -- opening -----------------------------------------------------------------------------
 
@@ -153,54 +240,69 @@ class ReplicaStore:
             file.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise ReplicaError(f"cannot create the folder of replica {file}: {exc}") from exc
-        connecting = sqlite_connect(str(file), isolation_level=None, timeout=0.2)
-        try:
-            conn = await connecting
-        except sqlite3.Error as exc:
-            raise _translate(exc, file) from exc
-        store = cls(file, conn)
+        store = await cls._connect(file)
         try:
             await store._prepare(synchronous.upper())
         except BaseException:
-            await conn.close()
+            await store._conn.close()
             raise
         return store
 
+    @classmethod
+    async def _connect(cls, file: Path, *, exclusive: bool = False) -> ReplicaStore:
+        timeout = 0.2 if exclusive else BUSY_TIMEOUT_MS / 1000
+        try:
+            conn = await sqlite_connect(str(file), isolation_level=None, timeout=timeout)
+        except sqlite3.Error as exc:
+            raise _translate(exc, file) from exc
+        store = cls(file, conn)
+        store.exclusive = exclusive
+        return store
+
+    async def _first_read(self) -> tuple[int, int, int]:
+        if self.exclusive:
+            await self._conn.execute("PRAGMA locking_mode = EXCLUSIVE")
+        app_id = await self._scalar("PRAGMA application_id")
+        version = await self._scalar("PRAGMA user_version")
+        tables = await self._scalar("SELECT count(*) FROM sqlite_master")
+        return app_id, version, tables
+
+    async def _reopen(self, *, exclusive: bool) -> None:
+        await self._conn.close()
+        other = await self._connect(self.path, exclusive=exclusive)
+        self._conn, self.exclusive = other._conn, exclusive
+
     async def _prepare(self, synchronous: str) -> None:
         try:
-            # Exclusive locking before the first read: in WAL mode, a read in the default mode
-            # maps the shared-memory index (the -shm file), which needs disk space, so that on a
-            # full disk even listing failed with "disk I/O error". In exclusive mode SQLite keeps
-            # that index in memory, and reading needs no space at all. The first write takes the
-            # lock and keeps it until close.
-            await self._conn.execute("PRAGMA locking_mode = EXCLUSIVE")
-            app_id = await self._scalar("PRAGMA application_id")
-            version = await self._scalar("PRAGMA user_version")
-            tables = await self._scalar("SELECT count(*) FROM sqlite_master")
+            try:
+                app_id, version, tables = await self._first_read()
+            except sqlite3.Error as exc:
+                if not _no_space(exc):
+                    raise
+                # A full disk, and no other process has the file open (else its -shm would
+                # exist): keep the index in memory, which needs no space (module docstring).
+                await self._reopen(exclusive=True)
+                try:
+                    app_id, version, tables = await self._first_read()
+                except sqlite3.Error as again:
+                    if "locked" in str(again).lower():
+                        raise ReplicaLocked(
+                            f"replica {self.path} cannot be read: the disk is full and another "
+                            "process is opening it"
+                        ) from again
+                    raise
         except sqlite3.Error as exc:
             raise _translate(exc, self.path) from exc
-        if app_id != APPLICATION_ID and (app_id != 0 or tables):
-            raise ReplicaCorrupt(f"{self.path} is not a foliosync replica; it was left untouched")
-        if version > SCHEMA_VERSION:
-            raise SchemaTooNew(
-                f"replica {self.path} has schema version {version}, newer than this foliosync "
-                f"({SCHEMA_VERSION}); upgrade foliosync. The file was left untouched."
-            )
+        self._check_kind(app_id, version, tables)
         try:
             await self._conn.execute("PRAGMA journal_mode = WAL")
             await self._conn.execute(f"PRAGMA synchronous = {synchronous}")
-            await self._conn.execute("BEGIN IMMEDIATE")
             if app_id == 0:
-                await self._conn.executescript(
-                    "BEGIN;" + _SCHEMA + f"PRAGMA application_id = {APPLICATION_ID};"
-                    f"PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
-                )
-            else:
-                await self._migrate(version)
-                await self._conn.execute("COMMIT")
-            await self._conn.execute("PRAGMA busy_timeout = 5000")
-            if app_id != 0:
-                await self._scalar("SELECT count(*) FROM documents")  # a damaged file fails here
+                await self._create_schema()
+            elif version < SCHEMA_VERSION:
+                await self._migrate_alone(synchronous)
+            await self._scalar("SELECT count(*) FROM documents")  # a damaged file fails here
+            self._data_version = await self._scalar("PRAGMA data_version")
         except sqlite3.Error as exc:
             error = _translate(exc, self.path)
             if app_id == 0 and isinstance(error, StorageFull):  # a new replica, not an edit
@@ -209,8 +311,58 @@ class ReplicaStore:
                 )
             raise error from exc
 
+    def _check_kind(self, app_id: int, version: int, tables: int) -> None:
+        if app_id != APPLICATION_ID and (app_id != 0 or tables):
+            raise ReplicaCorrupt(f"{self.path} is not a foliosync replica; it was left untouched")
+        if version > SCHEMA_VERSION:
+            raise SchemaTooNew(
+                f"replica {self.path} has schema version {version}, newer than this foliosync "
+                f"({SCHEMA_VERSION}); upgrade foliosync. The file was left untouched."
+            )
+
+    async def _create_schema(self) -> None:
+        """Create the tables, unless another process created them since we looked."""
+        async with self._atomic():
+            app_id = await self._scalar("PRAGMA application_id")
+            tables = await self._scalar("SELECT count(*) FROM sqlite_master")
+            if app_id == 0 and not tables:
+                for sql in _SCHEMA.split(";"):
+                    await self._conn.execute(sql)
+                await self._conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+                await self._conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        app_id, version, tables = await self._first_read()
+        self._check_kind(app_id, version, tables)
+
+    async def _migrate_alone(self, synchronous: str) -> None:
+        """Upgrade the schema with the file to ourselves, then reopen it shared."""
+        exclusive = self.exclusive
+        await self._reopen(exclusive=True)
+        try:
+            await self._conn.execute("PRAGMA locking_mode = EXCLUSIVE")
+            try:
+                await self._conn.execute("BEGIN EXCLUSIVE")
+            except sqlite3.Error as exc:
+                if "locked" not in str(exc).lower() and "busy" not in str(exc).lower():
+                    raise
+                raise ReplicaLocked(
+                    f"replica {self.path} needs an upgrade of its schema, which needs it closed "
+                    "in every other process; close them and open it again"
+                ) from exc
+            try:
+                version = await self._scalar("PRAGMA user_version")
+                await self._migrate(version)
+                await self._conn.execute("COMMIT")
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):
+                    await self._conn.execute("ROLLBACK")
+                raise
+        finally:
+            if not exclusive:
+                await self._reopen(exclusive=False)
+                await self._conn.execute(f"PRAGMA synchronous = {synchronous}")
+
     async def _migrate(self, version: int) -> None:
-        """Bring a replica of an older schema up to date (inside the opening transaction)."""
+        """Bring a replica of an older schema up to date (inside an exclusive transaction)."""
         for start in range(version, SCHEMA_VERSION):
             for sql in _MIGRATIONS.get(start, []):
                 if sql.startswith("ALTER TABLE documents ADD COLUMN base_seq"):
@@ -258,6 +410,16 @@ class ReplicaStore:
                 await self._conn.execute("ROLLBACK")
             raise
 
+    @contextlib.asynccontextmanager
+    async def _read(self) -> AsyncIterator[None]:
+        """BEGIN ... COMMIT around reads: one snapshot, whatever other processes commit."""
+        await self._conn.execute("BEGIN")
+        try:
+            yield
+        finally:
+            with contextlib.suppress(sqlite3.Error):
+                await self._conn.execute("COMMIT")
+
     async def _transaction(self, statements: list[tuple[str, tuple[object, ...]]]) -> None:
         async def run() -> None:
             async with self._atomic():
@@ -265,6 +427,80 @@ class ReplicaStore:
                     await self._conn.execute(sql, params)
 
         await self._guard(run)
+
+    # -- other processes ---------------------------------------------------------------------
+
+    async def data_changed(self) -> bool:
+        """Whether another connection (another process, say) committed since the last call.
+
+        ``PRAGMA data_version`` reads a counter in the shared-memory index: no table, no disk, a
+        few microseconds, so it can be asked many times a second.
+        """
+
+        async def run() -> bool:
+            version = await self._scalar("PRAGMA data_version")
+            changed, self._data_version = version != self._data_version, version
+            return changed
+
+        return await self._guard(run)
+
+    async def changes_since(
+        self,
+        seq: int,
+        loaded_bases: dict[str, int],
+        *,
+        before: int | None = None,
+        pending_of: str | None = None,
+    ) -> StoreChanges:
+        """Everything another process may have changed, read in one snapshot.
+
+        ``rows`` are the log rows after ``seq`` (and before ``before``, if given); ``states`` the
+        snapshot of each document of ``loaded_bases`` (document -> the base_seq the caller
+        knows) that was compacted past ``seq``, which may have folded rows the caller never saw.
+        ``pending_rows`` are the pending rows of ``pending_of``, from the same snapshot.
+        """
+
+        async def run() -> StoreChanges:
+            async with self._read():
+                return await self._changes(seq, loaded_bases, before, pending_of)
+
+        return await self._guard(run)
+
+    async def _changes(
+        self, seq: int, loaded_bases: dict[str, int], before: int | None, pending_of: str | None
+    ) -> StoreChanges:
+        sql = "SELECT seq, doc_id, data, pending FROM updates WHERE seq > ?"
+        params: tuple[object, ...] = (seq,)
+        if before is not None:
+            sql += " AND seq < ?"
+            params = (seq, before)
+        async with self._conn.execute(sql + " ORDER BY seq", params) as cursor:
+            rows = [LogRow(int(s), str(d), bytes(b), bool(p)) async for s, d, b, p in cursor]
+        async with self._conn.execute("SELECT id, base_seq FROM documents") as cursor:
+            bases = {str(d): int(b) async for d, b in cursor}
+        states: dict[str, bytes] = {}
+        for doc_id, known in loaded_bases.items():
+            base = bases.get(doc_id, known)
+            if base != known and base > seq:
+                async with self._conn.execute(
+                    "SELECT state FROM documents WHERE id = ?", (doc_id,)
+                ) as cursor:
+                    row = await cursor.fetchone()
+                if row is not None:
+                    states[doc_id] = bytes(row[0])
+        async with self._conn.execute("SELECT key, value FROM meta") as cursor:
+            meta = {str(k): str(v) async for k, v in cursor}
+        pending_rows = await self._pending_rows(pending_of) if pending_of is not None else []
+        return StoreChanges(
+            rows=rows,
+            documents=await self._documents(),
+            bases=bases,
+            states=states,
+            pending=await self._pending_counts(),
+            meta=meta,
+            quotes=await self._load_quotes(),
+            pending_rows=pending_rows,
+        )
 
     # -- meta --------------------------------------------------------------------------------
 
@@ -274,6 +510,21 @@ class ReplicaStore:
                 return {str(k): str(v) async for k, v in cursor}
 
         return await self._guard(run)
+
+    async def set_meta_if_absent(self, values: dict[str, str]) -> None:
+        """Set the keys not set yet (two processes creating one replica agree on the first)."""
+        await self._transaction(
+            [
+                ("INSERT OR IGNORE INTO meta (key, value) VALUES (?, ?)", (k, v))
+                for k, v in values.items()
+            ]
+        )
+
+    async def last_seq(self) -> int:
+        """The highest seq the log has used (rows up to it may since be compacted away)."""
+        return await self._guard(
+            lambda: self._scalar("SELECT seq FROM sqlite_sequence WHERE name = 'updates'")
+        )
 
     async def set_meta(self, values: dict[str, str]) -> None:
         await self._transaction(
@@ -287,56 +538,69 @@ class ReplicaStore:
 
     async def documents(self) -> list[DocumentRow]:
         async def run() -> list[DocumentRow]:
-            sql = (
-                "SELECT id, kind, name, created_at, last_synced_at, remote_changed_at, "
-                "remote_changed_by FROM documents ORDER BY id"
-            )
-            async with self._conn.execute(sql) as cursor:
-                return [DocumentRow(*row) async for row in cursor]
+            return await self._documents()
 
         return await self._guard(run)
+
+    async def _documents(self) -> list[DocumentRow]:
+        sql = f"SELECT {_DOCUMENT_COLUMNS} FROM documents ORDER BY id"
+        async with self._conn.execute(sql) as cursor:
+            return [DocumentRow(*row) async for row in cursor]
 
     async def pending_counts(self) -> dict[str, int]:
-        async def run() -> dict[str, int]:
-            sql = "SELECT doc_id, SUM(changes) FROM updates WHERE pending = 1 GROUP BY doc_id"
-            async with self._conn.execute(sql) as cursor:
-                return {str(d): int(n) async for d, n in cursor}
+        return await self._guard(self._pending_counts)
 
-        return await self._guard(run)
+    async def _pending_counts(self) -> dict[str, int]:
+        sql = "SELECT doc_id, SUM(changes) FROM updates WHERE pending = 1 GROUP BY doc_id"
+        async with self._conn.execute(sql) as cursor:
+            return {str(d): int(n) async for d, n in cursor}
 
     async def create_document(
         self, row: DocumentRow, state: bytes, updates: list[tuple[str, bytes]]
-    ) -> None:
-        """Insert a document and its first local updates (doc id, data) in one transaction."""
-        statements: list[tuple[str, tuple[object, ...]]] = [
-            (
-                "INSERT INTO documents (id, kind, name, state, created_at) VALUES (?, ?, ?, ?, ?)",
-                (row.id, row.kind, row.name, state, row.created_at),
-            )
-        ]
-        statements += [
-            ("INSERT INTO updates (doc_id, data, pending, changes) VALUES (?, ?, 1, 1)", (d, u))
-            for d, u in updates
-        ]
-        await self._transaction(statements)
+    ) -> list[int]:
+        """Insert a document and its first local updates (doc id, data) in one transaction;
+        returns the updates' seqs."""
 
-    async def load(self, doc_id: str) -> tuple[bytes, list[bytes], int] | None:
-        """(state, updates in order, highest seq) of a document, or None if there is none."""
+        async def run() -> list[int]:
+            seqs = []
+            async with self._atomic():
+                await self._conn.execute(
+                    "INSERT INTO documents (id, kind, name, state, created_at) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    (row.id, row.kind, row.name, state, row.created_at),
+                )
+                for doc_id, data in updates:
+                    cursor = await self._conn.execute(
+                        "INSERT INTO updates (doc_id, data, pending, changes) VALUES (?, ?, 1, 1)",
+                        (doc_id, data),
+                    )
+                    assert cursor.lastrowid is not None
+                    seqs.append(cursor.lastrowid)
+                    await cursor.close()
+            return seqs
 
-        async def run() -> tuple[bytes, list[bytes], int] | None:
-            async with self._conn.execute(
-                "SELECT state, base_seq FROM documents WHERE id = ?", (doc_id,)
-            ) as cursor:
-                row = await cursor.fetchone()
-            if row is None:
-                return None
-            base_seq = int(row[1])
-            async with self._conn.execute(
-                "SELECT seq, data FROM updates WHERE doc_id = ? AND seq > ? ORDER BY seq",
-                (doc_id, base_seq),
-            ) as cursor:
-                rows = [(int(s), bytes(d)) async for s, d in cursor]
-            return bytes(row[0]), [d for _, d in rows], max((s for s, _ in rows), default=base_seq)
+        return await self._guard(run)
+
+    async def load(self, doc_id: str) -> tuple[bytes, list[bytes], int, int] | None:
+        """(state, updates in order, highest seq, base seq) of a document, or None if there is
+        none; read in one snapshot, so that another process's compaction cannot fall between."""
+
+        async def run() -> tuple[bytes, list[bytes], int, int] | None:
+            async with self._read():
+                async with self._conn.execute(
+                    "SELECT state, base_seq FROM documents WHERE id = ?", (doc_id,)
+                ) as cursor:
+                    row = await cursor.fetchone()
+                if row is None:
+                    return None
+                base_seq = int(row[1])
+                async with self._conn.execute(
+                    "SELECT seq, data FROM updates WHERE doc_id = ? AND seq > ? ORDER BY seq",
+                    (doc_id, base_seq),
+                ) as cursor:
+                    rows = [(int(s), bytes(d)) async for s, d in cursor]
+            top = max((s for s, _ in rows), default=base_seq)
+            return bytes(row[0]), [d for _, d in rows], top, base_seq
 
         return await self._guard(run)
 
@@ -363,18 +627,16 @@ class ReplicaStore:
         return await self._guard(run)
 
     async def pending(self, doc_id: str | None = None) -> list[PendingUpdate]:
-        async def run() -> list[PendingUpdate]:
-            sql = "SELECT seq, doc_id, data, changes FROM updates WHERE pending = 1"
-            params: tuple[object, ...] = ()
-            if doc_id is not None:
-                sql += " AND doc_id = ?"
-                params = (doc_id,)
-            async with self._conn.execute(sql + " ORDER BY seq", params) as cursor:
-                return [
-                    PendingUpdate(int(s), str(d), bytes(b), int(c)) async for s, d, b, c in cursor
-                ]
+        return await self._guard(lambda: self._pending_rows(doc_id))
 
-        return await self._guard(run)
+    async def _pending_rows(self, doc_id: str | None) -> list[PendingUpdate]:
+        sql = "SELECT seq, doc_id, data, changes FROM updates WHERE pending = 1"
+        params: tuple[object, ...] = ()
+        if doc_id is not None:
+            sql += " AND doc_id = ?"
+            params = (doc_id,)
+        async with self._conn.execute(sql + " ORDER BY seq", params) as cursor:
+            return [PendingUpdate(int(s), str(d), bytes(b), int(c)) async for s, d, b, c in cursor]
 
     async def acknowledge(self, doc_id: str, seq: int) -> None:
         """The relay stored every pending update of ``doc_id`` up to ``seq``."""
@@ -386,40 +648,59 @@ class ReplicaStore:
             )
         )
 
-    async def compact(self, doc_id: str, state: bytes, up_to_seq: int) -> None:
-        """Make ``state`` (which covers every update up to ``up_to_seq``) the document's base."""
-        await self._transaction(
-            [
-                (
-                    "UPDATE documents SET state = ?, base_seq = ? WHERE id = ?",
-                    (state, up_to_seq, doc_id),
-                ),
-                (
-                    "DELETE FROM updates WHERE doc_id = ? AND seq <= ? AND pending = 0",
-                    (doc_id, up_to_seq),
-                ),
-            ]
-        )
+    async def compact(
+        self,
+        doc_id: str,
+        seen_seq: int,
+        loaded_bases: dict[str, int],
+        fold: Callable[[StoreChanges], bytes],
+        *,
+        merge: Callable[[list[bytes]], bytes] | None = None,
+        merge_after: int = 0,
+    ) -> int:
+        """Make the document's full state its new base, in one exclusive write transaction.
 
-    async def replace_pending(self, doc_id: str, old: list[PendingUpdate], merged: bytes) -> int:
-        """Swap pending rows for one merged row holding all their changes; returns its seq.
-
-        The merged row takes the highest seq of the rows it replaces, so that acknowledging the
-        seqs a sync connection read before the merge still settles them.
+        ``fold`` receives what other processes committed since ``seen_seq`` (as
+        :meth:`changes_since`), must apply it to the caller's document, and returns the
+        document's whole state: with the write lock held, nothing can be committed between
+        reading those rows and writing the state, so the state covers every row up to the
+        document's highest seq, and the rows it covers can go. If more than ``merge_after``
+        pending rows remain, ``merge`` folds them into one row, which takes the highest seq of
+        those it replaces so that acknowledging the seqs a sync connection sent still settles it.
+        Returns the new base seq.
         """
-        seq = max(p.seq for p in old)
 
         async def run() -> int:
             async with self._atomic():
-                await self._conn.executemany(
-                    "DELETE FROM updates WHERE seq = ? AND pending = 1", [(p.seq,) for p in old]
+                state = fold(await self._changes(seen_seq, loaded_bases, None, None))
+                up_to = await self._scalar(
+                    "SELECT max(seq) FROM updates WHERE doc_id = ?", (doc_id,)
+                )
+                up_to = max(up_to, loaded_bases.get(doc_id, 0))
+                await self._conn.execute(
+                    "UPDATE documents SET state = ?, base_seq = ? WHERE id = ?",
+                    (state, up_to, doc_id),
                 )
                 await self._conn.execute(
-                    "INSERT INTO updates (seq, doc_id, data, pending, changes) "
-                    "VALUES (?, ?, ?, 1, ?)",
-                    (seq, doc_id, merged, sum(p.changes for p in old)),
+                    "DELETE FROM updates WHERE doc_id = ? AND seq <= ? AND pending = 0",
+                    (doc_id, up_to),
                 )
-            return seq
+                pending = await self._pending_rows(doc_id)
+                if merge is not None and len(pending) > merge_after:
+                    await self._conn.executemany(
+                        "DELETE FROM updates WHERE seq = ?", [(p.seq,) for p in pending]
+                    )
+                    await self._conn.execute(
+                        "INSERT INTO updates (seq, doc_id, data, pending, changes) "
+                        "VALUES (?, ?, ?, 1, ?)",
+                        (
+                            max(p.seq for p in pending),
+                            doc_id,
+                            merge([p.data for p in pending]),
+                            sum(p.changes for p in pending),
+                        ),
+                    )
+            return up_to
 
         return await self._guard(run)
 
@@ -449,20 +730,25 @@ class ReplicaStore:
 
     # -- quotes ------------------------------------------------------------------------------
 
-    async def load_quotes(self) -> list[tuple[str, str, int, int, str | None]]:
-        async def run() -> list[tuple[str, str, int, int, str | None]]:
-            sql = "SELECT symbol, price, time_ms, seq, previous_close FROM quotes"
-            async with self._conn.execute(sql) as cursor:
-                return [(str(a), str(b), int(c), int(d), e) async for a, b, c, d, e in cursor]
+    async def load_quotes(self) -> list[QuoteRow]:
+        return await self._guard(self._load_quotes)
 
-        return await self._guard(run)
+    async def _load_quotes(self) -> list[QuoteRow]:
+        sql = "SELECT symbol, price, time_ms, seq, previous_close FROM quotes"
+        async with self._conn.execute(sql) as cursor:
+            return [(str(a), str(b), int(c), int(d), e) async for a, b, c, d, e in cursor]
 
-    async def save_quotes(self, rows: list[tuple[str, str, int, int, str | None]]) -> None:
+    async def save_quotes(self, rows: list[QuoteRow]) -> None:
+        """Keep each quote unless the file holds a newer one (another process's, say)."""
+
         async def run() -> None:
             async with self._atomic():
                 await self._conn.executemany(
-                    "INSERT OR REPLACE INTO quotes (symbol, price, time_ms, seq, previous_close) "
-                    "VALUES (?, ?, ?, ?, ?)",
+                    "INSERT INTO quotes (symbol, price, time_ms, seq, previous_close) "
+                    "VALUES (?, ?, ?, ?, ?) ON CONFLICT (symbol) DO UPDATE SET "
+                    "price = excluded.price, time_ms = excluded.time_ms, seq = excluded.seq, "
+                    "previous_close = excluded.previous_close "
+                    "WHERE excluded.time_ms >= quotes.time_ms",
                     rows,
                 )
 

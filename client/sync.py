@@ -13,13 +13,29 @@ A connection goes through three steps:
 When the connection drops the replica goes on working offline; :meth:`SyncClient.run` reconnects
 with exponential backoff and full jitter, so that a thousand clients of a restarted relay spread
 out instead of returning in one wave.
+
+One syncing process per replica. Several processes may have one replica open (an app all day,
+the CLI beside it), and each may run a SyncClient; but two connections of one device would send
+the same pending rows twice, and the Ack one of them gets could settle rows the other had not
+sent. So a client connects only while it holds the replica's sync lease: an OS lock
+(``flock``) on the file ``<replica>-sync`` beside it, held for the connection's life. The
+kernel drops it when its holder exits, however it exits (SIGKILL included), and a waiting client
+tries again every ``LEASE_POLL_SECONDS``: a killed syncer is taken over at once, with no lease
+to expire. While it waits, a client's replica still follows the syncing process's changes (the
+replica reads them from the file), and it is idle whenever nothing is pending; a one-shot
+:meth:`SyncClient.sync_once` ends as soon as nothing is pending, the syncing process having sent
+it. The syncing process sends other processes' edits too: the replica notifies them in the log's
+order with their seq and update (``origin="other-process"``), exactly like its own. Where the
+lock file cannot be created (a read-only folder), a client syncs without it, and says so.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
+import os
 import random
 from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
@@ -63,6 +79,7 @@ log = logging.getLogger("foliosync.sync")
 
 CLIENT_MAX_FRAME = 64 << 20  # the relay may send a whole document at once
 CLIENT_MAX_SEND = 4 << 20  # what the relay accepts by default
+LEASE_POLL_SECONDS = 0.1  # how often a client waiting for the sync lease tries again
 
 
 @dataclass(slots=True)
@@ -91,6 +108,49 @@ class SyncStatus:
     remote_changed_at: int | None
     remote_changed_by: str | None
     connected: bool
+
+
+class _SyncLease:
+    """The right to sync one replica, across processes: see the module docstring."""
+
+    def __init__(self, replica_path: os.PathLike[str] | str) -> None:
+        self.path = f"{os.fspath(replica_path)}-sync"
+        self._fd: int | None = None
+        self._warned = False
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def try_acquire(self) -> bool:
+        """Take the lease if it is free; True if held now (or if no lock file can exist)."""
+        if self._fd is not None:
+            return True
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            return self._unleased(exc)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        except OSError as exc:
+            os.close(fd)
+            return self._unleased(exc)
+        self._fd = fd
+        return True
+
+    def _unleased(self, exc: OSError) -> bool:
+        if not self._warned:
+            self._warned = True
+            log.warning("syncing without the sync lease (%s: %s)", self.path, exc.strerror or exc)
+        return True
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)  # the kernel releases the lock with the last descriptor
 
 
 class _Stop(Exception):
@@ -158,6 +218,7 @@ class SyncClient:
         self._left_sync_at: dict[str, int] = {}
         self._unwatch_followed: Callable[[], None] | None = None
         self._followed_task: asyncio.Task[None] | None = None
+        self._lease = _SyncLease(replica.path)
 
     # -- status ------------------------------------------------------------------------------
 
@@ -402,7 +463,42 @@ class SyncClient:
 
     # -- one connection ----------------------------------------------------------------------
 
+    @property
+    def syncing(self) -> bool:
+        """Whether this client holds the replica's sync lease (False: another process syncs)."""
+        return self._lease.held
+
+    async def _take_lease(self, until_idle: bool) -> bool:
+        """Wait for the sync lease; False if a one-shot sync has nothing left to do meanwhile
+        (another process, holding the lease, sent every pending change)."""
+        waiting = False
+        while not self._lease.try_acquire():
+            if not waiting:
+                waiting = True
+                log.info("another process syncs %s; waiting to take over", self.replica.path)
+            if until_idle:
+                await self.replica.refresh()
+            if not any(info.pending for info in self._all_documents()):
+                self._idle.set()
+                if until_idle:
+                    return False
+            else:
+                self._idle.clear()
+            await asyncio.sleep(LEASE_POLL_SECONDS)
+        return True
+
+    def _all_documents(self) -> list[DocumentInfo]:
+        return [self.replica.info(doc_id) for doc_id in self.replica.document_ids()]
+
     async def _connect_and_serve(self, *, until_idle: bool) -> None:
+        if not await self._take_lease(until_idle):
+            return
+        try:
+            await self._serve_leased(until_idle)
+        finally:
+            self._lease.release()
+
+    async def _serve_leased(self, until_idle: bool) -> None:
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.connect_timeout)
         try:
             async with aiohttp.ClientSession(timeout=timeout) as http:
@@ -714,11 +810,12 @@ class _Connection:
         doc = change.doc_id
         if change.kind is not DocumentKind.INDEX:
             self.refresh_subscription()
-        if change.origin != "local" or doc not in self.client._live or self.session.closed:
+        if change.origin == "remote" or doc not in self.client._live or self.session.closed:
             return
-        if not change.update:  # several rows at once (a new document): read what is unsent
-            self._spawn(self._send_unsent(doc))
-            return
+        if not change.update:
+            if change.origin == "local":  # several rows at once (a new document): read them
+                self._spawn(self._send_unsent(doc))
+            return  # another process's change that is not a pending edit: nothing to send
         if change.seq <= self.sent_upto.get(doc, 0):
             return
         self.sent_upto[doc] = change.seq

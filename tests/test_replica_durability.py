@@ -127,29 +127,74 @@ async def test_every_confirmed_edit_survives_a_kill_mid_stream(tmp_path: Path) -
     assert len(symbols) <= confirmed + 2  # at most the edit under way when it died
 
 
-async def test_a_replica_open_in_another_process_is_locked(tmp_path: Path) -> None:
+async def test_a_replica_open_in_another_process_opens_here_too(tmp_path: Path) -> None:
+    """Shared, not locked: while another process holds the replica, this one reads and edits
+    it, and what both wrote is there once the other process is gone (killed, even)."""
     path = tmp_path / "r.db"
     with holder(path, "one") as proc:
         assert read_ok(proc) == "ok"
-        with pytest.raises(ReplicaLocked):
-            await Replica.open(path)
-        with pytest.raises(ReplicaLocked):
-            await Replica.open(path)  # and again: the failed attempt left nothing behind
+        async with Replica.open(path) as replica:
+            tech = await replica.watchlist("Tech")
+            assert tech.symbols == ["AAPL", "BRK.B"]
+            await tech.add(["MSFT"])
+        async with Replica.open(path) as again:  # and again: the first left nothing behind
+            assert (await again.watchlist("Tech")).symbols == ["AAPL", "BRK.B", "MSFT"]
         assert proc.poll() is None
-        proc.terminate()
+        proc.kill()
         proc.wait(timeout=30)
-    async with await Replica.open(path) as replica:
-        assert (await replica.watchlist("Tech")).symbols == ["AAPL", "BRK.B"]
+    async with Replica.open(path) as replica:
+        assert (await replica.watchlist("Tech")).symbols == ["AAPL", "BRK.B", "MSFT"]
         assert len((await replica.portfolio("Main")).trades()) == 1
 
 
-async def test_a_replica_open_in_this_process_is_locked_too(tmp_path: Path) -> None:
+async def test_a_replica_opens_twice_in_one_process(tmp_path: Path) -> None:
     path = tmp_path / "r.db"
-    async with await Replica.open(path) as first:
+    async with Replica.open(path) as first, Replica.open(path, watch_interval=None) as second:
         await (await first.create_watchlist("Tech")).add(["AAPL"])
-        with pytest.raises(ReplicaLocked):
+        await second.refresh()
+        assert (await second.watchlist("Tech")).symbols == ["AAPL"]
+        await (await second.watchlist("Tech")).add(["MSFT"])
+        await first.refresh()
+        assert (await first.watchlist("Tech")).symbols == ["AAPL", "MSFT"]
+
+
+async def test_a_schema_upgrade_waits_until_no_other_process_has_the_file(tmp_path: Path) -> None:
+    """A migration needs the file alone (a process of the older schema may be reading it)."""
+    path = tmp_path / "r.db"
+    async with Replica.open(path) as replica:
+        await (await replica.create_watchlist("Tech")).add(["AAPL"])
+    with sqlite3.connect(path) as conn:  # as schema 1 had it: no base_seq, no quotes
+        conn.execute("ALTER TABLE documents DROP COLUMN base_seq")
+        conn.execute("DROP TABLE quotes")
+        conn.execute("PRAGMA user_version = 1")
+    conn.close()
+    reader = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sqlite3, sys, time\n"
+            "c = sqlite3.connect(sys.argv[1], isolation_level=None)\n"
+            "c.execute('SELECT count(*) FROM documents').fetchone()\n"
+            "print('ok', flush=True); time.sleep(120)",
+            str(path),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert reader.stdout is not None and reader.stdout.readline().strip() == "ok"
+        with pytest.raises(ReplicaLocked, match="upgrade"):
             await Replica.open(path)
-        assert (await first.watchlist("Tech")).symbols == ["AAPL"]
+    finally:
+        reader.kill()
+        reader.wait(timeout=30)
+        assert reader.stdout is not None
+        reader.stdout.close()
+    async with Replica.open(path) as replica:  # alone now: upgraded
+        assert (await replica.watchlist("Tech")).symbols == ["AAPL"]
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+    conn.close()
 
 
 async def test_garbage_bytes_are_refused_and_left_untouched(tmp_path: Path) -> None:
