@@ -28,6 +28,7 @@ BENCHMARKS: dict[str, str] = {
     "replica": "bench.replica",
     "relay": "bench.relay",
     "prices": "bench.prices",
+    "app": "bench.app",
 }
 
 

@@ -36,6 +36,7 @@ import contextlib
 import logging
 import queue
 import threading
+import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -57,7 +58,12 @@ from foliosync.sync.errors import (
     ValidationError,
     WrongThread,
 )
-from foliosync.sync.freshness import DEFAULT_THRESHOLDS, Freshness, FreshnessLevel
+from foliosync.sync.freshness import (
+    DEFAULT_THRESHOLDS,
+    Freshness,
+    FreshnessLevel,
+    document_freshness,
+)
 from foliosync.sync.model import DocumentKind, Position, Trade, WatchlistEntry
 from foliosync.sync.validation import normalize_symbol
 
@@ -150,6 +156,7 @@ class BackgroundClient:
         backoff: Backoff | None,
         client_name: str,
         synchronous: str,
+        clock: Callable[[], float],
     ) -> None:
         """Use :meth:`open`, which checks the options and starts the client."""
         self._path = path
@@ -162,6 +169,7 @@ class BackgroundClient:
         self._backoff = backoff
         self._client_name = client_name
         self._synchronous = synchronous
+        self._clock = clock
         # Shared between threads, under _lock.
         self._lock = threading.Lock()
         self._closing = False
@@ -181,6 +189,7 @@ class BackgroundClient:
         self._replica: Replica | None = None
         self._sync: SyncClient | None = None
         self._sync_task: asyncio.Task[None] | None = None
+        self._offline = False  # work_offline(True): the server is known, the sync stopped
         self._stop: asyncio.Event | None = None
         self._wake: asyncio.Event | None = None
         self._accepting = False
@@ -208,6 +217,7 @@ class BackgroundClient:
         backoff: Backoff | None = None,
         client_name: str = "foliosync",
         synchronous: str = "NORMAL",
+        clock: Callable[[], float] = time.time,
     ) -> BackgroundClient:
         """Open the replica at ``path`` on a loop thread; with ``server`` (and ``token``), keep
         it in sync with that relay, reconnecting as needed.
@@ -215,9 +225,15 @@ class BackgroundClient:
         Returns once the replica is open. Raises ReplicaCorrupt, ReplicaLocked or SchemaTooNew
         as :meth:`Replica.open` does, ConfigError for a bad option, CallTimeout if opening takes
         longer than ``timeout`` seconds.
+
+        ``clock`` (seconds since the epoch, :func:`time.time` by default) is the "now" every
+        freshness level and health value is taken at, so that an app's badges can be tested as
+        time passes without waiting for it.
         """
         if not callable(dispatcher):
             raise ConfigError(f"dispatcher must be callable, not {dispatcher!r}")
+        if not callable(clock):
+            raise ConfigError(f"clock must be callable, not {clock!r}")
         for name, value in (
             ("timeout", timeout),
             ("flush_timeout", flush_timeout),
@@ -245,6 +261,7 @@ class BackgroundClient:
             backoff=backoff,
             client_name=client_name,
             synchronous=synchronous,
+            clock=clock,
         )
         client._start()
         return client
@@ -315,6 +332,15 @@ class BackgroundClient:
     @property
     def path(self) -> Path:
         return Path(self._path)
+
+    @property
+    def server(self) -> str | None:
+        """The relay this client syncs with (None: a replica that only works offline)."""
+        return self._server
+
+    def now(self) -> datetime:
+        """The client's clock as an aware UTC time: what freshness is measured against."""
+        return datetime.fromtimestamp(self._clock(), tz=UTC)
 
     # -- reads -------------------------------------------------------------------------------
 
@@ -500,6 +526,33 @@ class BackgroundClient:
 
         self._call(unfollow)
 
+    @property
+    def offline(self) -> bool:
+        """Whether :meth:`work_offline` stopped the sync (False without a server)."""
+        return self._offline
+
+    def work_offline(self, offline: bool = True) -> None:
+        """Stop syncing with the relay (True) or start again (False), as a "work offline"
+        switch does; edits go on either way and wait, pending, for the next connection.
+
+        Connection subscribers hear the new state. ConfigError without a server.
+        """
+        if self._server is None or self._token is None:
+            raise ConfigError("this client has no server: it is always offline")
+        server, token = self._server, self._token
+
+        async def switch(replica: Replica) -> None:
+            if offline == self._offline:
+                return
+            self._offline = offline
+            if offline:
+                await self._stop_sync()
+            else:
+                self._start_sync(replica, server, token)
+            self._check_connection()
+
+        self._call(switch)
+
     def submit(self, work: Callable[[Replica], Awaitable[T]]) -> concurrent.futures.Future[T]:
         """Run ``await work(replica)`` on the loop and return its Future at once.
 
@@ -672,16 +725,7 @@ class BackgroundClient:
             replica.subscribe(self._on_replica_change)
             replica.quotes.subscribe(self._on_quotes)
             if self._server is not None and self._token is not None:
-                self._sync = SyncClient(
-                    replica,
-                    self._server,
-                    self._token,
-                    client_name=self._client_name,
-                    backoff=self._backoff,
-                )
-                self._sync.on_connection_change(self._on_connection_change)
-                self._sync_task = asyncio.get_running_loop().create_task(self._sync.run())
-                self._sync_task.add_done_callback(self._on_sync_ended)
+                self._start_sync(replica, self._server, self._token)
             self._evaluate_freshness(notify=False)  # the levels at open: the baseline
             self._accepting = True
             self._ready.set_result(None)
@@ -693,6 +737,28 @@ class BackgroundClient:
         finally:
             await replica.close()
 
+    def _start_sync(self, replica: Replica, server: str, token: str) -> None:
+        """A new SyncClient each time: one whose run() was cancelled does not run again."""
+        followed = set() if self._sync is None else set(self._sync.extra_symbols)
+        self._sync = SyncClient(
+            replica, server, token, client_name=self._client_name, backoff=self._backoff
+        )
+        self._sync.extra_symbols.update(followed)
+        self._sync.on_connection_change(self._on_connection_change)
+        self._sync_task = asyncio.get_running_loop().create_task(self._sync.run())
+        self._sync_task.add_done_callback(self._on_sync_ended)
+
+    async def _stop_sync(self) -> None:
+        sync, task = self._sync, self._sync_task
+        self._sync_task = None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, FolioSyncError):
+                await task
+        if sync is not None:
+            with contextlib.suppress(FolioSyncError):
+                await sync.stop()  # its state STOPPED: health() says "offline"
+
     async def _shutdown(self) -> None:
         self._accepting = False
         for call, cancel in list(self._calls.items()):
@@ -702,6 +768,8 @@ class BackgroundClient:
             await asyncio.wait(list(self._calls), timeout=self._timeout)
         sync, task = self._sync, self._sync_task
         if sync is None or task is None:  # offline: nothing to flush
+            if sync is not None:
+                await self._stop_sync()
             return
         if sync.connected and self._flush_timeout > 0 and not task.done():
             with contextlib.suppress(TimeoutError):
@@ -717,7 +785,7 @@ class BackgroundClient:
 
     def _on_quotes(self, quotes: list[Quote]) -> None:
         self._emit("prices", tuple(quotes))
-        now = datetime.now(tz=UTC)
+        now = self.now()
         for quote in quotes:
             self._update_price_level(quote, now, notify=True)
 
@@ -743,8 +811,8 @@ class BackgroundClient:
     def _health(self) -> SyncHealth:
         assert self._replica is not None
         if self._sync is not None:
-            return self._sync.health()
-        return build_health(self._replica, state=ConnectionState.STOPPED)
+            return self._sync.health(self.now())
+        return build_health(self._replica, state=ConnectionState.STOPPED, now=self.now())
 
     async def _watch_freshness(self) -> None:
         assert self._wake is not None
@@ -761,7 +829,7 @@ class BackgroundClient:
     def _evaluate_freshness(self, *, notify: bool) -> None:
         replica = self._replica
         assert replica is not None
-        now = datetime.now(tz=UTC)
+        now = self.now()
         for info in replica.documents():
             self._update_level("document", info.id, self._document_freshness(info.id), notify)
         # A price's level rests on the market calendar (~40 µs a price): a price younger than
@@ -798,9 +866,18 @@ class BackgroundClient:
 
     def _document_freshness(self, doc_id: str) -> Freshness:
         assert self._replica is not None
-        if self._sync is not None:
-            return self._sync.freshness(doc_id)
-        return self._replica.freshness(doc_id)
+        now = self.now()
+        if self._sync is None:
+            return self._replica.freshness(doc_id, now)
+        before = int(time.time() * 1000)
+        status = self._sync.status(doc_id)  # last synced "now" (the wall clock's) while in sync
+        if status.last_synced_at is None:
+            synced = None
+        elif status.connected and status.last_synced_at >= before:
+            synced = now
+        else:
+            synced = min(datetime.fromtimestamp(status.last_synced_at / 1000, tz=UTC), now)
+        return document_freshness(synced, now, status.pending)
 
     def _watchlist_snapshot(self, handle: WatchlistHandle) -> WatchlistSnapshot:
         return WatchlistSnapshot(

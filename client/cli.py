@@ -39,6 +39,7 @@ def _registrars() -> list[Callable[[Any], None]]:
     # Imported here so that `foliosync --help` stays fast and a broken optional group
     # cannot stop the others from loading.
     from foliosync.client import (
+        commands_app,
         commands_documents,
         commands_market,
         commands_prices,
@@ -54,6 +55,7 @@ def _registrars() -> list[Callable[[Any], None]]:
         commands_quotes.register,
         commands_prices.register,
         commands_relay.register,
+        commands_app.register,
     ]
     return registrars
 
