@@ -1,0 +1,401 @@
+"""Several processes on one replica: each reads and edits it, sees the others' changes within a
+bound, one syncs at a time, and a SIGKILL of any of them loses nothing it had returned from.
+
+Real processes (``python -c`` workers and the installed ``foliosync`` script), real SQLite files,
+a real relay on 127.0.0.1. Two Replica objects in one process stand in for two processes only in
+the in-process tests of compaction and the convergence property: each has its own SQLite
+connection, which is all the file sees of a process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pycrdt import Doc
+
+from foliosync.client.replica import DocumentChange, Replica
+from foliosync.sync.model import EditContext, Watchlist
+from foliosync.sync.prices import check_tick
+
+WORKER = """
+import asyncio, json, sys, time
+from foliosync.client.replica import Replica
+from foliosync.client.sync import Backoff, SyncClient
+
+
+def pending(replica):
+    return sum(replica.info(d).pending for d in replica.document_ids())
+
+
+async def line():
+    return (await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)).strip()
+
+
+async def settle(replica, client):
+    for _ in range(400):
+        if pending(replica) == 0:
+            break
+        await asyncio.sleep(0.05)
+    print(json.dumps({"pending": pending(replica), "syncing": client.syncing}), flush=True)
+
+
+async def main(path, mode, prefix, count, url=None, token=None):
+    pace = float(url) if mode == "pace" else 0
+    async with Replica.open(path) as replica:
+        client = None
+        if mode == "sync":
+            client = SyncClient(replica, url, token, backoff=Backoff(base=0.05, cap=0.3))
+            client.start()
+            for _ in range(50):  # the one that gets the lease connects; the other waits
+                if client.connected:
+                    break
+                await asyncio.sleep(0.02)
+        wl = await replica.watchlist("Shared")
+        print("ready", flush=True)
+        await line()
+        for i in range(count):
+            await wl.add([f"{prefix}{i:03d}"])
+            print(f"ok {i} {time.monotonic()}", flush=True)  # CLOCK_MONOTONIC: one per machine
+            if pace:
+                await asyncio.sleep(pace)
+        if client is not None:
+            await settle(replica, client)
+            if await line() == "more":
+                for i in range(10):
+                    await wl.add([f"{prefix.lower()}X{i}"])
+                await settle(replica, client)
+                await line()
+            await client.stop()
+        else:
+            print("done", flush=True)
+            await line()
+            await replica.refresh()
+            print("final " + json.dumps(wl.symbols), flush=True)
+
+
+asyncio.run(main(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), *sys.argv[5:]))
+"""
+
+SHOW = """
+import asyncio, json, sys
+from foliosync.client.replica import Replica
+
+async def main(path):
+    async with Replica.open(path) as replica:
+        print(json.dumps((await replica.watchlist("Shared")).symbols))
+
+asyncio.run(main(sys.argv[1]))
+"""
+
+
+async def spawn(*args: str) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        WORKER,
+        *args,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+
+
+async def read_line(process: asyncio.subprocess.Process, timeout: float = 30) -> str:
+    assert process.stdout is not None
+    line = await asyncio.wait_for(process.stdout.readline(), timeout)
+    if not line:
+        assert process.stderr is not None
+        err = await process.stderr.read()
+        pytest.fail(f"the worker ended: {err.decode()[-2000:]}")
+    return line.decode().strip()
+
+
+async def expect(process: asyncio.subprocess.Process, wanted: str) -> str:
+    """Read lines until one starts with ``wanted``; returns it."""
+    while not (line := await read_line(process)).startswith(wanted):
+        pass
+    return line
+
+
+async def say(process: asyncio.subprocess.Process, text: str) -> None:
+    assert process.stdin is not None
+    process.stdin.write(text.encode() + b"\n")
+    await process.stdin.drain()
+
+
+async def finish(*processes: asyncio.subprocess.Process) -> None:
+    for process in processes:
+        if process.returncode is None:
+            process.kill()
+        await process.wait()
+
+
+async def shown(path: Path) -> list[str]:
+    """The watchlist as a new process reads it from the file."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", SHOW, str(path), stdout=asyncio.subprocess.PIPE
+    )
+    out, _ = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode == 0
+    symbols: list[str] = json.loads(out)
+    return symbols
+
+
+async def make_shared(path: Path) -> None:
+    async with Replica.open(path) as replica:
+        await replica.create_watchlist("Shared")
+
+
+async def test_two_processes_edit_one_watchlist_and_a_kill_loses_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "r.db"
+    await make_shared(path)
+    a, b = await spawn(str(path), "edit", "A", "200"), await spawn(str(path), "edit", "B", "200")
+    try:
+        for process in (a, b):
+            assert await read_line(process) == "ready"
+        await say(a, "go")
+        await say(b, "go")
+        confirmed = -1
+        while confirmed < 80:  # B is killed mid-way, A goes on
+            confirmed = int((await read_line(b)).split()[1])
+        b.send_signal(signal.SIGKILL)
+        await b.wait()
+        await expect(a, "done")
+        await say(a, "report")
+        seen_by_a = json.loads((await expect(a, "final ")).removeprefix("final "))
+        await a.wait()
+        assert a.returncode == 0
+    finally:
+        await finish(a, b)
+    returned = {f"A{i:03d}" for i in range(200)} | {f"B{i:03d}" for i in range(confirmed + 1)}
+    in_file = await shown(path)  # a third process
+    assert returned <= set(in_file), sorted(returned - set(in_file))
+    assert len(in_file) == len(set(in_file))
+    assert seen_by_a == in_file  # A saw every edit of B that reached the file, and nothing else
+
+
+async def test_an_edit_in_another_process_is_notified_here_within_a_bound(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "r.db"
+    await make_shared(path)
+    heard: list[tuple[float, DocumentChange]] = []
+    async with Replica.open(path) as replica:
+        tech = await replica.watchlist("Shared")
+        replica.subscribe(lambda change: heard.append((time.monotonic(), change)))
+        worker = await spawn(str(path), "pace", "S", "30", "0.03")
+        edits: list[float] = []
+        try:
+            assert await read_line(worker) == "ready"
+            await say(worker, "go")
+            for _ in range(30):
+                edits.append(float((await read_line(worker)).split()[2]))  # when it returned
+            await expect(worker, "done")
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 5
+            while len(heard) < 30 and loop.time() < deadline:
+                await asyncio.sleep(0.01)
+            await say(worker, "report")
+            await expect(worker, "final ")
+        finally:
+            await finish(worker)
+        assert [c.origin for _, c in heard] == ["other-process"] * 30
+        assert all(c.seq and c.update for _, c in heard)  # pending edits: a syncer sends them on
+        assert [c.seq for _, c in heard] == sorted({c.seq for _, c in heard})  # once each, in order
+        assert tech.symbols == [f"S{i:03d}" for i in range(30)]
+    delays = [at - edited for (at, _), edited in zip(heard, edits, strict=True)]
+    assert min(delays) > 0
+    print(
+        f"\nother-process notification delay over {len(delays)} edits: "
+        f"median {statistics.median(delays) * 1000:.0f} ms, max {max(delays) * 1000:.0f} ms"
+    )
+    assert max(delays) < 1.0
+
+
+async def test_the_cli_works_while_prices_follow_holds_the_replica(
+    tmp_path: Path, relay_server: Any, helpers: Any
+) -> None:
+    """The issue's case: `foliosync prices --follow` runs, and status, show and add work beside
+    it; the follower (the syncing process) sends the edit made by the CLI to the relay."""
+    db = str(tmp_path / "replica.db")
+    async with relay_server(tmp_path / "relay", price_window_ms=0) as relay:
+        token = relay.token("alice", "laptop")
+        for args in (["watchlist", "create", "Tech"], ["watchlist", "add", "Tech", "AAPL"]):
+            code, _, err = await helpers.run_cli("--db", db, *args)
+            assert code == 0, err
+        now = time.time_ns() // 1_000_000
+        assert relay.relay.prices.publish(
+            [check_tick({"symbol": "AAPL", "price": "101", "time_ms": now}, now)]
+        )
+        script = os.path.join(os.path.dirname(sys.executable), "foliosync")
+        follow = await asyncio.create_subprocess_exec(
+            script,
+            *("--db", db, "prices", "AAPL", "--follow", "--duration", "60"),
+            *("--server", relay.url, "--token", token),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        try:
+            assert (await read_line(follow)).startswith("AAPL")
+            code, out, err = await helpers.run_cli("--db", db, "status")
+            assert code == 0 and err == "", err
+            code, out, err = await helpers.run_cli("--db", db, "watchlist", "show", "Tech")
+            assert code == 0 and "AAPL" in out, err
+            code, out, err = await helpers.run_cli("--db", db, "watchlist", "add", "Tech", "NVDA")
+            assert code == 0, err
+            code, out, err = await helpers.run_cli("--db", db, "watchlist", "show", "Tech")
+            assert code == 0 and "NVDA" in out, err
+            async with Replica.open(tmp_path / "phone.db") as phone:
+                phone_client = helpers.fast_client(phone, relay.url, relay.token("alice", "phone"))
+
+                async def phone_has_nvda() -> bool:
+                    await phone_client.sync_once()
+                    try:
+                        return "NVDA" in (await phone.watchlist("Tech")).symbols
+                    except KeyError:
+                        return False
+
+                await helpers.eventually(phone_has_nvda, timeout=15, interval=0.2)
+            code, out, err = await helpers.run_cli("--db", db, "status", "--json")
+            assert code == 0, err
+            assert follow.returncode is None  # still following
+        finally:
+            if follow.returncode is None:
+                follow.send_signal(signal.SIGINT)
+            try:
+                await asyncio.wait_for(follow.wait(), 15)
+            finally:
+                await finish(follow)
+
+
+async def test_two_sync_clients_in_two_processes_send_everything_once(
+    tmp_path: Path, relay_server: Any, helpers: Any
+) -> None:
+    path = tmp_path / "r.db"
+    await make_shared(path)
+    async with relay_server(tmp_path / "relay") as relay:
+        token = relay.token("alice", "laptop")
+        async with Replica.open(path) as replica:  # nothing pending when the workers start
+            await helpers.fast_client(replica, relay.url, token).sync_once()
+        counters = relay.relay.counters
+        before = counters.updates_acknowledged
+        one = await spawn(str(path), "sync", "P", "50", relay.url, token)
+        two = await spawn(str(path), "sync", "Q", "50", relay.url, token)
+        try:
+            for process in (one, two):
+                assert await read_line(process) == "ready"
+            await say(one, "go")
+            await say(two, "go")
+            settled = [json.loads(await expect(p, "{")) for p in (one, two)]
+            assert [s["pending"] for s in settled] == [0, 0]
+            assert sorted(s["syncing"] for s in settled) == [False, True]  # one syncer at a time
+            assert counters.updates_acknowledged - before == 100  # every edit sent exactly once
+            # The syncer is killed; the other takes its lease over and sends its own edits.
+            syncer, other = (one, two) if settled[0]["syncing"] else (two, one)
+            syncer.send_signal(signal.SIGKILL)
+            await syncer.wait()
+            await say(other, "more")
+            after = json.loads(await expect(other, "{"))
+            assert after == {"pending": 0, "syncing": True}
+            # sent once: each edit alone if the new syncer was connected when it was made, or
+            # all of them at once in its first sync if not
+            assert 1 <= counters.updates_acknowledged - before - 100 <= 10
+            await say(other, "exit")
+            await asyncio.wait_for(other.wait(), 15)
+            assert other.returncode == 0
+        finally:
+            await finish(one, two)
+        async with Replica.open(tmp_path / "phone.db") as phone:
+            await helpers.fast_client(phone, relay.url, relay.token("alice", "phone")).sync_once()
+            symbols = set((await phone.watchlist("Shared")).symbols)
+    expected = {f"{p}{i:03d}" for p in "PQ" for i in range(50)}
+    expected |= {f"{'P' if other is one else 'Q'}X{i}" for i in range(10)}
+    assert symbols == expected
+
+
+async def test_a_compaction_elsewhere_hides_no_row_from_a_reader(tmp_path: Path) -> None:
+    """Compaction deletes acknowledged rows: a process that had not read them yet merges the new
+    snapshot instead; and a process behind the file compacts only after catching up."""
+    path = tmp_path / "r.db"
+    far = Watchlist(Doc(), EditContext("far-device"))  # another device, through a "relay"
+    async with (
+        Replica.open(path, watch_interval=None) as reader,
+        Replica.open(path, watch_interval=None) as writer,
+    ):
+        await (await reader.create_watchlist("Shared")).add(["AAPL"])
+        await writer.refresh()
+        theirs = await writer.watchlist("Shared")
+        doc_id = theirs.id
+        far.doc.apply_update(theirs.model.doc.get_update())
+        far.add(["FAR"])
+        await writer.apply_remote(doc_id, far.doc.get_update())  # an acknowledged row
+        await theirs.add(["MSFT"])  # a pending row
+        await writer.compact(doc_id)  # deletes the remote row the reader never read
+        await reader.refresh()
+        assert (await reader.watchlist("Shared")).symbols == ["AAPL", "FAR", "MSFT"]
+        # now the reader is behind: the writer adds, the reader compacts without refreshing
+        await theirs.add(["NVDA"])
+        far.add(["FAR2"])
+        await writer.apply_remote(doc_id, far.doc.get_update())
+        await reader.compact(doc_id)
+        after = (await reader.watchlist("Shared")).symbols
+        assert sorted(after) == ["AAPL", "FAR", "FAR2", "MSFT", "NVDA"]
+    assert await shown(path) == after
+
+
+OPS = st.lists(
+    st.tuples(
+        st.sampled_from(["a", "b"]),
+        st.sampled_from(["add", "remove", "refresh", "compact"]),
+        st.sampled_from(["AAPL", "MSFT", "NVDA", "GOOG"]),
+    ),
+    max_size=25,
+)
+
+
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(ops=OPS)
+def test_any_interleaving_of_two_processes_converges(tmp_path: Path, ops: list[Any]) -> None:
+    """Edits of two openers of one file, interleaved anyhow with reads of each other's changes
+    and compactions, end in the same document for both and for a new opener."""
+
+    async def run() -> None:
+        path = tmp_path / f"p{time.monotonic_ns()}.db"
+        await make_shared(path)
+        async with (
+            Replica.open(path, watch_interval=None) as a,
+            Replica.open(path, watch_interval=None) as b,
+        ):
+            replicas = {"a": a, "b": b}
+            for who, op, symbol in ops:
+                replica = replicas[who]
+                wl = await replica.watchlist("Shared")
+                if op == "add":
+                    await wl.add([symbol])
+                elif op == "remove" and symbol in wl.symbols:
+                    await wl.remove(symbol)
+                elif op == "refresh":
+                    await replica.refresh()
+                elif op == "compact":
+                    await replica.compact(wl.id)
+            await a.refresh()
+            await b.refresh()
+            seen_a = (await a.watchlist("Shared")).symbols
+            seen_b = (await b.watchlist("Shared")).symbols
+        async with Replica.open(path) as fresh:
+            assert seen_a == seen_b == (await fresh.watchlist("Shared")).symbols
+
+    asyncio.run(run())
