@@ -6,6 +6,7 @@ prices and remote edits fill in as they come, so start-up does not wait for the 
 
 from __future__ import annotations
 
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -36,6 +37,9 @@ def application() -> QApplication:
     qInstallMessageHandler(_qt_messages)
     app = QApplication(sys.argv[:1])
     app.setApplicationName("foliosync")
+    # Ctrl-C in the terminal quits as in any command (Python sees the signal at the next slot
+    # that runs Python code: the windows' one-second timer at the latest).
+    signal.signal(signal.SIGINT, lambda *_: app.quit())
     return app
 
 
