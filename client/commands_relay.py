@@ -151,7 +151,7 @@ def _data_dir(args: argparse.Namespace) -> Path:
 
 async def _run_relay(args: argparse.Namespace) -> int:
     from foliosync.server.auth import load_or_create_secret
-    from foliosync.server.data_lock import DataDirLock, DataDirLocked
+    from foliosync.server.data_lock import DataDirLocked
     from foliosync.server.logs import configure_logging
     from foliosync.server.relay import RelayConfig
     from foliosync.server.serve import serve
@@ -186,13 +186,10 @@ async def _run_relay(args: argparse.Namespace) -> int:
         if args.metrics_port is not None:
             print(f"metrics on http://127.0.0.1:{args.metrics_port}/metrics", flush=True)
 
-    lock = DataDirLock(data_dir)  # refuses a second relay, and a restore under this one
-    try:
-        lock.acquire()
+    try:  # the relay locks its data directory: a second one, or a restore under it, is refused
+        await serve(config, on_listening=listening)
     except DataDirLocked as exc:
         raise DataDirLocked(f"{exc}: stop it or give this one another --data") from None
-    with lock:
-        await serve(config, on_listening=listening)
     return 0
 
 

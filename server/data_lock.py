@@ -1,10 +1,12 @@
 """Which process owns a relay data directory: an exclusive lock on ``relay.lock`` inside it.
 
-``foliosync relay`` holds it for as long as it runs, so that a second relay on the same directory
-and a ``foliosync relay restore`` (which replaces the store under it) are refused with a message
-instead of corrupting what the first one writes. The operating system releases the lock when the
-process ends, even by ``kill -9``: a crashed relay never leaves a stale lock behind. The file
-holds the owner's pid for the message; it is left in place (deleting it would race a new owner).
+The relay takes it at start-up whenever it opens its default SQLite store (``create_app``'s
+lifecycle: the CLI and any embedding alike) and releases it after closing the store, so that a
+second relay on the same directory and a ``foliosync relay restore`` (which replaces the store
+under it) are refused with a message instead of corrupting what the first one writes. The
+operating system releases the lock when the process ends, even by ``kill -9``: a crashed relay
+never leaves a stale lock behind. The file holds the owner's pid for the message; it is left in
+place (deleting it would race a new owner).
 
 On systems without ``fcntl`` (Windows) the lock is a no-op.
 """

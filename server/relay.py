@@ -33,6 +33,7 @@ from pathlib import Path
 from aiohttp import WSMsgType, web
 
 from foliosync.server.auth import Identity, load_or_create_secret, verify_token
+from foliosync.server.data_lock import DataDirLock
 from foliosync.server.documents import BadUpdate, RelayDocuments
 from foliosync.server.fanout import Change, FanOut, InProcessFanOut, Subscription
 from foliosync.server.feeds import Feed, start_feed
@@ -771,10 +772,27 @@ def create_app(
 
     Serve it with :class:`~foliosync.server.http_errors.JsonErrorAppRunner` (as
     :func:`foliosync.server.serve.serve` does), so that even a request aiohttp's parser refuses is
-    answered in the relay's JSON error shape."""
+    answered in the relay's JSON error shape.
+
+    With the default store, the data directory is locked (:class:`DataDirLock`) from start-up to
+    cleanup: starting a second relay on it raises :class:`DataDirLocked` from the runner's
+    ``setup()``, and ``restore_store`` is refused while this one runs."""
     app = web.Application(middlewares=[json_errors])
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        # The default store's directory is this relay's for as long as it runs, however the
+        # relay is embedded: a second relay on it, or a restore under it, is refused.
+        lock = DataDirLock(config.data_dir) if store is None else None
+        if lock is not None:
+            lock.acquire()
+        try:
+            async for _ in _run(app):
+                yield
+        finally:
+            if lock is not None:
+                lock.release()
+
+    async def _run(app: web.Application) -> AsyncIterator[None]:
         secret = load_or_create_secret(config.data_dir)
         relay_store = store or await SQLiteRelayStore.open(
             config.data_dir / "relay.db", durability=config.durability

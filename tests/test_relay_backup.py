@@ -365,3 +365,41 @@ async def test_a_backup_during_a_stream_of_commits_holds_every_one_before_it(
         finally:
             stop.set()
             await writer
+
+
+async def test_an_embedded_relay_refuses_a_restore_and_a_second_relay(
+    tmp_path: Path, helpers: Any
+) -> None:
+    """The data directory is locked by the relay's own start-up (create_app, however it is
+    served), not only by the CLI: a restore under it is refused, and so is a second relay."""
+    from foliosync.server.backup import backup_store, restore_store
+    from foliosync.server.data_lock import DataDirLocked
+    from foliosync.server.http_errors import JsonErrorAppRunner
+    from foliosync.server.relay import RelayConfig, create_app
+
+    data = tmp_path / "data"
+    runner = JsonErrorAppRunner(
+        create_app(RelayConfig(data_dir=data, feed="none")), access_log=None, handle_signals=False
+    )
+    await runner.setup()
+    try:
+        await aiohttp.web.TCPSite(runner, "127.0.0.1", 0).start()
+        backup = tmp_path / "backup.db"
+        backup_store(data, backup)  # a backup is fine while it runs
+        with pytest.raises(DataDirLocked, match="a relay is running on the data directory"):
+            restore_store(data, backup)
+        assert not list(data.glob("relay.db.before-restore-*"))
+        second = JsonErrorAppRunner(
+            create_app(RelayConfig(data_dir=data, feed="none")),
+            access_log=None,
+            handle_signals=False,
+        )
+        with pytest.raises(DataDirLocked, match="a relay is running"):
+            await second.setup()
+        await second.cleanup()
+    finally:
+        await runner.cleanup()
+    restored = restore_store(data, backup)  # stopped: the lock was released
+    assert restored.previous is not None
+    async with helpers.serve_relay(data, feed="none"):  # and a relay starts on it again
+        pass
