@@ -140,6 +140,10 @@ def backup_store(data_dir: Path, target: Path) -> StoreSummary:
             raise RelayStoreError(f"backing up {store} failed: {exc}") from exc
         except OSError as exc:
             raise ConfigError(f"cannot write {target}: {exc.strerror or exc}") from exc
+        # A -wal or -shm left beside the target (a database that was there before) would be
+        # replayed into the copy when it is opened: the backup would not hold what it says.
+        for suffix in ("-wal", "-shm"):
+            Path(f"{target}{suffix}").unlink(missing_ok=True)
         os.replace(partial, target)
         _fsync_dir(target.parent)
     finally:
@@ -179,15 +183,16 @@ def restore_store(data_dir: Path, backup: Path) -> Restored:
             raise ConfigError(f"cannot write into {data_dir}: {exc.strerror or exc}") from exc
         finally:
             source.close()
-        previous: Path | None = None
-        if store.exists():
-            stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
-            previous = data_dir / f"{STORE_FILE}.before-restore-{stamp}"
-            # With its -wal and -shm under the matching names, the old store opens as it was.
-            for suffix in ("-wal", "-shm", ""):
-                old = data_dir / f"{STORE_FILE}{suffix}"
-                if old.exists():
-                    os.replace(old, previous.with_name(previous.name + suffix))
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
+        aside = data_dir / f"{STORE_FILE}.before-restore-{stamp}"
+        previous = aside if store.exists() else None
+        # With its -wal and -shm under the matching names, the old store opens as it was. They
+        # go aside even without a relay.db: SQLite would replay a WAL left beside the restored
+        # file into it (a killed relay's, whose store was deleted by hand), undoing the restore.
+        for suffix in ("-wal", "-shm", ""):
+            old = data_dir / f"{STORE_FILE}{suffix}"
+            if old.exists():
+                os.replace(old, aside.with_name(aside.name + suffix))
         os.replace(incoming, store)
         _fsync_dir(data_dir)
     return Restored(summary, previous)

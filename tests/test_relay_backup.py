@@ -403,3 +403,72 @@ async def test_an_embedded_relay_refuses_a_restore_and_a_second_relay(
     assert restored.previous is not None
     async with helpers.serve_relay(data, feed="none"):  # and a relay starts on it again
         pass
+
+
+_SCHEMA = """
+CREATE TABLE documents (user TEXT, doc_id TEXT, snapshot BLOB, changed_at INT, changed_by TEXT,
+                        PRIMARY KEY (user, doc_id));
+CREATE TABLE updates (seq INTEGER PRIMARY KEY AUTOINCREMENT, user TEXT, doc_id TEXT, data BLOB);
+"""
+
+
+def _store_with_documents(path: Path, count: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.executescript(_SCHEMA)
+        conn.executemany(
+            "INSERT INTO documents VALUES (?, ?, x'', 1, 'phone')",
+            [("alice", f"wl-{i:024x}") for i in range(count)],
+        )
+        conn.commit()
+
+
+async def _killed_writer(path: Path, updates: int) -> None:
+    """A process that wrote ``updates`` rows into ``path`` in WAL mode and was killed before any
+    checkpoint: the rows are only in ``path-wal``."""
+    child = f"""
+import os, sqlite3
+conn = sqlite3.connect({str(path)!r})
+conn.execute("PRAGMA journal_mode = WAL")
+conn.executescript({_SCHEMA!r})
+conn.execute("PRAGMA wal_autocheckpoint = 0")
+for _ in range({updates}):
+    conn.execute("INSERT INTO updates (user, doc_id, data) VALUES ('bob', 'x', randomblob(500))")
+conn.commit()
+os._exit(9)
+"""
+    process = await asyncio.create_subprocess_exec(sys.executable, "-c", child)
+    assert await process.wait() == 9
+    assert Path(f"{path}-wal").stat().st_size > 0
+
+
+async def test_a_restore_never_replays_a_wal_left_without_its_store(tmp_path: Path) -> None:
+    """A killed relay's -wal and -shm, its relay.db deleted by hand: the restored store must hold
+    the backup, not the old WAL's transactions replayed over it."""
+    from foliosync.server.backup import backup_store, check_store, restore_store
+
+    _store_with_documents(tmp_path / "other" / "relay.db", 3)
+    backup = tmp_path / "backup.db"
+    backup_store(tmp_path / "other", backup)
+    data = tmp_path / "data"
+    data.mkdir()
+    await _killed_writer(data / "relay.db", 2000)
+    (data / "relay.db").unlink()
+    restored = restore_store(data, backup)
+    assert str(restored.summary) == "3 documents, 0 stored updates"
+    assert not (data / "relay.db-wal").exists() and not (data / "relay.db-shm").exists()
+    assert str(check_store(data / "relay.db")) == "3 documents, 0 stored updates"
+
+
+async def test_a_backup_over_a_file_with_a_stale_wal_holds_the_backup(tmp_path: Path) -> None:
+    """The target was a WAL-mode database whose writer was killed: its -wal must not be replayed
+    into the backup written in its place."""
+    from foliosync.server.backup import backup_store, check_store
+
+    _store_with_documents(tmp_path / "data" / "relay.db", 3)
+    target = tmp_path / "backup.db"
+    await _killed_writer(target, 2000)
+    summary = backup_store(tmp_path / "data", target)
+    assert str(summary) == "3 documents, 0 stored updates"
+    assert not Path(f"{target}-wal").exists() and not Path(f"{target}-shm").exists()
+    assert str(check_store(target)) == "3 documents, 0 stored updates"
