@@ -648,6 +648,9 @@ class Replica:
                     await self._catch_up()
             except FolioSyncError as exc:  # busy or unreadable for now: the next look tries again
                 log.debug("reading other processes' changes of %s failed: %s", self.path, exc)
+            except Exception:  # a bug must not stop the watching for good, nor end silently
+                log.exception("reading other processes' changes of %s failed", self.path)
+                await asyncio.sleep(1)
 
     def _bases(self) -> dict[str, int]:
         return {doc_id: loaded.base_seq for doc_id, loaded in self._loaded.items()}
@@ -830,7 +833,7 @@ class Replica:
         self, doc_id: str, kind: DocumentKind, name: str, updates: list[tuple[str, bytes]]
     ) -> None:
         row = DocumentRow(doc_id, kind.value, name, wall_ms(), None, None, None)
-        seqs = await self._store.create_document(row, b"", updates)
+        seqs = await self._store.create_document(row, b"", updates, if_absent=not updates)
         self._rows[doc_id] = row
         if seqs:
             await self._after_commit(seqs[0], seqs[-1])

@@ -66,6 +66,7 @@ import aiosqlite
 
 from foliosync._sqlite import connect as sqlite_connect
 from foliosync.sync.errors import (
+    DocumentExists,
     ReplicaCorrupt,
     ReplicaError,
     ReplicaLocked,
@@ -277,6 +278,11 @@ class ReplicaStore:
             try:
                 app_id, version, tables = await self._first_read()
             except sqlite3.Error as exc:
+                if "locked" in str(exc).lower():
+                    raise ReplicaLocked(
+                        f"replica {self.path} is held by another process that opened it alone "
+                        "(on a full disk, or to upgrade its schema); try again once it closed it"
+                    ) from exc
                 if not _no_space(exc):
                     raise
                 # A full disk, and no other process has the file open (else its -shm would
@@ -556,19 +562,34 @@ class ReplicaStore:
             return {str(d): int(n) async for d, n in cursor}
 
     async def create_document(
-        self, row: DocumentRow, state: bytes, updates: list[tuple[str, bytes]]
+        self,
+        row: DocumentRow,
+        state: bytes,
+        updates: list[tuple[str, bytes]],
+        *,
+        if_absent: bool = False,
     ) -> list[int]:
         """Insert a document and its first local updates (doc id, data) in one transaction;
-        returns the updates' seqs."""
+        returns the updates' seqs.
+
+        DocumentExists if another process inserted it since this one listed the documents;
+        ``if_absent``: then do nothing instead (an empty row, the same wherever it was made).
+        """
 
         async def run() -> list[int]:
             seqs = []
             async with self._atomic():
-                await self._conn.execute(
-                    "INSERT INTO documents (id, kind, name, state, created_at) "
-                    "VALUES (?, ?, ?, ?, ?)",
-                    (row.id, row.kind, row.name, state, row.created_at),
-                )
+                try:
+                    await self._conn.execute(
+                        f"INSERT {'OR IGNORE ' if if_absent else ''}INTO documents "
+                        "(id, kind, name, state, created_at) VALUES (?, ?, ?, ?, ?)",
+                        (row.id, row.kind, row.name, state, row.created_at),
+                    )
+                except sqlite3.IntegrityError as exc:
+                    raise DocumentExists(
+                        f"a {row.kind} named {row.name!r} exists already (made by another "
+                        "process on this replica)"
+                    ) from exc
                 for doc_id, data in updates:
                     cursor = await self._conn.execute(
                         "INSERT INTO updates (doc_id, data, pending, changes) VALUES (?, ?, 1, 1)",

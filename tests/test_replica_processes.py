@@ -267,8 +267,14 @@ async def test_the_cli_works_while_prices_follow_holds_the_replica(
                         return False
 
                 await helpers.eventually(phone_has_nvda, timeout=15, interval=0.2)
+            # a one-shot sync beside the syncing process: that one sent everything already
+            code, out, err = await helpers.run_cli(
+                "--db", db, "sync", "--server", relay.url, "--token", token, "--timeout", "20"
+            )
+            assert code == 0, err
             code, out, err = await helpers.run_cli("--db", db, "status", "--json")
             assert code == 0, err
+            assert all(d["pending"] == 0 for d in json.loads(out)["documents"]), out
             assert follow.returncode is None  # still following
         finally:
             if follow.returncode is None:
@@ -277,6 +283,24 @@ async def test_the_cli_works_while_prices_follow_holds_the_replica(
                 await asyncio.wait_for(follow.wait(), 15)
             finally:
                 await finish(follow)
+
+
+async def test_processes_creating_one_replica_at_once_all_succeed(
+    tmp_path: Path, helpers: Any
+) -> None:
+    """A new file created by several processes at once: one creates the schema and the device,
+    every one adds its watchlist; the same name twice is a clear error, not a crash."""
+    db = str(tmp_path / "new.db")
+    names = ["One", "Two", "Three", "Four", "Four"]
+    done = await asyncio.gather(
+        *(helpers.run_cli("--db", db, "watchlist", "create", n) for n in names)
+    )
+    assert sorted(code for code, _, _ in done) == [0, 0, 0, 0, 1], done
+    refused = next(err for code, _, err in done if code == 1)
+    assert refused.startswith("foliosync: error:") and "exists already" in refused, refused
+    code, out, err = await helpers.run_cli("--db", db, "watchlist", "list")
+    assert code == 0, err
+    assert sorted(line.split()[0] for line in out.splitlines()) == sorted(set(names)), out
 
 
 async def test_two_sync_clients_in_two_processes_send_everything_once(
