@@ -97,7 +97,7 @@ UPDATE_REFUSALS = (
 """The error codes an Update is refused with, exported from the start at 0 (so that a rate of
 refusals is defined before the first one); a code not listed appears once sent."""
 
-CLOSE_CODES = ("1000", "1001", "1006", "1011", "1013", "none")
+CLOSE_CODES = ("1000", "1001", "1006", "1009", "1011", "1013", "none")
 """The close codes exported from the start at 0; others (a peer's own) appear once seen."""
 
 _FRAME_NAMES: dict[int, str] = {

@@ -30,7 +30,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from aiohttp import WSMsgType, web
+from aiohttp import WebSocketError, WSMsgType, web
 
 from foliosync.server.auth import Identity, load_or_create_secret, verify_token
 from foliosync.server.data_lock import DataDirLock
@@ -299,11 +299,14 @@ class Connection:
 
     def close_code_label(self) -> str:
         """The ``code`` label of ``foliosync_connections_closed_total``: the code the relay
-        closed with, or the peer's; "1006" for a connection cut (a missed heartbeat, a peer that
-        did not take its close frame); "none" for a socket that ended without a close frame."""
+        closed with, or the peer's; else whatever code the socket ended with, such as 1009 when
+        aiohttp itself refused a message over ``max_msg_size`` (no Error frame then), or 1006
+        for a connection cut (a missed heartbeat, a peer that did not take its close frame);
+        "none" for a socket that ended without any code."""
         if self._close_code is not None:
             return str(self._close_code)
-        return "1006" if self.ws.close_code == 1006 else "none"
+        code = self.ws.close_code
+        return "none" if code is None else str(int(code))
 
     def _note_ws_ended(self) -> None:
         """The socket ended under the read loop: by a missed heartbeat? aiohttp's
@@ -448,6 +451,10 @@ class Connection:
                 self._note_ws_ended()
                 return
             if message.type == WSMsgType.ERROR:
+                if self._close_code is None and isinstance(message.data, WebSocketError):
+                    # aiohttp refused the message (1009: over max_msg_size) and closed with its
+                    # code; the socket itself may then end as 1006, its handshake cut short.
+                    self._close_code = message.data.code
                 self._note_ws_ended()
                 log.info("connection %s: %s", self.id, self.ws.exception())
                 return

@@ -326,6 +326,25 @@ async def test_the_relay_shutting_down_closes_with_1001(relay_server: Any, tmp_p
     assert scraped.value("foliosync_connections_closed_total", code="1001") == 1
 
 
+async def test_a_message_far_over_the_frame_limit_closes_with_1009(
+    relay_server: Any, tmp_path: Path
+) -> None:
+    """Past max_frame_size + 1 KiB aiohttp refuses the message itself: close 1009 and no Error
+    frame (PROTOCOL.md section 8), counted under its own code, not as a cut connection."""
+    async with relay_server(tmp_path / "relay", max_frame_size=64 << 10) as relay:
+        assert (await scrape(relay)).value("foliosync_connections_closed_total", code="1009") == 0
+        peer = await Peer.connect(relay, relay.token("alice"))
+        await peer.ws.send_bytes(b"\x00" * (64 << 10) * 2)
+        message = await peer.ws.receive(timeout=5)
+        assert message.type == aiohttp.WSMsgType.CLOSE, message  # no Error frame before it
+        assert peer.ws.close_code == 1009
+        await peer.close()
+        await eventually(lambda: not relay.relay.connections)
+        scraped = await scrape(relay)
+    assert scraped.value("foliosync_connections_closed_total", code="1009") == 1
+    assert scraped.value("foliosync_connections_closed_total", code="1006") == 0
+
+
 async def test_refused_updates_are_counted_by_the_code_sent(relay: RunningRelay) -> None:
     peer = await Peer.connect(relay, relay.token("alice"))
     await peer.ws.send_bytes(peer.session.sync_request(TECH, b"\x00"))
