@@ -383,6 +383,15 @@ def test_a_remote_edit_and_price_ticks_appear_in_the_app(
     relay.publish("NVDA", "120.5")
     qtbot.waitUntil(lambda: cell(window.watchlist_model, 1, 1) == "120.50", timeout=WAIT_MS)
 
+    phone.create_watchlist("Energy")  # a new document, named once its content arrives
+    picker = window.watchlist_picker
+
+    def names() -> list[str]:
+        return [picker.itemText(i) for i in range(picker.count())]
+
+    qtbot.waitUntil(lambda: names() == ["Energy", "Tech"], timeout=WAIT_MS)
+    assert picker.currentText() == "Tech"  # the choice kept
+
 
 def test_connection_state_pending_changes_and_the_offline_switch(
     devices: Devices, qtbot: Any
@@ -491,6 +500,42 @@ def test_the_window_renders_for_the_readme(
     image = QImage(str(path))
     assert (image.width(), image.height()) == (window.width(), window.height())
     assert path.stat().st_size > 20_000  # text and tables, not a blank frame
+
+
+def test_without_a_relay_the_app_edits_offline_and_says_so(tmp_path: Path, qtbot: Any) -> None:
+    opened = Devices(tmp_path, None, qtbot)
+    try:
+        window = opened.window("laptop")
+        assert not window.offline_switch.isEnabled()  # nothing to switch: always offline
+        create_documents(qtbot, window)
+        type_and_enter(qtbot, window.symbol_entry, "AAPL MSFT")
+        assert window.watchlist_model.symbols == ["AAPL", "MSFT"]
+        assert window.connection_label.text().startswith("offline")
+        assert window.pending_label.text() == "3 changes waiting to sync"  # two creations, one add
+        assert window.watchlist_badge.text().startswith("outdated · never synced · updated never")
+    finally:
+        opened.close()
+
+
+def test_foliosync_app_opens_and_closes_and_refuses_half_a_relay(tmp_path: Path) -> None:
+    env = {**os.environ, "QT_QPA_PLATFORM": "offscreen"}
+    env.pop("FOLIOSYNC_SERVER", None)
+    env.pop("FOLIOSYNC_TOKEN", None)
+    base = [sys.executable, "-m", "foliosync", "--db", str(tmp_path / "r.db"), "app"]
+    done = subprocess.run(
+        [*base, "--quit-after", "0.5"], capture_output=True, text=True, timeout=60, env=env
+    )
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "r.db").exists()
+    half = subprocess.run(
+        [*base, "--server", "ws://127.0.0.1:1/ws"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert half.returncode == 1
+    assert "needs both --server and --token" in half.stderr
 
 
 # -- foliosync demo ------------------------------------------------------------------------------

@@ -155,7 +155,12 @@ class _Check:
     def _poll(self) -> None:
         now = time.monotonic()
         if now - self.step_started > 30:
-            self.fail(f"stuck at step {self.step!r} for 30 s")
+            phone = self.phone
+            self.fail(
+                f"stuck at step {self.step!r} for 30 s; the phone shows {_items(phone)}, "
+                f"{phone.watchlist_model.symbols}, {phone.connection_label.text()!r}, "
+                f"{phone.message_label.text()!r}"
+            )
             return
         laptop, phone = self.laptop, self.phone
         if self.step == "synced":

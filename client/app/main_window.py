@@ -279,6 +279,8 @@ class MainWindow(QMainWindow):
             self._mark("watchlist")
         elif change.doc_id == self._portfolio_id:
             self._mark("portfolio")
+        else:  # another document: its name may have arrived only now (a first sync)
+            self._mark("names")
         self._mark("health")  # the pending count moved
 
     def _on_prices(self, quotes: tuple[Quote, ...]) -> None:
@@ -322,6 +324,8 @@ class MainWindow(QMainWindow):
                     self._reload_watchlist()
                 if "portfolio" in dirty:
                     self._reload_portfolio()
+                if dirty & {"names", "watchlist", "portfolio"}:
+                    self._refresh_names()
                 if "badges" in dirty:
                     self._show_document_badges(self.client.now())
             if "health" in dirty:
@@ -349,6 +353,21 @@ class MainWindow(QMainWindow):
         self._portfolio_id = self.portfolio_picker.currentData()
         self._reload_watchlist()
         self._reload_portfolio()
+
+    def _refresh_names(self) -> None:
+        """The pickers' names as the documents now have them, the choice kept.
+
+        A document first listed by the index has no name until its own content arrives; this
+        is what shows that name then.
+        """
+        names = {d.id: d.name for d in self.client.documents()}
+        for picker in (self.watchlist_picker, self.portfolio_picker):
+            ids = [picker.itemData(i) for i in range(picker.count())]
+            if set(names).issuperset(ids) and any(
+                picker.itemText(i) != names[doc_id] for i, doc_id in enumerate(ids)
+            ):
+                for i, doc_id in enumerate(ids):
+                    picker.setItemText(i, names[doc_id])
 
     def _reload_watchlist(self) -> None:
         now = self.client.now()
