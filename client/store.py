@@ -3,7 +3,9 @@
 Tables (schema version 2, marked with ``PRAGMA user_version`` and our ``application_id`` so that a
 file of another program is recognised and never written to):
 
-- ``meta``: device id, the relay's address and token after a successful sync.
+- ``meta``: device id, the relay's address and token after a successful sync (a replica made
+  before several processes could share it also holds the pycrdt client id then used by every
+  document; nothing reads it now: see the replica module on client ids).
 - ``documents``: one row per document: kind, name (so that listing needs no CRDT load), the
   compacted state and the last update seq it covers (``base_seq``), and sync bookkeeping (last
   confirmed in sync, the relay's watermark).
