@@ -261,6 +261,9 @@ class Connection:
         self._seen: dict[str, int] = {}
         self._received_at = 0.0  # when the frame being handled was read (perf_counter)
         self._close_code: int | None = None  # the code this connection closed with, once known
+        # The code to close with when the conversation ends: 1000, or 1011 after a failure of
+        # the relay's own (a fatal ``internal`` Error, an unexpected exception).
+        self._close_with = 1000
         self._counters = relay.counters
         # Frames this relay encodes are msgpack arrays whose second byte is the type code:
         # counted by two list increments, the cost the fan-out pays per receiver.
@@ -275,6 +278,11 @@ class Connection:
         writer = asyncio.get_running_loop().create_task(self._write_loop())
         try:
             await self._read_loop()
+        except Exception:  # a relay bug: logged with its traceback, the peer told by 1011
+            log.exception("connection %s failed", self.id)
+            if not self.session.closed:
+                self._fail_internal("the relay failed; reconnect and retry")
+            self._close_with = 1011
         finally:
             self.relay.prices.unsubscribe(self)
             if self._subscription is not None:
@@ -282,11 +290,15 @@ class Connection:
             self.session.close()
             self._closing = True
             self._wakeup.set()
-            with contextlib.suppress(asyncio.CancelledError, ConnectionError, TimeoutError):
-                await asyncio.wait_for(writer, timeout=_CLOSE_TIMEOUT)
+            try:
+                with contextlib.suppress(asyncio.CancelledError, ConnectionError, TimeoutError):
+                    await asyncio.wait_for(writer, timeout=_CLOSE_TIMEOUT)
+            except Exception:
+                log.exception("connection %s: its writer failed", self.id)
+                self._close_with = 1011
             if not writer.done():
                 writer.cancel()
-            await self._close_ws()
+            await self._close_ws(self._close_with)
             log.debug("connection closed")
             # A socket closed with bytes its peer never takes would stay open for as long as the
             # peer keeps the connection: cut it once a healthy peer would have had them.
@@ -570,13 +582,19 @@ class Connection:
                 return
             except RelayStoreError as exc:
                 log.error("loading %s failed: %s", event.doc, exc)
-                self._send(self.session.error(ErrorCode.INTERNAL, "the relay cannot read it now"))
+                self._fail_internal("the relay cannot read it now")
                 return
         self._send(
             self.session.sync_reply(
                 event.doc, diff, state_vector, watermark.changed_at, watermark.changed_by
             )
         )
+
+    def _fail_internal(self, message: str) -> None:
+        """The relay failed on its own (its store): a fatal ``internal`` Error, then close 1011,
+        the code that tells operators (FoliosyncWebSocketInternalErrors) it was the relay."""
+        self._close_with = 1011
+        self._send(self.session.error(ErrorCode.INTERNAL, message))
 
     def _saw(self, doc: str, version: int) -> None:
         if version > self._seen.get(doc, 0):
@@ -612,11 +630,8 @@ class Connection:
             log.error("storing an update of %s failed: %s", event.doc, exc)
             # Fatal (no doc): an Ack of a later update on this connection would settle this one
             # too. The client reconnects and resends what the relay lacks by state vector.
-            self._send(
-                self.session.error(
-                    ErrorCode.INTERNAL,
-                    f"the relay could not store an update of {event.doc}; reconnect and retry",
-                )
+            self._fail_internal(
+                f"the relay could not store an update of {event.doc}; reconnect and retry"
             )
             return
         if self.session.closed:

@@ -414,6 +414,59 @@ async def test_a_failing_store_counts_errors_per_operation_whatever_the_adapter(
     assert scraped.value("foliosync_updates_refused_total", reason="internal") == 1
 
 
+async def test_a_store_failure_is_an_internal_error_then_close_1011(
+    relay_server: Any, tmp_path: Path
+) -> None:
+    """The relay's own failure closes with 1011, the code FoliosyncWebSocketInternalErrors
+    watches; the peer got the fatal ``internal`` Error first."""
+    store = FailingStore()
+    async with relay_server(tmp_path / "relay", store=store) as relay:
+        assert (await scrape(relay)).value("foliosync_connections_closed_total", code="1011") == 0
+        peer = await Peer.connect(relay, relay.token("alice"))
+        await peer.ws.send_bytes(peer.session.sync_request(TECH, b"\x00"))
+        assert isinstance(await peer.next(), SyncReplied)
+        store.full = True
+        await peer.ws.send_bytes(peer.session.update(TECH, 1, _crdt_update()))
+        refused = await peer.next()
+        assert isinstance(refused, ErrorReceived) and refused.code == "internal"
+        assert refused.doc is None  # fatal
+        closing = await peer.ws.receive(timeout=5)
+        assert closing.type == aiohttp.WSMsgType.CLOSE and closing.data == 1011, closing
+        await peer.close()
+        await eventually(lambda: not relay.relay.connections)
+        scraped = await scrape(relay)
+    assert scraped.value("foliosync_connections_closed_total", code="1011") == 1
+    assert scraped.value("foliosync_connections_closed_total", code="1000") == 0
+
+
+class BrokenStore(MemoryRelayStore):
+    """An adapter with a bug: listing documents raises what no store should let through."""
+
+    async def documents(self, user: str) -> list[str]:
+        raise KeyError(user)
+
+
+async def test_an_unexpected_exception_is_logged_and_closes_with_1011(
+    relay_server: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with relay_server(tmp_path / "relay", store=BrokenStore()) as relay:
+        async with aiohttp.ClientSession() as http, http.ws_connect(relay.url) as ws:
+            session = ClientSession()
+            await ws.send_bytes(session.hello(relay.token("alice"), "metrics-test"))
+            message = await ws.receive(timeout=5)
+            assert message.type == aiohttp.WSMsgType.BINARY, message
+            (error,) = session.receive_data(message.data)
+            assert isinstance(error, ErrorReceived) and error.code == "internal"
+            closing = await ws.receive(timeout=5)
+            assert closing.type == aiohttp.WSMsgType.CLOSE and closing.data == 1011, closing
+        await eventually(lambda: not relay.relay.connections)
+        scraped = await scrape(relay)
+    assert scraped.value("foliosync_connections_closed_total", code="1011") == 1
+    failures = [r for r in caplog.records if r.name == "foliosync.relay" and r.exc_info]
+    assert failures and "failed" in failures[0].getMessage(), caplog.text
+    assert failures[0].exc_info is not None and failures[0].exc_info[0] is KeyError
+
+
 async def test_evictions_and_hits_of_the_hot_document_cache(
     relay_server: Any, tmp_path: Path
 ) -> None:
