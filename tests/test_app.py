@@ -26,6 +26,7 @@ os.environ["QT_QPA_PLATFORM"] = "offscreen"  # before any QApplication exists
 
 from PySide6.QtCore import QAbstractItemModel, Qt
 from PySide6.QtGui import QImage
+from PySide6.QtWidgets import QLineEdit
 
 from foliosync.client import BackgroundClient, Backoff
 from foliosync.client.app.badges import (
@@ -295,8 +296,15 @@ def test_edits_made_in_the_app_reach_a_second_device(devices: Devices, qtbot: An
         qtbot.mouseClick(window.record_button, Qt.MouseButton.LeftButton)
     assert window.trades_model.rowCount() == 2
     msft = next(r for r in range(2) if cell(window.trades_model, r, 1) == "MSFT")
-    # A correction, as the table's editor commits it: the price cell of the MSFT trade.
-    assert window.trades_model.setData(window.trades_model.index(msft, 3), "401.5")
+    # A correction in the table's own editor: the price cell of the MSFT trade.
+    price_cell = window.trades_model.index(msft, 3)
+    window.trades_view.setCurrentIndex(price_cell)
+    window.trades_view.edit(price_cell)
+    (editor,) = window.trades_view.viewport().findChildren(QLineEdit)
+    editor.selectAll()
+    qtbot.keyClicks(editor, "401.5")
+    qtbot.keyClick(editor, Qt.Key.Key_Return)
+    qtbot.waitUntil(lambda: cell(window.trades_model, msft, 3) == "401.5", timeout=WAIT_MS)
     aapl = next(r for r in range(2) if cell(window.trades_model, r, 1) == "AAPL")
     window.trades_view.selectRow(aapl)
     qtbot.mouseClick(window.delete_trade_button, Qt.MouseButton.LeftButton)

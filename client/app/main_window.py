@@ -554,7 +554,7 @@ class MainWindow(QMainWindow):
 
         ok = self._attempt(f"cannot correct the {field}", correct)
         if ok:
-            self._reload_portfolio()
+            self._mark("portfolio")  # after the editor has closed: no reset under its feet
         return ok
 
     def delete_selected_trade(self) -> None:
