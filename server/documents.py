@@ -36,9 +36,12 @@ class Applied:
     version: int = 0
     """The document's change number after it (see :meth:`RelayDocuments.version`)."""
     concurrent: bool = False
-    """It changed a document that another connection had changed in a way its sender had not
-    been sent yet: the sender edited without that change (the "conflicts" an operator
-    watches)."""
+    """It arrived while another connection's change of the document was applied and not yet
+    stored, so not yet sent to its sender: the sender surely edited without that change (the
+    "conflicts" an operator watches). A lower bound: an edit made offline, or after a change
+    was sent to the sender but before it read it, is concurrent too and is not flagged. Only
+    the client knows what it had read when it edited, and an Update carries no state vector;
+    the relay could count "sent" changes, but a change sent is not a change seen."""
 
 
 @dataclass(slots=True)
@@ -172,9 +175,9 @@ class RelayDocuments:
         gives it to :meth:`apply` as ``seen``. Every change stored after a connection's
         SyncRequest is fanned out to it as soon as :meth:`apply` returns, so the only changes of
         others it has not been sent are those applied here and not yet stored; an update is
-        concurrent (did not descend from the relay's state) if one of those is newer than
-        ``seen``. That test costs the sender one look at a small dict and costs the fan-out
-        nothing per receiver.
+        flagged concurrent if one of those is newer than ``seen``: its sender surely had not
+        got that change. That test costs the sender one look at a small dict and costs the
+        fan-out nothing per receiver. It is a lower bound (see :attr:`Applied.concurrent`).
         """
         hot = self._hot.get((user, doc_id))
         return 0 if hot is None else hot.version

@@ -363,7 +363,8 @@ class RelayCollector(Collector):
         )
         yield _counter(
             "foliosync_updates_merged_concurrent",
-            "Updates that did not descend from the relay's state of their document",
+            "Updates that arrived while another connection's change of their document was being"
+            " stored (a lower bound of concurrent edits)",
             counters.updates_merged_concurrent,
         )
 

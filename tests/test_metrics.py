@@ -557,6 +557,32 @@ async def test_concurrent_edits_of_two_devices_are_counted_sequential_ones_not(
     assert concurrent.value("foliosync_frames_sent_total", type="update") >= 5
 
 
+async def test_an_edit_before_reading_a_change_already_sent_is_not_counted(
+    relay: RunningRelay,
+) -> None:
+    """The documented limit of foliosync_updates_merged_concurrent_total: B edits after A's
+    change was sent to it but before reading it, a real conflict the relay cannot tell from an
+    edit made after reading it (an Update carries no state vector): not counted."""
+    a = await Peer.connect(relay, relay.token("alice", "a"))
+    b = await Peer.connect(relay, relay.token("alice", "b"))
+    for peer in (a, b):
+        await peer.ws.send_bytes(peer.session.sync_request(TECH, b"\x00"))
+        assert isinstance(await peer.next(), SyncReplied)
+    await a.ws.send_bytes(a.session.update(TECH, 1, _crdt_update()))
+    await a.next()  # the Ack: stored, and fanned out to b, which has not read it
+    crdt: Doc[Any] = Doc()
+    crdt["m"] = Map()
+    crdt["m"]["other"] = "b's edit"
+    await b.ws.send_bytes(b.session.update(TECH, 1, crdt.get_update()))
+    received = [await b.next(), await b.next()]  # a's change, then the Ack of b's
+    assert len(received) == 2
+    await a.close()
+    await b.close()
+    scraped = await scrape(relay)
+    assert scraped.value("foliosync_updates_acknowledged_total") == 2
+    assert scraped.value("foliosync_updates_merged_concurrent_total") == 0
+
+
 async def _symbols(replica: Replica) -> list[str]:
     return list((await replica.watchlist(TECH)).symbols)
 
