@@ -658,19 +658,24 @@ class Replica:
     async def _catch_up(self) -> None:
         self._apply_changes(await self._store.changes_since(self._seen_seq, self._bases()))
 
-    async def _after_commit(self, first: int, last: int) -> None:
+    async def _after_commit(self, first: int, last: int) -> bool:
         """Rows ``first``..``last`` were just committed by this process: rows of others below
-        them are read and notified first, so that notifications keep the log's order."""
+        them are read and notified first, so that notifications keep the log's order.
+
+        False if they could not be read: the watcher notifies them later, so the caller must
+        not hand its rows out as the next to send (a sync connection then reads what is unsent).
+        """
         if first > self._seen_seq + 1:
             try:
                 changes = await self._store.changes_since(
                     self._seen_seq, self._bases(), before=first
                 )
-            except FolioSyncError as exc:  # the watcher reads them later
+            except FolioSyncError as exc:
                 log.debug("reading other processes' changes of %s failed: %s", self.path, exc)
-                return
+                return False
             self._apply_changes(changes)
         self._seen_seq = max(self._seen_seq, last)
+        return True
 
     def _apply_changes(self, changes: StoreChanges) -> None:
         """Bring memory up to ``changes`` (read from the file in one snapshot) and notify.
@@ -916,9 +921,12 @@ class Replica:
                 raise
             self._pending[doc_id] = self._pending.get(doc_id, 0) + 1
             self._account(doc_id, loaded, seq, len(update))
-            await self._after_commit(seq, seq)
+            in_order = await self._after_commit(seq, seq)
             kind = DocumentKind(self._rows[doc_id].kind)
-            self._notify(DocumentChange(doc_id, kind, "local", seq, update))
+            if in_order:
+                self._notify(DocumentChange(doc_id, kind, "local", seq, update))
+            else:  # no update: a sync connection reads every unsent row, in order
+                self._notify(DocumentChange(doc_id, kind, "local"))
         return result
 
     def _account(self, doc_id: str, loaded: _Loaded, seq: int, size: int) -> None:
