@@ -383,7 +383,7 @@ class RelayCollector(Collector):
         yield _counter("foliosync_ticks_rejected", "Ticks refused", hub.ticks_rejected)
         yield _histogram(
             "foliosync_price_delivery_seconds",
-            "A tick received by the relay -> written to its subscribers",
+            "How late each price flush finished against its planned time",
             hub.delivery,
         )
         yield _gauge(

@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, timedelta
@@ -99,8 +98,10 @@ class PriceHub:
         self.ticks_in = 0
         self.ticks_rejected = 0  # refused by a check or older than the book's price
         self.delivery = Timings()
-        """A followed symbol's price received -> handed to its subscribers, once per flush."""
-        self._received: dict[str, float] = {}  # pending symbol -> when its newest price came
+        """How late each timed flush finished against the time it was armed for: the event
+        loop's delay plus the flush's own work, what every price released then waited beyond
+        its push window. Once per flush, nothing per tick or per price: the tick path stays a
+        counter increment."""
 
     # -- life cycle --------------------------------------------------------------------------
 
@@ -129,8 +130,6 @@ class PriceHub:
         """Record checked ticks; the new prices of followed symbols go out with the next flush."""
         accepted: list[PricePoint] = []
         followers = self._followers
-        received = self._received
-        now = time.perf_counter()
         refused = 0
         for tick in ticks:
             point = self.book.apply(tick)
@@ -140,7 +139,6 @@ class PriceHub:
             accepted.append(point)
             if point.symbol in followers:
                 self._pending.offer(point)
-                received[point.symbol] = now
         self.ticks_in += len(accepted)
         self.ticks_rejected += refused
         self._schedule_flush()
@@ -172,7 +170,6 @@ class PriceHub:
                 if not followers:
                     del self._followers[symbol]
                     self._pending.forget((symbol,))
-                    self._received.pop(symbol, None)
         for symbol in wanted - before:
             self._followers.setdefault(symbol, set()).add(subscriber)
         self._subscriptions[subscriber] = wanted
@@ -236,7 +233,7 @@ class PriceHub:
         self._flush_timer = loop.call_later(delay, self._timed_flush, at_ms)
 
     def _timed_flush(self, planned_ms: int) -> None:
-        self._flush_timer = None
+        timer, self._flush_timer = self._flush_timer, None
         # A timer may fire a little before its millisecond: flush as of the planned time, so that
         # what was due then goes now instead of one more round later.
         now = max(self._clock_ms(), planned_ms)
@@ -245,6 +242,9 @@ class PriceHub:
             self.flush_once(now)
         except Exception:  # one bad subscriber must not stop prices for everyone
             log.exception("price flush failed")
+        loop = self._loop
+        if timer is not None and loop is not None:  # the loop's own clock: sub-ms, monotonic
+            self.delivery.observe(max(0.0, loop.time() - timer.when()))
         self._schedule_flush()
 
     async def _watch_stalls(self) -> None:
@@ -264,13 +264,6 @@ class PriceHub:
                 batches[subscriber].append(point)
         for subscriber, batch in batches.items():
             subscriber.deliver_prices(batch)
-        now = time.perf_counter()
-        received = self._received
-        observe = self.delivery.observe
-        for point in released:
-            came = received.pop(point.symbol, None)
-            if came is not None:
-                observe(now - came)
 
     @property
     def next_due_ms(self) -> int:

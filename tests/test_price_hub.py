@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -208,5 +209,28 @@ async def test_a_price_due_now_is_not_held_behind_one_that_waits_for_its_window(
             lambda: bool(subscriber.batches)
         )  # AAPL once its window has passed
         assert [(p.symbol, p.price) for p in subscriber.take()] == [("AAPL", Decimal("2"))]
+    finally:
+        await hub.close()
+
+
+async def test_price_delivery_times_how_late_each_flush_ran_once_per_flush(helpers: Any) -> None:
+    """foliosync_price_delivery_seconds: one observation per timed flush, however many prices it
+    releases, measuring how late it ran against its planned time (a blocked event loop)."""
+    hub = PriceHub(window_override_ms=0)
+    hub.start()
+    try:
+        subscriber = Subscriber(hub)
+        hub.subscribe(subscriber, ["AAPL", "MSFT", "NVDA"])
+        hub.publish([tick(s, "1", IN_SESSION) for s in ("AAPL", "MSFT", "NVDA")])
+        await helpers.eventually(lambda: bool(subscriber.batches))
+        assert len(subscriber.take()) == 3
+        assert hub.delivery.count == 1  # one flush, three prices: one observation
+        assert hub.delivery.total < 0.2
+
+        hub.publish([tick("AAPL", "2", IN_SESSION + 1)])
+        time.sleep(0.3)  # the event loop is blocked past the flush's planned time
+        await helpers.eventually(lambda: bool(subscriber.batches))
+        assert hub.delivery.count == 2
+        assert hub.delivery.total >= 0.25
     finally:
         await hub.close()
