@@ -348,6 +348,47 @@ async def test_two_sync_clients_in_two_processes_send_everything_once(
     assert symbols == expected
 
 
+async def test_a_syncer_killed_mid_stream_loses_nothing_it_returned_from(
+    tmp_path: Path, relay_server: Any, helpers: Any
+) -> None:
+    """Both processes edit; whichever syncs is SIGKILLed in the middle of its edits (some sent,
+    some not yet acknowledged); the other takes over and every edit either had returned reaches
+    the relay."""
+    path = tmp_path / "r.db"
+    await make_shared(path)
+    async with relay_server(tmp_path / "relay") as relay:
+        token = relay.token("alice", "laptop")
+        async with Replica.open(path) as replica:
+            await helpers.fast_client(replica, relay.url, token).sync_once()
+        one = await spawn(str(path), "sync", "P", "200", relay.url, token)
+        two = await spawn(str(path), "sync", "Q", "60", relay.url, token)
+        try:
+            for process in (one, two):
+                assert await read_line(process) == "ready"
+            lease = tmp_path / "r.db-sync"
+            assert lease.exists()
+            await say(one, "go")
+            confirmed = -1
+            while confirmed < 40:
+                confirmed = int((await read_line(one)).split()[1])
+            await say(two, "go")
+            while confirmed < 80:
+                confirmed = int((await read_line(one)).split()[1])
+            one.send_signal(signal.SIGKILL)  # the syncer if it got the lease first, else not
+            await one.wait()
+            settled = json.loads(await expect(two, "{"))
+            assert settled == {"pending": 0, "syncing": True}
+            await say(two, "exit")
+            await asyncio.wait_for(two.wait(), 15)
+        finally:
+            await finish(one, two)
+        async with Replica.open(tmp_path / "phone.db") as phone:
+            await helpers.fast_client(phone, relay.url, relay.token("alice", "phone")).sync_once()
+            symbols = set((await phone.watchlist("Shared")).symbols)
+    returned = {f"P{i:03d}" for i in range(confirmed + 1)} | {f"Q{i:03d}" for i in range(60)}
+    assert returned <= symbols, sorted(returned - symbols)
+
+
 async def test_a_compaction_elsewhere_hides_no_row_from_a_reader(tmp_path: Path) -> None:
     """Compaction deletes acknowledged rows: a process that had not read them yet merges the new
     snapshot instead; and a process behind the file compacts only after catching up."""
