@@ -4,7 +4,10 @@ Context: the relay's connection code binds the connection id, and once authentic
 device, with :func:`bind_log_context`; per-document work runs inside :func:`log_context` with the
 document id. Both live in a :class:`contextvars.ContextVar`, so every line logged while handling
 that connection (by the relay, the document cache or the store) carries them, and a line of
-another connection never does: each WebSocket is served by its own task.
+another connection never does: each WebSocket is served by its own task. What one task does on
+behalf of another connection (a fan-out delivering to each receiver, the close of a reader that
+fell behind) runs in that connection's saved context, and the price flush timer in an empty one,
+not in the context of whichever publisher armed it.
 
 Secrets: a token must never reach a log file, where whoever reads logs could replay it. The
 :class:`RedactingFilter` sits on the one handler :func:`configure_logging` leaves on the root

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 from collections import defaultdict
 from collections.abc import Callable, Iterable
@@ -230,7 +231,11 @@ class PriceHub:
             self._flush_timer.cancel()  # a price that may go sooner than the one armed for
         delay = max(0, at_ms - self._clock_ms()) / 1000
         self._flush_at_ms = at_ms
-        self._flush_timer = loop.call_later(delay, self._timed_flush, at_ms)
+        # In a context of its own: it is armed from whichever publisher's connection came first,
+        # and its lines (a subscriber's failure) are no more that connection's than any other's.
+        self._flush_timer = loop.call_later(
+            delay, self._timed_flush, at_ms, context=contextvars.Context()
+        )
 
     def _timed_flush(self, planned_ms: int) -> None:
         timer, self._flush_timer = self._flush_timer, None

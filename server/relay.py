@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import itertools
 import logging
 import time
@@ -264,6 +265,10 @@ class Connection:
         # The code to close with when the conversation ends: 1000, or 1011 after a failure of
         # the relay's own (a fatal ``internal`` Error, an unexpected exception).
         self._close_with = 1000
+        # This connection's log context (its id, then its user and device), for what runs on
+        # its behalf from another connection's task: a fan-out runs every receiver's _deliver
+        # in the sender's context, which would tag this connection's lines with the sender.
+        self._log_ctx = contextvars.Context()
         self._counters = relay.counters
         # Frames this relay encodes are msgpack arrays whose second byte is the type code:
         # counted by two list increments, the cost the fan-out pays per receiver.
@@ -274,6 +279,7 @@ class Connection:
 
     async def run(self) -> None:
         bind_log_context(connection=self.id)  # this task's lines, and the writer's, name it
+        self._log_ctx = contextvars.copy_context()
         log.debug("connection opened")
         writer = asyncio.get_running_loop().create_task(self._write_loop())
         try:
@@ -386,11 +392,17 @@ class Connection:
             return
         self.outbound.push_control(data)
         self._wakeup.set()
-        if self.outbound.control_bytes > self.relay.config.max_outbound_bytes:
-            log.warning("connection %s fell behind; disconnecting it", self.id)
+        if self.outbound.control_bytes > self.relay.config.max_outbound_bytes and not self._closing:
+            self._log_ctx.run(
+                log.warning,
+                "connection %s fell behind; disconnecting it",
+                self.id,
+                extra={"connection": self.id},
+            )
             self._closing = True
             asyncio.get_running_loop().create_task(
-                self.close(code=1013, message=b"too far behind; reconnect to catch up")
+                self.close(code=1013, message=b"too far behind; reconnect to catch up"),
+                context=self._log_ctx,
             )
 
     def deliver_prices(self, points: list[PricePoint]) -> None:
@@ -532,6 +544,7 @@ class Connection:
         self.identity = identity
         self.device = identity.device or event.client_name[:64] or self.id
         bind_log_context(user=identity.user, device=self.device)
+        self._log_ctx = contextvars.copy_context()
         log.debug("authenticated")
         documents = (
             await self.relay.documents.documents(identity.user) if "sync" in identity.scopes else []

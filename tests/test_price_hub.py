@@ -234,3 +234,34 @@ async def test_price_delivery_times_how_late_each_flush_ran_once_per_flush(helpe
         assert hub.delivery.total >= 0.25
     finally:
         await hub.close()
+
+
+async def test_a_flush_runs_in_no_connection_s_log_context(helpers: Any) -> None:
+    """The flush timer is armed by whichever publisher came first; what it runs (every
+    subscriber's delivery, their log lines) must not carry that publisher's connection."""
+    from foliosync.server.logs import bind_log_context, current_log_context
+
+    class Recording(Subscriber):
+        def __init__(self, hub: PriceHub) -> None:
+            super().__init__(hub)
+            self.contexts: list[dict[str, str]] = []
+
+        def deliver_prices(self, points: list[PricePoint]) -> None:
+            self.contexts.append(dict(current_log_context()))
+            super().deliver_prices(points)
+
+    hub = PriceHub(window_override_ms=0)
+    hub.start()
+    try:
+        subscriber = Recording(hub)
+        hub.subscribe(subscriber, ["AAPL"])
+
+        async def publisher() -> None:
+            bind_log_context(connection="relay-1:7", user="feeder", device="feed")
+            hub.publish([tick("AAPL", "1", IN_SESSION)])
+
+        await asyncio.get_running_loop().create_task(publisher())
+        await helpers.eventually(lambda: bool(subscriber.batches))
+        assert subscriber.contexts == [{}]
+    finally:
+        await hub.close()

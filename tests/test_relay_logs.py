@@ -197,3 +197,57 @@ async def test_no_token_and_no_secret_in_a_debug_json_log(tmp_path: Path) -> Non
         assert token not in log
         assert token.rsplit(".", 1)[1] not in log  # not even the signature alone
     assert secret.decode() not in log
+
+
+async def test_a_reader_that_falls_behind_is_logged_under_its_own_connection(
+    tmp_path: Path, helpers: Any, restore_logging: Any
+) -> None:
+    """Fan-out runs every receiver's delivery in the sender's task: the "fell behind" line and
+    the close that follows must still name the slow reader, not the sender."""
+    import io
+
+    from pycrdt import Doc, Map
+
+    from foliosync.sync.model import DocumentKind, document_id
+    from foliosync.sync.protocol import SyncRequest, Update
+
+    stream = io.StringIO()
+    configure_logging(logging.INFO, "json", stream=stream)
+    doc = document_id(DocumentKind.WATCHLIST, "Tech")
+    async with (
+        helpers.serve_relay(tmp_path / "relay", feed="none", max_outbound_bytes=256 << 10) as relay,
+        aiohttp.ClientSession() as session,
+    ):
+        sockets = {}
+        for device in ("writer", "slow"):
+            ws = await session.ws_connect(relay.url)
+            await ws.send_bytes(encode_frame(Hello(1, relay.token("alice", device), device)))
+            decode_frame((await ws.receive(timeout=10)).data)  # Welcome
+            await ws.send_bytes(encode_frame(SyncRequest(doc, b"\x00")))
+            decode_frame((await ws.receive(timeout=10)).data, max_frame_size=1 << 26)
+            sockets[device] = ws
+        slow_id = next(c.id for c in relay.relay.connections if c.device == "slow")
+        writer_id = next(c.id for c in relay.relay.connections if c.device == "writer")
+        crdt: Doc[Any] = Doc()
+        crdt["m"] = Map()
+        for seq in range(1, 200):  # the slow one never reads: its buffers fill, then its queue
+            before = crdt.get_state()
+            crdt["m"][f"k{seq}"] = "x" * (256 << 10)
+            await sockets["writer"].send_bytes(
+                encode_frame(Update(doc, seq, crdt.get_update(before)))
+            )
+            decode_frame((await sockets["writer"].receive(timeout=10)).data)  # its Ack
+            if not any(c.id == slow_id for c in relay.relay.connections):
+                break
+        await helpers.eventually(lambda: all(c.id != slow_id for c in relay.relay.connections))
+        for ws in sockets.values():
+            await ws.close()
+    lines = [json.loads(line) for line in stream.getvalue().splitlines() if line.strip()]
+    behind = [line for line in lines if "fell behind" in line["message"]]
+    assert len(behind) == 1, lines
+    assert behind[0]["connection"] == slow_id != writer_id, behind
+    assert behind[0]["device"] == "slow", behind
+    # whatever the close task logs (a close frame not taken) is the slow reader's too
+    for line in lines:
+        if slow_id in line["message"]:
+            assert line.get("connection") == slow_id and line.get("device") == "slow", line
