@@ -113,12 +113,14 @@ class MainWindow(QMainWindow):
         self._unsubscribe: list[Callable[[], None]] = []
         self.notices: list[Notice] = []
         self._build()
+        # Subscribed before the first read, so that no change falls between the two: the
+        # callbacks queue in Qt's thread and run once this constructor has returned.
+        self._subscribe()
         self._reload_documents()
         self._tick()
         self._timer = QTimer(self)
         self._timer.timeout.connect(self._tick)
         self._timer.start(TICK_MS)
-        self._subscribe()
 
     # -- layout ------------------------------------------------------------------------------
 
