@@ -219,6 +219,7 @@ class SyncClient:
         self._unwatch_followed: Callable[[], None] | None = None
         self._followed_task: asyncio.Task[None] | None = None
         self._lease = _SyncLease(replica.path)
+        self._waited_for_lease = False  # by the last connection attempt, still without it
 
     # -- status ------------------------------------------------------------------------------
 
@@ -351,6 +352,11 @@ class SyncClient:
             try:
                 await asyncio.wait_for(self._connect_and_serve(until_idle=True), timeout)
             except TimeoutError:
+                if self._waited_for_lease:
+                    raise ConnectionLost(
+                        f"another process syncs replica {self.replica.path} and had not sent "
+                        f"every change of it within {timeout:g} s (is it offline?)"
+                    ) from None
                 raise ConnectionLost(
                     f"sync with {self.url} did not finish within {timeout:g} s"
                 ) from None
@@ -471,10 +477,10 @@ class SyncClient:
     async def _take_lease(self, until_idle: bool) -> bool:
         """Wait for the sync lease; False if a one-shot sync has nothing left to do meanwhile
         (another process, holding the lease, sent every pending change)."""
-        waiting = False
+        self._waited_for_lease = False
         while not self._lease.try_acquire():
-            if not waiting:
-                waiting = True
+            if not self._waited_for_lease:
+                self._waited_for_lease = True
                 log.info("another process syncs %s; waiting to take over", self.replica.path)
             if until_idle:
                 await self.replica.refresh()
@@ -493,6 +499,7 @@ class SyncClient:
     async def _connect_and_serve(self, *, until_idle: bool) -> None:
         if not await self._take_lease(until_idle):
             return
+        self._waited_for_lease = False
         try:
             await self._serve_leased(until_idle)
         finally:

@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 from pycrdt import Doc
 
 from foliosync.client.replica import DocumentChange, Replica
+from foliosync.sync.errors import ConnectionLost
 from foliosync.sync.model import EditContext, Watchlist
 from foliosync.sync.prices import check_tick
 
@@ -387,6 +388,40 @@ async def test_a_syncer_killed_mid_stream_loses_nothing_it_returned_from(
             symbols = set((await phone.watchlist("Shared")).symbols)
     returned = {f"P{i:03d}" for i in range(confirmed + 1)} | {f"Q{i:03d}" for i in range(60)}
     assert returned <= symbols, sorted(returned - symbols)
+
+
+HOLD_LEASE = """
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("held", flush=True)
+time.sleep(120)
+"""
+
+
+async def test_a_one_shot_sync_beside_the_syncing_process(tmp_path: Path, helpers: Any) -> None:
+    """While another process holds the sync lease, a one-shot sync does not connect: it ends at
+    once when nothing is pending, and otherwise says who has not sent the changes yet."""
+    path = tmp_path / "r.db"
+    await make_shared(path)
+    holder = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", HOLD_LEASE, f"{path}-sync", stdout=asyncio.subprocess.PIPE
+    )
+    try:
+        assert await read_line(holder) == "held"
+        async with Replica.open(path) as replica:
+            client = helpers.fast_client(replica, "ws://127.0.0.1:9/ws", "token")
+            with pytest.raises(ConnectionLost, match="another process syncs"):
+                await client.sync_once(timeout=0.5)  # creating Shared is pending
+            assert not client.syncing
+            for doc_id in replica.document_ids():  # as if the syncing process had sent them
+                for update in await replica.pending_updates(doc_id):
+                    await replica.acknowledge(doc_id, update.seq)
+            started = time.monotonic()
+            await client.sync_once(timeout=5)  # nothing pending: nothing to do
+            assert time.monotonic() - started < 1
+    finally:
+        await finish(holder)
 
 
 async def test_a_compaction_elsewhere_hides_no_row_from_a_reader(tmp_path: Path) -> None:
