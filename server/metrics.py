@@ -381,6 +381,11 @@ class RelayCollector(Collector):
             "foliosync_ticks_received", "Ticks accepted into the price book", hub.ticks_in
         )
         yield _counter("foliosync_ticks_rejected", "Ticks refused", hub.ticks_rejected)
+        yield _counter(
+            "foliosync_ticks_stale",
+            "Valid ticks older than the book's price of their symbol, which they did not change",
+            hub.ticks_stale,
+        )
         yield _histogram(
             "foliosync_price_delivery_seconds",
             "How late each price flush finished against its planned time",

@@ -97,7 +97,10 @@ class PriceHub:
         self._last_flush_ms = 0
         self._stalled: list[StalledSymbol] = []
         self.ticks_in = 0
-        self.ticks_rejected = 0  # refused by a check or older than the book's price
+        self.ticks_rejected = 0  # refused by a check: the publisher was told so
+        self.ticks_stale = 0
+        """Ticks older than the book's price of their symbol (out of order): the publisher was
+        told they were accepted (they were valid), but they changed nothing."""
         self.delivery = Timings()
         """How late each timed flush finished against the time it was armed for: the event
         loop's delay plus the flush's own work, what every price released then waited beyond
@@ -131,17 +134,17 @@ class PriceHub:
         """Record checked ticks; the new prices of followed symbols go out with the next flush."""
         accepted: list[PricePoint] = []
         followers = self._followers
-        refused = 0
+        stale = 0
         for tick in ticks:
             point = self.book.apply(tick)
             if point is None:
-                refused += 1
+                stale += 1
                 continue
             accepted.append(point)
             if point.symbol in followers:
                 self._pending.offer(point)
         self.ticks_in += len(accepted)
-        self.ticks_rejected += refused
+        self.ticks_stale += stale
         self._schedule_flush()
         return accepted
 

@@ -638,18 +638,25 @@ async def test_prices_move_ticks_delivery_followed_and_conflated(
                 publisher.session.publish(n, [["AAPL", f"18{n}", old + n]])
             )
             assert isinstance(await publisher.next(), PublishedReceived)
+        # valid but older than the book's price: the publisher is told it was accepted, so it
+        # is no rejection, but it changed nothing: stale
+        await publisher.ws.send_bytes(publisher.session.publish(4, [["AAPL", "170", old - 1]]))
+        answer = await publisher.next()
+        assert isinstance(answer, PublishedReceived) and answer.accepted == 1, answer
+        assert not answer.rejected
         scraped = await scrape(relay)
         await publisher.close()
         await subscriber.close()
     assert scraped.value("foliosync_ticks_received_total") == 3
     assert scraped.value("foliosync_ticks_rejected_total") == 1
+    assert scraped.value("foliosync_ticks_stale_total") == 1
     assert scraped.value("foliosync_price_delivery_seconds_count") == 1
     assert scraped.value("foliosync_followed_symbols") == 2
     assert scraped.value("foliosync_price_subscribers") == 1
     assert scraped.value("foliosync_prices_conflated_total") == 1
     assert scraped.value("foliosync_followed_price_age_max_seconds") >= 29
     assert scraped.value("foliosync_frames_sent_total", type="price_batch") == 1
-    assert scraped.value("foliosync_frames_received_total", type="publish") == 3
+    assert scraped.value("foliosync_frames_received_total", type="publish") == 4
 
 
 async def test_stale_followed_symbols_count_while_the_market_is_open(
