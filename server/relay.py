@@ -66,6 +66,7 @@ from foliosync.sync.errors import (
 from foliosync.sync.model import kind_of
 from foliosync.sync.prices import LatestPrices, PricePoint, check_ticks
 from foliosync.sync.protocol import (
+    DEFAULT_MAX_DOCUMENTS,
     ErrorCode,
     ErrorReceived,
     HelloReceived,
@@ -107,6 +108,7 @@ class RelayConfig:
     feed: str = "none"  # "sim", "sim:always", "csv:PATH" or "none"; see foliosync.server.feeds
     price_window_ms: int | None = None  # fixed push window instead of the policy's (benchmarks)
     max_symbols: int = 2000  # symbols one connection may follow
+    max_documents: int = DEFAULT_MAX_DOCUMENTS  # distinct documents one connection may sync
     trim_memory_every: float = 60.0  # seconds between handing freed memory back (0: never)
     cors_origins: tuple[str, ...] = ()
     """Browser origins (``https://dash.example.com``) that may call the HTTP API; none by
@@ -119,6 +121,9 @@ class RelayConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "cors_origins", normalize_origins(self.cors_origins))
+        documents = self.max_documents
+        if isinstance(documents, bool) or not isinstance(documents, int) or documents < 1:
+            raise ConfigError(f"invalid max_documents {documents!r}: at least 1")
         port = self.metrics_port
         if port is not None and (
             not isinstance(port, int) or isinstance(port, bool) or not 0 <= port < 65536
@@ -243,7 +248,9 @@ class Connection:
         self._writer_busy = False
         self.id = relay.next_connection_id()
         self.session = ServerSession(
-            max_frame_size=relay.config.max_frame_size, max_send_size=relay.config.max_send_size
+            max_frame_size=relay.config.max_frame_size,
+            max_send_size=relay.config.max_send_size,
+            max_documents=relay.config.max_documents,
         )
         self.identity: Identity | None = None
         self.device = ""

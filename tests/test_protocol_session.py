@@ -12,6 +12,7 @@ from foliosync.sync.protocol import (
     ClientSession,
     ClientState,
     Error,
+    ErrorCode,
     ErrorReceived,
     Hello,
     HelloReceived,
@@ -423,6 +424,27 @@ def test_ping_pong_both_ways() -> None:
 def test_oversized_message_is_too_large() -> None:
     server = ServerSession(max_frame_size=1 << 20)
     server_refuses(server, b"\x00" * (2 << 20), "too_large")
+
+
+def test_a_connection_names_at_most_max_documents_distinct_documents() -> None:
+    """Each document named is remembered for the connection's life: past the limit, a fatal
+    too_many_documents; naming one already named again is no new document."""
+    server = ServerSession(max_documents=3)
+    server.receive_data(encode_frame(Hello(1, "token")))
+    server.accept("u1", "d1", [], 1_000)
+    for doc in ("wl:a", "wl:b", "wl:c", "wl:a"):
+        assert server.receive_data(encode_frame(SyncRequest(doc, b"\x00"))) == [
+            SyncRequested(doc, b"\x00")
+        ]
+    reply = server_refuses(server, SyncRequest("wl:d", b"\x00"), "too_many_documents")
+    assert "limit of 3 documents" in reply.message
+    assert ErrorCode.TOO_MANY_DOCUMENTS == "too_many_documents"
+
+
+@pytest.mark.parametrize("limit", [0, -1, True, 1.5])
+def test_a_document_limit_must_be_a_positive_int(limit: object) -> None:
+    with pytest.raises(ConfigError):
+        ServerSession(max_documents=limit)  # type: ignore[arg-type]
 
 
 def test_a_session_does_not_send_what_a_peer_with_its_limit_would_refuse() -> None:

@@ -700,3 +700,28 @@ async def test_the_relay_shuts_down_promptly_with_clients_connected(
             assert time.monotonic() - started < 3
         await helpers.eventually(lambda: not client.connected, timeout=5)
     assert replica.info(TECH).pending == 0
+
+
+async def test_a_connection_naming_too_many_documents_is_closed(
+    tmp_path: Any, relay_server: Any
+) -> None:
+    """The relay's session remembers every document a connection names (refused ones too): past
+    max_documents it ends the connection with a fatal too_many_documents; a new connection
+    (with the documents it needs) works."""
+    async with (
+        relay_server(tmp_path / "relay", max_documents=3) as relay,
+        aiohttp.ClientSession() as http,
+    ):
+        client = RawClient(await http.ws_connect(relay.url))
+        await client.hello(relay.token("alice", "raw"))
+        for name in ("A", "B", "C"):
+            await client.sync(document_id(DocumentKind.WATCHLIST, name))
+        await client.sync(document_id(DocumentKind.WATCHLIST, "A"))  # no new document
+        await client.send(SyncRequest(document_id(DocumentKind.WATCHLIST, "D"), b"\x00"))
+        error = await client.expect_error(ErrorCode.TOO_MANY_DOCUMENTS)
+        assert error.fatal and "limit of 3 documents" in error.message
+        await client.expect_closed()
+        again = RawClient(await http.ws_connect(relay.url))
+        await again.hello(relay.token("alice", "raw"))
+        await again.sync(document_id(DocumentKind.WATCHLIST, "D"))
+        await again.ws.close()

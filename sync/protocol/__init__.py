@@ -50,7 +50,7 @@ from foliosync.sync.protocol.frames import (
     encode_price_frame,
     pack_price_tick,
 )
-from foliosync.sync.protocol.limits import DEFAULT_MAX_FRAME_SIZE
+from foliosync.sync.protocol.limits import DEFAULT_MAX_DOCUMENTS, DEFAULT_MAX_FRAME_SIZE
 from foliosync.sync.protocol.memory import MemoryConnection, connected_pair
 from foliosync.sync.protocol.outbound import OutboundQueue
 from foliosync.sync.protocol.session import (
@@ -61,6 +61,7 @@ from foliosync.sync.protocol.session import (
 )
 
 __all__ = [
+    "DEFAULT_MAX_DOCUMENTS",
     "DEFAULT_MAX_FRAME_SIZE",
     "MAX_SYMBOLS",
     "PROTOCOL_VERSION",

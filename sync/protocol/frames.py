@@ -131,6 +131,8 @@ class ErrorCode(StrEnum):
     connection (seqs strictly increase per document and connection)."""
     INTERNAL = "internal"
     """The sender failed on its own; the peer did nothing wrong."""
+    TOO_MANY_DOCUMENTS = "too_many_documents"
+    """A SyncRequest naming one document more than the relay's per-connection limit."""
     # Per document: sent with the doc (and the seq of the update, if any); the connection stays.
     FORBIDDEN = "forbidden"
     """The user may not read or write that document."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 __all__ = [
     "DEFAULT_MAX_BULK_BYTES",
     "DEFAULT_MAX_BULK_ITEMS",
+    "DEFAULT_MAX_DOCUMENTS",
     "DEFAULT_MAX_FRAME_SIZE",
     "MAX_CODE_LENGTH",
     "MAX_ID_LENGTH",
@@ -23,6 +24,13 @@ over its own limit, because a peer with the default limit would refuse it."""
 MAX_ID_LENGTH = 256
 """Longest document, user or device id, in characters. Ids become keys in the relay's store and
 in every device's replica; a bound keeps a peer from inflating them."""
+
+DEFAULT_MAX_DOCUMENTS = 10_000
+"""Distinct documents one connection may name in SyncRequests. The relay's session remembers
+each (for the sequence rules) for the connection's lifetime, refused ones included, and an id
+may be 256 characters: without a bound one connection could make it hold any number of them.
+Far above what one user's devices sync; past it the connection gets a fatal
+``too_many_documents``."""
 
 MAX_CODE_LENGTH = 64
 """Longest error code, in characters. Codes are identifiers for programs, never prose."""

@@ -77,7 +77,7 @@ from foliosync.sync.protocol.frames import (
     encode_frame,
     encode_price_frame,
 )
-from foliosync.sync.protocol.limits import DEFAULT_MAX_FRAME_SIZE
+from foliosync.sync.protocol.limits import DEFAULT_MAX_DOCUMENTS, DEFAULT_MAX_FRAME_SIZE
 
 __all__ = ["ClientSession", "ClientState", "ServerSession", "ServerState"]
 
@@ -195,7 +195,14 @@ class _Session:
 class ServerSession(_Session):
     """The relay's end of one client connection."""
 
-    __slots__ = ("_received_seqs", "_state", "_supported", "_synced", "protocol")
+    __slots__ = (
+        "_max_documents",
+        "_received_seqs",
+        "_state",
+        "_supported",
+        "_synced",
+        "protocol",
+    )
 
     def __init__(
         self,
@@ -203,10 +210,16 @@ class ServerSession(_Session):
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
         max_send_size: int | None = None,
         supported_protocols: frozenset[int] = frozenset({PROTOCOL_VERSION}),
+        max_documents: int = DEFAULT_MAX_DOCUMENTS,
     ) -> None:
         super().__init__(max_frame_size, max_send_size)
         if not supported_protocols:
             raise ConfigError("supported_protocols must not be empty")
+        if isinstance(max_documents, bool) or not isinstance(max_documents, int):
+            raise ConfigError(f"max_documents must be an int, not {max_documents!r}")
+        if max_documents < 1:
+            raise ConfigError(f"max_documents must be at least 1, not {max_documents}")
+        self._max_documents = max_documents
         self._supported = frozenset(supported_protocols)
         self._state = ServerState.AWAITING_HELLO
         # Highest seq received per document, so that the relay cannot ack an update it never got
@@ -265,6 +278,12 @@ class ServerSession(_Session):
             )
         match frame:
             case SyncRequest(doc, state_vector):
+                if doc not in self._synced and len(self._synced) >= self._max_documents:
+                    raise _violation(
+                        f"SyncRequest of a document past this connection's limit of "
+                        f"{self._max_documents} documents",
+                        ErrorCode.TOO_MANY_DOCUMENTS,
+                    )
                 self._synced.add(doc)
                 return SyncRequested(doc, state_vector)
             case Update(doc, seq, update, changed_at_ms, changed_by):
