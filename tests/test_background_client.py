@@ -162,7 +162,9 @@ def test_two_devices_converge_and_hear_each_other(
     laptop.create_portfolio("Main")
     trade = laptop.add_trade("Main", "AAPL", "10", "187.25")
     laptop.wait_in_sync(WAIT)
+    # The index names "Main" before the portfolio's own content has arrived: wait for the trade.
     wait_until(lambda: "Main" in [d.name for d in phone.documents()])
+    wait_until(lambda: [t.id for t in phone.portfolio("Main").trades] == [trade.id])
     main = phone.portfolio("Main")
     assert [t.id for t in main.trades] == [trade.id]
     assert str(main.positions["AAPL"].average_cost) == "187.25"
