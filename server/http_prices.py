@@ -55,6 +55,7 @@ if TYPE_CHECKING:
     from foliosync.server.relay import Relay
 
 __all__ = [
+    "EVENT_ID_SECONDS",
     "HEARTBEAT_SECONDS",
     "MAX_BODY_BYTES",
     "RETRY_MS",
@@ -71,6 +72,13 @@ SEND_TIMEOUT_SECONDS = 120.0
 """A stream whose client takes nothing for this long is cut (its socket stays full)."""
 RETRY_MS = 3000
 """How long a browser waits before it reconnects a dropped stream."""
+EVENT_ID_SECONDS = 1.0
+"""An event stream's ``id:`` (its resume cursor) is computed at most this often: the cursor
+walks all the stream's symbols, too much to do for every event of a busy stream. An event within
+this time of the last id goes without one; the id follows on a later event or, once the stream
+has been quiet that long, alone (an ``id:`` without data fires no event, but the client keeps
+it), and before the relay ends the stream. A client that reconnects with an older id gets a few
+prices again, never fewer."""
 _MSGPACK_TYPES = frozenset({"application/msgpack", "application/x-msgpack"})
 
 
@@ -224,7 +232,6 @@ def _parse_cursor(text: str, epoch: int) -> int | None:
     return count if run == epoch else None
 
 
-
 async def _get_prices(request: web.Request) -> web.Response:
     _authorize(request, "sync")
     relay = _relay(request)
@@ -330,6 +337,16 @@ async def _stream_prices(request: web.Request) -> web.StreamResponse:
     def event_id() -> str:
         return f"{hub.epoch}.{book.resume_cursor(subscriber.written, symbols)}"
 
+    loop = asyncio.get_running_loop()
+    id_sent_at = loop.time()
+    id_owed = False  # an event went without an id: the client's id lags what it has
+
+    async def send_id_alone() -> None:
+        nonlocal id_sent_at, id_owed
+        async with asyncio.timeout(SEND_TIMEOUT_SECONDS):
+            await stream.write(f"id: {event_id()}\n\n".encode())
+        id_sent_at, id_owed = loop.time(), False
+
     try:
         async with stream:
             snapshot = hub.subscribe(subscriber, symbols)
@@ -340,18 +357,30 @@ async def _stream_prices(request: web.Request) -> web.StreamResponse:
             subscriber.wrote(book.snapshot(symbols))  # up to date, by the snapshot or the id
             await stream.send(_data(first), id=event_id(), event=name, retry=RETRY_MS)
             while not subscriber.closing and stream.is_connected():
-                # Wake at least each second to notice a client that went away while nothing moved.
-                woken = await subscriber.wait(1.0)
+                # Wake at least each second to notice a client that went away while nothing
+                # moved, and when an owed id falls due.
+                id_due_in = id_sent_at + EVENT_ID_SECONDS - loop.time()
+                woken = await subscriber.wait(max(0.0, id_due_in) if id_owed else 1.0)
                 transport = request.transport
                 if subscriber.closing or transport is None or transport.is_closing():
                     break
+                points = []
                 if woken and subscriber.prices:
                     # The write waits for the socket: meanwhile newer prices replace older ones in
                     # subscriber.prices, so a slow reader costs one entry per symbol, no more.
                     points = subscriber.fresh(subscriber.prices.take())
-                    if points:
-                        subscriber.wrote(points)
-                        await stream.send(_data(points), id=event_id(), event="prices")
+                due = loop.time() - id_sent_at >= EVENT_ID_SECONDS
+                if points:
+                    subscriber.wrote(points)
+                    await stream.send(_data(points), id=event_id() if due else None, event="prices")
+                    if due:
+                        id_sent_at, id_owed = loop.time(), False
+                    else:
+                        id_owed = True
+                elif id_owed and due:
+                    await send_id_alone()
+            if id_owed and subscriber.closing:  # the relay ends the stream: leave the id current
+                await send_id_alone()
     except (ConnectionError, RuntimeError, TimeoutError):
         pass  # the client went away (or stopped reading for SEND_TIMEOUT_SECONDS: cut)
     finally:

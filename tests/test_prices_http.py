@@ -253,6 +253,18 @@ class EventStream:
             elif field == "data":
                 data.append(value)
 
+    async def id_after(self, previous: str, timeout: float = 5.0) -> str:
+        """Read on until the id changes from ``previous`` (an id may follow its event alone,
+        up to EVENT_ID_SECONDS later); what it reads must be ids only."""
+        while self.last_id == previous:
+            raw = await asyncio.wait_for(self.response.content.readline(), timeout)
+            assert raw, "the stream ended"
+            line = raw.decode().rstrip("\r\n")
+            assert not line or line.startswith("id:"), line
+            if line.startswith("id:"):
+                self.last_id = line.partition(":")[2].removeprefix(" ")
+        return self.last_id
+
 
 async def test_the_stream_sends_a_snapshot_then_new_prices(relay: Any, http: Any) -> None:
     t = now_ms()
@@ -320,9 +332,14 @@ async def test_an_event_id_is_a_cursor_and_a_reconnect_gets_only_what_changed(
             assert [p["symbol"] for p in (await stream.next())[1]] == ["AAPL", "MSFT"]
             _, polled = await get_prices(http, relay, "symbols=AAPL,MSFT")
             assert stream.last_id == polled["cursor"]
+            before = stream.last_id
             await post_ticks(http, relay, [["MSFT", "2.5", t + 1]])
+            started = time.monotonic()
             assert (await stream.next())[0] == "prices"
-            seen = stream.last_id
+            # within EVENT_ID_SECONDS of the last id: the event goes without one, which follows
+            # alone once the stream is quiet, in about a second
+            seen = await stream.id_after(before)
+            assert time.monotonic() - started < 2.5
         await post_ticks(http, relay, [["AAPL", "1.5", t + 2]])  # while away
         async with http.get(url, headers={**headers, "Last-Event-ID": seen}) as response:
             stream = EventStream(response)
@@ -338,6 +355,33 @@ async def test_an_event_id_is_a_cursor_and_a_reconnect_gets_only_what_changed(
             async with http.get(url, headers={**headers, "Last-Event-ID": unusable}) as response:
                 name, prices = await EventStream(response).next()
                 assert (name, len(prices)) == ("snapshot", 2), unusable
+
+
+async def test_a_busy_stream_computes_its_id_at_most_once_a_second(
+    relay_server: Any, tmp_path: Path, http: Any
+) -> None:
+    async with relay_server(tmp_path / "r", price_window_ms=0) as relay:
+        t = now_ms()
+        url = f"{relay.http}/v1/prices/stream?symbols=AAPL"
+        async with http.get(url, headers=auth(relay.token("alice"))) as response:
+            lines = response.content
+            ids = events = 0
+            for n in range(8):  # eight prices, each its own event, within well under a second
+                await post_ticks(http, relay, [["AAPL", f"1{n}", t + n]])
+                while True:
+                    line = (await asyncio.wait_for(lines.readline(), 5)).decode().strip()
+                    ids += line.startswith("id:")
+                    if line.startswith("data:") and f'"1{n}"' in line:
+                        events += 1
+                        break
+            assert events == 8
+            assert ids <= 2  # the snapshot's, and perhaps one a second later
+            # quiet now: the owed id comes alone, and a reconnect with it gets nothing again
+            stream = EventStream(response)
+            seen = await stream.id_after("")
+        resuming = {**auth(relay.token("alice")), "Last-Event-ID": seen}
+        async with http.get(url, headers=resuming) as again:
+            assert await EventStream(again).next() == ("prices", [])
 
 
 async def test_an_event_id_never_skips_a_price_held_back_by_conflation(
