@@ -76,3 +76,35 @@ def test_two_set_ups_at_once_build_one_working_venv(tmp_path: Path) -> None:
     done = subprocess.run(command, cwd=checkout, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
     assert Path(installed).stat().st_mtime_ns == before
+
+
+def test_set_ups_of_two_venvs_at_once_share_the_checkout_safely(tmp_path: Path) -> None:
+    """Two venvs from one checkout at once: their builds share build/, *.egg-info and dist/, so
+    they take turns; both install a working wheel, and dist/ ends with one sdist and one wheel."""
+    checkout = tmp_path / "foliosync"
+    copy_checkout(checkout)
+    venvs = [tmp_path / "venv-a", tmp_path / "venv-b"]
+    running = [
+        subprocess.Popen(
+            [sys.executable, "tools/bootstrap.py", str(venv)],
+            cwd=checkout,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        for venv in venvs
+    ]
+    outputs = [p.communicate(timeout=300)[0].decode() for p in running]
+    for process, output in zip(running, outputs, strict=True):
+        assert process.returncode == 0, output
+    for venv in venvs:
+        done = subprocess.run(
+            [venv / "bin/python", "-c", "import foliosync.server.relay, foliosync.client.cli"],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+    built = sorted(p.name for p in (checkout / "dist").iterdir())
+    assert len(built) == 2, built
+    assert {Path(name).suffix for name in built} == {".gz", ".whl"}, built

@@ -8,7 +8,9 @@ the wheel lacks fails the suite instead of hiding behind an editable install.
 Two of these may run at once (``make relay`` in one shell, ``make test`` in another): an exclusive
 lock beside the venv makes the second wait for the first, and a stamp in the venv (what was
 installed from which sources) lets it skip the work the first one already did. A running relay
-keeps its files: nothing is reinstalled when nothing changed.
+keeps its files: nothing is reinstalled when nothing changed. Set-ups of *different* venvs from
+one checkout share its ``build/``, ``*.egg-info`` and ``dist/``: each builds into a directory of
+its own, under a lock on the checkout, and then puts its sdist and wheel in ``dist/``.
 
 Usage: ``python3 tools/bootstrap.py VENV [--extras test,bench] [--editable]``
 """
@@ -16,6 +18,7 @@ Usage: ``python3 tools/bootstrap.py VENV [--extras test,bench] [--editable]``
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -23,6 +26,8 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -76,13 +81,34 @@ def ensure_venv(venv: Path) -> Path:
     return python
 
 
-def build_wheel(python: Path) -> Path:
+@contextlib.contextmanager
+def checkout_lock() -> Iterator[None]:
+    """One build at a time in this checkout, whatever the venv: setuptools writes ``build/`` and
+    ``*.egg-info`` inside it. The lock is on the checkout's directory itself, so no file is left
+    behind; the system releases it when the process dies."""
+    fd = os.open(ROOT, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def build_wheel(python: Path, out: Path) -> Path:
     """sdist first, then the wheel from the sdist: a file the sdist lacks is missing from the
-    wheel too, so checking the installed wheel checks both."""
-    dist = ROOT / "dist"
-    shutil.rmtree(dist, ignore_errors=True)
-    run(python, "-m", "build", "--outdir", dist, ROOT)
-    (wheel,) = dist.glob("foliosync-*.whl")
+    wheel too, so checking the installed wheel checks both. Built into ``out`` (this run's own),
+    then copied into ``ROOT/dist`` (where the packaging tests read them), replacing what an
+    earlier build left there; the wheel returned is ``out``'s, which no other run touches."""
+    with checkout_lock():
+        run(python, "-m", "build", "--outdir", out, ROOT)
+        (wheel,) = out.glob("foliosync-*.whl")
+        (sdist,) = out.glob("foliosync-*.tar.gz")
+        dist = ROOT / "dist"
+        dist.mkdir(exist_ok=True)
+        for old in dist.glob("foliosync-*"):
+            old.unlink()
+        for built in (sdist, wheel):
+            shutil.copy2(built, dist / built.name)
     return wheel
 
 
@@ -104,10 +130,12 @@ def install(venv: Path, extras: set[str], editable: bool) -> None:
     # pip keeps an installed 0.1.0 when asked for 0.1.0 again: remove it so the new build lands.
     quiet_pip(python, "uninstall", "-y", "foliosync")
     if editable:
-        quiet_pip(python, "install", "-e", f"{ROOT}{suffix}")
+        with checkout_lock():  # setuptools builds the editable wheel in the checkout too
+            quiet_pip(python, "install", "-e", f"{ROOT}{suffix}")
     else:
-        wheel = build_wheel(python)
-        quiet_pip(python, "install", f"foliosync{suffix} @ {wheel.as_uri()}")
+        with tempfile.TemporaryDirectory(prefix="foliosync-build-") as out:
+            wheel = build_wheel(python, Path(out))
+            quiet_pip(python, "install", f"foliosync{suffix} @ {wheel.as_uri()}")
     stamp.write_text(
         json.dumps({"fingerprint": source, "editable": editable, "extras": sorted(extras)})
     )
