@@ -26,7 +26,14 @@ from aiohttp import hdrs, web
 
 from foliosync.sync.errors import ConfigError
 
-__all__ = ["ALLOWED_HEADERS", "CORS_PATHS", "PREFLIGHT_MAX_AGE", "add_cors", "normalize_origin"]
+__all__ = [
+    "ALLOWED_HEADERS",
+    "CORS_PATHS",
+    "PREFLIGHT_MAX_AGE",
+    "add_cors",
+    "normalize_origin",
+    "normalize_origins",
+]
 
 CORS_PATHS = frozenset({"/v1/ticks", "/v1/prices", "/v1/prices/stream", "/healthz"})
 """The routes a listed origin may call from a browser."""

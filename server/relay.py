@@ -86,7 +86,14 @@ from foliosync.sync.protocol import (
 )
 from foliosync.sync.validation import normalize_symbol
 
-__all__ = ["Relay", "RelayConfig", "RelayKey", "create_app"]
+__all__ = [
+    "Connection",
+    "Relay",
+    "RelayConfig",
+    "RelayKey",
+    "create_app",
+    "websocket_binary_frame",
+]
 
 log = logging.getLogger("foliosync.relay")
 

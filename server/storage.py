@@ -30,6 +30,7 @@ __all__ = [
     "RelayStore",
     "RelayStoreError",
     "SQLiteRelayStore",
+    "StorageFullError",
     "StoredDocument",
     "Watermark",
 ]

@@ -98,6 +98,36 @@ def test_all_is_sorted_and_resolves(name: str) -> None:
     assert not missing, f"{name}.__all__ names what it lacks: {missing}"
 
 
+@pytest.mark.parametrize(
+    "path",
+    sorted(
+        p
+        for top in ("sync", "server")
+        for p in (Path(__file__).resolve().parent.parent / top).rglob("*.py")
+    ),
+    ids=str,
+)
+def test_all_lists_every_public_function_and_class(path: Path) -> None:
+    """A public name left out of ``__all__`` is missing from ``from module import *`` and from
+    the documented API, though other modules import it."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    exported: set[str] | None = None
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(
+            isinstance(t, ast.Name) and t.id == "__all__" for t in node.targets
+        ):
+            exported = set(ast.literal_eval(node.value))
+    if exported is None:
+        return  # test_all_is_sorted_and_resolves requires one of importable modules
+    public = {
+        node.name
+        for node in tree.body
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef)
+        and not node.name.startswith("_")
+    }
+    assert not public - exported, f"{path.name}: not in __all__: {sorted(public - exported)}"
+
+
 def test_errors_form_one_tree() -> None:
     from foliosync.sync import errors
 
