@@ -97,8 +97,12 @@ def check_store(path: Path) -> StoreSummary:
 
 
 def _copy(source: sqlite3.Connection, target: Path) -> None:
-    """``source`` into a new file ``target``, in one step, self-contained and on disk."""
+    """``source`` into a new file ``target``, in one step, self-contained and on disk.
+
+    Created readable by its owner only (0600), whatever the umask: a backup or a restored store
+    holds every user's documents. SQLite opens the empty file as an empty database."""
     target.unlink(missing_ok=True)
+    os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
     dest = sqlite3.connect(target)
     try:
         source.backup(dest)  # pages=-1: the whole database in one step, from one snapshot

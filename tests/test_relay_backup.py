@@ -472,3 +472,21 @@ async def test_a_backup_over_a_file_with_a_stale_wal_holds_the_backup(tmp_path: 
     assert str(summary) == "3 documents, 0 stored updates"
     assert not Path(f"{target}-wal").exists() and not Path(f"{target}-shm").exists()
     assert str(check_store(target)) == "3 documents, 0 stored updates"
+
+
+async def test_backups_and_restored_stores_are_readable_by_their_owner_only(
+    tmp_path: Path,
+) -> None:
+    """They hold every user's documents: 0600 whatever the umask."""
+    from foliosync.server.backup import backup_store, restore_store
+
+    _store_with_documents(tmp_path / "data" / "relay.db", 2)
+    backup = tmp_path / "backup.db"
+    previous = os.umask(0o022)
+    try:
+        backup_store(tmp_path / "data", backup)
+        restore_store(tmp_path / "other", backup)
+    finally:
+        os.umask(previous)
+    assert backup.stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "other" / "relay.db").stat().st_mode & 0o777 == 0o600
