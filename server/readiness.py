@@ -22,6 +22,7 @@ What "alive" means depends on the feed (``--feed``):
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable
 from dataclasses import dataclass
 
@@ -30,6 +31,7 @@ from foliosync.server.feeds import CsvReplayFeed, Feed, SimulatorFeed
 from foliosync.server.prices import PriceHub
 from foliosync.server.storage import RelayStore
 from foliosync.sync.clock import wall_ms
+from foliosync.sync.errors import FolioSyncError
 
 __all__ = [
     "CHECK_TIMEOUT_S",
@@ -38,10 +40,13 @@ __all__ = [
     "Readiness",
     "check_feed",
     "check_readiness",
+    "short_reason",
 ]
 
 CHECK_TIMEOUT_S = 2.0
 """Longest a store or fan-out check may take before it counts as failed."""
+
+log = logging.getLogger("foliosync.relay")
 
 FEED_STALE_AFTER_S = 30.0
 """A simulator that should move prices and published none for this long is not alive (it steps
@@ -78,13 +83,25 @@ class Readiness:
         return body
 
 
+def short_reason(exc: BaseException) -> str:
+    """What ``/readyz`` (unauthenticated) says of a failure: our own errors' first clause (``the
+    relay store does not answer``), without what follows it (the database's message, a path);
+    for anything else only its type. The whole exception goes to the log."""
+    if isinstance(exc, FolioSyncError):
+        head = str(exc).split(": ", 1)[0].strip()
+        if head:
+            return head[:80]
+    return f"failed ({type(exc).__name__})"
+
+
 async def _probe(name: str, ping: Awaitable[None], ok: str, timeout: float) -> Check:
     try:
         await asyncio.wait_for(ping, timeout)
     except TimeoutError:
         return Check(name, False, f"no answer within {timeout:g} s")
     except Exception as exc:  # any failure makes the relay not ready; the probe must not crash
-        return Check(name, False, str(exc) or type(exc).__name__)
+        log.warning("readiness: the %s check failed: %r", name, exc)
+        return Check(name, False, short_reason(exc))
     return Check(name, True, ok)
 
 
@@ -98,8 +115,8 @@ def check_feed(spec: str, feed: Feed | None, hub: PriceHub, now_ms: int | None =
     if isinstance(feed, SimulatorFeed | CsvReplayFeed):
         failure = feed.failure
         if failure is not None:
-            reason = str(failure) or type(failure).__name__
-            return Check("feed", False, f"the {spec} feed stopped: {reason}")
+            log.warning("readiness: the %s feed stopped: %r", spec, failure)
+            return Check("feed", False, f"the {spec} feed stopped: {short_reason(failure)}")
     if isinstance(feed, CsvReplayFeed):
         return Check("feed", True, "replaying" if feed.running else "replay finished")
     if isinstance(feed, SimulatorFeed):

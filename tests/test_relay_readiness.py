@@ -3,10 +3,12 @@ feeds; 503 naming what fails otherwise."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 
 from foliosync.server.feeds import SimulatorFeed
 from foliosync.server.prices import PriceHub
@@ -130,3 +132,21 @@ async def test_a_store_that_does_not_answer_in_time_is_not_ready(tmp_path: Path)
         assert (await check_readiness(store, InProcessFanOut(), "none", None, PriceHub())).ready
     finally:
         await store.close()
+
+
+class LeakyStore(MemoryRelayStore):
+    """A store adapter whose failure carries what an unauthenticated caller must not read."""
+
+    async def ping(self) -> None:
+        raise OSError("cannot read /srv/foliosync/private/relay.db: permission denied")
+
+
+async def test_readyz_gives_a_short_reason_and_logs_the_exception(
+    tmp_path: Path, helpers: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with helpers.serve_relay(tmp_path / "relay", store=LeakyStore(), feed="none") as relay:
+        status, body = await readyz(relay.http)
+    assert status == 503 and body["failing"] == ["store"]
+    assert body["checks"]["store"]["detail"] == "failed (OSError)"
+    assert "/srv/foliosync" not in json.dumps(body)
+    assert "/srv/foliosync/private/relay.db" in caplog.text  # the operator still sees it
