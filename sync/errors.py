@@ -13,7 +13,7 @@ translated where they enter, raised ``from`` the original, and never reach the a
     ├── DocumentExists             create() of a name that is already there
     ├── ReplicaError               the local SQLite replica cannot be used as asked
     │   ├── ReplicaCorrupt         not a foliosync replica, or damaged; never overwritten
-    │   ├── ReplicaLocked          another process has it open
+    │   ├── ReplicaLocked          another process holds the file longer than we may wait
     │   ├── SchemaTooNew           written by a newer foliosync; never overwritten
     │   └── StorageFull            the disk is full; the edit was not applied
     ├── ProtocolError              the wire protocol was broken
@@ -99,7 +99,9 @@ class ReplicaCorrupt(ReplicaError):
 
 
 class ReplicaLocked(ReplicaError):
-    """Another process holds the replica open; two writers would fork a device's history."""
+    """Another process holds the replica longer than we may wait: its write outlasted the busy
+    timeout, a schema upgrade needs the file alone, or on a full disk another process holds it
+    alone (reads there cannot share the file). Processes otherwise share a replica freely."""
 
 
 class SchemaTooNew(ReplicaError):

@@ -208,14 +208,17 @@ def test_the_readme_runs_as_written(
         )
     assert sorted(outputs) == list(range(len(commands))), f"not every command ran:\n{transcript}"
 
-    by_command = {commands[i]: outputs[i] for i in outputs}
+    def outputs_of(command: str) -> list[str]:
+        """The outputs, in order, of the README's commands that are ``command`` but for their
+        comments."""
+        found = [
+            outputs[i] for i, line in enumerate(commands) if line.split("  #")[0].strip() == command
+        ]
+        assert found, f"the README no longer runs `{command}`"
+        return found
 
     def output_of(command: str) -> str:
-        """The output of the README command that is ``command`` once its comment is dropped."""
-        (found,) = [
-            out for line, out in by_command.items() if line.split("  #")[0].strip() == command
-        ]
-        return found
+        return outputs_of(command)[0]
 
     # What the README says each command shows.
     assert "AAPL" in output_of("foliosync portfolio show Main --json")
@@ -223,6 +226,9 @@ def test_the_readme_runs_as_written(
         "prices promises the last known price with its age"
     )
     assert "AAPL" in output_of("foliosync prices AAPL --follow")
+    # beside a process that holds the replica and syncs it, an edit, then the others see it
+    first, *_, last = outputs_of("foliosync watchlist show Tech")
+    assert "AMZN" not in first and "AMZN" in last
     assert "live" in output_of("foliosync status")
     status = json.loads(output_of("foliosync status --json"))
     assert status["pending"] == 0 and status["state"] == "not_running", status
