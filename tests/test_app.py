@@ -473,7 +473,7 @@ def test_the_badges_change_as_time_passes(devices: Devices, relay: RelayThread, 
 
 
 def test_the_window_renders_for_the_readme(
-    devices: Devices, relay: RelayThread, qtbot: Any
+    devices: Devices, relay: RelayThread, qtbot: Any, tmp_path: Path
 ) -> None:
     window = devices.window("laptop")
     window.resize(1200, 560)
@@ -502,8 +502,11 @@ def test_the_window_renders_for_the_readme(
     qtbot.waitUntil(lambda: cell(window.watchlist_model, 3, 2) == "-0.80 (-0.46%)", timeout=WAIT_MS)
     qtbot.waitUntil(lambda: cell(window.holdings_model, 2, 3) == "124.90", timeout=WAIT_MS)
     qtbot.waitUntil(lambda: window.pending_label.text() == "all changes synced", timeout=WAIT_MS)
-    path = ROOT / "docs" / "app.png"
-    path.parent.mkdir(exist_ok=True)
+    # Rendered into the test's folder; FOLIOSYNC_UPDATE_SCREENSHOT=1 writes the README's copy,
+    # so that a test run leaves the checkout as it was.
+    path = tmp_path / "app.png"
+    if os.environ.get("FOLIOSYNC_UPDATE_SCREENSHOT") == "1":
+        path = ROOT / "docs" / "app.png"
     assert window.grab().save(str(path), "PNG")
     image = QImage(str(path))
     assert (image.width(), image.height()) == (window.width(), window.height())
