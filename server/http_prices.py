@@ -43,10 +43,11 @@ import msgpack
 from aiohttp import web
 from aiohttp_sse import EventSourceResponse
 
-from foliosync.server.auth import Identity, verify_token
-from foliosync.server.http_errors import http_error, json_error
+from foliosync.server.auth import Identity
+from foliosync.server.http_auth import authorize_request, http_auth_error
+from foliosync.server.http_errors import json_error
 from foliosync.sync.clock import wall_ms
-from foliosync.sync.errors import AuthError, ValidationError
+from foliosync.sync.errors import ValidationError
 from foliosync.sync.prices import LatestPrices, PricePoint, check_ticks
 from foliosync.sync.protocol.frames import MAX_TICKS
 from foliosync.sync.validation import normalize_symbol
@@ -98,9 +99,7 @@ def _relay(request: web.Request) -> Relay:
     return request.app[RelayKey]
 
 
-def _fail(cls: type[web.HTTPException], message: str, **extra: object) -> web.HTTPException:
-    headers = {"WWW-Authenticate": "Bearer"} if cls is web.HTTPUnauthorized else None
-    return http_error(cls, message, headers=headers, **extra)
+_fail = http_auth_error
 
 
 class _TooLarge(Exception):
@@ -120,24 +119,7 @@ async def _refuse_too_large(request: web.Request, message: str) -> web.StreamRes
 
 
 def _authorize(request: web.Request, scope: str, *, query_token: bool = False) -> Identity:
-    header = request.headers.get("Authorization")
-    token: str | None = None
-    if header is not None:
-        scheme, _, value = header.strip().partition(" ")
-        if scheme.lower() != "bearer" or not value.strip():
-            raise _fail(web.HTTPUnauthorized, "use Authorization: Bearer TOKEN")
-        token = value.strip()
-    elif query_token:
-        token = request.query.get("token")
-    if not token:
-        raise _fail(web.HTTPUnauthorized, "no token given")
-    try:
-        identity = verify_token(_relay(request).secret, token)
-    except AuthError as exc:
-        raise _fail(web.HTTPUnauthorized, str(exc)) from None
-    if scope not in identity.scopes:
-        raise _fail(web.HTTPForbidden, f"this token lacks the {scope} scope")
-    return identity
+    return authorize_request(request, _relay(request).secret, scope, query_token=query_token)
 
 
 def _symbols(request: web.Request, limit: int, *, required: bool) -> list[str] | None:

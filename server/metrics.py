@@ -44,23 +44,7 @@ from prometheus_client.registry import Collector
 
 from foliosync import __version__
 from foliosync.server.timings import Timings
-from foliosync.sync.protocol import (
-    Ack,
-    Error,
-    Hello,
-    Ping,
-    Pong,
-    PriceBatch,
-    PriceSnapshot,
-    Publish,
-    Published,
-    Resync,
-    Subscribe,
-    SyncReply,
-    SyncRequest,
-    Update,
-    Welcome,
-)
+from foliosync.sync.protocol import FRAME_NAMES
 
 if TYPE_CHECKING:
     from foliosync.server.relay import Relay
@@ -100,26 +84,7 @@ refusals is defined before the first one); a code not listed appears once sent."
 CLOSE_CODES = ("1000", "1001", "1006", "1009", "1011", "1013", "none")
 """The close codes exported from the start at 0; others (a peer's own) appear once seen."""
 
-_FRAME_NAMES: dict[int, str] = {
-    cls._CODE: name
-    for cls, name in (
-        (Hello, "hello"),
-        (Welcome, "welcome"),
-        (Error, "error"),
-        (Ping, "ping"),
-        (Pong, "pong"),
-        (SyncRequest, "sync_request"),
-        (SyncReply, "sync_reply"),
-        (Update, "update"),
-        (Ack, "ack"),
-        (Subscribe, "subscribe"),
-        (Resync, "resync"),
-        (PriceSnapshot, "price_snapshot"),
-        (PriceBatch, "price_batch"),
-        (Publish, "publish"),
-        (Published, "published"),
-    )
-}
+_FRAME_NAMES = FRAME_NAMES  # the protocol's own table: a new frame is counted by its name
 
 
 def frame_type_name(code: int) -> str:

@@ -38,9 +38,10 @@ from foliosync.server.data_lock import DataDirLock
 from foliosync.server.documents import BadUpdate, RelayDocuments
 from foliosync.server.fanout import Change, FanOut, InProcessFanOut, Subscription
 from foliosync.server.feeds import Feed, start_feed
+from foliosync.server.http_auth import authorize_request
 from foliosync.server.http_cors import add_cors, normalize_origins
 from foliosync.server.http_errors import JsonErrorAppRunner, http_error, json_errors
-from foliosync.server.http_prices import _authorize, add_price_routes
+from foliosync.server.http_prices import add_price_routes
 from foliosync.server.logs import bind_log_context, log_context
 from foliosync.server.measured_store import MeasuredRelayStore
 from foliosync.server.memory import trim_memory_every
@@ -67,12 +68,12 @@ from foliosync.sync.model import kind_of
 from foliosync.sync.prices import LatestPrices, PricePoint, check_ticks
 from foliosync.sync.protocol import (
     DEFAULT_MAX_DOCUMENTS,
+    FRAME_CODES,
     ErrorCode,
     ErrorReceived,
     HelloReceived,
     OutboundQueue,
     PingReceived,
-    PriceBatch,
     Published,
     PublishReceived,
     ResyncRequested,
@@ -191,7 +192,7 @@ class Relay:
     async def handle_metrics(self, request: web.Request) -> web.Response:
         """``GET /metrics`` on the main port: the admin scope's, checked as the price API checks
         its tokens (401 without a valid token, 403 without the scope, in JSON)."""
-        _authorize(request, "admin")
+        authorize_request(request, self.secret, "admin")
         return self.metrics_response()
 
     def metrics_response(self) -> web.Response:
@@ -760,8 +761,8 @@ class Connection:
 RelayKey = web.AppKey("relay", Relay)
 
 _DIRECT_WRITE_LIMIT = 64 << 10  # above this many unsent bytes, frames wait for the writer
-_UPDATE_CODE = Update._CODE
-_PRICE_BATCH_CODE = PriceBatch._CODE
+_UPDATE_CODE = FRAME_CODES["update"]
+_PRICE_BATCH_CODE = FRAME_CODES["price_batch"]
 _CLOSE_TIMEOUT = 2.0  # seconds a closing peer has to take what is left and the close frame
 
 

@@ -128,6 +128,28 @@ def test_all_lists_every_public_function_and_class(path: Path) -> None:
     assert not public - exported, f"{path.name}: not in __all__: {sorted(public - exported)}"
 
 
+def test_no_module_reaches_into_another_s_private_names() -> None:
+    """What one module needs of another is public (``authorize_request``, ``FRAME_CODES``), so a
+    private helper can change without breaking a module that borrowed it."""
+    reached = []
+    for top in ("sync", "server"):
+        for path in sorted((Path(__file__).resolve().parent.parent / top).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("foliosync"):
+                    reached += [
+                        f"{path.name}: {node.module}.{alias.name}"
+                        for alias in node.names
+                        if alias.name.startswith("_") and not alias.name.startswith("__")
+                    ]
+                if (
+                    path.name != "frames.py"
+                    and isinstance(node, ast.Attribute)
+                    and node.attr == "_CODE"
+                ):
+                    reached.append(f"{path.name}: {ast.unparse(node)}")
+    assert not reached, reached
+
+
 def test_errors_form_one_tree() -> None:
     from foliosync.sync import errors
 

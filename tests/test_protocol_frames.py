@@ -264,3 +264,22 @@ def test_a_bad_tick_cannot_be_packed() -> None:
         frames.pack_price_tick(("AAPL", 187.25, 1, 1, None))  # type: ignore[arg-type]
     with pytest.raises(LocalProtocolError):
         frames.encode_price_frame(False, [b"\xc0"] * (frames.MAX_TICKS + 1))
+
+
+def test_the_frame_table_names_every_frame_once_and_the_metrics_use_it() -> None:
+    """One table of type codes and names, exported by the protocol: the relay's frame counters
+    label frames with it rather than keeping a copy that a new frame would be missing from."""
+    from foliosync.server.metrics import frame_type_name
+    from foliosync.sync.protocol import FRAME_CODES, FRAME_NAMES
+
+    assert set(FRAME_NAMES) == {cls._CODE for cls in frames._FRAME_TYPES}
+    assert FRAME_NAMES[Update._CODE] == "update"
+    assert FRAME_NAMES[SyncRequest._CODE] == "sync_request"
+    assert FRAME_NAMES[PriceSnapshot._CODE] == "price_snapshot"
+    assert len(set(FRAME_NAMES.values())) == len(FRAME_NAMES)
+    assert {FRAME_CODES[name]: name for name in FRAME_CODES} == dict(FRAME_NAMES)
+    for code, name in FRAME_NAMES.items():
+        assert frame_type_name(code) == name
+    assert frame_type_name(0) == "unknown"
+    with pytest.raises(TypeError):
+        FRAME_NAMES[99] = "mine"  # type: ignore[index]

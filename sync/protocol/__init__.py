@@ -25,6 +25,8 @@ from foliosync.sync.protocol.events import (
     Welcomed,
 )
 from foliosync.sync.protocol.frames import (
+    FRAME_CODES,
+    FRAME_NAMES,
     MAX_SYMBOLS,
     PROTOCOL_VERSION,
     RESERVED_PRICE_CODES,
@@ -63,6 +65,8 @@ from foliosync.sync.protocol.session import (
 __all__ = [
     "DEFAULT_MAX_DOCUMENTS",
     "DEFAULT_MAX_FRAME_SIZE",
+    "FRAME_CODES",
+    "FRAME_NAMES",
     "MAX_SYMBOLS",
     "PROTOCOL_VERSION",
     "RESERVED_PRICE_CODES",

@@ -53,9 +53,11 @@ to say the same thing would only be a second thing for the peers to disagree abo
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+import re
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
+from types import MappingProxyType
 from typing import ClassVar, TypeAlias
 
 import msgpack
@@ -69,6 +71,8 @@ from foliosync.sync.protocol.limits import (
 )
 
 __all__ = [
+    "FRAME_CODES",
+    "FRAME_NAMES",
     "PROTOCOL_VERSION",
     "RESERVED_PRICE_CODES",
     "Ack",
@@ -534,6 +538,15 @@ _FIELD_NAMES: dict[type[_Checked], tuple[str, ...]] = {
     for cls in _FRAME_TYPES
 }
 assert len(_BY_CODE) == len(_FRAME_TYPES), "two frames share a type code"
+
+FRAME_NAMES: Mapping[int, str] = MappingProxyType(
+    {cls._CODE: re.sub(r"(?<!^)(?=[A-Z])", "_", cls.__name__).lower() for cls in _FRAME_TYPES}
+)
+"""Every frame's type code and its name in snake case (``8`` is ``update``, ``11`` is
+``sync_reply``): the one table that code outside this module (the relay's frame counters, the
+``type`` label of its metrics) reads, instead of copying it."""
+FRAME_CODES: Mapping[str, int] = MappingProxyType({n: c for c, n in FRAME_NAMES.items()})
+"""The same table by name: ``FRAME_CODES["update"]`` is the Update frame's type code."""
 _PRICE_FRAMES = (Subscribe, Resync, PriceSnapshot, PriceBatch, Publish, Published)
 assert all(cls._CODE in RESERVED_PRICE_CODES for cls in _PRICE_FRAMES), "price codes are 40-59"
 assert not any(
