@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import os
 import shutil
 import sys
+import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, replace
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +26,7 @@ from foliosync.server.auth import issue_token, load_or_create_secret
 from foliosync.server.http_errors import JsonErrorAppRunner
 from foliosync.server.relay import Relay, RelayConfig, RelayKey, create_app
 from foliosync.server.storage import RelayStore
+from foliosync.sync.prices import check_tick
 
 
 @dataclass
@@ -150,6 +155,53 @@ async def sync_clients(open_replica: Any) -> AsyncIterator[Callable[..., SyncCli
     for client in clients:
         with contextlib.suppress(Exception):
             await client.stop()
+
+
+THREAD_WAIT = 10.0
+
+
+class RelayThread:
+    """A relay (``serve_relay``) served by an event loop in another thread: for tests that block
+    their own thread (blocking clients, Qt) while the relay must go on serving."""
+
+    def __init__(self, data_dir: Path, **config: Any) -> None:
+        self._runner = asyncio.Runner()
+        self._started: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        self._stop: asyncio.Event | None = None
+        self._thread = threading.Thread(
+            target=self._runner.run, args=(self._serve(data_dir, config),), daemon=True
+        )
+        self._thread.start()
+        self.running = self._started.result(THREAD_WAIT)
+        self.url: str = self.running.url
+
+    async def _serve(self, data_dir: Path, config: dict[str, Any]) -> None:
+        self._stop = asyncio.Event()
+        self.loop = asyncio.get_running_loop()
+        async with serve_relay(data_dir, **config) as running:
+            self._started.set_result(running)
+            await self._stop.wait()
+
+    def token(self, user: str, device: str) -> str:
+        token: str = self.running.token(user, device)
+        return token
+
+    def publish(self, symbol: str, price: str, at: datetime | None = None) -> None:
+        """A price tick taken ``at`` (now by default), published on the relay's own loop."""
+
+        async def publish() -> None:
+            now = time.time_ns() // 1_000_000
+            taken = now if at is None else int(at.timestamp() * 1000)
+            tick = check_tick({"symbol": symbol, "price": price, "time_ms": taken}, now)
+            assert self.running.relay.prices.publish([tick])
+
+        asyncio.run_coroutine_threadsafe(publish(), self.loop).result(THREAD_WAIT)
+
+    def stop(self) -> None:
+        assert self._stop is not None
+        self.loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(THREAD_WAIT)
+        self._runner.close()
 
 
 async def run_cli(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:

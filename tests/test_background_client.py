@@ -8,7 +8,6 @@ test's loop would stall whenever the test waits.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import logging
 import os
 import queue
@@ -37,56 +36,15 @@ from foliosync.sync.errors import (
     WrongThread,
 )
 from foliosync.sync.freshness import FreshnessLevel
-from foliosync.sync.prices import check_tick
+
+from .conftest import RelayThread
 
 WAIT = 10.0
 
 
-class RelayThread:
-    """A relay (the tests' own ``serve_relay``) served by an event loop in another thread."""
-
-    def __init__(self, data_dir: Path, helpers: Any, **config: Any) -> None:
-        self._runner = asyncio.Runner()
-        self._started: concurrent.futures.Future[Any] = concurrent.futures.Future()
-        self._stop: asyncio.Event | None = None
-        self._thread = threading.Thread(
-            target=self._runner.run, args=(self._serve(data_dir, helpers, config),), daemon=True
-        )
-        self._thread.start()
-        self.running = self._started.result(WAIT)
-        self.url: str = self.running.url
-
-    async def _serve(self, data_dir: Path, helpers: Any, config: dict[str, Any]) -> None:
-        self._stop = asyncio.Event()
-        self.loop = asyncio.get_running_loop()
-        async with helpers.serve_relay(data_dir, **config) as running:
-            self._started.set_result(running)
-            await self._stop.wait()
-
-    def token(self, user: str, device: str) -> str:
-        token: str = self.running.token(user, device)
-        return token
-
-    def publish(self, symbol: str, price: str) -> None:
-        """A price tick, published on the relay's own loop."""
-
-        async def publish() -> None:
-            now = time.time_ns() // 1_000_000
-            tick = check_tick({"symbol": symbol, "price": price, "time_ms": now}, now)
-            assert self.running.relay.prices.publish([tick])
-
-        asyncio.run_coroutine_threadsafe(publish(), self.loop).result(WAIT)
-
-    def stop(self) -> None:
-        assert self._stop is not None
-        self.loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(WAIT)
-        self._runner.close()
-
-
 @pytest.fixture
 def relay(tmp_path: Path, helpers: Any) -> Iterator[RelayThread]:
-    running = RelayThread(tmp_path / "relay", helpers, price_window_ms=0)
+    running = RelayThread(tmp_path / "relay", price_window_ms=0)
     try:
         yield running
     finally:
