@@ -35,10 +35,25 @@ _RIGHT = int(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
 _ROOT = QModelIndex()
 
 
-class _PricedModel(QAbstractTableModel):
-    """Rows keyed by symbol, with the quotes and the time their badges are measured at."""
+class _ColumnsModel(QAbstractTableModel):
+    """A table whose columns and their headers are a class's ``columns``."""
 
     columns: tuple[str, ...] = ()
+
+    def columnCount(self, parent: _Index = _ROOT) -> int:
+        return 0 if parent.isValid() else len(self.columns)
+
+    def headerData(
+        self, section: int, orientation: Qt.Orientation, role: int = Qt.ItemDataRole.DisplayRole
+    ) -> Any:
+        if role == Qt.ItemDataRole.DisplayRole and orientation == Qt.Orientation.Horizontal:
+            return self.columns[section] if 0 <= section < len(self.columns) else None
+        return None
+
+
+class _PricedModel(_ColumnsModel):
+    """Rows keyed by symbol, with the quotes and the time their badges are measured at."""
+
     badge_columns: tuple[int, ...] = ()
     numeric_columns: frozenset[int] = frozenset()
 
@@ -51,16 +66,6 @@ class _PricedModel(QAbstractTableModel):
 
     def rowCount(self, parent: _Index = _ROOT) -> int:
         return 0 if parent.isValid() else len(self._rows_by_symbol)
-
-    def columnCount(self, parent: _Index = _ROOT) -> int:
-        return 0 if parent.isValid() else len(self.columns)
-
-    def headerData(
-        self, section: int, orientation: Qt.Orientation, role: int = Qt.ItemDataRole.DisplayRole
-    ) -> Any:
-        if role == Qt.ItemDataRole.DisplayRole and orientation == Qt.Orientation.Horizontal:
-            return self.columns[section] if 0 <= section < len(self.columns) else None
-        return None
 
     def badge(self, symbol: str) -> Badge | None:
         """The price badge of ``symbol`` at the model's time (None without a price)."""
@@ -226,7 +231,7 @@ TradeEditor = Callable[[str, str, str], bool]
 """``editor(trade_id, field, text)`` corrects a trade; False when refused (the app says why)."""
 
 
-class TradesModel(QAbstractTableModel):
+class TradesModel(_ColumnsModel):
     """A portfolio's trades in order; symbol, quantity, price and note are corrected in place."""
 
     columns = ("Time", "Symbol", "Quantity", "Price", "Note")
@@ -247,16 +252,6 @@ class TradesModel(QAbstractTableModel):
 
     def rowCount(self, parent: _Index = _ROOT) -> int:
         return 0 if parent.isValid() else len(self._trades)
-
-    def columnCount(self, parent: _Index = _ROOT) -> int:
-        return 0 if parent.isValid() else len(self.columns)
-
-    def headerData(
-        self, section: int, orientation: Qt.Orientation, role: int = Qt.ItemDataRole.DisplayRole
-    ) -> Any:
-        if role == Qt.ItemDataRole.DisplayRole and orientation == Qt.Orientation.Horizontal:
-            return self.columns[section] if 0 <= section < len(self.columns) else None
-        return None
 
     def flags(self, index: _Index) -> Qt.ItemFlag:
         flags = super().flags(index)
