@@ -173,3 +173,26 @@ async def test_the_js_client_refuses_bad_input_and_reports_relay_errors(
     assert forged.code == 1 and "auth_failed: token signature is invalid" in forged.err
     usage = await run_js(js_client, relay, "rename", "Tech")
     assert usage.code == 2 and "usage:" in usage.err
+
+
+def test_the_js_client_derives_ids_as_python_does_or_refuses_the_name(js_client: Path) -> None:
+    """Ids derive from the case-folded name; JavaScript can only lower-case, so a name whose
+    folding differs is refused rather than given a second document's id."""
+    names = ["Tech", "  my   Tech ", "Ünïcode", "Straße", "Σοφός", "ﬁnance"]
+    script = (
+        'import("./documents.mjs").then((m) => { const out = {};'
+        f" for (const n of {json.dumps(names)})"
+        ' { try { out[n] = m.documentId("watchlist", n); } catch (e) { out[n] = null; } }'
+        " console.log(JSON.stringify(out)); });"
+    )
+    done = subprocess.run(
+        ["node", "-e", script], cwd=js_client, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    ids = json.loads(done.stdout)
+    for name in names[:3]:
+        assert ids[name] == document_id(DocumentKind.WATCHLIST, name), name
+    assert [ids[name] for name in names[3:]] == [None, None, None]
+    assert document_id(DocumentKind.WATCHLIST, "Straße") == document_id(
+        DocumentKind.WATCHLIST, "STRASSE"
+    )  # what Python makes of it, and why JavaScript must not guess

@@ -21,13 +21,24 @@ export function normalizeName(name) {
 
 /**
  * The id of a watchlist or portfolio: prefix + BLAKE2b with a 12-byte digest of the case-folded
- * name. JavaScript has no Unicode case folding; lower-casing is the same for names without
- * letters such as "ß", and a document that exists is found by its name in the index instead.
+ * name. JavaScript has no Unicode case folding; lower-casing is the same except for letters whose
+ * folding is not their lower case ("ß" folds to "ss", "ς" to "σ", "ﬁ" to "fi"): a new name with
+ * one of those is refused, so that this client and a Python device never make two documents of
+ * one name. A document that exists is found by its name in the index instead.
  */
 export function documentId(kind, name) {
   const prefix = { watchlist: "wl-", portfolio: "pf-" }[kind];
   if (!prefix) throw new Error(`no id derives from kind ${kind}`);
-  const key = new TextEncoder().encode(normalizeName(name).toLowerCase());
+  const lowered = normalizeName(name).toLowerCase();
+  for (const letter of lowered) {
+    if (letter.toUpperCase().toLowerCase() !== letter) {
+      throw new Error(
+        `the name ${JSON.stringify(name)} holds ${JSON.stringify(letter)}, whose case folding ` +
+          "this client cannot derive: create it from a Python device, or choose another name",
+      );
+    }
+  }
+  const key = new TextEncoder().encode(lowered);
   return prefix + blake.blake2bHex(key, null, 12);
 }
 
