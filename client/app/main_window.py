@@ -549,7 +549,7 @@ class MainWindow(QMainWindow):
             return False
 
         def correct() -> None:
-            value: object = text.strip() or None if field == "note" else text.strip()
+            value: object = (text.strip() or None) if field == "note" else text.strip()
             if field in ("quantity", "price"):
                 value = plain_number(text, field)
             self.client.correct_trade(portfolio, trade_id, **{field: value})
