@@ -560,6 +560,10 @@ class _Connection:
         self.requested: set[str] = set()
         self.in_flight: dict[str, int] = {}  # doc -> highest seq sent and not yet acked
         self.sent_upto: dict[str, int] = {}
+        # Documents whose pending rows _send_unsent is reading, and those changed meanwhile: see
+        # _send_unsent for why no other path sends them then.
+        self.reading: set[str] = set()
+        self.dirty: set[str] = set()
         self.subscribed: frozenset[str] | None = None
         self.price_seqs = SequenceTracker()
         self._subscription_task: asyncio.Task[None] | None = None
@@ -821,8 +825,12 @@ class _Connection:
             self.refresh_subscription()
         if change.origin == "remote" or doc not in self.client._live or self.session.closed:
             return
+        if doc in self.reading:  # _send_unsent reads again and sends it in order
+            self.dirty.add(doc)
+            return
         if not change.update:
             if change.origin == "local":  # several rows at once (a new document): read them
+                self.reading.add(doc)
                 self._spawn(self._send_unsent(doc))
             return  # another process's change that is not a pending edit: nothing to send
         if change.seq <= self.sent_upto.get(doc, 0):
@@ -836,14 +844,33 @@ class _Connection:
             self._spawn(self._request_new_documents())
 
     async def _send_unsent(self, doc: str) -> None:
-        for pending in await self.replica.pending_updates(doc):
-            if pending.seq > self.sent_upto.get(doc, 0) and not self.session.closed:
-                self.sent_upto[doc] = pending.seq
-                self.in_flight[doc] = pending.seq
-                self._leave_sync(doc)
-                self.client._idle.clear()
-                self._send(self.session.update(doc, pending.seq, pending.data))
-        if doc == INDEX_DOCUMENT_ID:
+        """Send the pending rows of ``doc`` this connection has not sent, in seq order.
+
+        Invariant: never send seq N of a document while a lower pending row of it is unsent on
+        this connection. The relay's Ack of N settles every pending row up to N, so a row skipped
+        below it would be marked settled without ever reaching the relay, and lost. Hence one
+        sending path per document: while ``doc`` is in ``reading`` (from the notification that
+        started this until the end), :meth:`_on_local_change` sends nothing of it and only marks
+        it dirty; this reads again until no change came during a read. There is no await between
+        the last read's sends and leaving ``reading``, so nothing notified in between is missed.
+        """
+        try:
+            while True:
+                self.dirty.discard(doc)
+                pending_rows = await self.replica.pending_updates(doc)
+                for pending in pending_rows:
+                    if pending.seq > self.sent_upto.get(doc, 0) and not self.session.closed:
+                        self.sent_upto[doc] = pending.seq
+                        self.in_flight[doc] = pending.seq
+                        self._leave_sync(doc)
+                        self.client._idle.clear()
+                        self._send(self.session.update(doc, pending.seq, pending.data))
+                if doc not in self.dirty or self.session.closed:
+                    break
+        finally:
+            self.reading.discard(doc)
+            self.dirty.discard(doc)
+        if doc == INDEX_DOCUMENT_ID or doc not in self.requested:
             await self._request_new_documents()
 
     def _leave_sync(self, doc: str) -> None:

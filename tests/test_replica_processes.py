@@ -26,7 +26,7 @@ from pycrdt import Doc
 
 from foliosync.client.replica import DocumentChange, Replica
 from foliosync.sync.errors import ConnectionLost
-from foliosync.sync.model import EditContext, Watchlist
+from foliosync.sync.model import INDEX_DOCUMENT_ID, EditContext, Watchlist
 from foliosync.sync.prices import check_tick
 
 WORKER = """
@@ -499,3 +499,43 @@ def test_any_interleaving_of_two_processes_converges(tmp_path: Path, ops: list[A
             assert seen_a == seen_b == (await fresh.watchlist("Shared")).symbols
 
     asyncio.run(run())
+
+
+async def test_a_row_listed_by_another_process_during_a_pending_read_never_skips_one(
+    tmp_path: Path, relay: Any, helpers: Any
+) -> None:
+    """A new document's rows are read before they are sent; another process's index row,
+    notified with its update during that read, must wait for them: sent first, its Ack would
+    settle the unsent row below it, and the other device would never list the new watchlist."""
+    path = tmp_path / "r.db"
+    async with Replica.open(path, watch_interval=None) as replica:
+        client = helpers.fast_client(replica, relay.url, relay.token("ann", "laptop"))
+        client.start()
+        try:
+            await client.wait_in_sync(10)
+            reading, release = asyncio.Event(), asyncio.Event()
+            real = replica._store.pending
+
+            async def slow_pending(doc_id: str | None = None) -> Any:
+                if doc_id == INDEX_DOCUMENT_ID and not release.is_set():
+                    reading.set()
+                    await release.wait()  # a busy disk, until the other process's row is in
+                return await real(doc_id)
+
+            replica._store.pending = slow_pending  # type: ignore[method-assign]
+            await replica.create_watchlist("Alpha")  # notified without an update: read
+            await asyncio.wait_for(reading.wait(), 10)
+            code, _, err = await helpers.run_cli("--db", str(path), "watchlist", "create", "Beta")
+            assert code == 0, err
+            await replica.refresh()  # Beta's index row, notified with its seq and update
+            release.set()
+            await helpers.eventually(
+                lambda: all(replica.info(d).pending == 0 for d in replica.document_ids())
+            )
+            await client.wait_in_sync(10)
+        finally:
+            await client.stop()
+    async with Replica.open(tmp_path / "phone.db") as phone:
+        await helpers.fast_client(phone, relay.url, relay.token("ann", "phone")).sync_once(10)
+        index = await phone.index()
+        assert sorted(e.name for e in index.entries()) == ["Alpha", "Beta"]
