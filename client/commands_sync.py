@@ -61,7 +61,9 @@ async def _sync(args: argparse.Namespace) -> int:
         if not token:
             raise ConfigError("no token given: use --token (from `foliosync token USER`)")
         client = SyncClient(replica, server, token, client_name=f"cli-{replica.device_id}")
-        await client.sync_once(timeout=args.timeout)
+        if not await client.sync_once(timeout=args.timeout):
+            print("another process syncs this replica; it has sent every change")
+            return 0
         docs = replica.documents()
         pending = sum(d.pending for d in docs)
         followed = await replica.followed_symbols()

@@ -220,6 +220,7 @@ class SyncClient:
         self._followed_task: asyncio.Task[None] | None = None
         self._lease = _SyncLease(replica.path)
         self._waited_for_lease = False  # by the last connection attempt, still without it
+        self._welcomed = False  # by the relay, on the current or last connection
 
     # -- status ------------------------------------------------------------------------------
 
@@ -337,7 +338,7 @@ class SyncClient:
 
     # -- running -----------------------------------------------------------------------------
 
-    async def sync_once(self, timeout: float = 30.0) -> None:
+    async def sync_once(self, timeout: float = 30.0) -> bool:
         """Connect, bring every document in sync both ways, fetch the latest prices of the
         followed symbols into ``replica.quotes``, and disconnect.
 
@@ -346,8 +347,13 @@ class SyncClient:
         only costs that wait, and the documents are in sync whatever happens to the prices).
         Raises ConnectionLost (unreachable, or not done within ``timeout``), AuthError (token
         refused) or ProtocolError. Local data is never touched by a failure.
+
+        Returns True if this client synced with the relay; False if another process holds the
+        sync lease and had sent every pending change, so that this one never contacted the relay
+        (and the relay's URL and token, unchecked, are not remembered).
         """
         self._state = ConnectionState.CONNECTING
+        self._welcomed = False
         try:
             try:
                 await asyncio.wait_for(self._connect_and_serve(until_idle=True), timeout)
@@ -367,8 +373,12 @@ class SyncClient:
             )
             raise
         self._state = ConnectionState.STOPPED
-        # Remembered only once a sync succeeded, so that `foliosync sync` works without flags.
+        if not self._welcomed:
+            return False  # another process syncs: the URL and token were never tried
+        # Remembered only once the relay welcomed this token and the sync succeeded, so that
+        # `foliosync sync` works without flags.
         await self.replica.set_meta(server_url=self.url, token=self.token)
+        return True
 
     def start(self) -> None:
         """Keep syncing in the background, reconnecting as needed, until :meth:`stop`."""
@@ -680,6 +690,7 @@ class _Connection:
 
     async def _on_welcome(self, event: Welcomed) -> None:
         self.client.user, self.client.device = event.user, event.device
+        self.client._welcomed = True
         self.client.backoff.reset()
         self.client._set_connected(True)
         for doc_id in event.documents:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from foliosync.client.replica import Replica
 
 from .conftest import run_cli
 
@@ -64,3 +68,43 @@ async def test_an_unreachable_relay_or_a_refused_token_fails_clearly_and_changes
     after = (await run_cli("--db", db, "watchlist", "show", "Tech", "--json"))[1]
     assert after == before  # local data untouched, still pending
     assert '"pending": 2' in after
+
+
+HOLD_LEASE = """
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("held", flush=True)
+time.sleep(120)
+"""
+
+
+async def test_sync_beside_the_syncing_process_says_so_and_remembers_no_unchecked_relay(
+    tmp_path: Path, clean_env: None
+) -> None:
+    """Another process holds the sync lease and nothing is pending: `foliosync sync` never
+    contacts the relay, so it neither claims to be in sync with it nor saves its URL and token."""
+    db = tmp_path / "r.db"
+    async with Replica.open(db) as replica:
+        await replica.create_watchlist("Tech")
+        for doc_id in replica.document_ids():  # as if the syncing process had sent them
+            for update in await replica.pending_updates(doc_id):
+                await replica.acknowledge(doc_id, update.seq)
+    holder = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", HOLD_LEASE, f"{db}-sync", stdout=asyncio.subprocess.PIPE
+    )
+    try:
+        assert holder.stdout is not None
+        assert (await asyncio.wait_for(holder.stdout.readline(), 30)).strip() == b"held"
+        code, out, err = await run_cli(
+            "--db", str(db), "sync", "--server", "ws://127.0.0.1:9/ws", "--token", "bogus"
+        )
+    finally:
+        holder.kill()
+        await holder.wait()
+    assert code == 0, err
+    assert "another process syncs this replica; it has sent every change" in out
+    assert "in sync with" not in out
+    async with Replica.open(db) as replica:
+        assert "server_url" not in replica.meta
+        assert "token" not in replica.meta
