@@ -114,7 +114,9 @@ class _SyncLease:
     """The right to sync one replica, across processes: see the module docstring."""
 
     def __init__(self, replica_path: os.PathLike[str] | str) -> None:
-        self.path = f"{os.fspath(replica_path)}-sync"
+        # Beside the file itself: a replica opened through a symlink (or another spelling of
+        # its path) must meet the same lease, or two processes would both sync it.
+        self.path = f"{os.path.realpath(replica_path)}-sync"
         self._fd: int | None = None
         self._warned = False
 

@@ -539,3 +539,27 @@ async def test_a_row_listed_by_another_process_during_a_pending_read_never_skips
         await helpers.fast_client(phone, relay.url, relay.token("ann", "phone")).sync_once(10)
         index = await phone.index()
         assert sorted(e.name for e in index.entries()) == ["Alpha", "Beta"]
+
+
+async def test_a_replica_opened_through_a_symlink_meets_the_same_lease(
+    tmp_path: Path, helpers: Any
+) -> None:
+    """The lease belongs to the file, not to the path as spelled: while another process syncs
+    r.db, a client of link.db -> r.db waits for it instead of connecting too."""
+    path = tmp_path / "r.db"
+    await make_shared(path)
+    link = tmp_path / "link.db"
+    link.symlink_to(path.name)
+    holder = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", HOLD_LEASE, f"{path}-sync", stdout=asyncio.subprocess.PIPE
+    )
+    try:
+        assert await read_line(holder) == "held"
+        async with Replica.open(link) as replica:
+            client = helpers.fast_client(replica, "ws://127.0.0.1:9/ws", "token")
+            with pytest.raises(ConnectionLost, match="another process syncs"):
+                await client.sync_once(timeout=0.5)  # creating Shared is pending
+            assert not client.syncing
+        assert not (tmp_path / "link.db-sync").exists()
+    finally:
+        await finish(holder)
