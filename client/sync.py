@@ -25,8 +25,11 @@ to expire. While it waits, a client's replica still follows the syncing process'
 replica reads them from the file), and it is idle whenever nothing is pending; a one-shot
 :meth:`SyncClient.sync_once` ends as soon as nothing is pending, the syncing process having sent
 it. The syncing process sends other processes' edits too: the replica notifies them in the log's
-order with their seq and update (``origin="other-process"``), exactly like its own. Where the
-lock file cannot be created (a read-only folder), a client syncs without it, and says so.
+order with their seq and update (``origin="other-process"``), exactly like its own. The lock
+file is created with the replica's own mode, and a lock file the client cannot write (another
+user's) is locked through a read-only descriptor, which ``flock`` accepts. Where no lock can be
+taken at all (no lock file and a read-only folder, a file system without locks), the client
+refuses to sync (SyncLeaseUnavailable) rather than risk two syncing processes.
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ from foliosync.sync.errors import (
     FolioSyncError,
     ProtocolError,
     RemoteProtocolError,
+    SyncLeaseUnavailable,
     ValidationError,
 )
 from foliosync.sync.freshness import Freshness, document_freshness
@@ -118,20 +122,19 @@ class _SyncLease:
         # its path) must meet the same lease, or two processes would both sync it.
         self.path = f"{os.path.realpath(replica_path)}-sync"
         self._fd: int | None = None
-        self._warned = False
 
     @property
     def held(self) -> bool:
         return self._fd is not None
 
     def try_acquire(self) -> bool:
-        """Take the lease if it is free; True if held now (or if no lock file can exist)."""
+        """Take the lease if it is free; True if held now, False if another process holds it.
+
+        Raises SyncLeaseUnavailable when no lock can be taken at all.
+        """
         if self._fd is not None:
             return True
-        try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        except OSError as exc:
-            return self._unleased(exc)
+        fd = self._open()
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -139,15 +142,31 @@ class _SyncLease:
             return False
         except OSError as exc:
             os.close(fd)
-            return self._unleased(exc)
+            raise self._unavailable(exc) from exc
         self._fd = fd
         return True
 
-    def _unleased(self, exc: OSError) -> bool:
-        if not self._warned:
-            self._warned = True
-            log.warning("syncing without the sync lease (%s: %s)", self.path, exc.strerror or exc)
-        return True
+    def _open(self) -> int:
+        """A descriptor of the lock file, created with the replica's mode if missing; read-only
+        if that is all we may do (flock needs no write access)."""
+        replica = self.path.removesuffix("-sync")
+        try:
+            mode = os.stat(replica).st_mode & 0o666
+        except OSError:
+            mode = 0o600
+        try:
+            return os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, mode)
+        except OSError as exc:
+            try:
+                return os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                raise self._unavailable(exc) from exc
+
+    def _unavailable(self, exc: OSError) -> SyncLeaseUnavailable:
+        return SyncLeaseUnavailable(
+            f"cannot lock {self.path} ({exc.strerror or exc}), which keeps a second process from "
+            "syncing this replica at the same time; not syncing (fix the file or its folder)"
+        )
 
     def release(self) -> None:
         if self._fd is not None:

@@ -15,7 +15,8 @@ translated where they enter, raised ``from`` the original, and never reach the a
     │   ├── ReplicaCorrupt         not a foliosync replica, or damaged; never overwritten
     │   ├── ReplicaLocked          another process holds the file longer than we may wait
     │   ├── SchemaTooNew           written by a newer foliosync; never overwritten
-    │   └── StorageFull            the disk is full; the edit was not applied
+    │   ├── StorageFull            the disk is full; the edit was not applied
+    │   └── SyncLeaseUnavailable   the replica's sync lease cannot be locked; not syncing
     ├── ProtocolError              the wire protocol was broken
     │   ├── LocalProtocolError     by us (misuse of the API)
     │   └── RemoteProtocolError    by the peer; carries the error code to send back
@@ -54,6 +55,7 @@ __all__ = [
     "ReplicaLocked",
     "SchemaTooNew",
     "StorageFull",
+    "SyncLeaseUnavailable",
     "ValidationError",
     "WrongThread",
 ]
@@ -110,6 +112,12 @@ class SchemaTooNew(ReplicaError):
 
 class StorageFull(ReplicaError):
     """The disk is full. The edit was not applied; the replica is as it was before."""
+
+
+class SyncLeaseUnavailable(ReplicaError):
+    """The lock file ``<replica>-sync`` can be neither opened nor locked (a missing or read-only
+    folder, a file system without locks). Syncing without the lease could let two processes sync
+    one replica and settle each other's unsent rows, so the client refuses to sync instead."""
 
 
 class ProtocolError(FolioSyncError):

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from pycrdt import Doc
 
 from foliosync.client.replica import DocumentChange, Replica
-from foliosync.sync.errors import ConnectionLost
+from foliosync.sync.errors import ConnectionLost, SyncLeaseUnavailable
 from foliosync.sync.model import INDEX_DOCUMENT_ID, EditContext, Watchlist
 from foliosync.sync.prices import check_tick
 
@@ -563,3 +563,63 @@ async def test_a_replica_opened_through_a_symlink_meets_the_same_lease(
         assert not (tmp_path / "link.db-sync").exists()
     finally:
         await finish(holder)
+
+
+HOLD_LEASE_READ_ONLY = """
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDONLY)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("held", flush=True)
+time.sleep(120)
+"""
+
+
+async def test_a_read_only_lease_file_still_keeps_a_second_syncer_out(
+    tmp_path: Path, helpers: Any
+) -> None:
+    """A lock file the client may not write (mode 0400) is locked through a read-only
+    descriptor: another process holding it that way still keeps this client from syncing."""
+    path = tmp_path / "r.db"
+    await make_shared(path)
+    lease = tmp_path / "r.db-sync"
+    lease.touch()
+    lease.chmod(0o400)
+    holder = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", HOLD_LEASE_READ_ONLY, str(lease), stdout=asyncio.subprocess.PIPE
+    )
+    try:
+        assert await read_line(holder) == "held"
+        async with Replica.open(path) as replica:
+            client = helpers.fast_client(replica, "ws://127.0.0.1:9/ws", "token")
+            with pytest.raises(ConnectionLost, match="another process syncs"):
+                await client.sync_once(timeout=0.5)  # creating Shared is pending
+    finally:
+        await finish(holder)
+
+
+async def test_a_lease_file_that_cannot_exist_refuses_to_sync(tmp_path: Path, helpers: Any) -> None:
+    """No lock file can be opened (here a dangling link in its place): the client says so and
+    does not sync, rather than sync beside another process that might; and a lock file it
+    creates has the replica's own mode."""
+    path = tmp_path / "r.db"
+    await make_shared(path)
+    path.chmod(0o640)
+    lease = tmp_path / "r.db-sync"
+    lease.symlink_to(tmp_path / "missing" / "r.db-sync")
+    async with Replica.open(path) as replica:
+        client = helpers.fast_client(replica, "ws://127.0.0.1:9/ws", "token")
+        with pytest.raises(SyncLeaseUnavailable, match="not syncing"):
+            await client.sync_once(timeout=5)
+        assert not client.syncing
+    lease.unlink()
+    async with Replica.open(path) as replica:
+        client = helpers.fast_client(replica, "ws://127.0.0.1:9/ws", "token")
+        with pytest.raises(ConnectionLost, match="cannot reach"):
+            await client.sync_once(timeout=5)
+    assert lease.stat().st_mode & 0o777 == 0o640 & ~current_umask()
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
