@@ -647,8 +647,10 @@ class Replica:
                         return
                     await self._catch_up()
             except FolioSyncError as exc:  # busy or unreadable for now: the next look tries again
+                self._store.forget_data_version()  # ...and reads, though the counter moved on
                 log.debug("reading other processes' changes of %s failed: %s", self.path, exc)
             except Exception:  # a bug must not stop the watching for good, nor end silently
+                self._store.forget_data_version()
                 log.exception("reading other processes' changes of %s failed", self.path)
                 await asyncio.sleep(1)
 

@@ -452,6 +452,11 @@ class ReplicaStore:
 
         return await self._guard(run)
 
+    def forget_data_version(self) -> None:
+        """Make the next :meth:`data_changed` answer True: a catch-up it announced failed, and
+        the changes it would have read are still unread (the counter alone would not say so)."""
+        self._data_version = -1  # PRAGMA data_version is never negative
+
     async def changes_since(
         self,
         seq: int,

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from pycrdt import Doc
 
 from foliosync.client.replica import DocumentChange, Replica
-from foliosync.sync.errors import ConnectionLost, SyncLeaseUnavailable
+from foliosync.sync.errors import ConnectionLost, ReplicaLocked, SyncLeaseUnavailable
 from foliosync.sync.model import INDEX_DOCUMENT_ID, EditContext, Watchlist
 from foliosync.sync.prices import check_tick
 
@@ -623,3 +623,30 @@ def current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+async def test_a_failed_catch_up_is_tried_again_on_the_next_look(
+    tmp_path: Path, helpers: Any
+) -> None:
+    """The file's change counter moved when the catch-up failed (a busy file): the next look
+    reads again instead of believing nothing changed, so another process's edit is seen."""
+    path = tmp_path / "r.db"
+    await make_shared(path)
+    async with Replica.open(path, watch_interval=0.05) as replica:
+        real = replica._store.changes_since
+        failures = 0
+
+        async def fail_once(*args: Any, **kwargs: Any) -> Any:
+            nonlocal failures
+            if failures == 0:
+                failures += 1
+                raise ReplicaLocked("busy for now")
+            return await real(*args, **kwargs)
+
+        replica._store.changes_since = fail_once  # type: ignore[method-assign]
+        code, _, err = await helpers.run_cli("--db", str(path), "watchlist", "create", "Other")
+        assert code == 0, err
+        await helpers.eventually(
+            lambda: "Other" in {info.name for info in replica.documents()}, timeout=5
+        )
+        assert failures == 1
