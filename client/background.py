@@ -34,6 +34,7 @@ import atexit
 import concurrent.futures
 import contextlib
 import logging
+import math
 import queue
 import threading
 import time
@@ -239,8 +240,14 @@ class BackgroundClient:
             ("flush_timeout", flush_timeout),
             ("freshness_interval", freshness_interval),
         ):
-            if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
-                raise ConfigError(f"{name} must be a number of seconds >= 0, not {value!r}")
+            # Finite too: an infinite wait overflows the loop's timers once the thread runs.
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or not math.isfinite(value)
+                or not value >= 0
+            ):
+                raise ConfigError(f"{name} must be a finite number of seconds >= 0, not {value!r}")
         if timeout <= 0 or freshness_interval <= 0:
             raise ConfigError("timeout and freshness_interval must be more than 0 seconds")
         if server is not None:

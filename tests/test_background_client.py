@@ -418,6 +418,12 @@ def test_bad_input_gets_clear_errors(tmp_path: Path, clients: Any) -> None:
         BackgroundClient.open(tmp_path / "a.db", "http://127.0.0.1:9/ws", "t")
     with pytest.raises(ConfigError, match="timeout"):
         BackgroundClient.open(tmp_path / "a.db", timeout=-1)
+    threads = threading.active_count()
+    for option in ("timeout", "flush_timeout", "freshness_interval"):
+        for bad in (float("inf"), float("nan")):
+            with pytest.raises(ConfigError, match=f"{option} must be a finite number"):
+                BackgroundClient.open(tmp_path / "a.db", **{option: bad})
+    assert threading.active_count() == threads  # no loop thread left running
     client = clients(tmp_path / "a.db")
     other = clients(tmp_path / "a.db")  # a replica is shared by its clients, not locked
     with pytest.raises(DocumentNotFound):
