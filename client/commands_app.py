@@ -13,20 +13,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from foliosync.client.cli_common import replica_path
+from foliosync.client.cli_common import replica_path, timer_seconds
 from foliosync.sync.errors import ConfigError
 
 __all__ = ["register"]
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be more than 0 seconds, not {text!r}")
-    return value
 
 
 def register(subparsers: Any) -> None:
@@ -42,7 +32,7 @@ def register(subparsers: Any) -> None:
     app.add_argument("--server", metavar="URL", help="relay URL (ws://HOST:PORT/ws)")
     app.add_argument("--token", help="token from `foliosync token USER --device NAME`")
     app.add_argument(
-        "--quit-after", metavar="SECONDS", type=_seconds, help="close the window after SECONDS"
+        "--quit-after", metavar="SECONDS", type=timer_seconds, help="close the window after SECONDS"
     )
     app.set_defaults(handler=_run_app)
 
@@ -59,7 +49,7 @@ def register(subparsers: Any) -> None:
         "--port", type=int, default=0, help="the relay's port (default: any free one)"
     )
     demo.add_argument(
-        "--quit-after", metavar="SECONDS", type=_seconds, help="end the demo after SECONDS"
+        "--quit-after", metavar="SECONDS", type=timer_seconds, help="end the demo after SECONDS"
     )
     demo.add_argument(
         "--check",

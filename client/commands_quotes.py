@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
-from foliosync.client.cli_common import open_replica, print_json
+from foliosync.client.cli_common import open_replica, print_json, seconds
 from foliosync.client.quotes import Quote
 from foliosync.client.sync import SyncClient
 from foliosync.sync.errors import ConfigError
@@ -37,7 +37,7 @@ def register(subparsers: Any) -> None:
     prices.add_argument("--server", metavar="URL", help="relay URL (default: remembered)")
     prices.add_argument("--token", help="token (default: remembered)")
     prices.add_argument(
-        "--duration", type=float, metavar="S", help="with --follow: stop after S seconds"
+        "--duration", type=seconds, metavar="S", help="with --follow: stop after S seconds"
     )
     prices.set_defaults(handler=_prices)
 

@@ -7,7 +7,7 @@ import os
 from datetime import UTC, datetime
 from typing import Any
 
-from foliosync.client.cli_common import open_replica, print_json
+from foliosync.client.cli_common import open_replica, print_json, seconds
 from foliosync.client.health import ConnectionState, LastError, build_health
 from foliosync.client.sync import SyncClient
 from foliosync.sync.errors import ConfigError
@@ -30,7 +30,7 @@ def register(subparsers: Any) -> None:
     sync.add_argument("--token", help="token from `foliosync token USER` on the relay")
     sync.add_argument(
         "--timeout",
-        type=float,
+        type=seconds,
         default=30.0,
         metavar="S",
         help="give up after S seconds (default 30)",
@@ -50,8 +50,6 @@ def register(subparsers: Any) -> None:
 
 
 async def _sync(args: argparse.Namespace) -> int:
-    if args.timeout <= 0:
-        raise ConfigError("--timeout must be positive")
     async with open_replica(args) as replica:
         meta = replica.meta
         server = args.server or os.environ.get("FOLIOSYNC_SERVER") or meta.get("server_url")

@@ -108,3 +108,31 @@ async def test_sync_beside_the_syncing_process_says_so_and_remembers_no_unchecke
     async with Replica.open(db) as replica:
         assert "server_url" not in replica.meta
         assert "token" not in replica.meta
+
+
+FAR = ("--server", "ws://127.0.0.1:9/ws", "--token", "t")
+
+
+@pytest.mark.parametrize(
+    ("args", "complaint"),
+    [
+        (("prices", "AAPL", "--follow", "--duration", "nan", *FAR), "finite number of seconds"),
+        (("prices", "AAPL", "--follow", "--duration", "-1", *FAR), "above 0"),
+        (("prices", "AAPL", "--follow", "--duration", "inf", *FAR), "finite number of seconds"),
+        (("sync", "--timeout", "nan", *FAR), "finite number of seconds"),
+        (("sync", "--timeout", "inf", *FAR), "finite number of seconds"),
+        (("sync", "--timeout", "0", *FAR), "above 0"),
+        (("app", "--quit-after", "inf"), "finite number of seconds"),
+        (("app", "--quit-after", "3000000"), "the longest a Qt timer waits"),
+        (("demo", "--quit-after", "nan"), "finite number of seconds"),
+        (("demo", "--quit-after", "1e10"), "the longest a Qt timer waits"),
+    ],
+)
+async def test_time_flags_refuse_nan_infinity_and_what_no_timer_can_wait(
+    tmp_path: Path, clean_env: None, args: tuple[str, ...], complaint: str
+) -> None:
+    """A duration is a finite number of seconds above 0 (and for a Qt timer, one it can wait):
+    anything else is a usage error at once, not a command that ends at once or never."""
+    code, _, err = await run_cli("--db", str(tmp_path / "r.db"), *args)
+    assert code == 2, err
+    assert complaint in err
