@@ -58,6 +58,9 @@ class ConnectionState(StrEnum):
     """The relay refused the token: the client does not retry (a new token is needed)."""
     NOT_RUNNING = "not_running"
     """No sync client in this process (``foliosync status``): the replica alone speaks."""
+    FOLLOWING = "following"
+    """Another process holds the replica's sync lease and syncs it; this one follows its changes
+    through the file, and its freshness comes from that process's "synced at" heartbeat."""
 
 
 def _iso(t: datetime | None) -> str | None:
@@ -240,6 +243,8 @@ class SyncHealth:
             return "refused by the relay"
         if state is ConnectionState.CONNECTING:
             return "connecting"
+        if state is ConnectionState.FOLLOWING:
+            return "another process syncs"
         return "offline"
 
     def _describe_prices(self) -> str:

@@ -93,7 +93,7 @@ from foliosync.sync.model import (
 from foliosync.sync.prices import PricePoint
 from foliosync.sync.validation import decimal_to_str, normalize_name
 
-__all__ = ["DocumentChange", "DocumentInfo", "OpeningReplica", "Replica"]
+__all__ = ["SYNCED_AT_META", "DocumentChange", "DocumentInfo", "OpeningReplica", "Replica"]
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +109,9 @@ QUOTE_FLUSH_SECONDS = 0.5
 MERGE_PENDING_AFTER = 200
 # How often to check whether another process committed to the file.
 WATCH_SECONDS = 0.05
+# The meta key of the syncing process's heartbeat: when, in ms, it was last connected and in sync
+# with nothing in flight (see SyncClient; it counts as every settled document's last sync).
+SYNCED_AT_META = "synced_at"
 
 _MODELS: dict[DocumentKind, type[DocumentModel]] = {
     DocumentKind.WATCHLIST: Watchlist,
@@ -318,13 +321,22 @@ class Replica:
         return self._info(row)
 
     def _info(self, row: DocumentRow) -> DocumentInfo:
+        pending = self._pending.get(row.id, 0)
+        synced = row.last_synced_at
+        if pending == 0:
+            # The syncing process (maybe another one) confirms, while connected and in sync with
+            # nothing in flight, every few seconds: every document without pending rows was in
+            # sync then, so that the processes beside it do not see their copies grow stale.
+            with contextlib.suppress(KeyError, ValueError):
+                beat = int(self._meta[SYNCED_AT_META])
+                synced = beat if synced is None else max(synced, beat)
         return DocumentInfo(
             id=row.id,
             kind=DocumentKind(row.kind),
             name=row.name,
-            pending=self._pending.get(row.id, 0),
+            pending=pending,
             created_at=row.created_at,
-            last_synced_at=row.last_synced_at,
+            last_synced_at=synced,
             remote_changed_at=row.remote_changed_at,
             remote_changed_by=row.remote_changed_by,
         )

@@ -48,7 +48,7 @@ from typing import Any
 import aiohttp
 
 from foliosync.client.health import ConnectionState, LastError, SyncHealth, build_health
-from foliosync.client.replica import DocumentChange, DocumentInfo, Replica
+from foliosync.client.replica import SYNCED_AT_META, DocumentChange, DocumentInfo, Replica
 from foliosync.sync.clock import wall_ms
 from foliosync.sync.errors import (
     AccessDenied,
@@ -84,6 +84,9 @@ log = logging.getLogger("foliosync.sync")
 CLIENT_MAX_FRAME = 64 << 20  # the relay may send a whole document at once
 CLIENT_MAX_SEND = 4 << 20  # what the relay accepts by default
 LEASE_POLL_SECONDS = 0.1  # how often a client waiting for the sync lease tries again
+# How often the syncing process, connected and in sync, says so in the replica's meta, for the
+# processes waiting for its lease (their freshness; a write of a few bytes).
+HEARTBEAT_SECONDS = 2.0
 
 
 @dataclass(slots=True)
@@ -510,6 +513,7 @@ class SyncClient:
         (another process, holding the lease, sent every pending change)."""
         self._waited_for_lease = False
         while not self._lease.try_acquire():
+            self._state = ConnectionState.FOLLOWING
             if not self._waited_for_lease:
                 self._waited_for_lease = True
                 log.info("another process syncs %s; waiting to take over", self.replica.path)
@@ -522,6 +526,8 @@ class SyncClient:
             else:
                 self._idle.clear()
             await asyncio.sleep(LEASE_POLL_SECONDS)
+        if self._state is ConnectionState.FOLLOWING:
+            self._state = ConnectionState.CONNECTING
         return True
 
     def _all_documents(self) -> list[DocumentInfo]:
@@ -604,6 +610,7 @@ class _Connection:
         self.snapshot_received = False
         self.snapshot_given_up = False
         self._side_tasks: set[asyncio.Task[None]] = set()  # work started from callbacks
+        self._heartbeat_task: asyncio.Task[None] | None = None
 
     async def serve(self) -> None:
         writer = asyncio.get_running_loop().create_task(self._write_loop())
@@ -720,6 +727,18 @@ class _Connection:
         await self._request_new_documents()
         if not self.until_idle:  # a one-shot sync of documents needs no prices
             await self._update_subscription()
+            if self._heartbeat_task is None:
+                self._heartbeat_task = self._spawn(self._heartbeat())
+
+    async def _heartbeat(self) -> None:
+        """Every HEARTBEAT_SECONDS while every document is in sync with nothing in flight, write
+        the time to the replica's meta: a process waiting for the lease counts it as the last
+        sync of each settled document, instead of seeing them drift to stale."""
+        while not self.session.closed:
+            await asyncio.sleep(HEARTBEAT_SECONDS)
+            if self.client._idle.is_set() and self.client._connected:
+                with contextlib.suppress(FolioSyncError):  # a busy file: the next beat says it
+                    await self.replica.set_meta(**{SYNCED_AT_META: str(wall_ms())})
 
     # -- prices ------------------------------------------------------------------------------
 

@@ -24,9 +24,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pycrdt import Doc
 
+from foliosync.client.health import ConnectionState
 from foliosync.client.replica import DocumentChange, Replica
 from foliosync.sync.errors import ConnectionLost, ReplicaLocked, SyncLeaseUnavailable
-from foliosync.sync.model import INDEX_DOCUMENT_ID, EditContext, Watchlist
+from foliosync.sync.freshness import FreshnessLevel
+from foliosync.sync.model import INDEX_DOCUMENT_ID, DocumentKind, EditContext, Watchlist
 from foliosync.sync.prices import check_tick
 
 WORKER = """
@@ -650,3 +652,62 @@ async def test_a_failed_catch_up_is_tried_again_on_the_next_look(
             lambda: "Other" in {info.name for info in replica.documents()}, timeout=5
         )
         assert failures == 1
+
+
+SYNCER = """
+import asyncio, sys
+from foliosync.client.replica import Replica
+from foliosync.client.sync import Backoff, SyncClient
+
+async def main(path, url, token):
+    async with Replica.open(path) as replica:
+        client = SyncClient(replica, url, token, backoff=Backoff(base=0.05, cap=0.3))
+        client.start()
+        await client.wait_in_sync(30)
+        print("in sync", flush=True)
+        await asyncio.sleep(120)
+
+asyncio.run(main(*sys.argv[1:]))
+"""
+
+
+async def test_a_process_waiting_for_the_lease_follows_the_syncer_and_stays_fresh(
+    tmp_path: Path, relay: Any, helpers: Any
+) -> None:
+    """Beside the syncing process, a client says another process syncs (not "connecting"), and
+    its documents' last sync advances with that process's heartbeat instead of drifting."""
+    path = tmp_path / "r.db"
+    await make_shared(path)
+    syncer = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        SYNCER,
+        str(path),
+        relay.url,
+        relay.token("ann", "laptop"),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert await read_line(syncer) == "in sync"
+        async with Replica.open(path) as replica:
+            client = helpers.fast_client(replica, relay.url, relay.token("ann", "laptop"))
+            client.start()
+            try:
+                await helpers.eventually(lambda: client.state is ConnectionState.FOLLOWING)
+                assert client.health().describe().startswith("another process syncs")
+                doc_id = replica.resolve(DocumentKind.WATCHLIST, "Shared")
+                first = replica.info(doc_id).last_synced_at
+                assert first is not None
+                await helpers.eventually(
+                    lambda: (replica.info(doc_id).last_synced_at or 0) > first + 1000, timeout=10
+                )
+                assert client.freshness(doc_id).level is FreshnessLevel.LIVE
+                assert not client.syncing
+            finally:
+                await client.stop()
+    finally:
+        await finish(syncer)
+    code, out, err = await helpers.run_cli("--db", str(path), "status", "--json")
+    assert code == 0, err
+    assert json.loads(out)["documents"][0]["last_synced_at"] is not None
