@@ -18,7 +18,14 @@ replica and sync on a thread of their own, behind blocking calls that any thread
         client.add_symbols("Tech", ["AAPL", "MSFT"])
 """
 
-from foliosync.client.background import BackgroundClient
+from foliosync.client.background import (
+    BackgroundClient,
+    Dispatcher,
+    FreshnessChange,
+    PortfolioSnapshot,
+    WatchlistSnapshot,
+    call_directly,
+)
 from foliosync.client.documents import PortfolioHandle, WatchlistHandle
 from foliosync.client.health import ConnectionState, LastError, PriceAge, SyncHealth
 from foliosync.client.replica import DocumentChange, DocumentInfo, OpeningReplica, Replica
@@ -28,15 +35,20 @@ __all__ = [
     "BackgroundClient",
     "Backoff",
     "ConnectionState",
+    "Dispatcher",
     "DocumentChange",
     "DocumentInfo",
+    "FreshnessChange",
     "LastError",
     "OpeningReplica",
     "PortfolioHandle",
+    "PortfolioSnapshot",
     "PriceAge",
     "Replica",
     "SyncClient",
     "SyncHealth",
     "SyncStatus",
     "WatchlistHandle",
+    "WatchlistSnapshot",
+    "call_directly",
 ]

@@ -505,3 +505,31 @@ def test_a_killed_process_keeps_an_edit_that_returned(tmp_path: Path) -> None:
             process.wait()
     assert process.returncode == -signal.SIGKILL
     assert reopened_symbols(path, "Tech") == ["AAPL"]
+
+
+def test_the_types_of_the_background_clients_api_are_exported_by_the_package() -> None:
+    """Every class BackgroundClient takes or returns can be named from ``foliosync.client``,
+    as can the dispatcher's type and its default."""
+    import typing
+
+    import foliosync.client as package
+    from foliosync.client import background
+
+    def walk(hint: Any) -> typing.Iterator[Any]:
+        yield hint
+        for arg in hint if isinstance(hint, list) else typing.get_args(hint):  # Callable's [..]
+            yield from walk(arg)
+
+    used = {"Dispatcher", "call_directly"}
+    for name, member in vars(BackgroundClient).items():
+        function = getattr(member, "__func__", member)
+        if name.startswith("_") or not callable(function):
+            continue
+        for hint in typing.get_type_hints(function, vars(background)).values():
+            for part in walk(hint):
+                if isinstance(part, type) and part.__module__ == background.__name__:
+                    used.add(part.__name__)
+    assert {"FreshnessChange", "WatchlistSnapshot", "PortfolioSnapshot"} <= used
+    missing = {name for name in used if name not in package.__all__}
+    assert not missing
+    assert all(getattr(package, name) is getattr(background, name) for name in used)
