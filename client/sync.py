@@ -470,7 +470,11 @@ class SyncClient:
             await self.stop()
 
     async def wait_in_sync(self, timeout: float = 30.0) -> None:
-        """Wait until connected with every document synced and nothing pending."""
+        """Wait until connected with every document synced and nothing pending.
+
+        A client without the sync lease (another process syncs the replica) never connects: it
+        returns once nothing is pending in the replica, that process having sent every change.
+        """
         await asyncio.wait_for(self._idle.wait(), timeout)
 
     async def run(self) -> None:
