@@ -63,7 +63,6 @@ from foliosync.sync.freshness import (
     DEFAULT_THRESHOLDS,
     Freshness,
     FreshnessLevel,
-    document_freshness,
 )
 from foliosync.sync.model import DocumentKind, Position, Trade, WatchlistEntry
 from foliosync.sync.validation import normalize_symbol
@@ -876,15 +875,7 @@ class BackgroundClient:
         now = self.now()
         if self._sync is None:
             return self._replica.freshness(doc_id, now)
-        before = int(time.time() * 1000)
-        status = self._sync.status(doc_id)  # last synced "now" (the wall clock's) while in sync
-        if status.last_synced_at is None:
-            synced = None
-        elif status.connected and status.last_synced_at >= before:
-            synced = now
-        else:
-            synced = min(datetime.fromtimestamp(status.last_synced_at / 1000, tz=UTC), now)
-        return document_freshness(synced, now, status.pending)
+        return self._sync.freshness(doc_id, now)  # "live" at the client's clock while in sync
 
     def _watchlist_snapshot(self, handle: WatchlistHandle) -> WatchlistSnapshot:
         return WatchlistSnapshot(

@@ -309,17 +309,18 @@ class SyncClient:
         )
 
     def freshness(self, doc_id: str, now: datetime | None = None) -> Freshness:
-        """Level, age, reason and pending changes of a document, "live" while kept in sync."""
-        status = self.status(doc_id)
+        """Level, age, reason and pending changes of a document as of ``now``, "live" while
+        kept in sync: measured by the one rule health() uses (:meth:`_synced_at`), against the
+        caller's clock (a BackgroundClient's injected one) rather than the wall clock."""
         now = now or datetime.now(tz=UTC)
+        info = self.replica.info(doc_id)
+        synced_ms = self._synced_at(info, int(now.timestamp() * 1000))
         synced = (
-            datetime.fromtimestamp(status.last_synced_at / 1000, tz=UTC)
-            if status.last_synced_at is not None
-            else None
+            None
+            if synced_ms is None
+            else min(datetime.fromtimestamp(synced_ms / 1000, tz=UTC), now)
         )
-        if synced is not None and synced > now:
-            synced = now
-        return document_freshness(synced, now, status.pending)
+        return document_freshness(synced, now, info.pending)
 
     def follow(self, symbols: Iterable[str]) -> None:
         """Also follow these symbols' prices (besides those of watchlists and positions)."""

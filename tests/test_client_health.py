@@ -344,3 +344,19 @@ async def test_a_failed_cli_sync_is_remembered_for_status(tmp_path: Path, relay:
     assert "auth_failed" not in report["status_line"]  # ...but older than the sync since
     assert report["pending"] == 0 and report["pending_by_document"] == {}
     assert report["freshness"]["level"] == "live"
+
+
+async def test_freshness_and_health_agree_at_any_clock_while_in_sync(
+    tmp_path: Path, relay: Any, helpers: Any
+) -> None:
+    """A document kept in sync is "live" at whatever time the caller measures against (an
+    app's injected clock, an hour ahead of the wall's), by freshness() and health() alike."""
+    async with helpers.opened_replica(tmp_path / "r.db") as replica:
+        await replica.create_watchlist("Tech")
+        client = helpers.fast_client(replica, relay.url, relay.token("ann", "laptop"))
+        async with client:
+            await client.wait_in_sync(10)
+            doc_id = replica.documents()[0].id
+            later = datetime.now(tz=UTC) + timedelta(hours=1)
+            assert client.freshness(doc_id, later).level is FreshnessLevel.LIVE
+            assert client.health(later).freshness.level is FreshnessLevel.LIVE
