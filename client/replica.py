@@ -691,11 +691,15 @@ class Replica:
         self._seen_seq = max(self._seen_seq, last)
         return True
 
-    def _apply_changes(self, changes: StoreChanges) -> None:
+    def _apply_changes(
+        self, changes: StoreChanges, *, defer: list[Callable[[], None]] | None = None
+    ) -> None:
         """Bring memory up to ``changes`` (read from the file in one snapshot) and notify.
 
         Called with the lock held. Nothing here awaits, so that the compaction that calls it
-        inside its write transaction holds a consistent picture.
+        inside its write transaction holds a consistent picture; that one passes ``defer``,
+        which receives the notifying instead, to run after COMMIT (listeners' work must not
+        lengthen the time every other process waits for the write lock).
         """
         self._rows = {row.id: row for row in changes.documents}
         self._pending = dict(changes.pending)
@@ -722,10 +726,17 @@ class Replica:
             elif changed:
                 notices.append(DocumentChange(row.doc_id, kind, "other-process"))
         quotes = self.quotes.merge(_points_from_rows(changes.quotes))
-        for notice in notices:
-            self._notify(notice)
-        if quotes:
-            self.quotes.notify(quotes)
+
+        def announce() -> None:
+            for notice in notices:
+                self._notify(notice)
+            if quotes:
+                self.quotes.notify(quotes)
+
+        if defer is None:
+            announce()
+        else:
+            defer.append(announce)
 
     def _merge_into(self, doc_id: str, loaded: _Loaded, update: bytes) -> bool:
         """Apply another process's update to a loaded document; True if it changed."""
@@ -966,20 +977,26 @@ class Replica:
             if self._closed or doc_id not in self._loaded:
                 return
             loaded = self._loaded[doc_id]
+            announcements: list[Callable[[], None]] = []
 
             def fold(changes: StoreChanges) -> bytes:
-                self._apply_changes(changes)  # every committed edit, then the state of them all
+                # every committed edit, then the state of them all; notified after COMMIT
+                self._apply_changes(changes, defer=announcements)
                 return loaded.model.doc.get_update()
 
-            loaded.base_seq = await self._store.compact(
-                doc_id,
-                self._seen_seq,
-                self._bases(),
-                fold,
-                merge=lambda updates: merge_updates(*updates),
-                merge_after=MERGE_PENDING_AFTER,
-            )
-            loaded.max_seq = max(loaded.max_seq, loaded.base_seq)
+            try:
+                loaded.base_seq = await self._store.compact(
+                    doc_id,
+                    self._seen_seq,
+                    self._bases(),
+                    fold,
+                    merge=lambda updates: merge_updates(*updates),
+                    merge_after=MERGE_PENDING_AFTER,
+                )
+                loaded.max_seq = max(loaded.max_seq, loaded.base_seq)
+            finally:  # memory holds those rows even if the compaction rolled back: say so
+                for announce in announcements:
+                    announce()
 
     async def _adopt_index_entries(self) -> None:
         """Create local rows for documents another device listed in the index."""

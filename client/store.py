@@ -696,7 +696,17 @@ class ReplicaStore:
         pending rows remain, ``merge`` folds them into one row, which takes the highest seq of
         those it replaces so that acknowledging the seqs a sync connection sent still settles it.
         Returns the new base seq.
+
+        The merge is computed before the write transaction (it may take a while, and every other
+        process waits for the write lock meanwhile): inside, the pending rows are replaced only
+        if they are still exactly those merged; if any came or went since, the merge waits for
+        the next compaction.
         """
+        merged: tuple[list[int], bytes] | None = None
+        if merge is not None:
+            before = await self._guard(lambda: self._pending_rows(doc_id))
+            if len(before) > merge_after:
+                merged = ([p.seq for p in before], merge([p.data for p in before]))
 
         async def run() -> int:
             async with self._atomic():
@@ -714,7 +724,7 @@ class ReplicaStore:
                     (doc_id, up_to),
                 )
                 pending = await self._pending_rows(doc_id)
-                if merge is not None and len(pending) > merge_after:
+                if merged is not None and [p.seq for p in pending] == merged[0]:
                     await self._conn.executemany(
                         "DELETE FROM updates WHERE seq = ?", [(p.seq,) for p in pending]
                     )
@@ -724,7 +734,7 @@ class ReplicaStore:
                         (
                             max(p.seq for p in pending),
                             doc_id,
-                            merge([p.data for p in pending]),
+                            merged[1],
                             sum(p.changes for p in pending),
                         ),
                     )

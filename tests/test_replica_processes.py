@@ -711,3 +711,63 @@ async def test_a_process_waiting_for_the_lease_follows_the_syncer_and_stays_fres
     code, out, err = await helpers.run_cli("--db", str(path), "status", "--json")
     assert code == 0, err
     assert json.loads(out)["documents"][0]["last_synced_at"] is not None
+
+
+async def test_a_compaction_notifies_after_it_commits_and_merges_outside_its_transaction(
+    tmp_path: Path,
+) -> None:
+    """Listeners of the rows a compaction reads run once the write lock is free again (their
+    work must not hold up every other process), and the pending rows' merge is computed before
+    the transaction: rows committed by another process meanwhile are not merged, and not lost."""
+    import sqlite3
+
+    path = tmp_path / "r.db"
+    async with (
+        Replica.open(path, watch_interval=None) as compactor,
+        Replica.open(path, watch_interval=None) as other,
+    ):
+        shared = await compactor.create_watchlist("Shared")
+        await other.refresh()
+        theirs = await other.watchlist("Shared")
+        await theirs.add(["AAPL"])  # a row the compactor reads inside its transaction
+        lock_free: list[bool] = []
+
+        def listener(change: DocumentChange) -> None:
+            if change.origin == "other-process":
+                probe = sqlite3.connect(path, timeout=0)
+                try:
+                    probe.execute("BEGIN IMMEDIATE")
+                    probe.rollback()
+                    lock_free.append(True)
+                except sqlite3.OperationalError:
+                    lock_free.append(False)
+                finally:
+                    probe.close()
+
+        compactor.subscribe(listener)
+        await compactor.compact(shared.id)
+        assert lock_free and all(lock_free)
+        assert (await compactor.watchlist("Shared")).symbols == ["AAPL"]
+
+        store = compactor._store
+        before = await compactor.pending_updates(shared.id)
+
+        def merge_while_another_process_commits(updates: list[bytes]) -> bytes:
+            with sqlite3.connect(path, timeout=0) as conn:  # fails if inside the transaction
+                conn.execute(
+                    "INSERT INTO updates (doc_id, data, pending, changes) VALUES (?, ?, 1, 1)",
+                    (shared.id, updates[-1]),
+                )
+            return updates[-1]
+
+        await store.compact(
+            shared.id,
+            0,
+            {},
+            lambda changes: compactor._loaded[shared.id].model.doc.get_update(),
+            merge=merge_while_another_process_commits,
+            merge_after=0,
+        )
+        after = await compactor.pending_updates(shared.id)
+        assert [p.seq for p in after][: len(before)] == [p.seq for p in before]  # not merged
+        assert len(after) == len(before) + 1  # and the new row kept
