@@ -265,10 +265,17 @@ class ReplicaStore:
     async def _first_read(self) -> tuple[int, int, int]:
         if self.exclusive:
             await self._conn.execute("PRAGMA locking_mode = EXCLUSIVE")
-        app_id = await self._scalar("PRAGMA application_id")
-        version = await self._scalar("PRAGMA user_version")
-        tables = await self._scalar("SELECT count(*) FROM sqlite_master")
-        return app_id, version, tables
+        # One statement, so one read snapshot: three could see the id before another process's
+        # creation committed and its tables after, and take a replica being made for a foreign
+        # file.
+        async with self._conn.execute(
+            "SELECT (SELECT application_id FROM pragma_application_id()),"
+            " (SELECT user_version FROM pragma_user_version()),"
+            " (SELECT count(*) FROM sqlite_master)"
+        ) as cursor:
+            row = await cursor.fetchone()
+        assert row is not None
+        return int(row[0]), int(row[1]), int(row[2])
 
     async def _reopen(self, *, exclusive: bool) -> None:
         await self._conn.close()
