@@ -16,6 +16,8 @@ import signal
 import statistics
 import sys
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -394,11 +396,31 @@ async def test_a_syncer_killed_mid_stream_loses_nothing_it_returned_from(
 
 HOLD_LEASE = """
 import fcntl, os, sys, time
-fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)
+read_only = sys.argv[2] == "read-only"
+fd = os.open(sys.argv[1], os.O_RDONLY if read_only else os.O_RDWR | os.O_CREAT)
 fcntl.flock(fd, fcntl.LOCK_EX)
 print("held", flush=True)
 time.sleep(120)
 """
+
+
+@asynccontextmanager
+async def lease_held(lease: Path | str, *, read_only: bool = False) -> AsyncIterator[None]:
+    """Another process holds the sync lease ``lease`` (through a read-only descriptor if asked)
+    until the block ends."""
+    holder = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        HOLD_LEASE,
+        str(lease),
+        "read-only" if read_only else "read-write",
+        stdout=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert await read_line(holder) == "held"
+        yield
+    finally:
+        await finish(holder)
 
 
 async def test_a_one_shot_sync_beside_the_syncing_process(tmp_path: Path, helpers: Any) -> None:
@@ -406,24 +428,17 @@ async def test_a_one_shot_sync_beside_the_syncing_process(tmp_path: Path, helper
     once when nothing is pending, and otherwise says who has not sent the changes yet."""
     path = tmp_path / "r.db"
     await make_shared(path)
-    holder = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", HOLD_LEASE, f"{path}-sync", stdout=asyncio.subprocess.PIPE
-    )
-    try:
-        assert await read_line(holder) == "held"
-        async with Replica.open(path) as replica:
-            client = helpers.fast_client(replica, "ws://127.0.0.1:9/ws", "token")
-            with pytest.raises(ConnectionLost, match="another process syncs"):
-                await client.sync_once(timeout=0.5)  # creating Shared is pending
-            assert not client.syncing
-            for doc_id in replica.document_ids():  # as if the syncing process had sent them
-                for update in await replica.pending_updates(doc_id):
-                    await replica.acknowledge(doc_id, update.seq)
-            started = time.monotonic()
-            await client.sync_once(timeout=5)  # nothing pending: nothing to do
-            assert time.monotonic() - started < 1
-    finally:
-        await finish(holder)
+    async with lease_held(f"{path}-sync"), Replica.open(path) as replica:
+        client = helpers.fast_client(replica, "ws://127.0.0.1:9/ws", "token")
+        with pytest.raises(ConnectionLost, match="another process syncs"):
+            await client.sync_once(timeout=0.5)  # creating Shared is pending
+        assert not client.syncing
+        for doc_id in replica.document_ids():  # as if the syncing process had sent them
+            for update in await replica.pending_updates(doc_id):
+                await replica.acknowledge(doc_id, update.seq)
+        started = time.monotonic()
+        await client.sync_once(timeout=5)  # nothing pending: nothing to do
+        assert time.monotonic() - started < 1
 
 
 async def test_a_compaction_elsewhere_hides_no_row_from_a_reader(tmp_path: Path) -> None:
@@ -552,28 +567,13 @@ async def test_a_replica_opened_through_a_symlink_meets_the_same_lease(
     await make_shared(path)
     link = tmp_path / "link.db"
     link.symlink_to(path.name)
-    holder = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", HOLD_LEASE, f"{path}-sync", stdout=asyncio.subprocess.PIPE
-    )
-    try:
-        assert await read_line(holder) == "held"
+    async with lease_held(f"{path}-sync"):
         async with Replica.open(link) as replica:
             client = helpers.fast_client(replica, "ws://127.0.0.1:9/ws", "token")
             with pytest.raises(ConnectionLost, match="another process syncs"):
                 await client.sync_once(timeout=0.5)  # creating Shared is pending
             assert not client.syncing
         assert not (tmp_path / "link.db-sync").exists()
-    finally:
-        await finish(holder)
-
-
-HOLD_LEASE_READ_ONLY = """
-import fcntl, os, sys, time
-fd = os.open(sys.argv[1], os.O_RDONLY)
-fcntl.flock(fd, fcntl.LOCK_EX)
-print("held", flush=True)
-time.sleep(120)
-"""
 
 
 async def test_a_read_only_lease_file_still_keeps_a_second_syncer_out(
@@ -586,17 +586,10 @@ async def test_a_read_only_lease_file_still_keeps_a_second_syncer_out(
     lease = tmp_path / "r.db-sync"
     lease.touch()
     lease.chmod(0o400)
-    holder = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", HOLD_LEASE_READ_ONLY, str(lease), stdout=asyncio.subprocess.PIPE
-    )
-    try:
-        assert await read_line(holder) == "held"
-        async with Replica.open(path) as replica:
-            client = helpers.fast_client(replica, "ws://127.0.0.1:9/ws", "token")
-            with pytest.raises(ConnectionLost, match="another process syncs"):
-                await client.sync_once(timeout=0.5)  # creating Shared is pending
-    finally:
-        await finish(holder)
+    async with lease_held(str(lease), read_only=True), Replica.open(path) as replica:
+        client = helpers.fast_client(replica, "ws://127.0.0.1:9/ws", "token")
+        with pytest.raises(ConnectionLost, match="another process syncs"):
+            await client.sync_once(timeout=0.5)  # creating Shared is pending
 
 
 async def test_a_lease_file_that_cannot_exist_refuses_to_sync(tmp_path: Path, helpers: Any) -> None:
