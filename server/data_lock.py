@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 from types import TracebackType
 
-from foliosync.sync.errors import ConfigError
+from foliosync.sync.errors import DataDirLocked
 
 try:
     import fcntl
@@ -27,10 +27,6 @@ except ImportError:  # pragma: no cover - Windows
 __all__ = ["LOCK_FILE", "DataDirLock", "DataDirLocked"]
 
 LOCK_FILE = "relay.lock"
-
-
-class DataDirLocked(ConfigError):
-    """Another process (a running relay, a restore) holds the data directory."""
 
 
 class DataDirLock:

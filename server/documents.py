@@ -18,15 +18,11 @@ from typing import Any
 from pycrdt import Doc, TransactionEvent
 
 from foliosync.server.storage import RelayStore, RelayStoreError, Watermark
-from foliosync.sync.errors import ValidationError
+from foliosync.sync.errors import BadUpdate
 
 __all__ = ["Applied", "BadUpdate", "RelayDocuments"]
 
 log = logging.getLogger(__name__)
-
-
-class BadUpdate(ValidationError):
-    """An update pycrdt cannot read, or a state vector it cannot parse."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,7 +23,7 @@ from typing import Protocol
 import aiosqlite
 
 from foliosync._sqlite import connect as sqlite_connect
-from foliosync.sync.errors import FolioSyncError, StorageFull
+from foliosync.sync.errors import RelayStoreError, StorageFullError
 
 __all__ = [
     "MemoryRelayStore",
@@ -34,10 +34,6 @@ __all__ = [
     "StoredDocument",
     "Watermark",
 ]
-
-
-class RelayStoreError(FolioSyncError):
-    """The relay's storage failed; the update was not stored and must not be acknowledged."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -287,10 +283,6 @@ class SQLiteRelayStore:
             self._queue.put_nowait(None)
             await self._writer
         await self._conn.close()
-
-
-class StorageFullError(RelayStoreError, StorageFull):
-    """The relay's disk is full."""
 
 
 class MemoryRelayStore:

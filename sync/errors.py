@@ -8,7 +8,12 @@ translated where they enter, raised ``from`` the original, and never reach the a
     ├── ValidationError            bad input from the app or the user; nothing was changed
     │   ├── InvalidSymbol
     │   ├── InvalidNumber
-    │   └── InvalidName
+    │   ├── InvalidName
+    │   ├── TickRejected           one price tick of a batch was refused
+    │   └── BadUpdate              a CRDT update refused before it was stored; ``code`` says why
+    │       ├── UpdateV2           a Yjs V2 update where V1 is due
+    │       ├── MissingDependencies  it refers to items the receiver has never seen
+    │       └── SchemaViolation    the document it would produce breaks its kind's layout
     ├── DocumentNotFound           no such watchlist, portfolio or trade
     ├── DocumentExists             create() of a name that is already there
     ├── ReplicaError               the local SQLite replica cannot be used as asked
@@ -22,8 +27,13 @@ translated where they enter, raised ``from`` the original, and never reach the a
     │   └── RemoteProtocolError    by the peer; carries the error code to send back
     ├── AuthError                  a token is missing, forged, expired or lacks a scope
     ├── AccessDenied               the user may not reach that document
+    ├── UpdateRefused              a relay extension refused an update (``code``, ``reason``)
+    ├── ExtensionFailed            a relay extension raised or timed out; the action was refused
+    ├── RelayStoreError            the relay's storage failed; nothing was acknowledged
+    │   └── StorageFullError       the relay's disk is full (also a StorageFull)
     ├── ConnectionLost             the relay could not be reached or went away
     ├── ConfigError                a setting or flag is wrong
+    │   └── DataDirLocked          another process holds the relay's data directory
     ├── ClientClosed               a BackgroundClient was used after (or while) closing
     ├── CallTimeout                a BackgroundClient's blocking call ran out of time
     └── WrongThread                a blocking call made on the client's own loop thread
@@ -37,25 +47,35 @@ from __future__ import annotations
 __all__ = [
     "AccessDenied",
     "AuthError",
+    "BadUpdate",
     "CallTimeout",
     "ClientClosed",
     "ConfigError",
     "ConnectionLost",
+    "DataDirLocked",
     "DocumentExists",
     "DocumentNotFound",
+    "ExtensionFailed",
     "FolioSyncError",
     "InvalidName",
     "InvalidNumber",
     "InvalidSymbol",
     "LocalProtocolError",
+    "MissingDependencies",
     "ProtocolError",
+    "RelayStoreError",
     "RemoteProtocolError",
     "ReplicaCorrupt",
     "ReplicaError",
     "ReplicaLocked",
     "SchemaTooNew",
+    "SchemaViolation",
     "StorageFull",
+    "StorageFullError",
     "SyncLeaseUnavailable",
+    "TickRejected",
+    "UpdateRefused",
+    "UpdateV2",
     "ValidationError",
     "WrongThread",
 ]
@@ -79,6 +99,47 @@ class InvalidNumber(ValidationError):
 
 class InvalidName(ValidationError):
     """A watchlist or portfolio name that is empty or too long."""
+
+
+class TickRejected(ValidationError):
+    """One tick of a batch was refused; ``reason`` says why (the others may pass)."""
+
+
+class BadUpdate(ValidationError):
+    """A CRDT update (or state vector) that is refused before anything of it is stored.
+
+    ``code`` is the protocol's error code for it (``bad_update`` unless a subclass says more), so
+    that the relay's Error frame and the client's rollback agree on why.
+    """
+
+    code: str = "bad_update"
+
+    def __init__(self, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+
+
+class UpdateV2(BadUpdate):
+    """A Yjs V2 update (``encodeStateAsUpdateV2``) where the protocol carries V1: pycrdt would
+    apply it as a silent no-op, so it is refused rather than acknowledged and lost."""
+
+    code = "update_v2"
+
+
+class MissingDependencies(BadUpdate):
+    """The update refers to items (or clocks) the receiver has never seen: stored as it is, it
+    would stay invisible. The sender resyncs the document, which sends what was missing."""
+
+    code = "missing_dependencies"
+
+
+class SchemaViolation(BadUpdate):
+    """The document the update would produce breaks its kind's layout (``PROTOCOL.md``,
+    section 6): a wrong root type or key, a symbol, decimal, stamp or order key that is not in
+    its form, or a size limit passed."""
+
+    code = "invalid_document"
 
 
 class DocumentNotFound(FolioSyncError, KeyError):
@@ -144,7 +205,38 @@ class AuthError(FolioSyncError):
 
 
 class AccessDenied(FolioSyncError):
-    """The authenticated user may not reach this document."""
+    """The authenticated user may not reach this document.
+
+    ``code`` is the protocol's error code sent for it (``forbidden`` unless an extension says
+    more, e.g. ``read_only``)."""
+
+    def __init__(self, message: str, code: str = "forbidden") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class UpdateRefused(FolioSyncError):
+    """A relay extension refused an update: it is neither stored nor fanned out, and the device
+    rolls it back. ``code`` is the Error frame's code (``refused`` unless the extension gives
+    its own)."""
+
+    def __init__(self, message: str, code: str = "refused") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class ExtensionFailed(FolioSyncError):
+    """A relay extension raised (other than a refusal) or did not answer in time. The action it
+    was asked about is refused with ``extension_failed``; nothing is stored, the relay goes on,
+    and the device keeps the change to send again later (the extension, not the change, failed)."""
+
+
+class RelayStoreError(FolioSyncError):
+    """The relay's storage failed; the update was not stored and must not be acknowledged."""
+
+
+class StorageFullError(RelayStoreError, StorageFull):
+    """The relay's disk is full."""
 
 
 class ConnectionLost(FolioSyncError):
@@ -153,6 +245,10 @@ class ConnectionLost(FolioSyncError):
 
 class ConfigError(FolioSyncError):
     """A configuration value or command-line flag is invalid."""
+
+
+class DataDirLocked(ConfigError):
+    """Another process (a running relay, a restore) holds the data directory."""
 
 
 class ClientClosed(FolioSyncError):

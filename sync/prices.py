@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 
-from foliosync.sync.errors import ValidationError
+from foliosync.sync.errors import TickRejected, ValidationError
 from foliosync.sync.protocol.frames import pack_price_tick
 from foliosync.sync.validation import decimal_to_str, normalize_symbol
 
@@ -47,10 +47,6 @@ _PLAIN = re.compile(r"^\d{1,13}(?:\.\d{1,10})?$")
 
 
 _NEVER = 1 << 62
-
-
-class TickRejected(ValidationError):
-    """One tick of a batch was refused; ``reason`` says why (the others may pass)."""
 
 
 @dataclass(frozen=True, slots=True)

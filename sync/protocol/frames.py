@@ -143,7 +143,20 @@ class ErrorCode(StrEnum):
     NOT_FOUND = "not_found"
     """No such document."""
     BAD_UPDATE = "bad_update"
-    """The bytes of an update or state vector are not a valid CRDT encoding."""
+    """The bytes of an update or state vector are not a valid Yjs V1 encoding (truncated, trailing
+    bytes, unknown content). The device rolls the change back."""
+    UPDATE_V2 = "update_v2"
+    """A Yjs V2 update: the protocol carries V1 (``encodeStateAsUpdate``). Rolled back."""
+    MISSING_DEPENDENCIES = "missing_dependencies"
+    """The update refers to items the relay has never seen: the device resyncs the document
+    (a SyncRequest with its state vector), whose diff carries what was missing."""
+    INVALID_DOCUMENT = "invalid_document"
+    """The document the update would produce breaks its kind's layout (section 6). Rolled back."""
+    REFUSED = "refused"
+    """A relay extension refused the update (an app's rule). Rolled back."""
+    EXTENSION_FAILED = "extension_failed"
+    """A relay extension failed (raised or timed out) on this action: nothing was stored, the
+    change is not at fault, and the device keeps it to send again on its next connection."""
 
 
 # --- Field checks -----------------------------------------------------------------------------
