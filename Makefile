@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 BOOTSTRAP := $(PYTHON) tools/bootstrap.py $(VENV)
 
-.PHONY: install dev relay test lint typecheck system-deps bench clean
+.PHONY: install dev relay test lint typecheck system-deps services bench clean
 
 install:
 	$(BOOTSTRAP) --extras test
@@ -23,7 +23,11 @@ relay:
 system-deps:
 	tools/system-deps
 
-test: install system-deps typecheck
+# Redis and PostgreSQL on 127.0.0.1 for the adapters' tests: started (or installed) if down.
+services:
+	tools/services
+
+test: install system-deps services typecheck
 	$(BIN)/ruff check .
 	@# pytest exits 5 when it collects no tests; make would turn that into 2, so decide here.
 	$(BIN)/pytest $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
