@@ -33,7 +33,9 @@ import asyncio
 import contextlib
 import functools
 import json
+import os
 import resource
+import shutil
 import signal
 import statistics
 import subprocess
@@ -152,10 +154,13 @@ def own_cpu_s() -> float:
 class Server:
     """A server process (the relay, or pycrdt-websocket's) on 127.0.0.1, logging to a file."""
 
-    def __init__(self, argv: list[str], port: int, log: Path) -> None:
+    def __init__(
+        self, argv: list[str], port: int, log: Path, env: dict[str, str] | None = None
+    ) -> None:
         self.argv = argv
         self.port = port
         self.log = log
+        self.env = env
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -173,6 +178,7 @@ class Server:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 cwd=REPO,
+                env=None if self.env is None else {**os.environ, **self.env},
                 preexec_fn=_raise_child_nofile,
             )
         deadline = started + timeout
@@ -999,13 +1005,42 @@ async def fanout_foliosync(root: Path, sizes: Sizes) -> tuple[list[Step], dict[s
     return steps, info
 
 
-async def fanout_pycrdt(root: Path, sizes: Sizes) -> tuple[list[Step], dict[str, Any]]:
-    port = free_port()
-    server = pycrdt_server = Server(
-        [sys.executable, "-m", "bench.relay_pycrdt_server", "--port", str(port)],
-        port,
-        root / "pycrdt-websocket.log",
+Y_WEBSOCKET_DIR = REPO / "bench" / "ywebsocket"
+Y_WEBSOCKET_SERVER = (
+    Y_WEBSOCKET_DIR / "node_modules" / "@y" / "websocket-server" / "src" / "server.js"
+)
+
+
+def y_websocket_server(port: int, log: Path) -> Server:
+    """y-websocket's own Node server (``@y/websocket-server``, pinned by bench/ywebsocket's
+    package-lock.json), installed with ``npm ci`` on first use: what most Yjs apps run."""
+    node = shutil.which("node")
+    if node is None or shutil.which("npm") is None:
+        raise RuntimeError("Node.js and npm are needed (tools/system-deps installs them)")
+    if not Y_WEBSOCKET_SERVER.exists():
+        subprocess.run(
+            ["npm", "ci", "--silent", "--no-audit", "--no-fund"],
+            cwd=Y_WEBSOCKET_DIR,
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+    return Server(
+        [node, str(Y_WEBSOCKET_SERVER)], port, log, env={"HOST": "127.0.0.1", "PORT": str(port)}
     )
+
+
+def pycrdt_websocket_server(port: int, log: Path) -> Server:
+    return Server(
+        [sys.executable, "-m", "bench.relay_pycrdt_server", "--port", str(port)], port, log
+    )
+
+
+async def fanout_y(
+    root: Path, sizes: Sizes, make_server: Callable[[int, Path], Server], name: str
+) -> tuple[list[Step], dict[str, Any]]:
+    """The same load against a server of the y-websocket protocol (one room, no store)."""
+    port = free_port()
+    server = make_server(port, root / f"{name}.log")
 
     async def ready() -> None:
         # A plain TCP connect: a WebSocket that connects and leaves at once can crash the
@@ -1014,7 +1049,7 @@ async def fanout_pycrdt(root: Path, sizes: Sizes) -> tuple[list[Step], dict[str,
         writer.close()
         await writer.wait_closed()
 
-    loader = await Loader.start(root, "load-pycrdt")
+    loader = await Loader.start(root, f"load-{name}")
     probe = Probe()
     devices: list[YDevice] = []
     try:
@@ -1047,12 +1082,12 @@ async def fanout_pycrdt(root: Path, sizes: Sizes) -> tuple[list[Step], dict[str,
         result = await loader.call(
             "start", proto="y", port=port, devices=[{"room": room}] * bulk, timeout=120
         )
-        check_connected(result, "pycrdt-websocket readers")
+        check_connected(result, f"{name} readers")
 
         def y_edit(i: int) -> bytes:
             return editor.edit(lambda m: m.set_note(symbols[i % len(symbols)], f"n{i}"))
 
-        target = Target(pycrdt_server, y_edit)  # the y-websocket protocol has no Acks
+        target = Target(server, y_edit)  # the y-websocket protocol has no Acks
         steps = await run_steps(target, loader, probe, sizes.samplers, bulk, sizes, sizes.rates)
         info = {"bulk": bulk, "connect_s": result["seconds"]}
         for device in devices:
@@ -1094,11 +1129,15 @@ async def fanout(root: Path, sizes: Sizes) -> list[Table]:
     results: list[tuple[str, list[Step], dict[str, Any]]] = []
     steps, info = await fanout_foliosync(root, sizes)
     results.append(("foliosync relay", steps, info))
-    try:
-        y_steps, y_info = await fanout_pycrdt(root, sizes)
-        results.append(("pycrdt-websocket", y_steps, y_info))
-    except Exception as exc:  # reported in the table, not fatal for the other figures
-        summary.notes.append(f"pycrdt-websocket could not be run: {type(exc).__name__}: {exc}")
+    for name, make_server in (
+        ("y-websocket", y_websocket_server),
+        ("pycrdt-websocket", pycrdt_websocket_server),
+    ):
+        try:
+            y_steps, y_info = await fanout_y(root, sizes, make_server, name)
+            results.append((name, y_steps, y_info))
+        except Exception as exc:  # reported in the table, not fatal for the other figures
+            summary.notes.append(f"{name} could not be run: {type(exc).__name__}: {exc}")
     for name, steps, _ in results:
         for s in steps:
             table.add(
@@ -1151,7 +1190,14 @@ async def fanout(root: Path, sizes: Sizes) -> list[Table]:
         "acknowledged and fanned out. 'fell behind' disconnects: "
         f"{folio_info['behind']}; device errors: {folio_info['errors'] or 'none'}.",
     ]
-    if len(results) > 1:
+    if any(name == "y-websocket" for name, _, _ in results):
+        table.notes.append(
+            "y-websocket: its Node server (@y/websocket-server 0.1.1 on Node "
+            f"{node_version()}, bench/ywebsocket), one room holding the same watchlist, the same "
+            "y-websocket protocol clients and updates as pycrdt-websocket's. No store and no "
+            "authentication either."
+        )
+    if any(name == "pycrdt-websocket" for name, _, _ in results):
         table.notes.append(
             "pycrdt-websocket 0.16 (WebsocketServer + ASGIServer on Hypercorn, as documented; "
             "bench/relay_pycrdt_server.py): one room holding the same watchlist; clients speak "
@@ -1160,6 +1206,14 @@ async def fanout(root: Path, sizes: Sizes) -> list[Table]:
             "update than the relay."
         )
     return [table, summary]
+
+
+def node_version() -> str:
+    try:
+        out = subprocess.run(["node", "--version"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "?"
+    return out.stdout.strip().lstrip("v") or "?"
 
 
 # -- entry point ---------------------------------------------------------------------------------
