@@ -37,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import inspect
 import logging
 import os
 import random
@@ -51,7 +52,6 @@ from foliosync.client.health import ConnectionState, LastError, SyncHealth, buil
 from foliosync.client.replica import SYNCED_AT_META, DocumentChange, DocumentInfo, Replica
 from foliosync.sync.clock import wall_ms
 from foliosync.sync.errors import (
-    AccessDenied,
     AuthError,
     ConnectionLost,
     FolioSyncError,
@@ -61,16 +61,31 @@ from foliosync.sync.errors import (
     ValidationError,
 )
 from foliosync.sync.freshness import Freshness, document_freshness
-from foliosync.sync.model import INDEX_DOCUMENT_ID, DocumentKind
+from foliosync.sync.model import DocumentKind
 from foliosync.sync.prices import PricePoint, SequenceTracker
 from foliosync.sync.protocol import (
     MAX_SYMBOLS,
     Acked,
+    ApplyRemote,
+    CheckSettled,
     ClientSession,
+    Decision,
+    DeviceSync,
+    EnsureDocuments,
     ErrorCode,
     ErrorReceived,
+    Fail,
+    MarkSynced,
     PingReceived,
     PricesReceived,
+    ReadOutgoing,
+    ReadUnsent,
+    Report,
+    RequestNew,
+    RequestState,
+    Rollback,
+    Send,
+    Settle,
     SyncReplied,
     UpdateReceived,
     Welcomed,
@@ -224,8 +239,9 @@ class SyncClient:
         self.user: str | None = None
         self.device: str | None = None
         self._connected = False
-        self._in_sync: set[str] = set()  # documents synced on this connection, nothing in flight
-        self._live: set[str] = set()  # documents whose initial sync finished on this connection
+        # The current connection's sync machine: health() and status() read what it knows of
+        # each document (in sync, since when out of it); None between connections.
+        self._machine: DeviceSync | None = None
         self._task: asyncio.Task[None] | None = None
         self._idle = asyncio.Event()
         self._stopping = False
@@ -237,9 +253,6 @@ class SyncClient:
         self._next_retry_at: datetime | None = None
         self._last_error = LastError.from_meta(replica.meta)
         self._followed: frozenset[str] | None = None  # as the last subscription computed them
-        # Documents that left sync on this connection (an edit in flight), since when, in ms:
-        # they were in sync until that edit, whatever their last confirmation says.
-        self._left_sync_at: dict[str, int] = {}
         self._unwatch_followed: Callable[[], None] | None = None
         self._followed_task: asyncio.Task[None] | None = None
         self._lease = _SyncLease(replica.path)
@@ -284,10 +297,16 @@ class SyncClient:
         )
 
     def _synced_at(self, info: DocumentInfo, now_ms: int) -> int | None:
-        """When a document was last known in sync, in ms: ``now_ms`` while kept in sync."""
-        if self._connected and info.id in self._in_sync and info.pending == 0:
+        """When a document was last known in sync, in ms: ``now_ms`` while kept in sync.
+
+        A document that left sync on this connection (an edit in flight) was in sync until
+        that edit, whatever its last confirmation says."""
+        machine = self._machine
+        if machine is None:
+            return info.last_synced_at
+        if self._connected and machine.in_sync(info.id) and info.pending == 0:
             return now_ms
-        left = self._left_sync_at.get(info.id)
+        left = machine.left_sync_at(info.id)
         if left is not None and (info.last_synced_at is None or left > info.last_synced_at):
             return left
         return info.last_synced_at
@@ -353,6 +372,21 @@ class SyncClient:
     def on_connection_change(self, listener: Callable[[bool], None]) -> None:
         """Call ``listener(connected)`` whenever the connection comes up or goes down."""
         self._listeners.append(listener)
+
+    def _welcomed_by(self, event: Welcomed) -> None:
+        """The relay welcomed this client on the current connection."""
+        self.user, self.device = event.user, event.device
+        self._welcomed = True
+        self.backoff.reset()
+        self._set_connected(True)
+
+    def _connection_quiet(self, quiet: bool) -> None:
+        """The connection's machine says whether it has done all it can (see DeviceSync.quiet);
+        wait_in_sync and a block's flush wait for that."""
+        if quiet:
+            self._idle.set()
+        else:
+            self._idle.clear()
 
     def _set_connected(self, value: bool) -> None:
         if value != self._connected:
@@ -561,7 +595,11 @@ class SyncClient:
                 except (aiohttp.ClientError, OSError, TimeoutError) as exc:
                     raise ConnectionLost(f"cannot reach the relay at {self.url}: {exc}") from exc
                 async with ws:
-                    self._connection = _Connection(self, ws, until_idle)
+                    session = ClientSession(
+                        max_frame_size=CLIENT_MAX_FRAME, max_send_size=CLIENT_MAX_SEND
+                    )
+                    self._machine = DeviceSync(session, one_shot=until_idle)
+                    self._connection = _Connection(self, ws, self._machine)
                     try:
                         await self._connection.serve()
                     finally:
@@ -569,43 +607,45 @@ class SyncClient:
         finally:
             self._set_connected(False)
             self._idle.clear()
-            await self._remember_live_documents()
-            self._in_sync.clear()
-            self._live.clear()
-            self._left_sync_at.clear()
+            if self._machine is not None:
+                await self._remember_live_documents(self._machine)
+            self._machine = None
 
-    async def _remember_live_documents(self) -> None:
-        for doc_id in list(self._in_sync):
+    async def _remember_live_documents(self, machine: DeviceSync) -> None:
+        for doc_id, document in list(machine.documents.items()):
             with contextlib.suppress(FolioSyncError):
-                if self.replica.info(doc_id).pending == 0:
+                if document.in_sync and self.replica.info(doc_id).pending == 0:
                     await self.replica.mark_synced(doc_id)
         # In sync until an edit that is still in flight: confirmed up to that edit.
-        for doc_id, left in list(self._left_sync_at.items()):
+        for doc_id, document in list(machine.documents.items()):
+            left = document.left_sync_at
+            if left is None or document.in_sync:
+                continue
             with contextlib.suppress(FolioSyncError):
                 synced = self.replica.info(doc_id).last_synced_at
-                if doc_id not in self._in_sync and (synced is None or left > synced):
+                if synced is None or left > synced:
                     await self.replica.mark_synced(doc_id, at_ms=left)
 
 
 class _Connection:
-    """The protocol work of one connection; all sends go through one writer task."""
+    """The I/O of one connection: executes what its :class:`DeviceSync` decides, feeding back
+    what the replica answered; all sends go through one writer task.
+
+    Every decision of one frame runs to completion before the next frame is read (a refusal is
+    rolled back before any later Ack is settled). ``Send`` decisions are executed without an
+    await, so that the order the machine chose is the order on the wire.
+    """
 
     def __init__(
-        self, client: SyncClient, ws: aiohttp.ClientWebSocketResponse, until_idle: bool
+        self, client: SyncClient, ws: aiohttp.ClientWebSocketResponse, machine: DeviceSync
     ) -> None:
         self.client = client
         self.replica = client.replica
         self.ws = ws
-        self.until_idle = until_idle
-        self.session = ClientSession(max_frame_size=CLIENT_MAX_FRAME, max_send_size=CLIENT_MAX_SEND)
+        self.machine = machine
+        self.session = machine.session
+        self.until_idle = machine.one_shot
         self.outbox: asyncio.Queue[bytes | None] = asyncio.Queue()
-        self.requested: set[str] = set()
-        self.in_flight: dict[str, int] = {}  # doc -> highest seq sent and not yet acked
-        self.sent_upto: dict[str, int] = {}
-        # Documents whose pending rows _send_unsent is reading, and those changed meanwhile: see
-        # _send_unsent for why no other path sends them then.
-        self.reading: set[str] = set()
-        self.dirty: set[str] = set()
         self.subscribed: frozenset[str] | None = None
         self.price_seqs = SequenceTracker()
         self._subscription_task: asyncio.Task[None] | None = None
@@ -700,40 +740,159 @@ class _Connection:
                 raise _Stop  # nothing followed: no prices to wait for
             loop = asyncio.get_running_loop()
             self.snapshot_deadline = loop.time() + self.client.snapshot_timeout
-        elif (self.snapshot_received or self.snapshot_given_up) and self.client._idle.is_set():
+        elif (self.snapshot_received or self.snapshot_given_up) and self.machine.quiet:
             raise _Stop
 
     async def _handle(self, event: object) -> None:
-        if isinstance(event, UpdateReceived):
-            await self._on_remote_update(event)
-        elif isinstance(event, Acked):
-            await self._on_ack(event)
-        elif isinstance(event, SyncReplied):
-            await self._on_sync_reply(event)
-        elif isinstance(event, Welcomed):
-            await self._on_welcome(event)
-        elif isinstance(event, PricesReceived):
+        if isinstance(event, PricesReceived):
             await self._on_prices(event)
-        elif isinstance(event, ErrorReceived):
-            if not event.fatal:  # a fatal one ends the connection, and run() records it
-                await self.client._record_error(LastError.now(str(event.code), event.message))
-            self._on_error(event)
         elif isinstance(event, PingReceived):
             self._send(self.session.pong(event.nonce))
+        elif isinstance(event, Welcomed):
+            self.client._welcomed_by(event)
+            await self._execute(self.machine.receive(event))
+            if not self.until_idle:  # a one-shot sync of documents needs no prices
+                await self._update_subscription()
+                if self._heartbeat_task is None:
+                    self._heartbeat_task = self._spawn(self._heartbeat())
+        elif isinstance(event, UpdateReceived | SyncReplied | Acked | ErrorReceived):
+            await self._execute(self.machine.receive(event))
 
-    async def _on_welcome(self, event: Welcomed) -> None:
-        self.client.user, self.client.device = event.user, event.device
-        self.client._welcomed = True
-        self.client.backoff.reset()
-        self.client._set_connected(True)
-        for doc_id in event.documents:
-            with contextlib.suppress(ValidationError):
-                await self.replica.ensure_document(doc_id)
-        await self._request_new_documents()
-        if not self.until_idle:  # a one-shot sync of documents needs no prices
-            await self._update_subscription()
-            if self._heartbeat_task is None:
-                self._heartbeat_task = self._spawn(self._heartbeat())
+    # -- executing the machine's decisions ---------------------------------------------------
+
+    async def _execute(self, decisions: list[Decision]) -> None:
+        """Carry out ``decisions`` in order, each with what it leads to before the next."""
+        for decision in decisions:
+            if isinstance(decision, Send):
+                self._send(decision.data)
+            else:
+                await self._execute(await self._carry_out(decision))
+
+    async def _carry_out(self, decision: Decision) -> list[Decision]:
+        """Do one decision that is not a Send; the machine's answer to its result."""
+        machine, replica = self.machine, self.replica
+        match decision:
+            case EnsureDocuments(doc_ids):
+                for doc_id in doc_ids:
+                    with contextlib.suppress(ValidationError):
+                        await replica.ensure_document(doc_id)
+                return []
+            case RequestNew():
+                return machine.documents_known(replica.document_ids())
+            case RequestState(doc):
+                return machine.state_vector_read(decision, await replica.state_vector(doc))
+            case ApplyRemote(doc, update, changed_at, changed_by):
+                await replica.apply_remote(  # makes the local copy of a document new to us
+                    doc, update, changed_at=changed_at, changed_by=changed_by
+                )
+                return []
+            case ReadOutgoing():
+                rows = await self._outgoing(decision)
+                return machine.outgoing_read(decision, rows, self._pending(decision.doc), wall_ms())
+            case ReadUnsent(doc):
+                unsent = [(p.seq, p.data) for p in await replica.pending_updates(doc)]
+                return machine.unsent_read(decision, unsent, self._pending(doc), wall_ms())
+            case Settle(doc, seq, keep):
+                await self._acknowledge(doc, seq, keep)
+                if self.client.device:  # the relay's newest change of it is now ours
+                    await replica.record_watermark(doc, wall_ms(), self.client.device)
+                return machine.acknowledged(decision, self._pending(doc))
+            case Rollback(doc):
+                still_pending = not await self._refuse(decision)
+                return machine.rolled_back(
+                    decision, self._pending(doc), still_pending=still_pending
+                )
+            case CheckSettled(doc):
+                return machine.pending_is(decision, self._pending(doc))
+            case MarkSynced(doc):
+                await replica.mark_synced(doc)
+                return []
+            case Report(code, message, doc, seq):
+                log.warning("relay error for %s (seq %s): %s %s", doc, seq, code, message)
+                await self.client._record_error(LastError.now(code, message))
+                return []
+            case Fail(error):
+                raise error
+        raise AssertionError(f"unhandled decision {decision!r}")  # pragma: no cover
+
+    def _pending(self, doc: str) -> int:
+        return self.replica.info(doc).pending
+
+    async def _outgoing(self, decision: ReadOutgoing) -> list[tuple[int, bytes]]:
+        """``Replica.outgoing`` as a list of (seq, update); a replica whose ``outgoing`` returns
+        one merged diff or None (and takes no ``merged``) is read the same way."""
+        outgoing: Any = self.replica.outgoing
+        args = (decision.doc, decision.state_vector, decision.relay_update)
+        if _takes(outgoing, "merged"):
+            rows = await outgoing(*args, merged=decision.merged)
+        else:
+            rows = await outgoing(*args)
+        if rows is None:
+            return []
+        if isinstance(rows, tuple):
+            return [rows]
+        return [(seq, update) for seq, update in rows]
+
+    async def _acknowledge(self, doc: str, seq: int, keep: frozenset[int]) -> None:
+        """Settle up to ``seq`` except ``keep``; a replica without ``keep`` settles only below
+        the lowest kept seq (the rows above it stay pending and are sent again: harmless)."""
+        acknowledge: Any = self.replica.acknowledge
+        if keep and not _takes(acknowledge, "keep"):
+            seq = min(min(keep) - 1, seq)
+            if seq > 0:
+                await acknowledge(doc, seq)
+            return
+        if keep:
+            await acknowledge(doc, seq, keep=keep)
+        else:
+            await acknowledge(doc, seq)
+
+    async def _refuse(self, decision: Rollback) -> bool:
+        """Roll the refused row back; False if this replica cannot (it stays pending)."""
+        refuse: Any = getattr(self.replica, "refuse", None)
+        if refuse is None:
+            log.warning(
+                "the relay refused seq %d of %s (%s); this replica cannot roll it back, so it "
+                "stays pending",
+                decision.seq,
+                decision.doc,
+                decision.code,
+            )
+            return False
+        refusal = await refuse(decision.doc, decision.seq, decision.code, decision.message)
+        if refusal is not None:
+            log.warning(
+                "the relay refused %s of %s (%s: %s); rolled back",
+                getattr(refusal, "summary", f"seq {decision.seq}"),
+                decision.doc,
+                decision.code,
+                decision.message,
+            )
+        return True
+
+    def _spawn_decisions(self, decisions: list[Decision]) -> None:
+        """Execute decisions from a callback: Sends now, in order; the rest in a task."""
+        for index, decision in enumerate(decisions):
+            if not isinstance(decision, Send):
+                self._spawn(self._execute_aside(decisions[index:]))
+                return
+            self._send(decision.data)
+        self._check_idle()
+
+    async def _execute_aside(self, decisions: list[Decision]) -> None:
+        """Decisions run beside the read loop. If one fails, the connection ends: the machine
+        may be waiting for its answer (a read of unsent rows), and a new connection's sync
+        starts from what the replica holds."""
+        try:
+            await self._execute(decisions)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("sync work failed (%s); reconnecting", exc)
+            with contextlib.suppress(Exception):
+                await self.ws.close()
+            return
+        self._check_idle()
 
     async def _heartbeat(self) -> None:
         """Every HEARTBEAT_SECONDS while every document is in sync with nothing in flight, write
@@ -741,7 +900,7 @@ class _Connection:
         sync of each settled document, instead of seeing them drift to stale."""
         while not self.session.closed:
             await asyncio.sleep(HEARTBEAT_SECONDS)
-            if self.client._idle.is_set() and self.client._connected:
+            if self.client._idle.is_set() and self.client.connected:
                 with contextlib.suppress(FolioSyncError):  # a busy file: the next beat says it
                     await self.replica.set_meta(**{SYNCED_AT_META: str(wall_ms())})
 
@@ -799,154 +958,30 @@ class _Connection:
         if event.snapshot and self.snapshot_deadline is not None:
             self.snapshot_received = True
 
-    async def _request_new_documents(self) -> None:
-        for doc_id in self.replica.document_ids():
-            if doc_id not in self.requested:
-                self.requested.add(doc_id)
-                state_vector = await self.replica.state_vector(doc_id)
-                self._send(self.session.sync_request(doc_id, state_vector))
-
-    async def _on_sync_reply(self, event: SyncReplied) -> None:
-        doc = event.doc
-        await self.replica.apply_remote(
-            doc, event.update, changed_at=event.changed_at_ms, changed_by=event.changed_by
-        )
-        outgoing = await self.replica.outgoing(doc, event.state_vector, event.update)
-        self.client._live.add(doc)
-        if outgoing is not None:
-            seq, update = outgoing
-            self.in_flight[doc] = seq
-            self.sent_upto[doc] = seq
-            self._send(self.session.update(doc, seq, update))
-        else:
-            # Nothing was pending in the snapshot outgoing() read. A row committed since, here or
-            # by another process, is notified after it and sent then: reading the pending rows
-            # again here and counting them as sent would skip another process's.
-            self.sent_upto.setdefault(doc, 0)
-            await self._settled(doc)
-        if doc == INDEX_DOCUMENT_ID:
-            await self._request_new_documents()
-
-    async def _on_remote_update(self, event: UpdateReceived) -> None:
-        doc = event.doc
-        await self.replica.apply_remote(  # makes the local copy of a document new to us
-            doc, event.update, changed_at=event.changed_at_ms, changed_by=event.changed_by
-        )
-        if doc == INDEX_DOCUMENT_ID or doc not in self.requested:
-            await self._request_new_documents()
-        if doc not in self.in_flight and doc in self.client._live:
-            await self._settled(doc)
-
-    async def _on_ack(self, event: Acked) -> None:
-        await self.replica.acknowledge(event.doc, event.seq)
-        if self.client.device:  # the relay's newest change of it is now ours
-            await self.replica.record_watermark(event.doc, wall_ms(), self.client.device)
-        if self.in_flight.get(event.doc, 0) <= event.seq:
-            self.in_flight.pop(event.doc, None)
-            await self._settled(event.doc)
-
-    async def _settled(self, doc: str) -> None:
-        if self.replica.info(doc).pending == 0:
-            self.client._in_sync.add(doc)
-            self.client._left_sync_at.pop(doc, None)
-            await self.replica.mark_synced(doc)
-        else:
-            self.client._in_sync.discard(doc)
-
-    def _on_error(self, event: ErrorReceived) -> None:
-        if event.fatal:
-            if event.code == ErrorCode.AUTH_FAILED:
-                raise AuthError(f"the relay refused the token: {event.message}")
-            raise RemoteProtocolError(
-                f"the relay closed the session: {event.message}", code=event.code
-            )
-        if event.code == ErrorCode.AUTH_FAILED:
-            raise AuthError(f"the relay refused the token for {event.doc}: {event.message}")
-        if event.code == ErrorCode.FORBIDDEN and self.until_idle:
-            raise AccessDenied(f"the relay refused {event.doc}: {event.message}")
-        log.warning(
-            "relay error for %s (seq %s): %s %s", event.doc, event.seq, event.code, event.message
-        )
-        if event.code == ErrorCode.FORBIDDEN and event.doc is not None:
-            # Never going to sync: stop waiting for it (the app sees it in the log and status).
-            self.client._live.add(event.doc)
-            self.client._in_sync.add(event.doc)
-        # Not stored: it stays pending (resent on the next connection), but stop waiting for it.
-        if event.doc is not None and self.in_flight.get(event.doc) == event.seq:
-            self.in_flight.pop(event.doc, None)
+    # -- local changes -----------------------------------------------------------------------
 
     def _on_local_change(self, change: DocumentChange) -> None:
-        doc = change.doc_id
         if change.kind is not DocumentKind.INDEX:
             self.refresh_subscription()
-        if change.origin == "remote" or doc not in self.client._live or self.session.closed:
-            return
-        if doc in self.reading:  # _send_unsent reads again and sends it in order
-            self.dirty.add(doc)
-            return
-        if not change.update:
-            if change.origin == "local":  # several rows at once (a new document): read them
-                self.reading.add(doc)
-                self._spawn(self._send_unsent(doc))
-            return  # another process's change that is not a pending edit: nothing to send
-        if change.seq <= self.sent_upto.get(doc, 0):
-            return
-        self.sent_upto[doc] = change.seq
-        self.in_flight[doc] = change.seq
-        self._leave_sync(doc)
-        self.client._idle.clear()
-        self._send(self.session.update(doc, change.seq, change.update))
-        if doc == INDEX_DOCUMENT_ID or doc not in self.requested:
-            self._spawn(self._request_new_documents())
-
-    async def _send_unsent(self, doc: str) -> None:
-        """Send the pending rows of ``doc`` this connection has not sent, in seq order.
-
-        Invariant: never send seq N of a document while a lower pending row of it is unsent on
-        this connection. The relay's Ack of N settles every pending row up to N, so a row skipped
-        below it would be marked settled without ever reaching the relay, and lost. Hence one
-        sending path per document: while ``doc`` is in ``reading`` (from the notification that
-        started this until the end), :meth:`_on_local_change` sends nothing of it and only marks
-        it dirty; this reads again until no change came during a read. There is no await between
-        the last read's sends and leaving ``reading``, so nothing notified in between is missed.
-        """
-        try:
-            while True:
-                self.dirty.discard(doc)
-                pending_rows = await self.replica.pending_updates(doc)
-                for pending in pending_rows:
-                    if pending.seq > self.sent_upto.get(doc, 0) and not self.session.closed:
-                        self.sent_upto[doc] = pending.seq
-                        self.in_flight[doc] = pending.seq
-                        self._leave_sync(doc)
-                        self.client._idle.clear()
-                        self._send(self.session.update(doc, pending.seq, pending.data))
-                if doc not in self.dirty or self.session.closed:
-                    break
-        finally:
-            self.reading.discard(doc)
-            self.dirty.discard(doc)
-        if doc == INDEX_DOCUMENT_ID or doc not in self.requested:
-            await self._request_new_documents()
-
-    def _leave_sync(self, doc: str) -> None:
-        """An edit of ``doc`` is on its way: it was in sync until now, and is not any more."""
-        if doc in self.client._in_sync:
-            self.client._left_sync_at.setdefault(doc, wall_ms())
-            self.client._in_sync.discard(doc)
+        decisions = self.machine.local_change(
+            change.doc_id, change.origin, change.seq, change.update, wall_ms()
+        )
+        if decisions:
+            self._spawn_decisions(decisions)
 
     def _check_idle(self) -> bool:
         """Whether every document is in sync with nothing in flight (and say so to waiters)."""
-        if not self.client._connected:
+        if not self.client.connected:
             return False
-        done = (
-            not self.in_flight
-            and self.requested
-            and all(d in self.client._live for d in self.requested)
-            and all(d in self.client._in_sync for d in self.requested)
-        )
-        if done:
-            self.client._idle.set()
-            return True
-        self.client._idle.clear()
+        quiet = self.machine.quiet
+        self.client._connection_quiet(quiet)
+        return quiet
+
+
+def _takes(function: Callable[..., object], name: str) -> bool:
+    """Whether ``function`` takes a keyword argument ``name`` (a replica of an older API may
+    not: ``keep``, ``merged``)."""
+    try:
+        return name in inspect.signature(function).parameters
+    except (TypeError, ValueError):
         return False

@@ -32,10 +32,12 @@ whole documents to clients, which accept large ones.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from enum import Enum
+from types import MappingProxyType
 
 from foliosync.sync.errors import ConfigError, LocalProtocolError, RemoteProtocolError
+from foliosync.sync.protocol.document_sync import DocumentSync
 from foliosync.sync.protocol.events import (
     Acked,
     ClientEvent,
@@ -417,18 +419,18 @@ class ServerSession(_Session):
 class ClientSession(_Session):
     """The client's end of its connection to the relay."""
 
-    __slots__ = ("_requested", "_sent_seqs", "_state", "device", "protocol", "user")
+    __slots__ = ("_documents", "_state", "device", "protocol", "user")
 
     def __init__(
         self, *, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE, max_send_size: int | None = None
     ) -> None:
         super().__init__(max_frame_size, max_send_size)
         self._state = ClientState.IDLE
-        # Highest seq sent per document, so that an Ack of an update never sent is caught: acting
-        # on it, the client would forget an update the relay does not have.
-        self._sent_seqs: dict[str, int] = {}
-        # Documents with a SyncRequest sent on this connection: only those may get Updates.
-        self._requested: set[str] = set()
+        # What this connection sent of each document (its SyncRequest: only then may Updates
+        # follow; the highest seq: an Ack of an update never sent is caught, as acting on it the
+        # client would forget an update the relay does not have). The one record of it: the
+        # device's sync machine (DeviceSync) reads the same objects.
+        self._documents: dict[str, DocumentSync] = {}
         self.protocol: int = PROTOCOL_VERSION
         """The version this client speaks, and that the Welcome must confirm."""
         self.user: str | None = None
@@ -440,6 +442,18 @@ class ClientSession(_Session):
     def state(self) -> ClientState:
         """Where the conversation is."""
         return ClientState.CLOSED if self._closed else self._state
+
+    @property
+    def documents(self) -> Mapping[str, DocumentSync]:
+        """What this connection sent of each document it touched (read-only)."""
+        return MappingProxyType(self._documents)
+
+    def document(self, doc: str) -> DocumentSync:
+        """The record of ``doc`` on this connection, made on first use."""
+        found = self._documents.get(doc)
+        if found is None:
+            found = self._documents[doc] = DocumentSync(doc)
+        return found
 
     # --- Receiving ----------------------------------------------------------------------------
 
@@ -491,7 +505,8 @@ class ClientSession(_Session):
                     )
                 return UpdateReceived(doc, seq, update, changed_at_ms, changed_by)
             case Ack(doc, seq):
-                if not 0 < seq <= self._sent_seqs.get(doc, 0):
+                sent = self._documents.get(doc)
+                if sent is None or not 0 < seq <= sent.sent_upto:
                     raise _violation(
                         f"Ack of seq {seq} of {doc!r}, which this connection never sent",
                         ErrorCode.UNEXPECTED_FRAME,
@@ -537,22 +552,18 @@ class ClientSession(_Session):
                 raise LocalProtocolError("an Update from a client needs a seq > 0")
             if frame.changed_at_ms is not None:
                 raise LocalProtocolError("the relay sets the watermark, not the client")
-            if frame.doc not in self._requested:
+            sent = self._documents.get(frame.doc)
+            if sent is None or not sent.requested:
                 raise LocalProtocolError(
                     f"Update of {frame.doc!r} before its SyncRequest", code=ErrorCode.NOT_SYNCED
                 )
-            last = self._sent_seqs.get(frame.doc, 0)
-            if frame.seq <= last:
-                raise LocalProtocolError(
-                    f"Update seq {frame.seq} of {frame.doc!r} after seq {last}: seqs must increase",
-                    code=ErrorCode.BAD_SEQ,
-                )
+            sent._check_update(frame.seq)
             data = self._encode(frame)
-            self._sent_seqs[frame.doc] = frame.seq
+            sent._record_update(frame.seq)
             return data
         data = self._encode(frame)
         if isinstance(frame, SyncRequest):
-            self._requested.add(frame.doc)
+            self.document(frame.doc)._record_request()
         return data
 
     def subscribe(self, symbols: Iterable[str]) -> bytes:

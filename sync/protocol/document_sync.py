@@ -1,0 +1,698 @@
+"""The device's side of syncing documents, as pure state machines: inputs in, decisions out.
+
+:class:`DocumentSync` is one document on one connection; :class:`DeviceSync` is the connection's
+set of them plus the few facts of the connection as a whole (welcomed, one-shot). Neither awaits,
+reads a clock or touches a replica: the client's shell feeds them what happened (a frame from the
+relay, a local edit, the result of reading the replica) and executes the decisions they return,
+in order, feeding back the results of those that read something::
+
+    for decision in machine.receive(event, now_ms):
+        match decision:
+            case Send(data): ws.send_bytes(data)
+            case ReadOutgoing(): machine.outgoing_read(decision, await replica.outgoing(...), ...)
+            ...
+
+One owner per fact. What this connection sent of a document (its SyncRequest, the highest seq,
+the seqs in flight) lives in its :class:`DocumentSync`; the :class:`ClientSession` writes it as it
+encodes those frames and consults it for the protocol's rules (an Update after the SyncRequest,
+seqs that increase, an Ack only of a seq sent), so the two can never disagree.
+
+Invariants the decisions keep (each one was a bug once):
+
+- **Never skip a row below a sent seq.** The relay's Ack of seq N settles every pending row up to
+  N, so seq N of a document is never sent while a lower pending row of it is unsent on this
+  connection. Hence one sending path per document while its pending rows are read
+  (:class:`ReadUnsent`): meanwhile a local change only marks the document dirty, and the read is
+  repeated until no change came during one. The sends of the last read and the end of reading
+  happen in one call, so nothing notified in between is missed.
+- **An Ack never settles a row the relay did not store.** A row answered by a per-document Error
+  (refused, to retry later, or awaiting a resync) is held: every later Ack of the document on the
+  connection settles with it in ``keep`` (``Replica.acknowledge(doc, seq, keep=...)``).
+- **Frames are handled strictly in order,** so a refusal is rolled back before any later Ack of
+  the same document is settled.
+- **The initial sync reads before it goes live.** A document takes local changes only once the
+  SyncReply's outgoing rows were read: a change committed before that read is in it, one
+  committed after is notified with a higher seq.
+
+What a per-document Error with a seq means is :func:`refusal_action` (PROTOCOL.md section 5).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from enum import Enum
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Literal
+
+from foliosync.sync.errors import (
+    AccessDenied,
+    AuthError,
+    FolioSyncError,
+    LocalProtocolError,
+    RemoteProtocolError,
+)
+from foliosync.sync.protocol.events import (
+    Acked,
+    ClientEvent,
+    ErrorReceived,
+    SyncReplied,
+    UpdateReceived,
+    Welcomed,
+)
+from foliosync.sync.protocol.frames import ErrorCode
+
+if TYPE_CHECKING:
+    from foliosync.sync.protocol.session import ClientSession
+
+__all__ = [
+    "INDEX_DOCUMENT",
+    "ApplyRemote",
+    "CheckSettled",
+    "Decision",
+    "DeviceSync",
+    "DocumentPhase",
+    "DocumentSync",
+    "EnsureDocuments",
+    "Fail",
+    "MarkSynced",
+    "ReadOutgoing",
+    "ReadUnsent",
+    "RefusalAction",
+    "Report",
+    "RequestNew",
+    "RequestState",
+    "Rollback",
+    "Send",
+    "Settle",
+    "refusal_action",
+]
+
+INDEX_DOCUMENT = "index"
+"""The user's index: a change of it may name documents to request (PROTOCOL.md 6.3)."""
+
+
+class RefusalAction(Enum):
+    """What the device does about an Update the relay answered with a per-document Error."""
+
+    ROLLBACK = "rollback"
+    """The change is refused for good: the replica rolls it back, keeping the others."""
+    RESYNC = "resync"
+    """The relay lacks what the update refers to: request the document again, send one merged
+    diff of everything the relay lacks."""
+    RETRY_LATER = "retry_later"
+    """The change is not at fault: it stays pending, untouched by later Acks, and is sent again on
+    the next connection."""
+
+
+_RETRY_LATER = frozenset({ErrorCode.EXTENSION_FAILED, ErrorCode.AUTH_FAILED, ErrorCode.INTERNAL})
+
+
+def refusal_action(code: str) -> RefusalAction:
+    """What an Error with a seq asks of the device, by its code.
+
+    Any code this version does not know rolls the change back: a newer relay refuses for reasons
+    an older device cannot name, and keeping a change the relay will never store would leave it
+    pending, resent and refused on every connection, forever. ``not_found`` and ``forbidden``
+    are for good too (that id is never stored)."""
+    if code == ErrorCode.MISSING_DEPENDENCIES:
+        return RefusalAction.RESYNC
+    if code in _RETRY_LATER:
+        return RefusalAction.RETRY_LATER
+    return RefusalAction.ROLLBACK
+
+
+class DocumentPhase(Enum):
+    """Where one document is on one connection."""
+
+    NEW = "new"
+    """Known, not asked for yet."""
+    REQUESTING = "requesting"
+    """Its state vector is being read for the SyncRequest."""
+    REQUESTED = "requested"
+    """SyncRequest sent; the SyncReply's outgoing rows are not read yet."""
+    LIVE = "live"
+    """Initial sync done: local changes are sent as they come, remote ones applied."""
+    CLOSED = "closed"
+    """The relay will never sync it for this user (``forbidden``/``not_found`` of its
+    SyncRequest): nothing more is waited for."""
+
+
+# --- Decisions --------------------------------------------------------------------------------
+# What the shell executes, in order. Those that read something say which method takes the result.
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    """Put these bytes on the socket now, in order with every other Send (no await before)."""
+
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class EnsureDocuments:
+    """Make local copies of these documents (the Welcome listed them), then :class:`RequestNew`."""
+
+    doc_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class RequestNew:
+    """List the replica's documents and pass them to :meth:`DeviceSync.documents_known`."""
+
+
+@dataclass(frozen=True, slots=True)
+class RequestState:
+    """Read the document's state vector and pass it to :meth:`DeviceSync.state_vector_read`.
+    ``merged``: the SyncReply is a resync, whose outgoing diff is one merged update."""
+
+    doc: str
+    merged: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ApplyRemote:
+    """Apply and store this update from the relay (nothing to feed back)."""
+
+    doc: str
+    update: bytes
+    changed_at_ms: int | None
+    changed_by: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class ReadOutgoing:
+    """``Replica.outgoing(doc, state_vector, relay_update, merged=merged)``; pass the rows and
+    the document's pending count to :meth:`DeviceSync.outgoing_read`."""
+
+    doc: str
+    state_vector: bytes
+    relay_update: bytes
+    merged: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ReadUnsent:
+    """Read the document's pending rows (seq order); pass them and its pending count to
+    :meth:`DeviceSync.unsent_read`."""
+
+    doc: str
+
+
+@dataclass(frozen=True, slots=True)
+class Settle:
+    """``Replica.acknowledge(doc, seq, keep=keep)`` (and record the watermark: the relay's newest
+    change of it is now this device's); then :meth:`DeviceSync.acknowledged`."""
+
+    doc: str
+    seq: int
+    keep: frozenset[int]
+
+
+@dataclass(frozen=True, slots=True)
+class Rollback:
+    """``Replica.refuse(doc, seq, code, message)``; then :meth:`DeviceSync.rolled_back`."""
+
+    doc: str
+    seq: int
+    code: str
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class CheckSettled:
+    """Pass the document's pending count to :meth:`DeviceSync.pending_is`."""
+
+    doc: str
+
+
+@dataclass(frozen=True, slots=True)
+class MarkSynced:
+    """Record in the replica that the document was in sync now (nothing pending, nothing in
+    flight, everything of the relay applied)."""
+
+    doc: str
+
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    """A non-fatal Error from the relay: log it and remember it as the last error."""
+
+    code: str
+    message: str
+    doc: str | None
+    seq: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Fail:
+    """End the connection by raising ``error`` (after the decisions before it)."""
+
+    error: FolioSyncError
+
+
+Decision = (
+    Send
+    | EnsureDocuments
+    | RequestNew
+    | RequestState
+    | ApplyRemote
+    | ReadOutgoing
+    | ReadUnsent
+    | Settle
+    | Rollback
+    | CheckSettled
+    | MarkSynced
+    | Report
+    | Fail
+)
+
+
+class DocumentSync:
+    """One document on one connection: what was sent, what is in flight, what the relay refused.
+
+    Read-only from outside, except through :class:`DeviceSync` and the session's sending."""
+
+    __slots__ = (
+        "_dirty",
+        "_held",
+        "_in_flight",
+        "_in_sync",
+        "_left_sync_at",
+        "_phase",
+        "_reading",
+        "_replies_due",
+        "_requested",
+        "_sent_upto",
+        "_synthetic",
+        "acked_upto",
+        "doc",
+    )
+
+    def __init__(self, doc: str) -> None:
+        self.doc = doc
+        self._phase = DocumentPhase.NEW
+        self._requested = False
+        self._sent_upto = 0
+        self._in_flight: list[int] = []  # sent, neither acknowledged nor answered, increasing
+        self.acked_upto = 0
+        """Highest seq the relay acknowledged on this connection."""
+        self._held: dict[int, RefusalAction] = {}
+        self._synthetic: set[int] = set()
+        self._replies_due: deque[bool] = deque()  # one per SyncRequest sent: is it a resync?
+        self._reading = False
+        self._dirty = False
+        self._in_sync = False
+        self._left_sync_at: int | None = None
+
+    def __repr__(self) -> str:
+        return (
+            f"DocumentSync({self.doc!r}, {self._phase.value}, sent_upto={self._sent_upto}, "
+            f"in_flight={self._in_flight}, held={sorted(self._held)})"
+        )
+
+    # --- What the session writes and checks (the one record of what was sent) ---------------
+
+    @property
+    def requested(self) -> bool:
+        """Whether this connection sent the document's SyncRequest."""
+        return self._requested
+
+    @property
+    def sent_upto(self) -> int:
+        """Highest seq sent of the document on this connection (0: none)."""
+        return self._sent_upto
+
+    def _record_request(self) -> None:
+        self._requested = True
+
+    def _check_update(self, seq: int) -> None:
+        if not self._requested:
+            raise LocalProtocolError(
+                f"Update of {self.doc!r} before its SyncRequest", code=ErrorCode.NOT_SYNCED
+            )
+        if seq <= self._sent_upto:
+            raise LocalProtocolError(
+                f"Update seq {seq} of {self.doc!r} after seq {self._sent_upto}: seqs must increase",
+                code=ErrorCode.BAD_SEQ,
+            )
+
+    def _record_update(self, seq: int) -> None:
+        self._sent_upto = seq
+        self._in_flight.append(seq)
+
+    # --- Read-only state ---------------------------------------------------------------------
+
+    @property
+    def phase(self) -> DocumentPhase:
+        return self._phase
+
+    @property
+    def in_flight(self) -> tuple[int, ...]:
+        """Seqs sent and neither acknowledged nor answered by an Error, oldest first."""
+        return tuple(self._in_flight)
+
+    @property
+    def held(self) -> Mapping[int, RefusalAction]:
+        """Seqs the relay answered with an Error on this connection and that no Ack may settle,
+        with what was done about them."""
+        return MappingProxyType(self._held)
+
+    @property
+    def keep(self) -> frozenset[int]:
+        """What every Ack of the document on this connection keeps pending."""
+        return frozenset(self._held)
+
+    @property
+    def in_sync(self) -> bool:
+        """Synced on this connection with nothing in flight and nothing pending (as last told)."""
+        return self._in_sync
+
+    @property
+    def left_sync_at(self) -> int | None:
+        """When (ms, as the shell told) an edit took the document out of sync on this
+        connection: it was in sync until then, whatever its last confirmation says."""
+        return self._left_sync_at
+
+    @property
+    def reading(self) -> bool:
+        """Whether its pending rows are being read to send the unsent ones."""
+        return self._reading
+
+    @property
+    def deferred(self) -> bool:
+        """Whether rows wait for the next connection (retried later), so that this one has done
+        what it can for the document once nothing is in flight."""
+        return any(a is not RefusalAction.RESYNC for a in self._held.values())
+
+    @property
+    def quiet(self) -> bool:
+        """Nothing more to do on this connection unless something new happens."""
+        if self._phase is DocumentPhase.CLOSED:
+            return True
+        return (
+            self._phase is DocumentPhase.LIVE
+            and not self._in_flight
+            and not self._replies_due
+            and not self._reading
+            and (self._in_sync or self.deferred)
+        )
+
+
+class DeviceSync:
+    """The documents of one connection, and the decisions that keep them in sync.
+
+    ``one_shot``: a sync that ends once everything is in sync (``SyncClient.sync_once``), where a
+    document the relay forbids is an error rather than something to stop waiting for.
+    """
+
+    __slots__ = ("_session", "_welcomed", "one_shot")
+
+    def __init__(self, session: ClientSession, *, one_shot: bool = False) -> None:
+        self._session = session
+        self._welcomed = False
+        self.one_shot = one_shot
+
+    @property
+    def session(self) -> ClientSession:
+        return self._session
+
+    @property
+    def documents(self) -> Mapping[str, DocumentSync]:
+        """Every document this connection knows of, by id (read-only)."""
+        return self._session.documents
+
+    def document(self, doc: str) -> DocumentSync:
+        """The machine of ``doc`` (a new one, in phase NEW, if unknown)."""
+        return self._session.document(doc)
+
+    @property
+    def welcomed(self) -> bool:
+        return self._welcomed
+
+    def in_sync(self, doc: str) -> bool:
+        """Whether ``doc`` was in sync on this connection, as last told (until it ended)."""
+        found = self.documents.get(doc)
+        return found is not None and found.in_sync
+
+    def left_sync_at(self, doc: str) -> int | None:
+        found = self.documents.get(doc)
+        return None if found is None else found.left_sync_at
+
+    @property
+    def quiet(self) -> bool:
+        """Welcomed, every document known synced (or waiting for the next connection, or never
+        to sync), nothing in flight: what a one-shot sync and ``wait_in_sync`` wait for."""
+        documents = self.documents.values()
+        return (
+            self._welcomed
+            and not self._session.closed
+            and bool(self.documents)
+            and all(d.quiet for d in documents)
+        )
+
+    # --- Inputs: frames --------------------------------------------------------------------
+
+    def receive(self, event: ClientEvent) -> list[Decision]:
+        """The decisions for one event of the session, handled strictly in order. Events that
+        concern no document (prices, pings) give none: the shell handles those itself."""
+        match event:
+            case Welcomed(documents=documents):
+                self._welcomed = True
+                return [EnsureDocuments(tuple(documents)), RequestNew()]
+            case SyncReplied(doc, update, state_vector, changed_at_ms, changed_by):
+                d = self.document(doc)
+                merged = d._replies_due.popleft() if d._replies_due else False
+                return [
+                    ApplyRemote(doc, update, changed_at_ms, changed_by),
+                    ReadOutgoing(doc, state_vector, update, merged),
+                ]
+            case UpdateReceived(doc, _seq, update, changed_at_ms, changed_by):
+                decisions: list[Decision] = [ApplyRemote(doc, update, changed_at_ms, changed_by)]
+                known = self.documents.get(doc)
+                if doc == INDEX_DOCUMENT or known is None or known.phase is DocumentPhase.NEW:
+                    decisions.append(RequestNew())
+                decisions.append(CheckSettled(doc))
+                return decisions
+            case Acked(doc, seq):
+                return self._on_ack(self.document(doc), seq)
+            case ErrorReceived():
+                return self._on_error(event)
+        return []
+
+    def _on_ack(self, d: DocumentSync, seq: int) -> list[Decision]:
+        keep = {s for s in d._held if s <= seq}
+        if seq in d._synthetic:  # a merged diff's own seq, borrowed: no row of it was in it
+            keep.add(seq)
+        d._in_flight = [s for s in d._in_flight if s > seq]
+        d.acked_upto = max(d.acked_upto, seq)
+        return [Settle(d.doc, seq, frozenset(keep))]
+
+    def _on_error(self, event: ErrorReceived) -> list[Decision]:
+        if event.fatal:  # the session is closed already; the shell ends the connection
+            if event.code == ErrorCode.AUTH_FAILED:
+                return [Fail(AuthError(f"the relay refused the token: {event.message}"))]
+            return [
+                Fail(
+                    RemoteProtocolError(
+                        f"the relay closed the session: {event.message}", code=event.code
+                    )
+                )
+            ]
+        decisions: list[Decision] = [Report(event.code, event.message, event.doc, event.seq)]
+        if event.doc is None:
+            return decisions
+        d = self.documents.get(event.doc)
+        if event.seq is not None and d is not None and event.seq in d._in_flight:
+            return decisions + self._refused(d, event.seq, event.code, event.message)
+        # No Update of ours named: it concerns the document (its SyncRequest), or a seq no
+        # longer in flight (nothing of ours to change).
+        if event.code == ErrorCode.AUTH_FAILED:
+            decisions.append(
+                Fail(AuthError(f"the relay refused the token for {event.doc}: {event.message}"))
+            )
+        elif event.code in (ErrorCode.FORBIDDEN, ErrorCode.NOT_FOUND) and event.seq is None:
+            if self.one_shot:
+                decisions.append(
+                    Fail(AccessDenied(f"the relay refused {event.doc}: {event.message}"))
+                )
+            elif d is not None:  # never going to sync: stop waiting for it
+                d._phase = DocumentPhase.CLOSED
+                d._replies_due.clear()
+                d._in_sync = True
+        return decisions
+
+    def _refused(self, d: DocumentSync, seq: int, code: str, message: str) -> list[Decision]:
+        d._in_flight.remove(seq)
+        action = refusal_action(code)
+        d._held[seq] = action
+        if action is RefusalAction.ROLLBACK:
+            return [Rollback(d.doc, seq, code, message)]
+        if action is RefusalAction.RESYNC:
+            if True in d._replies_due:  # a resync is on its way already; its diff covers this
+                return []
+            return [RequestState(d.doc, merged=True)]
+        return [CheckSettled(d.doc)]
+
+    # --- Inputs: the replica -----------------------------------------------------------------
+
+    def documents_known(self, doc_ids: Iterable[str]) -> list[Decision]:
+        """The replica's documents (after :class:`RequestNew`): those never asked for on this
+        connection get a :class:`RequestState`."""
+        decisions: list[Decision] = []
+        for doc in doc_ids:
+            d = self.document(doc)
+            if d._phase is DocumentPhase.NEW:
+                d._phase = DocumentPhase.REQUESTING
+                decisions.append(RequestState(doc))
+        return decisions
+
+    def state_vector_read(self, decision: RequestState, state_vector: bytes) -> list[Decision]:
+        """The state vector for a :class:`RequestState`: the SyncRequest to send."""
+        d = self.document(decision.doc)
+        if self._session.closed or d._phase is DocumentPhase.CLOSED:
+            return []
+        data = self._session.sync_request(decision.doc, state_vector)
+        d._replies_due.append(decision.merged)
+        if d._phase in (DocumentPhase.NEW, DocumentPhase.REQUESTING):
+            d._phase = DocumentPhase.REQUESTED
+        return [Send(data)]
+
+    def outgoing_read(
+        self,
+        decision: ReadOutgoing,
+        rows: Sequence[tuple[int, bytes]],
+        pending: int,
+        now_ms: int,
+    ) -> list[Decision]:
+        """The rows ``Replica.outgoing`` gave for a :class:`ReadOutgoing`: the document goes live
+        and they are sent (those this connection has not sent, in order).
+
+        A merged diff carries the highest pending seq; if this connection sent that seq already
+        (a resync of rows sent on it), the diff takes the next seq instead, marked as borrowed:
+        its Ack keeps a row of that seq pending, since the diff was read before such a row."""
+        d = self.document(decision.doc)
+        if d._phase is DocumentPhase.CLOSED:
+            return []
+        d._phase = DocumentPhase.LIVE
+        decisions: list[Decision] = []
+        if decision.merged and rows:
+            seq, update = rows[-1]
+            if seq <= d._sent_upto:
+                seq = d._sent_upto + 1
+                d._synthetic.add(seq)
+            decisions += self._send(d, seq, update, now_ms)
+            # The diff holds what the rows awaiting the resync brought: its Ack may settle them.
+            for held, action in list(d._held.items()):
+                if action is RefusalAction.RESYNC and held < seq:
+                    del d._held[held]
+        else:
+            for seq, update in rows:
+                if seq > d._sent_upto:
+                    decisions += self._send(d, seq, update, now_ms)
+        decisions += self._settle_check(d, pending)
+        if decision.doc == INDEX_DOCUMENT:
+            decisions.append(RequestNew())
+        return decisions
+
+    def local_change(
+        self,
+        doc: str,
+        origin: Literal["local", "remote", "other-process"],
+        seq: int,
+        update: bytes,
+        now_ms: int,
+    ) -> list[Decision]:
+        """A change committed to the replica (``DocumentChange``): what to send of it.
+
+        A change without an update that is local (several rows at once, a rollback, rows of
+        other processes that could not be read first) sends every unsent row, read afresh."""
+        d = self.documents.get(doc)
+        if origin == "remote" or d is None or d._phase is not DocumentPhase.LIVE:
+            return []
+        if self._session.closed:
+            return []
+        if d._reading:  # the read in progress reads again and sends it in order
+            d._dirty = True
+            return []
+        if not update:
+            if origin == "local":
+                d._reading = True
+                return [ReadUnsent(doc)]
+            return []  # another process's change that is not a pending edit: nothing to send
+        if seq <= d._sent_upto:
+            if seq in d._synthetic:  # its seq went to a merged diff: the next connection sends it
+                d._held[seq] = RefusalAction.RETRY_LATER
+            return []
+        decisions = self._send(d, seq, update, now_ms)
+        if doc == INDEX_DOCUMENT:
+            decisions.append(RequestNew())
+        return decisions
+
+    def unsent_read(
+        self, decision: ReadUnsent, rows: Sequence[tuple[int, bytes]], pending: int, now_ms: int
+    ) -> list[Decision]:
+        """The pending rows read for a :class:`ReadUnsent`: those above the highest sent go out,
+        in seq order; if a change was notified during the read, another read follows."""
+        d = self.document(decision.doc)
+        decisions: list[Decision] = []
+        if not self._session.closed:
+            for seq, update in rows:
+                if seq > d._sent_upto:
+                    decisions += self._send(d, seq, update, now_ms)
+        if d._dirty and not self._session.closed:
+            d._dirty = False
+            return [*decisions, ReadUnsent(d.doc)]
+        d._reading = d._dirty = False
+        decisions += self._settle_check(d, pending)
+        if decision.doc == INDEX_DOCUMENT:
+            decisions.append(RequestNew())
+        return decisions
+
+    def acknowledged(self, decision: Settle, pending: int) -> list[Decision]:
+        """The replica settled what a :class:`Settle` named; ``pending`` is what is left."""
+        return self._settle_check(self.document(decision.doc), pending)
+
+    def rolled_back(
+        self, decision: Rollback, pending: int, *, still_pending: bool = False
+    ) -> list[Decision]:
+        """The replica rolled back the row of a :class:`Rollback`, or had no such row any more:
+        the document's unsent rows, rebased ones included, go out in seq order.
+
+        ``still_pending``: the replica could not roll it back, so the row stays pending; every
+        Ack on this connection keeps it, and the next connection sends it again."""
+        d = self.document(decision.doc)
+        if not still_pending:  # no row of that seq is pending any more: nothing to keep
+            d._held.pop(decision.seq, None)
+        if d._phase is not DocumentPhase.LIVE or self._session.closed:
+            return []
+        if d._reading:
+            d._dirty = True
+            return []
+        d._reading = True
+        return [ReadUnsent(d.doc)]
+
+    def pending_is(self, decision: CheckSettled, pending: int) -> list[Decision]:
+        """The pending count asked by a :class:`CheckSettled`."""
+        return self._settle_check(self.document(decision.doc), pending)
+
+    # --- Internals -------------------------------------------------------------------------
+
+    def _send(self, d: DocumentSync, seq: int, update: bytes, now_ms: int) -> list[Decision]:
+        data = self._session.update(d.doc, seq, update)  # records seq as sent and in flight
+        if d._in_sync:  # in sync until now, not any more
+            d._in_sync = False
+            if d._left_sync_at is None:
+                d._left_sync_at = now_ms
+        return [Send(data)]
+
+    def _settle_check(self, d: DocumentSync, pending: int) -> list[Decision]:
+        if d._phase is not DocumentPhase.LIVE or d._in_flight or d._reading:
+            return []
+        if pending == 0 and not d._held:
+            d._in_sync = True
+            d._left_sync_at = None
+            return [MarkSynced(d.doc)]
+        d._in_sync = False
+        return []
