@@ -28,7 +28,13 @@ from foliosync.client.background import (
 )
 from foliosync.client.documents import PortfolioHandle, WatchlistHandle
 from foliosync.client.health import ConnectionState, LastError, PriceAge, SyncHealth
-from foliosync.client.replica import DocumentChange, DocumentInfo, OpeningReplica, Replica
+from foliosync.client.replica import (
+    DocumentChange,
+    DocumentInfo,
+    OpeningReplica,
+    Refusal,
+    Replica,
+)
 from foliosync.client.sync import Backoff, SyncClient, SyncStatus
 
 __all__ = [
@@ -44,6 +50,7 @@ __all__ = [
     "PortfolioHandle",
     "PortfolioSnapshot",
     "PriceAge",
+    "Refusal",
     "Replica",
     "SyncClient",
     "SyncHealth",

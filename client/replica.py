@@ -51,7 +51,15 @@ import contextlib
 import dataclasses
 import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Generator, Iterable
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Collection,
+    Coroutine,
+    Generator,
+    Iterable,
+)
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -63,7 +71,17 @@ from pycrdt import Doc, TransactionEvent, get_update, merge_updates
 
 from foliosync.client.documents import PortfolioHandle, WatchlistHandle
 from foliosync.client.quotes import Quote, QuoteBook
-from foliosync.client.store import DocumentRow, PendingUpdate, ReplicaStore, StoreChanges
+from foliosync.client.rollback import decode_state_vector, plan_rollback
+from foliosync.client.store import (
+    DocumentLog,
+    DocumentRow,
+    PendingUpdate,
+    RebuiltDocument,
+    RefusalPlan,
+    RefusalRow,
+    ReplicaStore,
+    StoreChanges,
+)
 from foliosync.sync.clock import wall_ms
 from foliosync.sync.errors import (
     DocumentExists,
@@ -93,7 +111,14 @@ from foliosync.sync.model import (
 from foliosync.sync.prices import PricePoint
 from foliosync.sync.validation import decimal_to_str, normalize_name
 
-__all__ = ["SYNCED_AT_META", "DocumentChange", "DocumentInfo", "OpeningReplica", "Replica"]
+__all__ = [
+    "SYNCED_AT_META",
+    "DocumentChange",
+    "DocumentInfo",
+    "OpeningReplica",
+    "Refusal",
+    "Replica",
+]
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +177,42 @@ class DocumentInfo:
     remote_changed_by: str | None  # the device that made that change
 
 
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """A change the relay refused for good, rolled back on this device.
+
+    ``seq`` is the refused pending row's seq, as sent in the Update; ``code`` and ``message`` are
+    the relay's; ``changes`` counts the user edits the row held; ``summary`` says what the change
+    did ("add NVDA, MSFT to Tech"); ``rebased`` are the seqs of the new pending rows that re-made
+    later changes on top of the rolled-back document.
+    """
+
+    doc_id: str
+    seq: int
+    code: str
+    message: str
+    at_ms: int
+    changes: int
+    summary: str
+    rebased: tuple[int, ...]
+
+    def describe(self, name: str | None = None) -> str:
+        """One line for a person: 'Tech: the relay refused "add NVDA" (seq 12, refused): no more
+        than 500 symbols; rolled back'."""
+        where = f"{name}: " if name else ""
+        reason = f": {self.message}" if self.message else ""
+        return (
+            f'{where}the relay refused "{self.summary}" (seq {self.seq}, {self.code}){reason}; '
+            "rolled back"
+        )
+
+
+def _refusal(row: RefusalRow) -> Refusal:
+    return Refusal(
+        row.doc_id, row.seq, row.code, row.message, row.at_ms, row.changes, row.summary, row.rebased
+    )
+
+
 @dataclass(slots=True)
 class _Loaded:
     model: DocumentModel
@@ -160,6 +221,7 @@ class _Loaded:
     bytes_since_compaction: int = 0
     max_seq: int = 0
     base_seq: int = 0  # the snapshot it was loaded from, or merged last
+    epoch: int = 0  # the rollback generation of the file it was read at
     subscription: Any = None
 
 
@@ -214,6 +276,9 @@ class Replica:
         self._quotes_unsaved = False
         self._seen_seq = 0  # every log row up to it is applied (or not loaded) and notified
         self._watcher: asyncio.Task[None] | None = None
+        self._refusals: list[Refusal] = []  # newest first, as the file keeps them
+        self._seen_refusal = 0  # the last refusal id notified (or there at opening)
+        self._refusal_listeners: list[Callable[[Refusal], None]] = []
 
     # -- life cycle --------------------------------------------------------------------------
 
@@ -251,6 +316,9 @@ class Replica:
             replica.quotes = QuoteBook(_quotes_from_rows(await store.load_quotes()))
             replica._pending = await store.pending_counts()
             replica._seen_seq = last_seq
+            rows_refused = await store.refusals()
+            replica._refusals = [_refusal(r) for r in rows_refused]
+            replica._seen_refusal = max((r.id for r in rows_refused), default=0)
             if INDEX_DOCUMENT_ID not in replica._rows:
                 await replica._insert_row(INDEX_DOCUMENT_ID, DocumentKind.INDEX, "", [])
         except BaseException:
@@ -435,12 +503,21 @@ class Replica:
                 raise ValidationError(f"invalid state vector for {doc_id}") from exc
 
     async def outgoing(
-        self, doc_id: str, relay_state_vector: bytes, relay_update: bytes | None = None
-    ) -> tuple[int, bytes] | None:
-        """What to send a relay whose state vector is ``relay_state_vector``, or None.
+        self,
+        doc_id: str,
+        relay_state_vector: bytes,
+        relay_update: bytes | None = None,
+        *,
+        merged: bool = False,
+    ) -> list[tuple[int, bytes]]:
+        """The Updates to send a relay whose state vector is ``relay_state_vector`` (after its
+        SyncReply), in order, as (seq, update); empty: nothing to send.
 
-        Returns (seq, update): the update holds everything the relay lacks, and acknowledging
-        ``seq`` settles every pending change up to it. Taken under the lock, so that the two agree.
+        Normally each pending row on its own, so that a refusal names one change. When the relay
+        lacks more than they bring (it was restored from an old backup: content or deletions no
+        pending row holds), or ``merged``: ONE diff of everything it lacks, with the highest
+        pending seq (or max(highest seq loaded, 1) when nothing is pending), whose Ack settles
+        every pending row. Taken under the lock, so that the rows and the diff agree.
 
         ``relay_update`` is the relay's SyncReply (already applied here): it carries the relay's
         whole delete set, the one thing a state vector does not show. With it, deletions the
@@ -452,46 +529,160 @@ class Replica:
             # What other processes committed, and the pending rows, from one snapshot: the Ack
             # of the seq returned settles every pending row up to it, so the diff must hold them.
             changes = await self._store.changes_since(
-                self._seen_seq, self._bases(), pending_of=doc_id
+                self._seen_seq,
+                self._bases(),
+                pending_of=doc_id,
+                loaded_epochs=self._epochs(),
+                refusals_after=self._seen_refusal,
             )
             self._apply_changes(changes)
+            loaded = self._loaded.get(doc_id, loaded)
             doc = loaded.model.doc
             try:
                 diff = doc.get_update(relay_state_vector)
+                theirs_state = decode_state_vector(relay_state_vector)
             except ValueError as exc:
                 raise ValidationError(f"invalid state vector for {doc_id}") from exc
             pending = changes.pending_rows
+            top = max(p.seq for p in pending) if pending else max(loaded.max_seq, 1)
+            if merged:
+                return [(top, diff)]
             if pending:
-                return max(p.seq for p in pending), diff
+                confirmed, settled = await self._store.confirmed_log(doc_id)
+                if not _lacks_more(confirmed, settled, theirs_state, relay_update):
+                    return [(p.seq, p.data) for p in pending]
+            if pending:
+                return [(top, diff)]
             # Nothing pending, but the relay may have lost data (restored from a backup): send
             # what it lacks if that is more than the delete set every diff carries...
             deletions = doc.get_update(doc.get_state())
             if diff != deletions:
-                return max(loaded.max_seq, 1), diff
+                return [(top, diff)]
             # ... or if our delete set holds deletions the relay's lacks (a removal made after
-            # the backup changes no state vector). Both sets, stripped of structs, are compared
-            # merged: merging the relay's with ours gives the relay's unless ours adds some.
-            if relay_update is not None:
-                try:
-                    theirs = get_update(relay_update, doc.get_state())
-                except ValueError:  # not an update we can read: the state vector decides
-                    return None
-                if merge_updates(theirs, deletions) != merge_updates(theirs, theirs):
-                    return max(loaded.max_seq, 1), diff
-            return None
+            # the backup changes no state vector).
+            if relay_update is not None and _deletions_missing(doc, relay_update):
+                return [(top, diff)]
+            return []
 
     async def pending_updates(self, doc_id: str | None = None) -> list[PendingUpdate]:
         """Local changes not yet acknowledged by a relay, oldest first."""
         self._check_open()
         return await self._store.pending(doc_id)
 
-    async def acknowledge(self, doc_id: str, seq: int) -> None:
-        """The relay stored every pending update of ``doc_id`` up to ``seq``."""
+    async def acknowledge(self, doc_id: str, seq: int, *, keep: Collection[int] = ()) -> None:
+        """The relay stored every pending update of ``doc_id`` up to ``seq``, except the seqs in
+        ``keep`` (answered by an error that leaves them pending: they are sent again later)."""
         async with self._lock:
             self._check_open()
-            await self._store.acknowledge(doc_id, seq)
+            await self._store.acknowledge(doc_id, seq, keep)
             pending = await self._store.pending(doc_id)
             self._pending[doc_id] = sum(p.changes for p in pending)
+
+    # -- rollback ----------------------------------------------------------------------------
+
+    async def refuse(self, doc_id: str, seq: int, code: str, message: str) -> Refusal | None:
+        """Roll back pending row ``seq`` of ``doc_id`` for good (durable before it returns).
+
+        None if there is no such pending row any more (acknowledged, already rolled back, or
+        replaced by a rebase). The document becomes what it would be without that row: the
+        confirmed content (everything from the relay and everything acknowledged) plus the other
+        pending rows, built in a fresh pycrdt ``Doc`` (a new client id). Later pending rows that
+        cannot stand without it are re-made on top of it as new pending rows with new, higher
+        seqs (``Refusal.rebased``); independent rows keep their seqs and bytes (module
+        ``foliosync.client.rollback``). The snapshot, the rows and the refusal are written in
+        one transaction; every process with the file open replaces its copy when it reads it.
+        Notifies a ``DocumentChange(doc_id, kind, "local")`` without an update (a sync
+        connection then reads and sends the unsent pending rows in seq order) and the refusal
+        listeners. Handles the app holds keep working: their models are rebound.
+        """
+        async with self._lock:
+            self._check_open()
+            if doc_id not in self._rows:
+                return None
+            kind = DocumentKind(self._rows[doc_id].kind)
+            loaded = await self._load(doc_id)
+            built: list[Doc[Any]] = []
+            announcements: list[Callable[[], None]] = []
+
+            def plan(changes: StoreChanges, log: DocumentLog) -> RefusalPlan:
+                self._apply_changes(changes, defer=announcements)
+                result, doc = plan_rollback(log, seq)
+                built.append(doc)
+                return result
+
+            try:
+                done = await self._store.refuse(
+                    doc_id,
+                    seq,
+                    plan,
+                    seen_seq=self._seen_seq,
+                    loaded_bases=self._bases(),
+                    loaded_epochs=self._epochs(),
+                    refusals_after=self._seen_refusal,
+                    code=str(code)[:200],
+                    message=str(message)[:500],
+                    at_ms=wall_ms(),
+                )
+            finally:
+                for announce in announcements:
+                    announce()
+            if done is None:
+                return None
+            row, base_seq, epoch = done
+            loaded = self._loaded.get(doc_id, loaded)
+            self._rebind(doc_id, loaded, built[-1])
+            loaded.base_seq = base_seq
+            loaded.max_seq = max(loaded.max_seq, base_seq)
+            loaded.epoch = epoch
+            loaded.rows_since_compaction = 0
+            loaded.bytes_since_compaction = 0
+            self._seen_seq = max(self._seen_seq, base_seq)
+            self._pending[doc_id] = sum(p.changes for p in await self._store.pending(doc_id))
+            refusal = _refusal(row)
+            self._remember_refusal(row)
+        self._notify(DocumentChange(doc_id, kind, "local"))
+        self._notify_refusal(refusal)
+        return refusal
+
+    def refusals(self, doc_id: str | None = None) -> list[Refusal]:
+        """The changes the relay refused and this device rolled back, newest first (the file
+        keeps the last 100, written by any process)."""
+        return [r for r in self._refusals if doc_id is None or r.doc_id == doc_id]
+
+    def on_refusal(self, listener: Callable[[Refusal], None]) -> Callable[[], None]:
+        """Call ``listener`` with every refusal, made by this process or (when it reads the file)
+        another one that has the replica open; returns a function that unsubscribes."""
+        self._refusal_listeners.append(listener)
+
+        def unsubscribe() -> None:
+            with contextlib.suppress(ValueError):
+                self._refusal_listeners.remove(listener)
+
+        return unsubscribe
+
+    def _remember_refusal(self, row: RefusalRow) -> None:
+        self._seen_refusal = max(self._seen_refusal, row.id)
+        self._refusals.insert(0, _refusal(row))
+        del self._refusals[100:]
+
+    def _notify_refusal(self, refusal: Refusal) -> None:
+        for listener in list(self._refusal_listeners):
+            try:
+                listener(refusal)
+            except Exception:  # an app's listener must not break the engine
+                log.exception("refusal listener failed")
+
+    def _rebind(self, doc_id: str, loaded: _Loaded, doc: Doc[Any]) -> None:
+        """Make ``doc`` the document of ``loaded``, keeping its model object (the handles the app
+        holds) and the observers; the old document is dropped."""
+        model = loaded.model
+        model.doc.unobserve(loaded.subscription)
+        model.close()
+        type(model).__init__(model, doc, self._context)
+        self._watch(loaded)
+
+    def _epochs(self) -> dict[str, int]:
+        return {doc_id: loaded.epoch for doc_id, loaded in self._loaded.items()}
 
     async def apply_remote(
         self,
@@ -670,7 +861,14 @@ class Replica:
         return {doc_id: loaded.base_seq for doc_id, loaded in self._loaded.items()}
 
     async def _catch_up(self) -> None:
-        self._apply_changes(await self._store.changes_since(self._seen_seq, self._bases()))
+        self._apply_changes(
+            await self._store.changes_since(
+                self._seen_seq,
+                self._bases(),
+                loaded_epochs=self._epochs(),
+                refusals_after=self._seen_refusal,
+            )
+        )
 
     async def _after_commit(self, first: int, last: int) -> bool:
         """Rows ``first``..``last`` were just committed by this process: rows of others below
@@ -682,7 +880,11 @@ class Replica:
         if first > self._seen_seq + 1:
             try:
                 changes = await self._store.changes_since(
-                    self._seen_seq, self._bases(), before=first
+                    self._seen_seq,
+                    self._bases(),
+                    before=first,
+                    loaded_epochs=self._epochs(),
+                    refusals_after=self._seen_refusal,
                 )
             except FolioSyncError as exc:
                 log.debug("reading other processes' changes of %s failed: %s", self.path, exc)
@@ -705,6 +907,14 @@ class Replica:
         self._pending = dict(changes.pending)
         self._meta.update(changes.meta)
         notices: list[DocumentChange] = []
+        for doc_id, rebuilt in changes.rebuilt.items():  # rolled back: replace, never merge
+            loaded = self._loaded.get(doc_id)
+            if loaded is not None and self._replace(doc_id, loaded, rebuilt):
+                notices.append(DocumentChange(doc_id, kind_of(doc_id), "other-process"))
+        refused = [_refusal(r) for r in changes.refusals if r.id > self._seen_refusal]
+        for refusal_row in changes.refusals:
+            if refusal_row.id > self._seen_refusal:
+                self._remember_refusal(refusal_row)
         for doc_id, state in changes.states.items():  # compacted past what we saw: merge first
             loaded = self._loaded.get(doc_id)
             if loaded is not None and self._merge_into(doc_id, loaded, state):
@@ -730,6 +940,8 @@ class Replica:
         def announce() -> None:
             for notice in notices:
                 self._notify(notice)
+            for refusal in refused:
+                self._notify_refusal(refusal)
             if quotes:
                 self.quotes.notify(quotes)
 
@@ -737,6 +949,26 @@ class Replica:
             announce()
         else:
             defer.append(announce)
+
+    def _replace(self, doc_id: str, loaded: _Loaded, rebuilt: RebuiltDocument) -> bool:
+        """Replace a loaded document by the file's copy after another process rolled it back
+        (merging would bring the refused change back); True if it could be read."""
+        doc: Doc[Any] = Doc()  # a new client id: the old one's clocks may follow refused ones
+        try:
+            if rebuilt.state:
+                doc.apply_update(rebuilt.state)
+            for update in rebuilt.rows:
+                doc.apply_update(update)
+        except BaseException as exc:  # pycrdt panics derive from BaseException
+            if isinstance(exc, KeyboardInterrupt | SystemExit | asyncio.CancelledError):
+                raise
+            log.error("document %s in %s cannot be read after a rollback", doc_id, self.path)
+            return False
+        self._rebind(doc_id, loaded, doc)
+        loaded.base_seq = rebuilt.base_seq
+        loaded.max_seq = max(loaded.max_seq, rebuilt.max_seq)
+        loaded.epoch = rebuilt.epoch
+        return True
 
     def _merge_into(self, doc_id: str, loaded: _Loaded, update: bytes) -> bool:
         """Apply another process's update to a loaded document; True if it changed."""
@@ -883,7 +1115,7 @@ class Replica:
         stored = await self._store.load(doc_id)
         if stored is None:
             raise DocumentNotFound(f"no document {doc_id!r}")
-        state, updates, max_seq, base_seq = stored
+        state, updates, max_seq, base_seq, epoch = stored
         doc: Doc[Any] = Doc()  # its own random client id: see the module docstring
         try:
             if state:
@@ -898,6 +1130,7 @@ class Replica:
         loaded = _Loaded(_MODELS[kind](doc, self._context))
         loaded.max_seq = max_seq
         loaded.base_seq = base_seq
+        loaded.epoch = epoch
         loaded.rows_since_compaction = len(updates)
         loaded.bytes_since_compaction = sum(len(u) for u in updates)
         self._watch(loaded)
@@ -927,23 +1160,32 @@ class Replica:
         self._watch(fresh)
 
     async def _apply_local(self, doc_id: str, loaded: _Loaded, change: Callable[[Any], R]) -> R:
-        captured: list[bytes] = []
-        loaded.capture = captured
-        try:
-            result = change(loaded.model)
-        except BaseException:
+        for _attempt in range(3):
+            captured: list[bytes] = []
+            loaded.capture = captured
+            try:
+                result = change(loaded.model)
+            except BaseException:
+                loaded.capture = None
+                if captured:  # the change failed half-way: drop what it wrote in memory
+                    await self._reload(doc_id)
+                raise
             loaded.capture = None
-            if captured:  # the change failed half-way: drop what it wrote in memory
-                await self._reload(doc_id)
-            raise
-        loaded.capture = None
-        if captured:
+            if not captured:
+                return result
             update = captured[0] if len(captured) == 1 else merge_updates(*captured)
             try:
-                seq = await self._store.append(doc_id, update, pending=True)
+                seq = await self._store.append_local(doc_id, update, loaded.epoch)
             except BaseException:
                 await self._reload(doc_id)
                 raise
+            if seq is None:
+                # Another process rolled the document back since this one read it: the edit,
+                # made on the old copy, may build on the refused change. Read the document back
+                # (rebinding the model) and make the edit again on it.
+                await self._reload(doc_id)
+                loaded = self._loaded[doc_id]
+                continue
             self._pending[doc_id] = self._pending.get(doc_id, 0) + 1
             self._account(doc_id, loaded, seq, len(update))
             in_order = await self._after_commit(seq, seq)
@@ -952,7 +1194,8 @@ class Replica:
                 self._notify(DocumentChange(doc_id, kind, "local", seq, update))
             else:  # no update: a sync connection reads every unsent row, in order
                 self._notify(DocumentChange(doc_id, kind, "local"))
-        return result
+            return result
+        raise ReplicaError(f"document {doc_id} keeps being rolled back by another process")
 
     def _account(self, doc_id: str, loaded: _Loaded, seq: int, size: int) -> None:
         loaded.max_seq = max(loaded.max_seq, seq)
@@ -992,6 +1235,9 @@ class Replica:
                     fold,
                     merge=lambda updates: merge_updates(*updates),
                     merge_after=MERGE_PENDING_AFTER,
+                    settle=_settle,
+                    loaded_epochs=self._epochs(),
+                    refusals_after=self._seen_refusal,
                 )
                 loaded.max_seq = max(loaded.max_seq, loaded.base_seq)
             finally:  # memory holds those rows even if the compaction rolled back: say so
@@ -1008,6 +1254,56 @@ class Replica:
             elif not self._rows[entry.id].name:
                 self._rows[entry.id] = _replace_row(self._rows[entry.id], name=entry.name)
                 await self._store.rename(entry.id, entry.name)
+
+
+def _settle(confirmed: bytes, rows: list[bytes]) -> bytes:
+    """The confirmed state with settled rows folded in (compaction deletes them next)."""
+    doc: Doc[Any] = Doc()
+    if confirmed:
+        doc.apply_update(confirmed)
+    for row in rows:
+        doc.apply_update(row)
+    return doc.get_update()
+
+
+def _lacks_more(
+    confirmed: bytes | None,
+    settled: list[bytes],
+    theirs: dict[int, int],
+    relay_update: bytes | None,
+) -> bool:
+    """Whether a relay at state vector ``theirs`` lacks settled content (or deletions) that no
+    pending row brings: it was restored from an old backup, say. Unknown (a replica older than
+    schema 3 whose snapshot holds pending rows): yes, so one merged diff is sent, as always."""
+    if confirmed is None:
+        return True
+    doc: Doc[Any] = Doc()
+    try:
+        if confirmed:
+            doc.apply_update(confirmed)
+        for row in settled:
+            doc.apply_update(row)
+    except BaseException as exc:  # pycrdt panics derive from BaseException
+        if isinstance(exc, KeyboardInterrupt | SystemExit | asyncio.CancelledError):
+            raise
+        return True
+    ours = decode_state_vector(doc.get_state())
+    if any(clock > theirs.get(client, 0) for client, clock in ours.items()):
+        return True
+    return relay_update is not None and _deletions_missing(doc, relay_update)
+
+
+def _deletions_missing(doc: Doc[Any], relay_update: bytes) -> bool:
+    """Whether ``doc``'s delete set holds deletions the relay's (in its SyncReply) lacks: a
+    removal made after a backup the relay was restored from changes no state vector. Both sets,
+    stripped of structs, are compared merged: merging the relay's with ours gives the relay's
+    unless ours adds some."""
+    deletions = doc.get_update(doc.get_state())
+    try:
+        theirs = get_update(relay_update, doc.get_state())
+    except ValueError:  # not an update we can read: the state vector decides
+        return False
+    return bool(merge_updates(theirs, deletions) != merge_updates(theirs, theirs))
 
 
 def _quotes_from_rows(rows: list[tuple[str, str, int, int, str | None]]) -> list[Quote]:

@@ -1,18 +1,41 @@
 """The replica's SQLite file: document snapshots, the update log and what the relay has not acked.
 
-Tables (schema version 2, marked with ``PRAGMA user_version`` and our ``application_id`` so that a
+Tables (schema version 3, marked with ``PRAGMA user_version`` and our ``application_id`` so that a
 file of another program is recognised and never written to):
 
 - ``meta``: device id, the relay's address and token after a successful sync (a replica made
   before several processes could share it also holds the pycrdt client id then used by every
   document; nothing reads it now: see the replica module on client ids).
 - ``documents``: one row per document: kind, name (so that listing needs no CRDT load), the
-  compacted state and the last update seq it covers (``base_seq``), and sync bookkeeping (last
-  confirmed in sync, the relay's watermark).
+  compacted state and the last update seq it covers (``base_seq``), the *confirmed* state (below),
+  the ``epoch`` (bumped by a rollback), and sync bookkeeping (last confirmed in sync, the relay's
+  watermark).
 - ``quotes``: the last price of each symbol seen from the relay (not CRDT data: newest wins).
 - ``updates``: every delta since the last compaction, local and remote, in order. ``pending``
   rows are local changes the relay has not acknowledged; ``changes`` counts the user edits a row
   holds (merged rows hold many). A local edit is ONE insert, committed before the edit returns.
+- ``refusals``: the last ``KEEP_REFUSALS`` changes the relay refused for good and the device rolled
+  back (see :meth:`ReplicaStore.refuse`).
+
+The confirmed state and rollbacks
+---------------------------------
+``documents.confirmed`` folds every *settled* row compaction deleted (or is the integer 0: the
+same as ``state``, when nothing pending was folded into that) (remote updates, and local
+rows the relay acknowledged), and nothing pending: the document as the relay has it is that state
+plus the settled rows still in the log. A rollback of pending row N rebuilds the document from it
+and the other pending rows, in one transaction that writes the new state and confirmed state,
+replaces the rows that could not stand without N, records the refusal and bumps the epoch. A
+process that sees the epoch move *replaces* its copy of the document instead of merging the new
+state (a CRDT merge would bring the refused change back), and a local edit is committed only if
+the epoch its document was read at is still the file's (else it is re-made on the new document).
+
+A replica made before schema 3 has no confirmed state (NULL). Its snapshot holds only settled
+content when no pending row lies at or below ``base_seq`` (pending rows are never deleted, so
+none was folded): then the snapshot is the confirmed state. Otherwise it is unknown until
+compaction finds no pending row left; a rollback meanwhile of a row newer than the snapshot uses
+the snapshot (the older pending rows it holds stay anyway), and of a row folded into it starts
+from the settled rows alone: the relay's next SyncReply brings back the rest (module
+``foliosync.client.replica``, :meth:`Replica.refuse`).
 
 Compaction writes the in-memory document as the new state and deletes the acknowledged rows it
 covers; pending rows stay until the relay acks them (loading skips them: the state has them), and
@@ -58,6 +81,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
@@ -79,16 +103,26 @@ from foliosync.sync.errors import (
 __all__ = [
     "APPLICATION_ID",
     "BUSY_TIMEOUT_MS",
+    "KEEP_REFUSALS",
     "SCHEMA_VERSION",
+    "DocumentLog",
     "DocumentRow",
     "LogRow",
     "PendingUpdate",
+    "RebuiltDocument",
+    "RefusalPlan",
+    "RefusalRow",
     "ReplicaStore",
     "StoreChanges",
 ]
 
 APPLICATION_ID = 0x466F6C53  # "FolS"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+# ``documents.confirmed`` holding this integer instead of a state: the same as ``state`` (nothing
+# pending was folded into it), which spares the file a second copy of every settled document.
+_SAME_AS_STATE = 0
+# How many refusals the file keeps (the newest).
+KEEP_REFUSALS = 100
 # How long a write waits for another connection's write transaction (they last milliseconds).
 BUSY_TIMEOUT_MS = 5000
 
@@ -100,6 +134,8 @@ CREATE TABLE documents (
     name TEXT NOT NULL,
     state BLOB NOT NULL,
     base_seq INTEGER NOT NULL DEFAULT 0,
+    confirmed BLOB,
+    epoch INTEGER NOT NULL DEFAULT 0,
     created_at INTEGER NOT NULL,
     last_synced_at INTEGER,
     remote_changed_at INTEGER,
@@ -119,8 +155,26 @@ CREATE TABLE quotes (
     time_ms INTEGER NOT NULL,
     seq INTEGER NOT NULL,
     previous_close TEXT
+);
+CREATE TABLE refusals (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    doc_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    code TEXT NOT NULL,
+    message TEXT NOT NULL,
+    at_ms INTEGER NOT NULL,
+    changes INTEGER NOT NULL,
+    summary TEXT NOT NULL,
+    rebased TEXT NOT NULL
 )
 """
+
+_REFUSALS_TABLE = (
+    "CREATE TABLE IF NOT EXISTS refusals (id INTEGER PRIMARY KEY AUTOINCREMENT, "
+    "doc_id TEXT NOT NULL, seq INTEGER NOT NULL, code TEXT NOT NULL, message TEXT NOT NULL, "
+    "at_ms INTEGER NOT NULL, changes INTEGER NOT NULL, summary TEXT NOT NULL, "
+    "rebased TEXT NOT NULL)"
+)
 
 # Upgrades, by the version they start from; each runs in the transaction that opens the file.
 _MIGRATIONS: dict[int, list[str]] = {
@@ -129,6 +183,13 @@ _MIGRATIONS: dict[int, list[str]] = {
         "ALTER TABLE documents ADD COLUMN base_seq INTEGER NOT NULL DEFAULT 0",
         "CREATE TABLE IF NOT EXISTS quotes (symbol TEXT PRIMARY KEY, price TEXT NOT NULL, "
         "time_ms INTEGER NOT NULL, seq INTEGER NOT NULL, previous_close TEXT)",
+    ],
+    # 2 -> 3: the confirmed state (NULL: unknown, see the module docstring), the epoch that a
+    # rollback bumps, and the refusals.
+    2: [
+        "ALTER TABLE documents ADD COLUMN confirmed BLOB",
+        "ALTER TABLE documents ADD COLUMN epoch INTEGER NOT NULL DEFAULT 0",
+        _REFUSALS_TABLE,
     ],
 }
 
@@ -170,6 +231,58 @@ class LogRow:
 
 
 @dataclass(frozen=True, slots=True)
+class RefusalRow:
+    """One change the relay refused for good, as the file keeps it (newest id last)."""
+
+    id: int
+    doc_id: str
+    seq: int
+    code: str
+    message: str
+    at_ms: int
+    changes: int
+    summary: str
+    rebased: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class RebuiltDocument:
+    """A document rolled back since the caller read it: its copy must be replaced with this
+    (state, then the rows after ``base_seq``), not merged with it."""
+
+    state: bytes
+    rows: list[bytes]
+    base_seq: int
+    max_seq: int
+    epoch: int
+
+
+@dataclass(frozen=True, slots=True)
+class DocumentLog:
+    """What a rollback rebuilds a document from, read inside its write transaction."""
+
+    kind: str
+    name: str
+    state: bytes
+    base_seq: int
+    confirmed: bytes | None  # None: not known (a replica older than schema 3, see above)
+    settled: list[bytes]  # the settled rows still in the log, in order
+    pending: list[PendingUpdate]  # in seq order
+
+
+@dataclass(frozen=True, slots=True)
+class RefusalPlan:
+    """The rolled-back document, as the caller computed it from a :class:`DocumentLog`."""
+
+    state: bytes
+    confirmed: bytes | None
+    replaced: list[int]  # pending seqs (besides the refused one) re-made as ``rebased``
+    rebased: list[tuple[bytes, int]]  # (update, changes) of the new pending rows, in order
+    summary: str
+    changes: int
+
+
+@dataclass(frozen=True, slots=True)
 class StoreChanges:
     """What the file holds beyond a seq, read in one snapshot (see :meth:`changes_since`)."""
 
@@ -181,6 +294,8 @@ class StoreChanges:
     meta: dict[str, str]
     quotes: list[QuoteRow]
     pending_rows: list[PendingUpdate]  # of the document asked for, if any
+    rebuilt: dict[str, RebuiltDocument]  # rolled back past the epoch given: replace these
+    refusals: list[RefusalRow]  # recorded after the refusal id given, oldest first
 
 
 def _translate(exc: sqlite3.Error, path: Path) -> ReplicaError:
@@ -380,10 +495,11 @@ class ReplicaStore:
         """Bring a replica of an older schema up to date (inside an exclusive transaction)."""
         for start in range(version, SCHEMA_VERSION):
             for sql in _MIGRATIONS.get(start, []):
-                if sql.startswith("ALTER TABLE documents ADD COLUMN base_seq"):
+                added = re.match(r"ALTER TABLE documents ADD COLUMN (\w+)", sql)
+                if added is not None:
                     async with self._conn.execute("PRAGMA table_info(documents)") as cursor:
                         columns = [row[1] async for row in cursor]
-                    if "base_seq" in columns:
+                    if added.group(1) in columns:
                         continue
                 await self._conn.execute(sql)
         if version < SCHEMA_VERSION:
@@ -471,6 +587,8 @@ class ReplicaStore:
         *,
         before: int | None = None,
         pending_of: str | None = None,
+        loaded_epochs: dict[str, int] | None = None,
+        refusals_after: int | None = None,
     ) -> StoreChanges:
         """Everything another process may have changed, read in one snapshot.
 
@@ -478,16 +596,26 @@ class ReplicaStore:
         snapshot of each document of ``loaded_bases`` (document -> the base_seq the caller
         knows) that was compacted past ``seq``, which may have folded rows the caller never saw.
         ``pending_rows`` are the pending rows of ``pending_of``, from the same snapshot.
+        ``rebuilt`` holds each document of ``loaded_epochs`` (document -> the epoch the caller
+        read) that was rolled back since, and ``refusals`` the refusals after that id.
         """
 
         async def run() -> StoreChanges:
             async with self._read():
-                return await self._changes(seq, loaded_bases, before, pending_of)
+                return await self._changes(
+                    seq, loaded_bases, before, pending_of, loaded_epochs, refusals_after
+                )
 
         return await self._guard(run)
 
     async def _changes(
-        self, seq: int, loaded_bases: dict[str, int], before: int | None, pending_of: str | None
+        self,
+        seq: int,
+        loaded_bases: dict[str, int],
+        before: int | None,
+        pending_of: str | None,
+        loaded_epochs: dict[str, int] | None = None,
+        refusals_after: int | None = None,
     ) -> StoreChanges:
         sql = "SELECT seq, doc_id, data, pending FROM updates WHERE seq > ?"
         params: tuple[object, ...] = (seq,)
@@ -496,12 +624,21 @@ class ReplicaStore:
             params = (seq, before)
         async with self._conn.execute(sql + " ORDER BY seq", params) as cursor:
             rows = [LogRow(int(s), str(d), bytes(b), bool(p)) async for s, d, b, p in cursor]
-        async with self._conn.execute("SELECT id, base_seq FROM documents") as cursor:
-            bases = {str(d): int(b) async for d, b in cursor}
+        async with self._conn.execute("SELECT id, base_seq, epoch FROM documents") as cursor:
+            found = [(str(d), int(b), int(e)) async for d, b, e in cursor]
+        bases = {d: b for d, b, _ in found}
+        epochs = {d: e for d, _, e in found}
+        rebuilt: dict[str, RebuiltDocument] = {}
+        for doc_id, known in (loaded_epochs or {}).items():
+            if epochs.get(doc_id, known) != known:
+                stored = await self._load(doc_id)
+                if stored is not None:
+                    state, updates, top, base, epoch = stored
+                    rebuilt[doc_id] = RebuiltDocument(state, updates, base, top, epoch)
         states: dict[str, bytes] = {}
         for doc_id, known in loaded_bases.items():
             base = bases.get(doc_id, known)
-            if base != known and base > seq:
+            if base != known and base > seq and doc_id not in rebuilt:
                 async with self._conn.execute(
                     "SELECT state FROM documents WHERE id = ?", (doc_id,)
                 ) as cursor:
@@ -511,6 +648,7 @@ class ReplicaStore:
         async with self._conn.execute("SELECT key, value FROM meta") as cursor:
             meta = {str(k): str(v) async for k, v in cursor}
         pending_rows = await self._pending_rows(pending_of) if pending_of is not None else []
+        refusals = [] if refusals_after is None else await self._refusals(after=refusals_after)
         return StoreChanges(
             rows=rows,
             documents=await self._documents(),
@@ -520,6 +658,8 @@ class ReplicaStore:
             meta=meta,
             quotes=await self._load_quotes(),
             pending_rows=pending_rows,
+            rebuilt=rebuilt,
+            refusals=refusals,
         )
 
     # -- meta --------------------------------------------------------------------------------
@@ -594,10 +734,10 @@ class ReplicaStore:
             seqs = []
             async with self._atomic():
                 try:
-                    await self._conn.execute(
+                    await self._conn.execute(  # the state given holds nothing pending
                         f"INSERT {'OR IGNORE ' if if_absent else ''}INTO documents "
-                        "(id, kind, name, state, created_at) VALUES (?, ?, ?, ?, ?)",
-                        (row.id, row.kind, row.name, state, row.created_at),
+                        "(id, kind, name, state, confirmed, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+                        (row.id, row.kind, row.name, state, state, row.created_at),
                     )
                 except sqlite3.IntegrityError as exc:
                     raise DocumentExists(
@@ -616,28 +756,31 @@ class ReplicaStore:
 
         return await self._guard(run)
 
-    async def load(self, doc_id: str) -> tuple[bytes, list[bytes], int, int] | None:
-        """(state, updates in order, highest seq, base seq) of a document, or None if there is
-        none; read in one snapshot, so that another process's compaction cannot fall between."""
+    async def load(self, doc_id: str) -> tuple[bytes, list[bytes], int, int, int] | None:
+        """(state, updates in order, highest seq, base seq, epoch) of a document, or None if there
+        is none; read in one snapshot, so that another process's compaction cannot fall between."""
 
-        async def run() -> tuple[bytes, list[bytes], int, int] | None:
+        async def run() -> tuple[bytes, list[bytes], int, int, int] | None:
             async with self._read():
-                async with self._conn.execute(
-                    "SELECT state, base_seq FROM documents WHERE id = ?", (doc_id,)
-                ) as cursor:
-                    row = await cursor.fetchone()
-                if row is None:
-                    return None
-                base_seq = int(row[1])
-                async with self._conn.execute(
-                    "SELECT seq, data FROM updates WHERE doc_id = ? AND seq > ? ORDER BY seq",
-                    (doc_id, base_seq),
-                ) as cursor:
-                    rows = [(int(s), bytes(d)) async for s, d in cursor]
-            top = max((s for s, _ in rows), default=base_seq)
-            return bytes(row[0]), [d for _, d in rows], top, base_seq
+                return await self._load(doc_id)
 
         return await self._guard(run)
+
+    async def _load(self, doc_id: str) -> tuple[bytes, list[bytes], int, int, int] | None:
+        async with self._conn.execute(
+            "SELECT state, base_seq, epoch FROM documents WHERE id = ?", (doc_id,)
+        ) as cursor:
+            row = await cursor.fetchone()
+        if row is None:
+            return None
+        base_seq = int(row[1])
+        async with self._conn.execute(
+            "SELECT seq, data FROM updates WHERE doc_id = ? AND seq > ? ORDER BY seq",
+            (doc_id, base_seq),
+        ) as cursor:
+            rows = [(int(s), bytes(d)) async for s, d in cursor]
+        top = max((s for s, _ in rows), default=base_seq)
+        return bytes(row[0]), [d for _, d in rows], top, base_seq, int(row[2])
 
     async def rename(self, doc_id: str, name: str) -> None:
         await self._guard(
@@ -673,15 +816,33 @@ class ReplicaStore:
         async with self._conn.execute(sql + " ORDER BY seq", params) as cursor:
             return [PendingUpdate(int(s), str(d), bytes(b), int(c)) async for s, d, b, c in cursor]
 
-    async def acknowledge(self, doc_id: str, seq: int) -> None:
-        """The relay stored every pending update of ``doc_id`` up to ``seq``."""
-        await self._guard(
-            lambda: self._conn.execute(
-                "UPDATE updates SET pending = 0, changes = 0 "
-                "WHERE doc_id = ? AND seq <= ? AND pending = 1",
-                (doc_id, seq),
+    async def append_local(self, doc_id: str, data: bytes, epoch: int) -> int | None:
+        """Append one local edit made on the document as of ``epoch``, and commit it; None (and
+        nothing written) if the document was rolled back since: the edit must be re-made on it."""
+
+        async def run() -> int | None:
+            cursor = await self._conn.execute(
+                "INSERT INTO updates (doc_id, data, pending, changes) SELECT ?, ?, 1, 1 "
+                "WHERE (SELECT epoch FROM documents WHERE id = ?) = ?",
+                (doc_id, data, doc_id, epoch),
             )
+            seq = cursor.lastrowid if cursor.rowcount == 1 else None
+            await cursor.close()
+            return seq
+
+        return await self._guard(run)
+
+    async def acknowledge(self, doc_id: str, seq: int, keep: Iterable[int] = ()) -> None:
+        """The relay stored every pending update of ``doc_id`` up to ``seq`` but those of
+        ``keep`` (it answered them with an error that leaves them pending)."""
+        kept = sorted({int(k) for k in keep})
+        sql = (
+            "UPDATE updates SET pending = 0, changes = 0 "
+            "WHERE doc_id = ? AND seq <= ? AND pending = 1"
         )
+        if kept:
+            sql += f" AND seq NOT IN ({', '.join('?' * len(kept))})"
+        await self._guard(lambda: self._conn.execute(sql, (doc_id, seq, *kept)))
 
     async def compact(
         self,
@@ -692,6 +853,9 @@ class ReplicaStore:
         *,
         merge: Callable[[list[bytes]], bytes] | None = None,
         merge_after: int = 0,
+        settle: Callable[[bytes, list[bytes]], bytes] | None = None,
+        loaded_epochs: dict[str, int] | None = None,
+        refusals_after: int | None = None,
     ) -> int:
         """Make the document's full state its new base, in one exclusive write transaction.
 
@@ -703,6 +867,9 @@ class ReplicaStore:
         pending rows remain, ``merge`` folds them into one row, which takes the highest seq of
         those it replaces so that acknowledging the seqs a sync connection sent still settles it.
         Returns the new base seq.
+
+        ``settle`` folds settled rows into a confirmed state (state, rows -> state): the settled
+        rows deleted here are folded into the confirmed state first (module docstring).
 
         The merge is computed before the write transaction (it may take a while, and every other
         process waits for the write lock meanwhile): inside, the pending rows are replaced only
@@ -717,20 +884,30 @@ class ReplicaStore:
 
         async def run() -> int:
             async with self._atomic():
-                state = fold(await self._changes(seen_seq, loaded_bases, None, None))
+                changes = await self._changes(
+                    seen_seq, loaded_bases, None, None, loaded_epochs, refusals_after
+                )
+                state = fold(changes)
                 up_to = await self._scalar(
                     "SELECT max(seq) FROM updates WHERE doc_id = ?", (doc_id,)
                 )
                 up_to = max(up_to, loaded_bases.get(doc_id, 0))
-                await self._conn.execute(
-                    "UPDATE documents SET state = ?, base_seq = ? WHERE id = ?",
-                    (state, up_to, doc_id),
-                )
+                confirmed = await self._confirmed(doc_id)
+                settled = await self._settled_rows(doc_id, up_to)
                 await self._conn.execute(
                     "DELETE FROM updates WHERE doc_id = ? AND seq <= ? AND pending = 0",
                     (doc_id, up_to),
                 )
                 pending = await self._pending_rows(doc_id)
+                stored: bytes | int | None = confirmed
+                if not pending:
+                    stored = _SAME_AS_STATE  # nothing pending: the state is all settled
+                elif confirmed is not None and settled:
+                    stored = settle(confirmed, settled) if settle is not None else None
+                await self._conn.execute(
+                    "UPDATE documents SET state = ?, base_seq = ?, confirmed = ? WHERE id = ?",
+                    (state, up_to, stored, doc_id),
+                )
                 if merged is not None and [p.seq for p in pending] == merged[0]:
                     await self._conn.executemany(
                         "DELETE FROM updates WHERE seq = ?", [(p.seq,) for p in pending]
@@ -748,6 +925,187 @@ class ReplicaStore:
             return up_to
 
         return await self._guard(run)
+
+    async def _settled_rows(self, doc_id: str, up_to: int | None = None) -> list[bytes]:
+        sql = "SELECT data FROM updates WHERE doc_id = ? AND pending = 0"
+        params: tuple[object, ...] = (doc_id,)
+        if up_to is not None:
+            sql += " AND seq <= ?"
+            params = (doc_id, up_to)
+        async with self._conn.execute(sql + " ORDER BY seq", params) as cursor:
+            return [bytes(d) async for (d,) in cursor]
+
+    async def _confirmed(self, doc_id: str) -> bytes | None:
+        """The confirmed state of a document, or None if it is not known (module docstring)."""
+        async with self._conn.execute(
+            "SELECT confirmed, state, base_seq FROM documents WHERE id = ?", (doc_id,)
+        ) as cursor:
+            row = await cursor.fetchone()
+        if row is None:
+            return None
+        if row[0] == _SAME_AS_STATE:
+            return bytes(row[1])
+        if row[0] is not None:
+            return bytes(row[0])
+        # Made before schema 3: the snapshot is settled if it folded no row still pending.
+        folded = await self._scalar(
+            "SELECT count(*) FROM updates WHERE doc_id = ? AND pending = 1 AND seq <= ?",
+            (doc_id, int(row[2])),
+        )
+        return bytes(row[1]) if folded == 0 else None
+
+    # -- rollback ----------------------------------------------------------------------------
+
+    async def confirmed_log(self, doc_id: str) -> tuple[bytes | None, list[bytes]]:
+        """(the confirmed state or None if unknown, the settled rows after it), one snapshot:
+        what the relay has of the document, as far as this device knows."""
+
+        async def run() -> tuple[bytes | None, list[bytes]]:
+            async with self._read():
+                return await self._confirmed(doc_id), await self._settled_rows(doc_id)
+
+        return await self._guard(run)
+
+    async def refuse(
+        self,
+        doc_id: str,
+        seq: int,
+        plan: Callable[[StoreChanges, DocumentLog], RefusalPlan],
+        *,
+        seen_seq: int,
+        loaded_bases: dict[str, int],
+        loaded_epochs: dict[str, int],
+        refusals_after: int,
+        code: str,
+        message: str,
+        at_ms: int,
+    ) -> tuple[RefusalRow, int, int] | None:
+        """Roll back pending row ``seq`` of ``doc_id`` in one write transaction; None if there is
+        no such pending row (acknowledged, rolled back or re-made already).
+
+        ``plan`` receives what other processes committed since ``seen_seq`` (as
+        :meth:`changes_since`, to apply first, as :meth:`compact`'s ``fold``) and the document's
+        log, and returns the rolled-back document. Written together: its state (the new base,
+        covering every row of the document), its confirmed state, the new pending rows in place
+        of those it re-made, the refusal, and the epoch bumped. Returns (the refusal, the new base
+        seq, the new epoch).
+        """
+
+        async def run() -> tuple[RefusalRow, int, int] | None:
+            async with self._atomic():
+                found = await self._scalar(
+                    "SELECT count(*) FROM updates WHERE doc_id = ? AND seq = ? AND pending = 1",
+                    (doc_id, seq),
+                )
+                if not found:
+                    return None
+                changes = await self._changes(
+                    seen_seq, loaded_bases, None, None, loaded_epochs, refusals_after
+                )
+                async with self._conn.execute(
+                    "SELECT kind, name, state, base_seq FROM documents WHERE id = ?", (doc_id,)
+                ) as cursor:
+                    row = await cursor.fetchone()
+                assert row is not None  # a pending row never outlives its document
+                log = DocumentLog(
+                    kind=str(row[0]),
+                    name=str(row[1]),
+                    state=bytes(row[2]),
+                    base_seq=int(row[3]),
+                    confirmed=await self._confirmed(doc_id),
+                    settled=await self._settled_rows(doc_id),
+                    pending=await self._pending_rows(doc_id),
+                )
+                result = plan(changes, log)
+                gone = [seq, *result.replaced]
+                await self._conn.executemany(
+                    "DELETE FROM updates WHERE seq = ? AND doc_id = ?", [(s, doc_id) for s in gone]
+                )
+                await self._conn.execute(
+                    "DELETE FROM updates WHERE doc_id = ? AND pending = 0", (doc_id,)
+                )
+                new_seqs: list[int] = []
+                for data, count in result.rebased:
+                    cursor = await self._conn.execute(
+                        "INSERT INTO updates (doc_id, data, pending, changes) VALUES (?, ?, 1, ?)",
+                        (doc_id, data, count),
+                    )
+                    assert cursor.lastrowid is not None
+                    new_seqs.append(cursor.lastrowid)
+                    await cursor.close()
+                top = await self._scalar("SELECT seq FROM sqlite_sequence WHERE name = 'updates'")
+                left = await self._scalar(
+                    "SELECT count(*) FROM updates WHERE doc_id = ? AND pending = 1", (doc_id,)
+                )
+                confirmed = _SAME_AS_STATE if not left else result.confirmed
+                await self._conn.execute(
+                    "UPDATE documents SET state = ?, confirmed = ?, base_seq = ?, "
+                    "epoch = epoch + 1 WHERE id = ?",
+                    (result.state, confirmed, top, doc_id),
+                )
+                epoch = await self._scalar("SELECT epoch FROM documents WHERE id = ?", (doc_id,))
+                rebased = ",".join(str(s) for s in new_seqs)
+                cursor = await self._conn.execute(
+                    "INSERT INTO refusals (doc_id, seq, code, message, at_ms, changes, summary, "
+                    "rebased) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (doc_id, seq, code, message, at_ms, result.changes, result.summary, rebased),
+                )
+                refusal_id = cursor.lastrowid
+                await cursor.close()
+                assert refusal_id is not None
+                await self._conn.execute(
+                    "DELETE FROM refusals WHERE id <= ?", (refusal_id - KEEP_REFUSALS,)
+                )
+            refusal = RefusalRow(
+                refusal_id,
+                doc_id,
+                seq,
+                code,
+                message,
+                at_ms,
+                result.changes,
+                result.summary,
+                tuple(new_seqs),
+            )
+            return refusal, top, epoch
+
+        return await self._guard(run)
+
+    async def refusals(self, doc_id: str | None = None) -> list[RefusalRow]:
+        """The refusals the file keeps, newest first."""
+
+        async def run() -> list[RefusalRow]:
+            return list(reversed(await self._refusals(after=0, doc_id=doc_id)))
+
+        return await self._guard(run)
+
+    async def last_refusal_id(self) -> int:
+        return await self._guard(lambda: self._scalar("SELECT max(id) FROM refusals"))
+
+    async def _refusals(self, *, after: int, doc_id: str | None = None) -> list[RefusalRow]:
+        sql = (
+            "SELECT id, doc_id, seq, code, message, at_ms, changes, summary, rebased "
+            "FROM refusals WHERE id > ?"
+        )
+        params: tuple[object, ...] = (after,)
+        if doc_id is not None:
+            sql += " AND doc_id = ?"
+            params = (after, doc_id)
+        async with self._conn.execute(sql + " ORDER BY id", params) as cursor:
+            return [
+                RefusalRow(
+                    int(i),
+                    str(d),
+                    int(s),
+                    str(c),
+                    str(m),
+                    int(a),
+                    int(n),
+                    str(y),
+                    tuple(int(x) for x in str(r).split(",") if x),
+                )
+                async for i, d, s, c, m, a, n, y, r in cursor
+            ]
 
     async def update_sync_info(
         self,

@@ -238,8 +238,9 @@ async def test_file_size_stays_bounded_under_many_edits(tmp_path: Path) -> None:
         assert update_rows(path) <= 5
     async with await Replica.open(path) as replica:
         assert (await replica.watchlist("Tech")).symbols == symbols
-    # twice the edits, not twice the file: the second round reuses the space of the first
-    assert sizes[1] <= sizes[0] * 1.25 + 16_384, sizes
+    # twice the edits, not twice the file: the second round reuses the space of the first (while
+    # its rows were pending, the file also held the confirmed state: one more snapshot's pages)
+    assert sizes[1] <= sizes[0] * 1.5 + 16_384, sizes
 
 
 async def test_exact_decimals_round_trip_through_the_file(tmp_path: Path) -> None:

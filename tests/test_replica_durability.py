@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from foliosync.client.replica import Replica
-from foliosync.client.store import APPLICATION_ID
+from foliosync.client.store import APPLICATION_ID, SCHEMA_VERSION
 from foliosync.sync.errors import (
     ReplicaCorrupt,
     ReplicaError,
@@ -193,7 +193,7 @@ async def test_a_schema_upgrade_waits_until_no_other_process_has_the_file(tmp_pa
     async with Replica.open(path) as replica:  # alone now: upgraded
         assert (await replica.watchlist("Tech")).symbols == ["AAPL"]
     with sqlite3.connect(path) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     conn.close()
 
 
