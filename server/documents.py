@@ -1,10 +1,15 @@
 """The relay's documents in memory: loaded on demand, kept hot up to a bound, stored before acked.
 
-Every incoming update is applied to the in-memory pycrdt document first (which validates it: bytes
-pycrdt cannot read are refused before anything is stored), then appended to the store; only when
-the append returns is it acknowledged and fanned out. The in-memory document therefore always
-holds at least everything stored, which is what makes compaction safe without a lock across the
-commit: a snapshot taken now covers every update stored so far.
+Every incoming update is checked first: its bytes (a Yjs V1 update, nothing trailing, every item
+it refers to held here: :func:`foliosync.sync.updates.check_update` against the document's state
+vector), then, given a ``before_apply``, the document it would produce (``candidate``). Only then
+is it applied to the in-memory pycrdt document and appended to the store; only when the append
+returns is it acknowledged and fanned out. The checks and the in-memory apply of one document run
+one update at a time (a lock per hot document), so that what was checked is what is applied.
+
+The in-memory document therefore always holds at least everything stored, which is what makes
+compaction safe without a lock across the commit: a snapshot taken now covers every update
+stored so far.
 """
 
 from __future__ import annotations
@@ -12,13 +17,16 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from pycrdt import Doc, TransactionEvent
 
 from foliosync.server.storage import RelayStore, RelayStoreError, Watermark
+from foliosync.server.update_checks import candidate, check_update, decode_state_vector
 from foliosync.sync.errors import BadUpdate
+from foliosync.sync.model import DocumentKind
 
 __all__ = ["Applied", "BadUpdate", "RelayDocuments"]
 
@@ -52,6 +60,8 @@ class _Hot:
     version: int = 0  # the relay-wide change number of its last change, or of its load
     # Changes applied in memory and not yet stored (so not yet fanned out): version -> origin.
     unsent: dict[int, str] = field(default_factory=dict)
+    # Held from an update's checks to its apply in memory (not across its store).
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
 def _guarded_apply(doc: Doc[Any], update: bytes) -> None:
@@ -188,14 +198,30 @@ class RelayDocuments:
         now_ms: int,
         seen: int | None = None,
         origin: str = "",
+        kind: DocumentKind | None = None,
+        before_apply: Callable[[Any], Awaitable[None]] | None = None,
     ) -> Applied:
-        """Apply, store, then return: the caller may acknowledge once this returns.
+        """Check, apply, store, then return: the caller may acknowledge once this returns.
 
-        ``origin`` (the sending connection) and ``seen`` (see :meth:`version`) make
+        Refused before anything changes: bytes that are not a V1 update or have items the
+        document lacks (BadUpdate and its subclasses), and whatever ``before_apply`` raises,
+        given the document as it would be (``candidate(kind, doc, update)``, only with
+        ``kind``). ``origin`` (the sending connection) and ``seen`` (see :meth:`version`) make
         :attr:`Applied.concurrent`; without ``seen`` it is False."""
-        hot = await self._get(user, doc_id)
-        hot.changed.clear()
-        _guarded_apply(hot.doc, update)
+        key = (user, doc_id)
+        while True:
+            hot = await self._get(user, doc_id)
+            async with hot.lock:
+                if self._hot.get(key) is not hot:
+                    continue  # dropped (evicted, a failed write) while this update waited
+                check_update(update, decode_state_vector(hot.doc.get_state()))
+                if before_apply is not None and kind is not None:
+                    await before_apply(candidate(kind, hot.doc, update))
+                    if self._hot.get(key) is not hot:
+                        continue
+                hot.changed.clear()
+                _guarded_apply(hot.doc, update)
+                break
         changed = bool(hot.changed)
         hot.changed.clear()
         concurrent = False
@@ -249,6 +275,11 @@ class RelayDocuments:
         if changed:
             hot.version = self._next_version()
         return changed
+
+    async def snapshot(self, user: str, doc_id: str) -> bytes:
+        """The whole document as one update (empty document: an empty update)."""
+        hot = await self._get(user, doc_id)
+        return hot.doc.get_update()
 
     async def _compact(self, user: str, doc_id: str, hot: _Hot) -> None:
         try:
