@@ -4,10 +4,10 @@ Four servers run in turn, each in a process of its own on 127.0.0.1:
 
 - ``bare``: :mod:`bench.prices_bare`, the ceiling: every 10 ms each client gets one frame with all
   the ticks of its symbols since the previous one (no authentication, no conflation).
-- ``relay 10ms``: the foliosync relay with ``price_window_ms=10``, so that both sides batch about
-  every 10 ms (the notes say what the relay actually does).
+- ``relay 10ms``: the foliosync relay with ``PricePolicy(window_ms=10)``, so that both sides batch
+  about every 10 ms (the notes say what the relay actually does).
 - ``relay 10ms+flush10``: the same with the price hub's ``flush_interval`` set to 10 ms.
-- ``relay policy``: the relay with the smart-refresh policy's windows (``price_window_ms=None``),
+- ``relay policy``: the relay with the smart-refresh policy's windows (``PricePolicy()``),
   the production behaviour: fewer, newer prices.
 
 One publisher process (:mod:`bench.prices_publisher`) sends ticks at the step's rate, one batch
@@ -680,10 +680,10 @@ def notes(sizes: Sizes, policy_health: dict[str, Any]) -> list[str]:
         "busy time (/proc/stat) over the window: kernel work charged to no process (softirq: "
         "loopback TCP) and any process outside the benchmark running meanwhile. The machine has "
         f"{os.cpu_count()} cores: {100 * (os.cpu_count() or 1)} % in all.",
-        f"{RELAY}: RelayConfig(price_window_ms=10); a fixed window also sets the hub's flush "
+        f"{RELAY}: PricePolicy(window_ms=10); a fixed window also sets the hub's flush "
         f"interval (here 10 ms). {RELAY_FLUSH}: the same, with flush_interval set to 10 ms "
         "explicitly after start (kept as a control: the two rows should agree).",
-        "relay policy: price_window_ms=None, the smart-refresh policy's push windows (250 ms for a "
+        "relay policy: PricePolicy(), the smart-refresh policy's push windows (250 ms for a "
         "volatile symbol in session, 1 s in session, 5 s with the market closed); market open "
         f"during the run: {market}. Its delivered share is conflation by design: not judged.",
     ]

@@ -1,8 +1,8 @@
 """The foliosync relay in a process of its own, for the price fan-out benchmark.
 
 ``python -m bench.prices_relay PORT DATA_DIR WINDOW [--flush-ms N] [--max-seconds S]`` runs
-:func:`create_app` on 127.0.0.1:PORT with ``price_window_ms=WINDOW`` (an int, or ``policy`` for
-the smart-refresh policy's windows), no price feed of its own (ticks come from the benchmark's
+:func:`create_app` on 127.0.0.1:PORT with ``PricePolicy(window_ms=WINDOW)`` (an int, or ``policy``
+for the smart-refresh policy's windows), no price feed of its own (ticks come from the benchmark's
 publisher) and a 60 s heartbeat. ``--flush-ms`` sets the price hub's ``flush_interval`` (the least
 time between two flushes; 50 ms by default, the window if shorter) once the app has started: an
 experiment, not a setting RelayConfig offers. The process stops by itself after ``--max-seconds``
@@ -23,6 +23,7 @@ from pathlib import Path
 from aiohttp import web
 
 from bench.prices_load import raise_nofile_limit
+from foliosync.server.prices import PricePolicy
 from foliosync.server.relay import RelayConfig, RelayKey, create_app
 
 
@@ -40,11 +41,11 @@ def main(argv: list[str]) -> int:
         host="127.0.0.1",
         port=args.port,
         data_dir=args.data_dir,
-        price_window_ms=None if args.window == "policy" else int(args.window),
         heartbeat=60.0,
         feed="none",
     )
-    app = create_app(config)
+    window = None if args.window == "policy" else int(args.window)
+    app = create_app(config, price_policy=PricePolicy(window_ms=window))
 
     async def lifetime(app: web.Application) -> AsyncIterator[None]:
         if args.flush_ms is not None:

@@ -25,11 +25,13 @@ import contextvars
 import logging
 from collections import defaultdict
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
 from foliosync.server.timings import Timings
 from foliosync.sync.clock import wall_ms
+from foliosync.sync.errors import ConfigError
 from foliosync.sync.market import NYSE, ExchangeCalendar
 from foliosync.sync.prices import PriceBook, PricePoint, Tick, TickConflator
 from foliosync.sync.refresh_policy import (
@@ -40,9 +42,29 @@ from foliosync.sync.refresh_policy import (
     is_volatile,
 )
 
-__all__ = ["PriceHub", "PriceSubscriber", "StalledSymbol"]
+__all__ = ["PriceHub", "PricePolicy", "PriceSubscriber", "StalledSymbol"]
 
 log = logging.getLogger("foliosync.prices")
+
+
+@dataclass(frozen=True, slots=True)
+class PricePolicy:
+    """How the relay pushes prices, given to ``create_app(price_policy=...)``.
+
+    ``window_ms`` None (the default) takes every symbol's push window from the smart-refresh
+    policy (:mod:`foliosync.sync.refresh_policy`). A fixed window is for benchmarks and tests
+    that compare like with like or must not wait; it is no operator knob, which is why it is
+    not in ``RelayConfig``.
+    """
+
+    window_ms: int | None = None
+
+    def __post_init__(self) -> None:
+        window = self.window_ms
+        if window is not None and (
+            isinstance(window, bool) or not isinstance(window, int) or window < 0
+        ):
+            raise ConfigError(f"invalid window_ms {window!r}: None, or milliseconds from 0")
 
 
 class PriceSubscriber(Protocol):

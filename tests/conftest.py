@@ -10,7 +10,7 @@ import shutil
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -23,7 +23,9 @@ from aiohttp import web
 from foliosync.client.replica import Replica
 from foliosync.client.sync import Backoff, SyncClient
 from foliosync.server.auth import issue_token, load_or_create_secret
+from foliosync.server.extensions import Extension
 from foliosync.server.http_errors import JsonErrorAppRunner
+from foliosync.server.prices import PricePolicy
 from foliosync.server.relay import Relay, RelayConfig, RelayKey, create_app
 from foliosync.server.storage import RelayStore
 from foliosync.sync.prices import check_tick
@@ -64,11 +66,24 @@ class RunningRelay:
 
 @asynccontextmanager
 async def serve_relay(
-    data_dir: Path, *, store: RelayStore | None = None, **overrides: Any
+    data_dir: Path,
+    *,
+    store: RelayStore | None = None,
+    extensions: Sequence[Extension] | None = None,
+    price_window_ms: int | None = None,
+    **overrides: Any,
 ) -> AsyncIterator[RunningRelay]:
-    """Run a relay (SQLite store in ``data_dir`` unless ``store`` is given) until the block ends."""
+    """Run a relay (SQLite store in ``data_dir`` unless ``store`` is given) until the block ends.
+
+    ``price_window_ms`` fixes the price push window (a :class:`PricePolicy`); ``extensions``
+    replace the relay's default ones."""
     config = replace(RelayConfig(data_dir=data_dir, heartbeat=5.0), **overrides)
-    app = create_app(config, store=store)
+    app = create_app(
+        config,
+        store=store,
+        extensions=extensions,
+        price_policy=PricePolicy(window_ms=price_window_ms),
+    )
     runner = JsonErrorAppRunner(app, handle_signals=False, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)

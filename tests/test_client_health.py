@@ -24,6 +24,7 @@ from aiohttp import web
 from foliosync.client import ConnectionState, LastError, SyncClient, SyncHealth
 from foliosync.client.health import build_health
 from foliosync.server.http_errors import JsonErrorAppRunner
+from foliosync.server.prices import PricePolicy
 from foliosync.server.relay import RelayConfig, create_app
 from foliosync.sync.freshness import FreshnessLevel
 from foliosync.sync.prices import check_tick
@@ -48,7 +49,9 @@ def _publish(relay: Any, symbol: str, price: str, at: datetime | None = None) ->
 @asynccontextmanager
 async def relay_on_port(data_dir: Path, port: int) -> AsyncIterator[None]:
     """A relay on a given port: the one a client already dials, brought back after a stop."""
-    app = create_app(RelayConfig(data_dir=data_dir, heartbeat=5.0, price_window_ms=0))
+    app = create_app(
+        RelayConfig(data_dir=data_dir, heartbeat=5.0), price_policy=PricePolicy(window_ms=0)
+    )
     runner = JsonErrorAppRunner(app, handle_signals=False, access_log=None)
     await runner.setup()
     try:
