@@ -366,10 +366,10 @@ async def test_refused_updates_are_counted_by_the_code_sent(relay: RunningRelay)
     assert scraped.value("foliosync_updates_acknowledged_total") == 0
 
 
-def _crdt_update() -> bytes:
+def _crdt_update(symbol: str = "AAPL", device: str = "raw") -> bytes:
+    """A watchlist update adding ``symbol``, in the layout the relay checks."""
     crdt: Doc[Any] = Doc()
-    crdt["m"] = Map()
-    crdt["m"]["note"] = "hello"
+    crdt.get("symbols", type=Map)[f"{symbol}\x1f{device}"] = {"t": "0" * 17}
     return crdt.get_update()
 
 
@@ -570,10 +570,7 @@ async def test_an_edit_before_reading_a_change_already_sent_is_not_counted(
         assert isinstance(await peer.next(), SyncReplied)
     await a.ws.send_bytes(a.session.update(TECH, 1, _crdt_update()))
     await a.next()  # the Ack: stored, and fanned out to b, which has not read it
-    crdt: Doc[Any] = Doc()
-    crdt["m"] = Map()
-    crdt["m"]["other"] = "b's edit"
-    await b.ws.send_bytes(b.session.update(TECH, 1, crdt.get_update()))
+    await b.ws.send_bytes(b.session.update(TECH, 1, _crdt_update("MSFT", "b")))
     received = [await b.next(), await b.next()]  # a's change, then the Ack of b's
     assert len(received) == 2
     await a.close()

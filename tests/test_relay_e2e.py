@@ -330,8 +330,9 @@ async def raw(relay: Any) -> AsyncIterator[Callable[[], Awaitable[RawClient]]]:
 
 
 def crdt_update(symbol: str) -> bytes:
+    """A watchlist update adding ``symbol`` as a device does (the relay checks the layout)."""
     doc: Doc = Doc()
-    doc.get("symbols", type=Map)[symbol] = {"t": "x"}
+    doc.get("symbols", type=Map)[f"{symbol}\x1fraw"] = {"t": "0" * 17}
     return doc.get_update()
 
 
