@@ -407,11 +407,10 @@ class DeviceSync:
     document the relay forbids is an error rather than something to stop waiting for.
     """
 
-    __slots__ = ("_session", "_welcomed", "one_shot")
+    __slots__ = ("_session", "one_shot")
 
     def __init__(self, session: ClientSession, *, one_shot: bool = False) -> None:
         self._session = session
-        self._welcomed = False
         self.one_shot = one_shot
 
     @property
@@ -429,7 +428,8 @@ class DeviceSync:
 
     @property
     def welcomed(self) -> bool:
-        return self._welcomed
+        """Whether the relay welcomed this connection (the session knows)."""
+        return self._session.device is not None
 
     def in_sync(self, doc: str) -> bool:
         """Whether ``doc`` was in sync on this connection, as last told (until it ended)."""
@@ -446,7 +446,7 @@ class DeviceSync:
         to sync), nothing in flight: what a one-shot sync and ``wait_in_sync`` wait for."""
         documents = self.documents.values()
         return (
-            self._welcomed
+            self.welcomed
             and not self._session.closed
             and bool(self.documents)
             and all(d.quiet for d in documents)
@@ -459,7 +459,6 @@ class DeviceSync:
         concern no document (prices, pings) give none: the shell handles those itself."""
         match event:
             case Welcomed(documents=documents):
-                self._welcomed = True
                 return [EnsureDocuments(tuple(documents)), RequestNew()]
             case SyncReplied(doc, update, state_vector, changed_at_ms, changed_by):
                 d = self.document(doc)
@@ -637,6 +636,9 @@ class DeviceSync:
         in seq order; if a change was notified during the read, another read follows."""
         d = self.document(decision.doc)
         decisions: list[Decision] = []
+        still = {seq for seq, _update in rows}
+        for gone in [seq for seq in d._held if seq not in still]:  # settled or rebased since
+            del d._held[gone]
         if not self._session.closed:
             for seq, update in rows:
                 if seq > d._sent_upto:
@@ -690,7 +692,8 @@ class DeviceSync:
     def _settle_check(self, d: DocumentSync, pending: int) -> list[Decision]:
         if d._phase is not DocumentPhase.LIVE or d._in_flight or d._reading:
             return []
-        if pending == 0 and not d._held:
+        if pending == 0:
+            d._held.clear()  # no row left, so none to keep out of Acks either
             d._in_sync = True
             d._left_sync_at = None
             return [MarkSynced(d.doc)]
