@@ -1,7 +1,7 @@
 """Reading a Yjs V1 update before anything of it is applied.
 
-pycrdt applies what it cannot read as a silent no-op (a V2 update, an update cut short in the
-right place) and keeps invisible what refers to items it has never seen, so a relay that applied
+pycrdt applies a V2 update as a silent no-op and keeps invisible what refers to items it has
+never seen, so a relay that applied
 first and looked afterwards would acknowledge changes it lost. :func:`decode_update` reads the
 bytes the way Yjs writes them (``readClientsStructRefs``, ``readDeleteSet`` and the content
 readers of yjs 13.6, lib0's var-ints, var-strings and ``any``) and either returns what the update
@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -47,11 +48,12 @@ __all__ = [
 
 MAX_NESTING = 100
 """Deepest nesting of ``any`` values and JSON accepted: yrs' JSON parser stops at 128, and its
-``any`` reader recurses on the native stack, where a deep enough value would crash the relay."""
+``any`` reader recurses on the native stack, which a deep enough value would overflow."""
 
 _U32 = 0xFFFF_FFFF  # yrs keeps clocks and lengths in u32 and wraps larger var-ints
 _MAX_CLIENT = (1 << 53) - 1  # a client id must survive a JavaScript number
 _MAX_INT = (1 << 53) - 1  # lib0's readVarInt refuses more
+_FLOAT_MAX = int(sys.float_info.max)
 _EMPTY: Mapping[Any, Any] = MappingProxyType({})
 
 # Content refs (the low five bits of a struct's info byte).
@@ -111,9 +113,9 @@ def _fail(what: str, pos: int) -> BadUpdate:
 def _uint_tail(buf: bytes, pos: int, first: int, limit: int, what: str) -> tuple[int, int]:
     """The rest of a var-uint whose first byte ``first`` had its continuation bit set.
 
-    ``limit`` is the largest value the field may hold; the encoding may be no longer than that
-    value needs (lib0 and yrs both accept a few zero continuation bytes, but past the field's
-    width yrs wraps where lib0 does not).
+    ``limit`` is the largest value the field may hold, and the encoding may be no longer than
+    its width needs (5 bytes for 32 bits, 8 for 53): lib0 and yrs both accept zero continuation
+    bytes, but past the field's width yrs wraps the value where lib0 does not.
     """
     value = first & 0x7F
     shift = 7
@@ -203,12 +205,28 @@ def _skip_int(buf: bytes, pos: int) -> int:
     return pos
 
 
+def _skip_string(buf: bytes, pos: int, what: str) -> int:
+    """Where the var-string at ``pos`` ends, once it is known to be UTF-8."""
+    size = buf[pos]
+    if size < 0x80:  # the short string of a key or a stamp, read inline
+        pos += 1
+        end = pos + size
+        if end > len(buf):
+            raise _fail(f"{what} of {size} bytes past the end", pos)
+        try:
+            buf[pos:end].decode("utf-8")
+        except UnicodeDecodeError:
+            raise _fail(f"{what} that is not UTF-8", pos) from None
+        return end
+    return _string(buf, pos, what)[1]
+
+
 def _skip_any(buf: bytes, pos: int, depth: int) -> int:
     """Skip one lib0 ``any`` value (the tags of ``readAnyLookupTable``, 127 down to 116)."""
     tag = buf[pos]
     pos += 1
     if tag == 119:  # string
-        return _string(buf, pos, "string")[1]
+        return _skip_string(buf, pos, "a string")
     if tag == 125:  # integer
         return _skip_int(buf, pos)
     if tag == 127 or tag == 126 or tag == 121 or tag == 120:  # undefined, null, false, true
@@ -229,8 +247,12 @@ def _skip_any(buf: bytes, pos: int, depth: int) -> int:
         if tag == 118:
             size, pos = _count(buf, pos, 2, "object entries")
             for _ in range(size):
-                pos = _string(buf, pos, "an object key")[1]
-                pos = _skip_any(buf, pos, depth + 1)
+                pos = _skip_string(buf, pos, "an object key")
+                tag = buf[pos]
+                if tag == 119:
+                    pos = _skip_string(buf, pos + 1, "a string")
+                else:
+                    pos = _skip_any(buf, pos, depth + 1)
         else:
             size, pos = _count(buf, pos, 1, "array elements")
             for _ in range(size):
@@ -243,12 +265,23 @@ def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
-def _nesting(value: Any) -> int:
-    if isinstance(value, list):
-        return 1 + max(map(_nesting, value), default=0)
-    if isinstance(value, dict):
-        return 1 + max(map(_nesting, value.values()), default=0)
-    return 0
+def _json_limits(value: Any) -> tuple[int, bool]:
+    """How deep ``value`` nests, and whether a number in it is past float64 (serde_json refuses
+    such a literal where Python's parser makes it infinity or a long int). Iterative, as the
+    value may be nested as deep as Python's parser allows."""
+    deepest, out_of_range = 0, False
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, list | dict):
+            depth += 1
+            deepest = max(deepest, depth)
+            stack.extend((v, depth) for v in (item.values() if isinstance(item, dict) else item))
+        elif isinstance(item, float):
+            out_of_range = out_of_range or not math.isfinite(item)
+        elif isinstance(item, int) and not isinstance(item, bool):
+            out_of_range = out_of_range or not -_FLOAT_MAX <= item <= _FLOAT_MAX
+    return deepest, out_of_range
 
 
 def _check_json(text: str, pos: int) -> None:
@@ -257,32 +290,16 @@ def _check_json(text: str, pos: int) -> None:
         value = json.loads(text, parse_constant=_refuse_constant)
     except (ValueError, RecursionError):
         raise _fail("JSON content that does not parse", pos) from None
-    # A literal past float64 parses as infinity here and fails in serde_json.
-    if ("e" in text or "E" in text) and any(
-        isinstance(v, float) and not math.isfinite(v) for v in _scalars(value)
-    ):
+    deepest, out_of_range = _json_limits(value)
+    if out_of_range:
         raise _fail("a JSON number out of range", pos)
+    if deepest > MAX_NESTING:
+        raise _fail(f"JSON nested deeper than {MAX_NESTING}", pos)
     if "\\u" in text:
         try:
             json.dumps(value, ensure_ascii=False).encode("utf-8")
         except UnicodeEncodeError:
             raise _fail("JSON with an unpaired surrogate", pos) from None
-    if text.count("[") + text.count("{") > MAX_NESTING and _nesting(value) > MAX_NESTING:
-        raise _fail(f"JSON nested deeper than {MAX_NESTING}", pos)
-
-
-def _scalars(value: Any) -> list[Any]:
-    out: list[Any] = []
-    stack = [value]
-    while stack:
-        v = stack.pop()
-        if isinstance(v, list):
-            stack.extend(v)
-        elif isinstance(v, dict):
-            stack.extend(v.values())
-        else:
-            out.append(v)
-    return out
 
 
 def _string_length(buf: bytes, pos: int) -> tuple[int, int]:
@@ -365,17 +382,17 @@ def _decode_v1(buf: bytes, max_structs: int) -> UpdateInfo:
                 continue
             if ref > _DOC:
                 raise _fail(f"unknown content ref {ref}", pos - 1)
-            item_refs: list[tuple[int, int]] = []
-            if info & _HAS_ORIGIN:
-                ref_client, pos = _uint(buf, pos, _MAX_CLIENT, "client")
-                ref_clock, pos = _uint(buf, pos, _U32, "clock")
-                item_refs.append((ref_client, ref_clock))
-            if info & _HAS_RIGHT_ORIGIN:
-                ref_client, pos = _uint(buf, pos, _MAX_CLIENT, "client")
-                ref_clock, pos = _uint(buf, pos, _U32, "clock")
-                item_refs.append((ref_client, ref_clock))
-            root = parent = None
-            if not info & (_HAS_ORIGIN | _HAS_RIGHT_ORIGIN):
+            marks = len(refs), len(parents)
+            root = None
+            if info & 0xC0:  # an origin, a right origin or both
+                for flag in (_HAS_ORIGIN, _HAS_RIGHT_ORIGIN):
+                    if info & flag:
+                        ref_client, pos = _uint(buf, pos, _MAX_CLIENT, "client")
+                        ref_clock, pos = _uint(buf, pos, _U32, "clock")
+                        if ref_client == client and ref_clock >= clock:
+                            raise _fail(f"{client}:{clock} refers to itself or later", pos)
+                        refs.append((ref_client, ref_clock))
+            else:
                 parent_info = buf[pos]
                 pos += 1
                 if parent_info == 1:
@@ -383,12 +400,14 @@ def _decode_v1(buf: bytes, max_structs: int) -> UpdateInfo:
                 elif parent_info == 0:
                     ref_client, pos = _uint(buf, pos, _MAX_CLIENT, "client")
                     ref_clock, pos = _uint(buf, pos, _U32, "clock")
-                    parent = (ref_client, ref_clock)
-                    item_refs.append(parent)
+                    if ref_client == client and ref_clock >= clock:
+                        raise _fail(f"{client}:{clock} refers to itself or later", pos)
+                    refs.append((ref_client, ref_clock))
+                    parents.append((ref_client, ref_clock))
                 else:
                     raise _fail(f"parent info {parent_info}", pos - 1)
                 if info & _HAS_PARENT_SUB:
-                    pos = _string(buf, pos, "a map key")[1]
+                    pos = _skip_string(buf, pos, "a map key")
             # The content (readItemContent); ``length`` is how far it moves the clock.
             if ref == _STRING:
                 length, pos = _string_length(buf, pos)
@@ -431,15 +450,10 @@ def _decode_v1(buf: bytes, max_structs: int) -> UpdateInfo:
             if length == 0:
                 # yrs drops an empty item (old Yjs versions wrote some): it neither takes a
                 # clock nor refers to anything.
+                del refs[marks[0] :], parents[marks[1] :]
                 continue
-            for ref_client, ref_clock in item_refs:
-                if ref_client == client and ref_clock >= clock:
-                    raise _fail(f"item {client}:{clock} refers to itself or a later item", pos)
-            refs.extend(item_refs)
             if root is not None:
                 roots.add(root)
-            elif parent is not None:
-                parents.append(parent)
             if ref == _TYPE:
                 types.add((client, clock))
             elif ref == _DELETED:

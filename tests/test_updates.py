@@ -438,7 +438,10 @@ def test_unknown_info_bits_and_content_refs_are_refused() -> None:
 
 def test_legacy_json_content_is_refused() -> None:
     """yrs reads one element more than the count Yjs wrote; pycrdt cannot apply it."""
-    refused(encode([(7, 0, [root_item(2, "a", uv(1) + vs('"x"'))])], []), "JSON content")
+    update = encode([(7, 0, [root_item(2, "a", uv(1) + vs('"x"'))])], [])
+    refused(update, "JSON content")
+    with pytest.raises(ValueError, match="end of buffer"):
+        Doc().apply_update(update)
 
 
 def test_too_long_and_too_large_varints_are_refused() -> None:
@@ -481,8 +484,12 @@ def test_deep_nesting_is_refused() -> None:
 
 
 def test_json_yrs_would_refuse_is_refused() -> None:
-    for text in ("NaN", "Infinity", "1e400", '"\\ud800"', "{", "", "[1,]"):
-        refused(encode([(7, 0, [root_item(5, "t", vs(text))])], []), "JSON")
+    """Each of these makes pycrdt raise "JSON parsing error" while decoding."""
+    for text in ("NaN", "-Infinity", "1e400", "1" * 400, '"\\ud800"', '"a\tb"', "{", "", "[1,]"):
+        update = encode([(7, 0, [root_item(5, "t", vs(text))])], [])
+        refused(update, "JSON")
+        with pytest.raises(ValueError, match="JSON parsing error"):
+            Doc().apply_update(update)
     refused(encode([(7, 0, [root_item(6, "t", vs("bold") + vs("tru"))])], []), "JSON")
 
 
