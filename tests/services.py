@@ -3,17 +3,34 @@
 A test that needs one calls ``require_redis()`` / ``require_postgres()`` first: if the service
 does not answer, the test is skipped, or fails when ``FOLIOSYNC_REQUIRE_REDIS=1`` /
 ``FOLIOSYNC_REQUIRE_POSTGRES=1`` is set (CI sets them, so a missing service cannot pass as a
-green run of skips).
+green run of skips). ``FOLIOSYNC_REQUIRE_REDIS=1`` requires PostgreSQL too: it is what ``make
+test`` sets once it started both, and a run meant to cover several relays needs both.
+
+:func:`postgres_database` gives a test its own database, dropped afterwards. Test files are
+imported in pytest's importlib mode and cannot import one another: load this one by path::
+
+    def _services() -> ModuleType:
+        name = "foliosync_test_services"
+        if name not in sys.modules:
+            path = Path(__file__).with_name("services.py")
+            spec = importlib.util.spec_from_file_location(name, path)
+            assert spec is not None and spec.loader is not None
+            sys.modules[name] = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(sys.modules[name])
+        return sys.modules[name]
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import secrets
 import socket
+from collections.abc import AsyncIterator
 
 import pytest
 
-__all__ = ["postgres_dsn", "redis_url", "require_postgres", "require_redis"]
+__all__ = ["postgres_database", "postgres_dsn", "redis_url", "require_postgres", "require_redis"]
 
 _REDIS = ("127.0.0.1", 6379)
 _POSTGRES = ("127.0.0.1", 5432)
@@ -23,8 +40,8 @@ def redis_url() -> str:
     return f"redis://{_REDIS[0]}:{_REDIS[1]}/0"
 
 
-def postgres_dsn() -> str:
-    return f"postgresql://postgres@{_POSTGRES[0]}:{_POSTGRES[1]}/postgres"
+def postgres_dsn(database: str = "postgres") -> str:
+    return f"postgresql://postgres@{_POSTGRES[0]}:{_POSTGRES[1]}/{database}"
 
 
 def _answers(address: tuple[str, int], probe: bytes, expect: bytes) -> bool:
@@ -39,12 +56,13 @@ def _answers(address: tuple[str, int], probe: bytes, expect: bytes) -> bool:
         return False
 
 
-def _require(name: str, variable: str, reachable: bool) -> None:
+def _require(name: str, variables: tuple[str, ...], reachable: bool) -> None:
     if reachable:
         return
     message = f"{name} is not reachable"
-    if os.environ.get(variable) == "1":
-        pytest.fail(f"{message} and {variable}=1 requires it")
+    for variable in variables:
+        if os.environ.get(variable) == "1":
+            pytest.fail(f"{message} and {variable}=1 requires it")
     pytest.skip(message)
 
 
@@ -52,15 +70,38 @@ def require_redis() -> None:
     """Skip (or fail, with FOLIOSYNC_REQUIRE_REDIS=1) unless Redis answers PING."""
     _require(
         f"Redis on {_REDIS[0]}:{_REDIS[1]}",
-        "FOLIOSYNC_REQUIRE_REDIS",
+        ("FOLIOSYNC_REQUIRE_REDIS",),
         _answers(_REDIS, b"PING\r\n", b"+PONG"),
     )
 
 
 def require_postgres() -> None:
-    """Skip (or fail, with FOLIOSYNC_REQUIRE_POSTGRES=1) unless PostgreSQL accepts a connection."""
+    """Skip (or fail, with FOLIOSYNC_REQUIRE_POSTGRES=1 or FOLIOSYNC_REQUIRE_REDIS=1) unless
+    PostgreSQL accepts a connection."""
     _require(
         f"PostgreSQL on {_POSTGRES[0]}:{_POSTGRES[1]}",
-        "FOLIOSYNC_REQUIRE_POSTGRES",
+        ("FOLIOSYNC_REQUIRE_POSTGRES", "FOLIOSYNC_REQUIRE_REDIS"),
         _answers(_POSTGRES, b"", b""),
     )
+
+
+@contextlib.asynccontextmanager
+async def postgres_database() -> AsyncIterator[str]:
+    """A new empty database ``foliosync_test_<random>``, dropped afterwards (its remaining
+    connections terminated first): yields its DSN. Calls :func:`require_postgres` first."""
+    import asyncpg  # only the tests that need PostgreSQL need asyncpg
+
+    require_postgres()
+    name = f"foliosync_test_{secrets.token_hex(6)}"
+    admin = await asyncpg.connect(postgres_dsn(), timeout=10)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+        try:
+            yield postgres_dsn(name)
+        finally:
+            await admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1", name
+            )
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}"')
+    finally:
+        await admin.close()
