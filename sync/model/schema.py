@@ -18,6 +18,7 @@ the caller keeps instead (see its docstring for the trade-off).
 
 from __future__ import annotations
 
+import inspect
 import math
 import re
 from collections.abc import Callable, Iterable, Mapping
@@ -379,6 +380,12 @@ class Candidate:
         """
         if self._problems:
             raise SchemaViolation(self._problems[0])
+        with self.doc.transaction():  # one for all the reads, not one per read
+            self._check_entries(limits)
+            self._check_counts(limits)
+            self._check_size(limits)
+
+    def _check_entries(self, limits: SchemaLimits) -> None:
         checks = _CHECKS[self.kind]
         for root, keys in self.changed.items():
             if not keys:
@@ -392,8 +399,6 @@ class Candidate:
                 problem = _plain_problem(value) or check(key, value, limits)
                 if problem is not None:
                     raise SchemaViolation(f"{root}[{_show(key)}]: {problem}")
-        self._check_counts(limits)
-        self._check_size(limits)
 
     def _check_counts(self, limits: SchemaLimits) -> None:
         for root, limit, what in self._counted(limits):
@@ -441,6 +446,34 @@ class Candidate:
         return _MODELS[self.kind](self.doc, EditContext(device="schema"))
 
 
+class _Recorder:
+    """Collects the keys one root's events name: its own keys set or deleted, and the key
+    holding any nested type edited inside it.
+
+    A callable with a ready ``__signature__``: pycrdt inspects every observer's signature when
+    it subscribes, which for a plain function costs more than the rest of a small check.
+    """
+
+    __slots__ = ("added", "changed")
+    __signature__ = inspect.signature(lambda events: None)
+
+    def __init__(self) -> None:
+        self.changed: set[str] = set()
+        self.added = 0  # keys the update added (not present before)
+
+    def __call__(self, events: list[Any]) -> None:
+        for event in events:
+            path = event.path
+            if path:
+                self.changed.add(str(path[0]))  # inside a nested type: that key changed
+            elif isinstance(event, MapEvent):
+                keys: dict[str, dict[str, Any]] = getattr(event, "keys", {})  # an untyped slot
+                for key, change in keys.items():
+                    self.changed.add(key)
+                    if change["action"] == "add":
+                        self.added += 1
+
+
 def _apply(
     kind: DocumentKind,
     doc: Doc[Any],
@@ -451,32 +484,16 @@ def _apply(
 ) -> Candidate:
     """Apply ``update`` to ``doc`` (the caller's copy), recording what it changed."""
     roots = ROOTS[kind]
-    before_roots = set(doc.keys())
-    # Declared as maps first: a root's first declaration fixes its type, and with it the kind of
-    # events its observers get (reading it as an Array below must not make it one).
-    maps = {name: doc.get(name, type=Map) for name in roots}
-    legacy = {name: _legacy_view(doc, name) for name in before_roots if name not in roots}
-    sequence_before = {name: len(doc.get(name, type=Array)) for name in roots}
-    sequences = {name: _sequence(doc, name) for name, n in sequence_before.items() if n}
-    changed: dict[str, set[str]] = {name: set() for name in roots}
-    added: dict[str, int] = dict.fromkeys(roots, 0)
-
-    def observer(name: str) -> Callable[[list[Any]], None]:
-        def on_events(events: list[Any]) -> None:
-            for event in events:
-                path = event.path
-                if path:
-                    changed[name].add(str(path[0]))  # inside a nested type: that key changed
-                elif isinstance(event, MapEvent):
-                    keys: dict[str, dict[str, Any]] = getattr(event, "keys", {})  # untyped slot
-                    for key, change in keys.items():
-                        changed[name].add(key)
-                        if change["action"] == "add":
-                            added[name] += 1
-
-        return on_events
-
-    subscriptions = [(m, m.observe_deep(observer(name))) for name, m in maps.items()]
+    with doc.transaction():  # one for all the reads, not one per read
+        before_roots = set(doc.keys())
+        # Declared as maps first: a root's first declaration fixes its type, and with it the
+        # kind of events its observers get (reading it as an Array below must not make it one).
+        maps = {name: doc.get(name, type=Map) for name in roots}
+        legacy = {name: _legacy_view(doc, name) for name in before_roots if name not in roots}
+        sequence_before = {name: len(doc.get(name, type=Array)) for name in roots}
+        sequences = {name: _sequence(doc, name) for name, n in sequence_before.items() if n}
+    recorders = {name: _Recorder() for name in roots}
+    subscriptions = [(m, m.observe_deep(recorders[name])) for name, m in maps.items()]
     try:
         _guarded_apply(doc, update)
     finally:
@@ -484,29 +501,32 @@ def _apply(
             m.unobserve(subscription)
 
     problems: list[str] = []
-    foreign = f"not a root of {'an' if kind is DocumentKind.INDEX else 'a'} {kind.value}"
-    foreign += f" ({', '.join(roots)})"
-    for name in sorted(set(doc.keys()) - before_roots - set(roots)):
-        problems.append(f"{_show(name)}: {foreign}")
-    for name, (entries, items) in legacy.items():
-        entries_after, items_after = _legacy_view(doc, name)
-        deleted_only = all(entries.get(k) == v for k, v in entries_after.items())
-        if not deleted_only or not _is_subsequence(items_after, items):
+    with doc.transaction():
+        foreign = f"not a root of {'an' if kind is DocumentKind.INDEX else 'a'} {kind.value}"
+        foreign += f" ({', '.join(roots)})"
+        for name in sorted(set(doc.keys()) - before_roots - set(roots)):
             problems.append(f"{_show(name)}: {foreign}")
-    for name in roots:
-        after = len(doc.get(name, type=Array))
-        if after > sequence_before[name] or (
-            after and not _is_subsequence(_sequence(doc, name), sequences.get(name, []))
-        ):
-            problems.append(f"{name}: a root map, not a sequence (Y.Array, Y.Text or Y.Xml use)")
+        for name, (entries, items) in legacy.items():
+            entries_after, items_after = _legacy_view(doc, name)
+            deleted_only = all(entries.get(k) == v for k, v in entries_after.items())
+            if not deleted_only or not _is_subsequence(items_after, items):
+                problems.append(f"{_show(name)}: {foreign}")
+        for name in roots:
+            after = len(doc.get(name, type=Array))
+            if after > sequence_before[name] or (
+                after and not _is_subsequence(_sequence(doc, name), sequences.get(name, []))
+            ):
+                problems.append(
+                    f"{name}: a root map, not a sequence (Y.Array, Y.Text or Y.Xml use)"
+                )
     size_bound = None
     if size_known and base_size is not None:
         size_bound = base_size + _SPLIT_FACTOR * len(update) + _SPLIT_SLACK
     return Candidate(
         kind,
         doc,
-        {name: frozenset(keys) for name, keys in changed.items()},
-        added=added,
+        {name: frozenset(r.changed) for name, r in recorders.items()},
+        added={name: r.added for name, r in recorders.items()},
         problems=problems,
         base_size=base_size if size_known else None,
         size_bound=size_bound,
