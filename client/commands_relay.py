@@ -4,21 +4,38 @@
 ``foliosync relay restore FILE`` are optional sub-commands of the same parser. argparse gives an
 option-only command optional sub-commands this way without changing how the options parse: the
 first positional word picks the sub-command, and the relay takes none of its own.
+
+``--extension module:factory`` (repeatable) adds an app's rules to the relay's defaults (see
+:mod:`foliosync.server.extensions`): ``module`` is imported, and ``factory(config, secret)``
+(the RelayConfig and the relay's signing secret) returns an Extension or a list of them,
+appended after the defaults in the order given::
+
+    # myrules.py
+    def watchlist_cap(config, secret):
+        return WatchlistCap(limit=500)
+
+    foliosync relay --extension myrules:watchlist_cap
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
+import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import platformdirs
 
 from foliosync.sync.errors import ConfigError
 
-__all__ = ["default_data_dir", "register"]
+if TYPE_CHECKING:
+    from foliosync.server.extensions import Extension
+    from foliosync.server.relay import RelayConfig
+
+__all__ = ["default_data_dir", "load_extension", "register"]
 
 
 def default_data_dir() -> Path:
@@ -86,6 +103,21 @@ def register(subparsers: Any) -> None:
         metavar="PORT",
         help="also serve GET /metrics on 127.0.0.1:PORT, without a token (default: only "
         "/metrics on the main port, with an admin token)",
+    )
+    relay.add_argument(
+        "--hook-timeout",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="how long one extension's hook may take before the action is refused with "
+        "extension_failed (default 5)",
+    )
+    relay.add_argument(
+        "--extension",
+        action="append",
+        metavar="MODULE:FACTORY",
+        help="add an app's extension: FACTORY(config, secret) in MODULE returns an Extension "
+        "or a list of them, run after the defaults (tokens, owners, layouts); may be repeated",
     )
     relay.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
     relay.add_argument(
@@ -162,12 +194,15 @@ async def _run_relay(args: argparse.Namespace) -> int:
         raise ConfigError(f"invalid metrics port {args.metrics_port}")
     if args.max_hot_documents < 1 or args.max_initial_syncs < 1:
         raise ConfigError("--max-hot-documents and --max-initial-syncs must be at least 1")
+    if not math.isfinite(args.hook_timeout) or args.hook_timeout <= 0:
+        raise ConfigError(f"invalid --hook-timeout {args.hook_timeout}: more than 0 seconds")
     level = getattr(logging, str(args.log_level).upper(), None)
     if not isinstance(level, int):
         raise ConfigError(f"unknown log level {args.log_level!r}")
     data_dir = _data_dir(args)
     # Before anything logs: every line is redacted of tokens and of this relay's secret.
-    configure_logging(level, args.log_format, secrets=[load_or_create_secret(data_dir)])
+    secret = load_or_create_secret(data_dir)
+    configure_logging(level, args.log_format, secrets=[secret])
     config = RelayConfig(
         host=args.host,
         port=args.port,
@@ -178,7 +213,15 @@ async def _run_relay(args: argparse.Namespace) -> int:
         feed=args.feed,
         cors_origins=tuple(args.cors_origin or ()),
         metrics_port=args.metrics_port,
+        hook_timeout=args.hook_timeout,
     )
+    extensions = None
+    if args.extension:
+        from foliosync.server.extensions import default_extensions
+
+        extensions = [*default_extensions(secret, config.schema_limits)]
+        for spec in args.extension:
+            extensions.extend(load_extension(spec, config, secret))
     host = f"[{args.host}]" if ":" in args.host else args.host
 
     def listening() -> None:  # only once bound: a script may connect as soon as it reads this
@@ -187,10 +230,38 @@ async def _run_relay(args: argparse.Namespace) -> int:
             print(f"metrics on http://127.0.0.1:{args.metrics_port}/metrics", flush=True)
 
     try:  # the relay locks its data directory: a second one, or a restore under it, is refused
-        await serve(config, on_listening=listening)
+        await serve(config, on_listening=listening, extensions=extensions)
     except DataDirLocked as exc:
         raise DataDirLocked(f"{exc}: stop it or give this one another --data") from None
     return 0
+
+
+def load_extension(spec: str, config: RelayConfig, secret: bytes) -> list[Extension]:
+    """The extensions ``module:factory`` makes; ConfigError, saying which part failed, if it
+    cannot be imported or called or returns something else."""
+    from foliosync.server.extensions import Extension
+
+    module_name, colon, factory_name = spec.partition(":")
+    if not colon or not module_name or not factory_name:
+        raise ConfigError(f"invalid --extension {spec!r}: use MODULE:FACTORY")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"--extension {spec}: cannot import {module_name}: {exc}") from exc
+    factory = getattr(module, factory_name, None)
+    if not callable(factory):
+        raise ConfigError(f"--extension {spec}: {module_name} has no callable {factory_name}")
+    try:
+        made = factory(config, secret)
+    except Exception as exc:
+        raise ConfigError(
+            f"--extension {spec}: {factory_name}(config, secret) failed: {exc}"
+        ) from exc
+    made = made if isinstance(made, list | tuple) else [made]
+    for extension in made:
+        if not isinstance(extension, Extension):
+            raise ConfigError(f"--extension {spec}: {extension!r} is not an Extension")
+    return list(made)
 
 
 def _backup(args: argparse.Namespace) -> int:

@@ -14,10 +14,11 @@ import contextlib
 import errno
 import signal
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from aiohttp import web
 
+from foliosync.server.extensions import Extension
 from foliosync.server.http_errors import JsonErrorAppRunner
 from foliosync.server.relay import RelayConfig, create_app
 from foliosync.sync.errors import ConfigError
@@ -46,13 +47,16 @@ async def serve(
     *,
     on_listening: Callable[[], None] | None = None,
     stop: asyncio.Event | None = None,
+    extensions: Sequence[Extension] | None = None,
 ) -> None:
     """Run the relay on ``config.host:config.port`` until SIGINT or SIGTERM (or ``stop``).
 
     Raises :class:`ConfigError` if the address cannot be listened on; the store and the feed,
-    started before the bind, are closed again first.
+    started before the bind, are closed again first. ``extensions`` are those of
+    :func:`create_app` (None: the defaults).
     """
-    runner = JsonErrorAppRunner(create_app(config), access_log=None, handle_signals=False)
+    app = create_app(config, extensions=extensions)
+    runner = JsonErrorAppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
     try:
         site = web.TCPSite(runner, config.host, config.port)
