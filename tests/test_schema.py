@@ -21,12 +21,13 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from pycrdt import Array, Doc, Map, Text
+from pycrdt import Array, Doc, Map, Text, get_state
 
 from foliosync.sync.errors import (
     BadUpdate,
     ConfigError,
     DocumentNotFound,
+    MissingDependencies,
     SchemaViolation,
     ValidationError,
 )
@@ -559,6 +560,25 @@ def test_bytes_pycrdt_cannot_apply_are_a_bad_update() -> None:
             candidate(WL, relay, garbage).check()
         assert not isinstance(caught.value, SchemaViolation)
     check_document(WL, relay)
+
+
+def test_items_left_waiting_for_missing_ones_are_refused() -> None:
+    """An entry whose origin is an item the relay never got stays invisible, so a check of the
+    visible document would pass it; the item that completes it would then bring it in
+    unchecked (the copy of the base does not hold what waits)."""
+    writer: Doc[Any] = Doc()
+    symbols = _map(writer, "symbols")
+    symbols["AAPL\x1fd2"] = {"t": STAMP}
+    first = writer.get_update()
+    symbols["AAPL\x1fd2"] = {"t": 5}
+    second = writer.get_update(get_state(first))
+    relay, _ = base_watchlist()
+    with pytest.raises(MissingDependencies):
+        candidate(WL, relay, second)
+    candidate(WL, relay, first).check()
+    relay.apply_update(first)
+    with pytest.raises(SchemaViolation, match="STAMP"):
+        candidate(WL, relay, second).check()
 
 
 def test_limits_are_validated() -> None:

@@ -25,9 +25,25 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
-from pycrdt import Array, Doc, Map, MapEvent, Text, XmlElement, XmlFragment, XmlText
+from pycrdt import (
+    Array,
+    Doc,
+    Map,
+    MapEvent,
+    Text,
+    XmlElement,
+    XmlFragment,
+    XmlText,
+    get_update,
+)
 
-from foliosync.sync.errors import BadUpdate, ConfigError, SchemaViolation, ValidationError
+from foliosync.sync.errors import (
+    BadUpdate,
+    ConfigError,
+    MissingDependencies,
+    SchemaViolation,
+    ValidationError,
+)
 from foliosync.sync.model.document import DocumentKind, DocumentModel, EditContext, kind_of
 from foliosync.sync.model.portfolio import CORRECTABLE_FIELDS, Portfolio
 from foliosync.sync.model.user_index import UserIndex
@@ -499,6 +515,7 @@ def _apply(
     finally:
         for m, subscription in subscriptions:
             m.unobserve(subscription)
+    _refuse_pending(doc, update)
 
     problems: list[str] = []
     with doc.transaction():
@@ -531,6 +548,21 @@ def _apply(
         base_size=base_size if size_known else None,
         size_bound=size_bound,
     )
+
+
+def _refuse_pending(doc: Doc[Any], update: bytes) -> None:
+    """MissingDependencies if items of ``update`` wait, unintegrated, for items the document
+    lacks: they are invisible now and would appear, never checked, with a later update that
+    supplies what they wait for (a copy of the base does not even hold them: pycrdt encodes no
+    pending items). The relay refuses such updates before this, from the state vector."""
+    try:
+        rest = get_update(update, doc.get_state())
+    except BaseException as exc:  # pycrdt's Rust panics derive from BaseException
+        if isinstance(exc, KeyboardInterrupt | SystemExit | GeneratorExit):
+            raise
+        raise BadUpdate("the update is not a valid CRDT update") from exc
+    if rest[:1] != b"\x00":  # any client with structs the document did not integrate
+        raise MissingDependencies("the update refers to items the document does not hold")
 
 
 def _guarded_apply(doc: Doc[Any], update: bytes) -> None:
