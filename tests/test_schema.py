@@ -160,8 +160,7 @@ def test_every_model_edit_passes_and_the_documents_check_whole() -> None:
     pdev.edit(lambda m: m.add_trade("MSFT", "-2.5", "0", datetime(2025, 1, 2, tzinfo=UTC), "n"))
     pdev.edit(lambda m: m.correct_trade(trade_id, quantity="1_000", price="1e2", note=""))
     pdev.edit(lambda m: m.correct_trade(trade_id, symbol=" brk.b ", time=0))
-    other = pdev.model.trades()[-1].id if pdev.model.trades()[-1].id != trade_id else None
-    assert other is not None
+    other = next(t.id for t in pdev.model.trades() if t.id != trade_id)
     pdev.edit(lambda m: m.delete_trade(other))
     for update in pdev.outbox:
         send(PF, portfolio, update)

@@ -451,9 +451,9 @@ class Candidate:
 
     @property
     def size_bound(self) -> int | None:
-        """An upper bound of the encoded size after the change (exact once :meth:`check` had to
-        compute it), to pass as the next :func:`advance_scratch`'s ``base_size`` hint; None when
-        unknown."""
+        """An upper bound of the encoded size after the change, exact whenever :meth:`check`
+        found the bound past the limit; None when unknown. Read after :meth:`check` passed, it
+        is a sound ``base_size`` for the next :func:`advance_scratch`."""
         return self._size_bound
 
     def model(self) -> DocumentModel:
