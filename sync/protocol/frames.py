@@ -567,13 +567,6 @@ assert not any(
 ), "a document frame took a price code"
 
 
-def _freeze(value: object) -> object:
-    """msgpack gives lists; frames hold tuples (immutable, hashable), nested ones too."""
-    if isinstance(value, list):
-        return tuple(_freeze(item) for item in value)
-    return value
-
-
 # --- Codec ------------------------------------------------------------------------------------
 
 
@@ -637,7 +630,7 @@ def decode_frame(data: bytes, *, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -
             data,
             raw=False,
             strict_map_key=True,
-            use_list=True,
+            use_list=False,  # tuples, as frames hold them: no recursive walk over nesting
             max_str_len=size,
             max_bin_len=size,
             max_array_len=size,
@@ -650,7 +643,7 @@ def decode_frame(data: bytes, *, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -
         raise RemoteProtocolError(
             f"not a msgpack message: {type(exc).__name__}: {exc}", code=ErrorCode.BAD_FRAME
         ) from exc
-    if not isinstance(items, list) or not items:
+    if not isinstance(items, tuple) or not items:
         raise RemoteProtocolError("a frame is a non-empty msgpack array", code=ErrorCode.BAD_FRAME)
     type_code = items[0]
     if not isinstance(type_code, int) or isinstance(type_code, bool):
@@ -660,9 +653,7 @@ def decode_frame(data: bytes, *, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -
     cls = _BY_CODE.get(type_code)
     if cls is None:
         raise RemoteProtocolError(f"unknown frame type {type_code}", code=ErrorCode.BAD_FRAME)
-    # Lists only ever stand for tuples (Welcome.documents); turning them into tuples here keeps the
-    # frames immutable and lets the constructor's checks do the rest.
-    fields = [_freeze(value) for value in items[1:]]
+    fields = items[1:]
     if len(fields) != len(cls._CHECKS):
         raise RemoteProtocolError(
             f"{cls.__name__} has {len(cls._CHECKS)} fields, got {len(fields)}",
