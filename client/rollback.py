@@ -243,7 +243,12 @@ def summarize(kind: str, name: str, effect: Effect) -> str:
     meta = effect.get("meta", {})
     if kind == "watchlist":
         symbols = effect.get("symbols", {})
-        added = _unique(k.partition(_SEP)[0] for k, v in symbols.items() if v is not _DELETED)
+        additions = sorted(  # in the order they were made: by the stamp of each
+            (str(v.get("t", "")) if isinstance(v, dict) else "", k.partition(_SEP)[0])
+            for k, v in symbols.items()
+            if v is not _DELETED
+        )
+        added = _unique(symbol for _, symbol in additions)
         removed = _unique(k.partition(_SEP)[0] for k, v in symbols.items() if v is _DELETED)
         removed = [s for s in removed if s not in added]
         fields = effect.get("fields", {})
