@@ -24,7 +24,7 @@ from typing import Any
 from pycrdt import Doc, TransactionEvent
 
 from foliosync.server.storage import RelayStore, RelayStoreError, Watermark
-from foliosync.server.update_checks import candidate, check_update, decode_state_vector
+from foliosync.server.update_checks import advance_scratch, check_update, decode_state_vector
 from foliosync.sync.errors import BadUpdate
 from foliosync.sync.model import DocumentKind
 
@@ -62,6 +62,12 @@ class _Hot:
     unsent: dict[int, str] = field(default_factory=dict)
     # Held from an update's checks to its apply in memory (not across its store).
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # A second replica of the document, advanced with every update it takes, in which the next
+    # update's candidate is built: copying the document per update cost 4.7 ms at 200 symbols
+    # and 57 ms at 2,000, this 0.3 to 1 ms. None until an update is checked, and after a
+    # refusal (a CRDT update cannot be taken back): rebuilt by one copy then.
+    scratch: Doc[Any] | None = None
+    scratch_size: int | None = None  # its encoded size, or a bound of it (None: unknown)
 
 
 def _guarded_apply(doc: Doc[Any], update: bytes) -> None:
@@ -216,11 +222,21 @@ class RelayDocuments:
                     continue  # dropped (evicted, a failed write) while this update waited
                 check_update(update, decode_state_vector(hot.doc.get_state()))
                 if before_apply is not None and kind is not None:
-                    await before_apply(candidate(kind, hot.doc, update))
+                    built = self._candidate(hot, kind, update)
+                    try:
+                        await before_apply(built)
+                    except BaseException:
+                        hot.scratch = None  # it holds the refused update
+                        raise
+                    hot.scratch_size = getattr(built, "size_bound", None)
                     if self._hot.get(key) is not hot:
                         continue
                 hot.changed.clear()
-                _guarded_apply(hot.doc, update)
+                try:
+                    _guarded_apply(hot.doc, update)
+                except BadUpdate:
+                    hot.scratch = None
+                    raise
                 break
         changed = bool(hot.changed)
         hot.changed.clear()
@@ -262,6 +278,20 @@ class RelayDocuments:
             del hot.unsent[version]  # the caller fans it out now, with no await in between
         return Applied(True, hot.watermark, version, concurrent)
 
+    @staticmethod
+    def _candidate(hot: _Hot, kind: DocumentKind, update: bytes) -> Any:
+        """The document as ``update`` would make it, built in the hot document's scratch
+        replica; the scratch is dropped if the update fails there (it may hold part of it)."""
+        if hot.scratch is None:
+            hot.scratch = Doc()
+            hot.scratch.apply_update(hot.doc.get_update())
+            hot.scratch_size = None
+        try:
+            return advance_scratch(kind, hot.scratch, update, base_size=hot.scratch_size)
+        except BaseException:
+            hot.scratch = None
+            raise
+
     def apply_peer(self, user: str, doc_id: str, update: bytes, watermark: Watermark) -> bool:
         """Apply an update another relay stored already (multi-relay fan-out); memory only."""
         hot = self._hot.get((user, doc_id))
@@ -269,6 +299,7 @@ class RelayDocuments:
             return False  # not hot here: the next load reads it from the shared store
         hot.changed.clear()
         _guarded_apply(hot.doc, update)
+        hot.scratch = None  # validated where it came in; rebuilt at the next checked update
         hot.watermark = watermark
         changed = bool(hot.changed)
         hot.changed.clear()

@@ -117,7 +117,8 @@ class ProposedUpdate:
     candidate: Any
     """The document as it would be (``foliosync.sync.model.schema.Candidate``): ``.doc``,
     ``.changed``, ``.model()`` (a Watchlist, Portfolio or UserIndex over it), ``.check(limits)``.
-    A copy: changing it changes nothing stored."""
+    Read it, never change it: it is the relay's scratch replica of the document (kept to spare
+    a copy per update), in which the next update's candidate is built."""
     device: str
     origin: str
     """The sending connection's id, or ``server:...`` for :meth:`Relay.edit_document`."""

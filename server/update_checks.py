@@ -25,6 +25,7 @@ __all__ = [
     "DEFAULT_LIMITS",
     "Candidate",
     "SchemaLimits",
+    "advance_scratch",
     "candidate",
     "check_update",
     "decode_state_vector",
@@ -140,3 +141,16 @@ def candidate(kind: DocumentKind, base: Doc[Any], update: bytes) -> Any:
     if _schema is not None:
         return _schema.candidate(kind, base, update)
     return _FallbackCandidate(kind, base, update)
+
+
+def advance_scratch(
+    kind: DocumentKind, scratch: Doc[Any], update: bytes, *, base_size: int | None = None
+) -> Any:
+    """The candidate built in ``scratch`` itself, a replica of the base the caller keeps (no
+    copy per update); a refused update stays in it, so the caller then drops it."""
+    if _schema is not None:
+        return _schema.advance_scratch(kind, scratch, update, base_size=base_size)
+    _guarded(lambda: scratch.apply_update(update), "the update is not a valid CRDT update")
+    fallback = _FallbackCandidate.__new__(_FallbackCandidate)
+    fallback.kind, fallback.doc, fallback.changed = kind, scratch, True
+    return fallback
