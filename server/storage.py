@@ -202,7 +202,12 @@ class SQLiteRelayStore:
             if not item.done.done():
                 item.done.set_result(seq)
 
+    def _check_open(self) -> None:
+        if self._closing:
+            raise RelayStoreError("the relay store is closed")
+
     async def load(self, user: str, doc_id: str) -> StoredDocument | None:
+        self._check_open()
         async with self._lock:
             return await self._load_locked(user, doc_id)
 
@@ -221,7 +226,7 @@ class SQLiteRelayStore:
                 (user, doc_id),
             ) as cursor:
                 rows = [(int(s), bytes(d)) async for s, d in cursor]
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, ValueError) as exc:  # ValueError: aiosqlite lost its connection
             raise RelayStoreError(f"cannot read {doc_id}: {exc}") from exc
         return StoredDocument(
             snapshot=bytes(row[0]),
@@ -231,6 +236,7 @@ class SQLiteRelayStore:
         )
 
     async def compact(self, user: str, doc_id: str, snapshot: bytes, up_to_seq: int) -> None:
+        self._check_open()
         async with self._lock:
             await self._compact_locked(user, doc_id, snapshot, up_to_seq)
 
@@ -248,12 +254,13 @@ class SQLiteRelayStore:
                 (user, doc_id, up_to_seq),
             )
             await self._conn.execute("COMMIT")
-        except sqlite3.Error as exc:
-            with contextlib.suppress(sqlite3.Error):
+        except (sqlite3.Error, ValueError) as exc:
+            with contextlib.suppress(sqlite3.Error, ValueError):
                 await self._conn.execute("ROLLBACK")
             raise RelayStoreError(f"cannot compact {doc_id}: {exc}") from exc
 
     async def documents(self, user: str) -> list[str]:
+        self._check_open()
         try:
             async with (
                 self._lock,
@@ -262,7 +269,7 @@ class SQLiteRelayStore:
                 ) as cursor,
             ):
                 return [str(d) async for (d,) in cursor]
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, ValueError) as exc:
             raise RelayStoreError(f"cannot list documents: {exc}") from exc
 
     async def ping(self) -> None:
@@ -306,7 +313,12 @@ class MemoryRelayStore:
         self._updates.setdefault(key, []).append((self._seq, update))
         return self._seq
 
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RelayStoreError("the relay store is closed")
+
     async def load(self, user: str, doc_id: str) -> StoredDocument | None:
+        self._check_open()
         key = (user, doc_id)
         if key not in self._docs:
             return None
@@ -317,12 +329,14 @@ class MemoryRelayStore:
         )
 
     async def compact(self, user: str, doc_id: str, snapshot: bytes, up_to_seq: int) -> None:
+        self._check_open()
         key = (user, doc_id)
         if key in self._docs:
             self._docs[key] = (snapshot, self._docs[key][1])
             self._updates[key] = [(s, d) for s, d in self._updates.get(key, []) if s > up_to_seq]
 
     async def documents(self, user: str) -> list[str]:
+        self._check_open()
         return sorted(d for u, d in self._docs if u == user)
 
     async def ping(self) -> None:

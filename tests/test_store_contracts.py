@@ -32,12 +32,8 @@ def _services() -> ModuleType:
     return sys.modules[name]
 
 
-# The memory and SQLite stores answer load() and documents() after close from what they hold (or
-# with aiosqlite's ValueError): the contract asks for RelayStoreError. Kept visible, not skipped.
-_KNOWN_GAPS = {
-    ("memory", "closed_store_refuses_everything"),
-    ("sqlite", "closed_store_refuses_everything"),
-}
+# Checks an adapter is known not to meet yet (adapter, check name): xfail(strict), never skipped.
+_KNOWN_GAPS: set[tuple[str, str]] = set()
 
 
 def _maybe_known_gap(request: pytest.FixtureRequest, adapter: str, check: StoreCheck) -> None:
