@@ -9,12 +9,16 @@ from typing import Any
 
 from foliosync.client.cli_common import open_replica, print_json, seconds
 from foliosync.client.health import ConnectionState, LastError, build_health
+from foliosync.client.replica import Refusal, Replica
 from foliosync.client.sync import SyncClient
-from foliosync.sync.errors import ConfigError
+from foliosync.sync.errors import ConfigError, DocumentNotFound
+from foliosync.sync.model import DocumentKind
 
 __all__ = ["register"]
 
 DEFAULT_SERVER = "ws://127.0.0.1:8765/ws"
+# How many of the changes the relay refused `status --json` lists (the text shows 5).
+RECENT_REFUSALS = 20
 
 
 def register(subparsers: Any) -> None:
@@ -41,7 +45,8 @@ def register(subparsers: Any) -> None:
         "status",
         help="the status line, and pending changes and freshness per document",
         description="How this device stands with its relay, from the replica alone: the status "
-        "line an app shows (lag, pending changes, last error, price ages), then each document. "
+        "line an app shows (lag, pending changes, last error, price ages), the last changes the "
+        "relay refused (rolled back on this device), then each document. "
         "--json prints the fields of SyncClient.health() (times in ISO 8601 UTC, ages and lag "
         "in seconds) with the per-document rows.",
     )
@@ -59,7 +64,15 @@ async def _sync(args: argparse.Namespace) -> int:
         if not token:
             raise ConfigError("no token given: use --token (from `foliosync token USER`)")
         client = SyncClient(replica, server, token, client_name=f"cli-{replica.device_id}")
-        if not await client.sync_once(timeout=args.timeout):
+        refused: list[Refusal] = []
+        stop_hearing = replica.on_refusal(refused.append)
+        try:
+            synced = await client.sync_once(timeout=args.timeout)
+        finally:
+            stop_hearing()
+            for refusal in refused:  # told even if the sync then failed: they are rolled back
+                print(refusal.describe(_name(replica, refusal.doc_id)))
+        if not synced:
             print("another process syncs this replica; it has sent every change")
             return 0
         docs = replica.documents()
@@ -71,6 +84,30 @@ async def _sync(args: argparse.Namespace) -> int:
             f"prices of {priced} of {len(followed)} followed symbols"
         )
     return 0
+
+
+def _name(replica: Replica, doc_id: str) -> str:
+    """A document's name for people ("the list of documents" for the index)."""
+    try:
+        info = replica.info(doc_id)
+    except DocumentNotFound:
+        return doc_id
+    if info.kind is DocumentKind.INDEX:
+        return "the list of documents"
+    return info.name or doc_id
+
+
+def _refusal_row(refusal: Refusal) -> dict[str, object]:
+    return {
+        "doc_id": refusal.doc_id,
+        "seq": refusal.seq,
+        "code": refusal.code,
+        "message": refusal.message,
+        "at": _iso(refusal.at_ms),
+        "changes": refusal.changes,
+        "summary": refusal.summary,
+        "rebased": list(refusal.rebased),
+    }
 
 
 def _iso(ms: int | None) -> str | None:
@@ -102,6 +139,11 @@ async def _status(args: argparse.Namespace) -> int:
                     "freshness_reason": freshness.describe(),
                 }
             )
+        refusals = [
+            {**_refusal_row(r), "name": _name(replica, r.doc_id), "line": r.describe()}
+            for r in replica.refusals()[:RECENT_REFUSALS]
+        ]
+        lines = [r.describe(_name(replica, r.doc_id)) for r in replica.refusals()[:5]]
         meta = replica.meta
         server = meta.get("server_url")
         health = build_health(
@@ -112,9 +154,11 @@ async def _status(args: argparse.Namespace) -> int:
             followed=await replica.followed_symbols(),
         )
     if args.json:
-        print_json({"server": server, **health.to_json(), "documents": rows})
+        print_json({"server": server, **health.to_json(), "documents": rows, "refusals": refusals})
         return 0
     print(health.describe())
+    for line in lines:
+        print(line)
     if not rows:
         print("no documents")
         return 0

@@ -21,7 +21,7 @@ from enum import StrEnum
 from types import MappingProxyType
 
 from foliosync.client.quotes import Quote, QuoteBook
-from foliosync.client.replica import DocumentInfo, Replica
+from foliosync.client.replica import DocumentInfo, Refusal, Replica
 from foliosync.sync.errors import (
     AccessDenied,
     AuthError,
@@ -40,6 +40,7 @@ from foliosync.sync.model import DocumentKind
 __all__ = ["ConnectionState", "LastError", "PriceAge", "SyncHealth", "build_health"]
 
 _ZERO = timedelta()
+_REFUSAL_SHOWN = timedelta(hours=1)  # how long the status line names a rolled-back change
 _LEVEL_RANK = {level: rank for rank, level in enumerate(FreshnessLevel)}
 # Where the replica keeps the last sync error (its ``meta`` table).
 _META_CODE, _META_MESSAGE, _META_AT = "last_error_code", "last_error_message", "last_error_at"
@@ -189,7 +190,8 @@ class SyncHealth:
     portfolios (``pending_by_document`` by document id, only those with some). ``freshness`` is
     the worst of the documents' (None without documents). ``newest_price`` is the most recent
     price held; ``oldest_price`` the least recent price of a followed symbol, and
-    ``prices_missing`` the followed symbols with no price at all.
+    ``prices_missing`` the followed symbols with no price at all. ``last_refusal`` is the last
+    change the relay refused for good and this device rolled back (shown for an hour).
     """
 
     at: datetime
@@ -203,6 +205,7 @@ class SyncHealth:
     newest_price: PriceAge | None
     oldest_price: PriceAge | None
     prices_missing: int
+    last_refusal: Refusal | None = None
 
     @property
     def in_sync(self) -> bool:
@@ -225,6 +228,9 @@ class SyncHealth:
             parts.append(f"{self.pending} {noun} waiting to sync")
         if self.error_is_current and self.last_error is not None:
             parts.append(f"{self.last_error.code}: {self.last_error.message}")
+        refusal = self.last_refusal
+        if refusal is not None and self.at - _from_ms(refusal.at_ms) < _REFUSAL_SHOWN:
+            parts.append(f'refused "{refusal.summary}", rolled back')
         prices = self._describe_prices()
         if prices:
             parts.append(prices)
@@ -283,8 +289,22 @@ class SyncHealth:
             "newest_price": None if self.newest_price is None else self.newest_price.to_json(),
             "oldest_price": None if self.oldest_price is None else self.oldest_price.to_json(),
             "prices_missing": self.prices_missing,
+            "last_refusal": None if self.last_refusal is None else _refusal_json(self.last_refusal),
             "status_line": self.describe(),
         }
+
+
+def _refusal_json(refusal: Refusal) -> dict[str, object]:
+    return {
+        "doc_id": refusal.doc_id,
+        "seq": refusal.seq,
+        "code": refusal.code,
+        "message": refusal.message,
+        "at": _iso(_from_ms(refusal.at_ms)),
+        "changes": refusal.changes,
+        "summary": refusal.summary,
+        "rebased": list(refusal.rebased),
+    }
 
 
 def _worst(freshnesses: list[Freshness]) -> Freshness | None:
@@ -360,4 +380,5 @@ def build_health(
         newest_price=newest,
         oldest_price=oldest,
         prices_missing=missing,
+        last_refusal=next(iter(replica.refusals()), None),
     )

@@ -22,8 +22,12 @@ from foliosync.client import Refusal
 from foliosync.client import replica as replica_module
 from foliosync.client.replica import DocumentChange, Replica
 from foliosync.client.sync import SyncClient
-from foliosync.sync.errors import StorageFull
+from foliosync.server.auth import issue_token, load_or_create_secret
+from foliosync.server.extensions import Extension, ProposedUpdate, default_extensions
+from foliosync.sync.errors import StorageFull, UpdateRefused
 from foliosync.sync.model import EditContext, Portfolio, Watchlist
+
+from .conftest import run_cli
 
 
 async def seqs(replica: Replica, doc_id: str) -> list[int]:
@@ -595,3 +599,58 @@ async def test_refuse_on_a_watchlist_of_200_symbols_with_50_pending_rows(tmp_pat
         assert tech.entries()[10].note is None and tech.entries()[11].note == "note 11"
         print(f"refuse(): 200 symbols, 50 pending rows: {elapsed * 1000:.1f} ms")
         assert elapsed < 5, elapsed
+
+
+class NoNvda(Extension):
+    """An app's rule on the relay: NVDA may not be in a watchlist."""
+
+    async def before_apply(self, change: ProposedUpdate) -> None:
+        model = change.candidate.model()
+        if isinstance(model, Watchlist) and "NVDA" in model:
+            raise UpdateRefused("NVDA may not be followed here")
+
+
+async def test_a_relay_rule_refuses_a_change_and_the_device_rolls_it_back(
+    tmp_path: Path, relay_server: Any
+) -> None:
+    """End to end: the relay refuses B (its rule), the device rolls it back, sends C re-made,
+    and `foliosync sync` says so; `foliosync status` lists it afterwards."""
+    secret = load_or_create_secret(tmp_path / "relay")
+    async with relay_server(
+        tmp_path / "relay", extensions=[*default_extensions(secret), NoNvda()]
+    ) as relay:
+        path = tmp_path / "laptop.db"
+        async with Replica.open(path) as laptop:
+            tech = await laptop.create_watchlist("Tech")
+            await tech.add(["AAPL"])
+            await tech.add(["NVDA"])
+            await tech.add(["MSFT"])
+        code, out, err = await run_cli(
+            "--db",
+            str(path),
+            "sync",
+            "--server",
+            relay.url,
+            "--token",
+            issue_token(relay.secret, "alice", device="laptop"),
+            "--timeout",
+            "20",
+        )
+        assert code == 0, err
+        assert 'Tech: the relay refused "add NVDA to Tech" (seq ' in out, out
+        assert "refused): NVDA may not be followed here; rolled back" in out, out
+        async with Replica.open(path) as laptop:
+            assert (await laptop.watchlist("Tech")).symbols == ["AAPL", "MSFT"]
+            assert await laptop.pending_updates() == []
+        async with Replica.open(tmp_path / "phone.db") as phone:
+            token = issue_token(relay.secret, "alice", device="phone")
+            await SyncClient(phone, relay.url, token).sync_once(timeout=20)
+            assert (await phone.watchlist("Tech")).symbols == ["AAPL", "MSFT"]
+        code, out, err = await run_cli("--db", str(path), "status")
+        assert code == 0, err
+        assert 'Tech: the relay refused "add NVDA to Tech"' in out, out
+        code, out, err = await run_cli("--db", str(path), "status", "--json")
+        report = json.loads(out)
+        assert report["refusals"][0]["summary"] == "add NVDA to Tech"
+        assert report["last_refusal"]["code"] == "refused"
+        assert 'refused "add NVDA to Tech", rolled back' in report["status_line"]
