@@ -24,9 +24,10 @@ from typing import Any
 from pycrdt import Doc, TransactionEvent
 
 from foliosync.server.storage import RelayStore, RelayStoreError, Watermark
-from foliosync.server.update_checks import advance_scratch, check_update, decode_state_vector
 from foliosync.sync.errors import BadUpdate
 from foliosync.sync.model import DocumentKind
+from foliosync.sync.model.schema import Candidate, advance_scratch
+from foliosync.sync.updates import check_update, decode_state_vector
 
 __all__ = ["Applied", "BadUpdate", "RelayDocuments"]
 
@@ -205,13 +206,13 @@ class RelayDocuments:
         seen: int | None = None,
         origin: str = "",
         kind: DocumentKind | None = None,
-        before_apply: Callable[[Any], Awaitable[None]] | None = None,
+        before_apply: Callable[[Candidate], Awaitable[None]] | None = None,
     ) -> Applied:
         """Check, apply, store, then return: the caller may acknowledge once this returns.
 
         Refused before anything changes: bytes that are not a V1 update or have items the
         document lacks (BadUpdate and its subclasses), and whatever ``before_apply`` raises,
-        given the document as it would be (``candidate(kind, doc, update)``, only with
+        given the document as it would be (a Candidate built in a scratch replica, only with
         ``kind``). ``origin`` (the sending connection) and ``seen`` (see :meth:`version`) make
         :attr:`Applied.concurrent`; without ``seen`` it is False."""
         key = (user, doc_id)
@@ -228,7 +229,7 @@ class RelayDocuments:
                     except BaseException:
                         hot.scratch = None  # it holds the refused update
                         raise
-                    hot.scratch_size = getattr(built, "size_bound", None)
+                    hot.scratch_size = built.size_bound
                     if self._hot.get(key) is not hot:
                         continue
                 hot.changed.clear()
@@ -279,7 +280,7 @@ class RelayDocuments:
         return Applied(True, hot.watermark, version, concurrent)
 
     @staticmethod
-    def _candidate(hot: _Hot, kind: DocumentKind, update: bytes) -> Any:
+    def _candidate(hot: _Hot, kind: DocumentKind, update: bytes) -> Candidate:
         """The document as ``update`` would make it, built in the hot document's scratch
         replica; the scratch is dropped if the update fails there (it may hold part of it)."""
         if hot.scratch is None:

@@ -38,11 +38,10 @@ import logging
 import math
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar
+from typing import Literal, TypeVar
 
 from foliosync.server.auth import Identity, verify_token
 from foliosync.server.storage import Watermark
-from foliosync.server.update_checks import DEFAULT_LIMITS
 from foliosync.sync.errors import (
     AccessDenied,
     AuthError,
@@ -52,6 +51,7 @@ from foliosync.sync.errors import (
     UpdateRefused,
 )
 from foliosync.sync.model import DocumentKind
+from foliosync.sync.model.schema import DEFAULT_LIMITS, Candidate, SchemaLimits
 
 __all__ = [
     "DEFAULT_HOOK_TIMEOUT",
@@ -114,7 +114,7 @@ class ProposedUpdate:
     seq: int
     """The client's seq of it (0 for the relay's own edits)."""
     update: bytes
-    candidate: Any
+    candidate: Candidate
     """The document as it would be (``foliosync.sync.model.schema.Candidate``): ``.doc``,
     ``.changed``, ``.model()`` (a Watchlist, Portfolio or UserIndex over it), ``.check(limits)``.
     Read it, never change it: it is the relay's scratch replica of the document (kept to spare
@@ -202,14 +202,14 @@ class SchemaValidation(Extension):
     """The document an update would produce keeps its kind's layout and stays within
     ``limits`` (``foliosync.sync.model.schema``); otherwise ``invalid_document``."""
 
-    def __init__(self, limits: Any = DEFAULT_LIMITS) -> None:
+    def __init__(self, limits: SchemaLimits = DEFAULT_LIMITS) -> None:
         self.limits = limits
 
     async def before_apply(self, change: ProposedUpdate) -> None:
         change.candidate.check(self.limits)
 
 
-def default_extensions(secret: bytes, limits: Any = DEFAULT_LIMITS) -> list[Extension]:
+def default_extensions(secret: bytes, limits: SchemaLimits = DEFAULT_LIMITS) -> list[Extension]:
     """What the relay runs when it is given no extensions: tokens, owners, layouts."""
     return [TokenAuthentication(secret), OwnerAuthorization(), SchemaValidation(limits)]
 

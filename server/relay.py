@@ -71,7 +71,6 @@ from foliosync.server.prices import PriceHub, PricePolicy
 from foliosync.server.readiness import check_readiness
 from foliosync.server.storage import RelayStore, RelayStoreError, SQLiteRelayStore
 from foliosync.server.sync_slots import InitialSyncSlots
-from foliosync.server.update_checks import DEFAULT_LIMITS, SchemaLimits, decode_state_vector
 from foliosync.sync.clock import wall_ms
 from foliosync.sync.errors import (
     AccessDenied,
@@ -84,6 +83,7 @@ from foliosync.sync.errors import (
     ValidationError,
 )
 from foliosync.sync.model import kind_of
+from foliosync.sync.model.schema import DEFAULT_LIMITS, Candidate, SchemaLimits
 from foliosync.sync.prices import LatestPrices, PricePoint, check_ticks
 from foliosync.sync.protocol import (
     DEFAULT_MAX_DOCUMENTS,
@@ -104,6 +104,7 @@ from foliosync.sync.protocol import (
     encode_frame,
     encode_price_frame,
 )
+from foliosync.sync.updates import decode_state_vector
 from foliosync.sync.validation import normalize_symbol
 
 __all__ = [
@@ -182,7 +183,7 @@ class RelayConfig:
     hook_timeout: float = DEFAULT_HOOK_TIMEOUT
     """Seconds one extension's hook may take (see :mod:`foliosync.server.extensions`); past
     it the action is refused with ``extension_failed``."""
-    schema_limits: Any = DEFAULT_LIMITS
+    schema_limits: SchemaLimits = DEFAULT_LIMITS
     """The limits :class:`~foliosync.server.extensions.SchemaValidation` checks
     (``foliosync.sync.model.schema.SchemaLimits``)."""
 
@@ -294,7 +295,7 @@ class Relay:
         hooks = self.hooks
         await hooks.authorize(identity, doc_id, "write")
 
-        async def before_apply(candidate: Any) -> None:
+        async def before_apply(candidate: Candidate) -> None:
             await hooks.before_apply(
                 ProposedUpdate(
                     identity=identity,
