@@ -289,6 +289,32 @@ async def test_a_custom_authenticate_replaces_tokens_for_websockets_and_http(
             assert (await jwt.json())["error"] == "unknown API key"
 
 
+class BrokenAuthentication(Extension):
+    async def authenticate(self, token: object, request: ConnectionRequest) -> Identity | None:
+        raise RuntimeError("the key service is down")
+
+
+async def test_an_authentication_that_fails_refuses_the_connection_saying_so(
+    tmp_path: Path,
+) -> None:
+    data = tmp_path / "relay"
+    extensions = [BrokenAuthentication(), *default_extensions(load_or_create_secret(data))]
+    async with serve_relay(data, extensions=extensions) as relay:
+        refused = await Peer.connect(relay, relay.token("alice", "a"))
+        event = await refused.next()
+        await refused.close()
+        assert isinstance(event, ErrorReceived) and event.fatal and event.code == "auth_failed"
+        assert "authentication check failed" in event.message
+        async with aiohttp.ClientSession() as http:
+            response = await http.get(
+                f"{relay.http}/metrics",
+                headers={"Authorization": f"Bearer {relay.token('ops', scopes={'admin'})}"},
+            )
+            assert response.status == 401
+            assert "authentication check failed" in (await response.json())["error"]
+        assert relay.relay.hooks.failures == 2
+
+
 class ReadOnlyTech(Extension):
     async def authorize(self, identity: Identity, doc_id: str, access: str) -> None:
         if doc_id == TECH and access == "write":
@@ -474,6 +500,8 @@ async def test_the_cli_extension_flag_adds_an_app_rule_to_the_defaults(tmp_path:
         env={"PYTHONPATH": str(tmp_path)},
     )  # fmt: skip
     assert code != 0 and "app_rules has no callable missing" in err
+    code, _, err = await run_cli("relay", "--data", str(tmp_path / "x"), "--hook-timeout", "0")
+    assert code != 0 and "--hook-timeout" in err
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
