@@ -1045,33 +1045,46 @@ class Replica:
                     INDEX_DOCUMENT_ID, index, lambda m: m.register(doc_id, kind, name)
                 )
             else:
-                # A new document and its index entry are committed in one transaction.
-                loaded = _Loaded(model_type(Doc(), self._context))
-                self._watch(loaded)
-                captured = self._capture(loaded, lambda m: m.initialize(name))
-                listed = self._capture(index, lambda m: m.register(doc_id, kind, name))
-                row = DocumentRow(doc_id, kind.value, name, wall_ms(), None, None, None)
-                updates = [(doc_id, u) for u in captured] + [(INDEX_DOCUMENT_ID, u) for u in listed]
-                try:
-                    seqs = await self._store.create_document(row, b"", updates)
-                except BaseException:
-                    loaded.model.close()
-                    await self._reload(INDEX_DOCUMENT_ID)
-                    raise
-                self._rows[doc_id] = row
-                self._loaded[doc_id] = loaded
-                loaded.max_seq = max(seqs[: len(captured)], default=0)
-                self._pending[doc_id] = self._pending.get(doc_id, 0) + len(captured)
-                self._pending[INDEX_DOCUMENT_ID] = self._pending.get(INDEX_DOCUMENT_ID, 0) + len(
-                    listed
-                )
-                if seqs:
-                    await self._after_commit(seqs[0], seqs[-1])
-                self._notify(DocumentChange(doc_id, kind, "local"))
-                self._notify(DocumentChange(INDEX_DOCUMENT_ID, DocumentKind.INDEX, "local"))
+                loaded = await self._create_new(doc_id, kind, name, model_type, index)
             model = loaded.model
         assert isinstance(model, model_type)
         return model
+
+    async def _create_new(
+        self, doc_id: str, kind: DocumentKind, name: str, model_type: type[M], index: _Loaded
+    ) -> _Loaded:
+        """A new document and its index entry, committed in one transaction."""
+        for _attempt in range(3):
+            loaded = _Loaded(model_type(Doc(), self._context))
+            self._watch(loaded)
+            captured = self._capture(loaded, lambda m: m.initialize(name))
+            listed = self._capture(index, lambda m: m.register(doc_id, kind, name))
+            row = DocumentRow(doc_id, kind.value, name, wall_ms(), None, None, None)
+            updates = [(doc_id, u) for u in captured] + [(INDEX_DOCUMENT_ID, u) for u in listed]
+            try:
+                seqs = await self._store.create_document(
+                    row, b"", updates, epochs={INDEX_DOCUMENT_ID: index.epoch} if listed else None
+                )
+            except BaseException:
+                loaded.model.close()
+                await self._reload(INDEX_DOCUMENT_ID)
+                raise
+            if seqs is None:  # another process rolled the index back: list it on the new one
+                loaded.model.close()
+                await self._reload(INDEX_DOCUMENT_ID)
+                index = await self._load(INDEX_DOCUMENT_ID)
+                continue
+            self._rows[doc_id] = row
+            self._loaded[doc_id] = loaded
+            loaded.max_seq = max(seqs[: len(captured)], default=0)
+            self._pending[doc_id] = self._pending.get(doc_id, 0) + len(captured)
+            self._pending[INDEX_DOCUMENT_ID] = self._pending.get(INDEX_DOCUMENT_ID, 0) + len(listed)
+            if seqs:
+                await self._after_commit(seqs[0], seqs[-1])
+            self._notify(DocumentChange(doc_id, kind, "local"))
+            self._notify(DocumentChange(INDEX_DOCUMENT_ID, DocumentKind.INDEX, "local"))
+            return loaded
+        raise ReplicaError("the list of documents keeps being rolled back by another process")
 
     def _capture(self, loaded: _Loaded, change: Callable[[Any], object]) -> list[bytes]:
         captured: list[bytes] = []
@@ -1095,7 +1108,7 @@ class Replica:
         self, doc_id: str, kind: DocumentKind, name: str, updates: list[tuple[str, bytes]]
     ) -> None:
         row = DocumentRow(doc_id, kind.value, name, wall_ms(), None, None, None)
-        seqs = await self._store.create_document(row, b"", updates, if_absent=not updates)
+        seqs = await self._store.create_document(row, b"", updates, if_absent=not updates) or []
         self._rows[doc_id] = row
         if seqs:
             await self._after_commit(seqs[0], seqs[-1])
@@ -1184,6 +1197,8 @@ class Replica:
                 # made on the old copy, may build on the refused change. Read the document back
                 # (rebinding the model) and make the edit again on it.
                 await self._reload(doc_id)
+                if doc_id not in self._loaded:
+                    raise ReplicaError(f"document {doc_id} cannot be read after a rollback")
                 loaded = self._loaded[doc_id]
                 continue
             self._pending[doc_id] = self._pending.get(doc_id, 0) + 1

@@ -722,17 +722,24 @@ class ReplicaStore:
         updates: list[tuple[str, bytes]],
         *,
         if_absent: bool = False,
-    ) -> list[int]:
+        epochs: dict[str, int] | None = None,
+    ) -> list[int] | None:
         """Insert a document and its first local updates (doc id, data) in one transaction;
         returns the updates' seqs.
 
         DocumentExists if another process inserted it since this one listed the documents;
         ``if_absent``: then do nothing instead (an empty row, the same wherever it was made).
+        ``epochs``: the epochs the other documents updated were read at; None, and nothing
+        written, if one of them was rolled back since (the edit must be made again on it).
         """
 
-        async def run() -> list[int]:
+        async def run() -> list[int] | None:
             seqs = []
             async with self._atomic():
+                for doc_id, epoch in (epochs or {}).items():
+                    now = await self._scalar("SELECT epoch FROM documents WHERE id = ?", (doc_id,))
+                    if now != epoch:
+                        return None
                 try:
                     await self._conn.execute(  # the state given holds nothing pending
                         f"INSERT {'OR IGNORE ' if if_absent else ''}INTO documents "

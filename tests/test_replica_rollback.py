@@ -654,3 +654,25 @@ async def test_a_relay_rule_refuses_a_change_and_the_device_rolls_it_back(
         assert report["refusals"][0]["summary"] == "add NVDA to Tech"
         assert report["last_refusal"]["code"] == "refused"
         assert 'refused "add NVDA to Tech", rolled back' in report["status_line"]
+
+
+async def test_a_document_created_on_a_stale_index_is_listed_on_the_rolled_back_one(
+    tmp_path: Path,
+) -> None:
+    """The index (the list of documents) rolled back by another replica of the file: a document
+    created on the stale copy is listed again on the file's, and the refused entry stays out."""
+    path = tmp_path / "r.db"
+    async with (
+        Replica.open(path) as syncer,
+        Replica.open(path, watch_interval=None) as app,
+    ):
+        await app.create_watchlist("Tech")
+        await app.create_watchlist("Refused")
+        index_rows = await app.pending_updates("index")
+        await syncer.refresh()
+        assert await syncer.refuse("index", index_rows[-1].seq, "forbidden", "no") is not None
+        await app.create_portfolio("Main")
+        await syncer.refresh()
+        names = [e.name for e in (await syncer.index()).entries()]
+        assert sorted(names) == ["Main", "Tech"]
+        assert [e.name for e in (await app.index()).entries()] == names
