@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from aiohttp import web
 
@@ -32,14 +33,20 @@ __all__ = [
 HookRunnerKey = web.AppKey("hooks", HookRunner)
 """The extensions that authenticate this app's HTTP requests."""
 
-_CHECKED = "foliosync.bearer"  # request key: the _Checked of bearer_authentication
-
 
 @dataclass(frozen=True, slots=True)
 class _Checked:
     token: str
     identity: Identity | None
     refusal: str = ""
+
+
+# What bearer_authentication found, under a typed key where aiohttp has them (3.12 and later).
+_CHECKED: Any = (
+    web.RequestKey("foliosync.bearer", _Checked)
+    if hasattr(web, "RequestKey")
+    else "foliosync.bearer"
+)
 
 
 def http_auth_error(
