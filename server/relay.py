@@ -3,13 +3,17 @@
 One :class:`Connection` per WebSocket drives a pure :class:`ServerSession`; this module only moves
 bytes and decides what frames mean:
 
-- Hello: the token is verified before any document is touched; a bad one gets an Error and a close.
+- Hello: the extensions authenticate the token (by default a JWT signed with the relay's secret)
+  before any document is touched; a refused one gets an Error and a close.
 - SyncRequest: the relay's diff against the client's state vector, its own state vector and the
-  document's watermark. Initial syncs share a bounded number of slots, so that after a restart
-  a thousand reconnecting clients queue for them instead of starving live updates.
-- Update: applied, stored, then acknowledged and fanned out to the user's other connections that
-  synced that document. The session refuses (fatally) an Update before its document's
-  SyncRequest or with a seq that does not increase; see ``PROTOCOL.md``.
+  document's watermark, once the extensions allowed reading the document. Initial syncs share a
+  bounded number of slots, so that after a restart a thousand reconnecting clients queue for
+  them instead of starving live updates.
+- Update: authorized, checked (its bytes, then the document it would make, by the extensions'
+  ``before_apply``), applied, stored, then acknowledged and fanned out to the user's other
+  connections that synced that document (:meth:`Relay.submit_update`); a refusal is an Error
+  for that document and seq only. The session refuses (fatally) an Update before its
+  document's SyncRequest or with a seq that does not increase; see ``PROTOCOL.md``.
 
 A frame goes straight to the socket when nothing waits before it and the socket's buffer is small
 (the common case: no task switch per receiver). Otherwise it waits in an :class:`OutboundQueue`
