@@ -42,6 +42,20 @@ in memory and follows the others':
   (by client id), the same one everywhere.
 - **Compaction** takes the file's write lock and first catches up (the store's docstring), so
   the state it writes holds every committed edit of every process.
+
+A change the relay refused for good
+-----------------------------------
+The relay checks every update and may refuse one (an app's rule, a read-only share, bytes it
+cannot read). The device rolls that pending row back (:meth:`Replica.refuse`): the document
+becomes the confirmed content (everything from the relay and everything it acknowledged, kept by
+the store apart from the pending rows) plus the other pending rows, rebuilt in a fresh ``Doc``.
+An undo update would not do: it would refer to items the relay never received. Later rows that
+cannot stand without the refused one are re-made on the rebuilt document (module
+:mod:`foliosync.client.rollback`). Every process that has the file open replaces its copy on its
+next read (the document's epoch moved), rebinding the models, so that the handles an app holds
+show the rolled-back document; an edit a process makes on its copy before it read the rollback
+is not committed but made again on the new one. The refusal is kept in the file (the last 100)
+and told to ``on_refusal`` listeners in every process.
 """
 
 from __future__ import annotations
