@@ -27,6 +27,7 @@ from bench.table import Table
 BENCHMARKS: dict[str, str] = {
     "replica": "bench.replica",
     "relay": "bench.relay",
+    "devices": "bench.devices",
     "prices": "bench.prices",
     "app": "bench.app",
 }

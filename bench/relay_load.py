@@ -7,7 +7,9 @@ document models, and reconnect with the same :class:`~foliosync.client.sync.Back
 
 - :class:`FolioDevice`: a foliosync device (Hello, Welcome, SyncRequest per document, SyncReply,
   Update of what the relay lacks, Ack). A *reader* (documents given as ``None``) asks for a whole
-  document, keeps none of it, and only counts the Updates fanned out to it.
+  document, keeps none of it, and only counts the Updates fanned out to it. A device may also
+  follow prices (Subscribe after each Welcome; PriceBatch frames counted, and timed against each
+  tick's time stamp when asked) and apply the Updates fanned out to it, as a real device does.
 - :class:`YDevice`: a client of the y-websocket protocol (pycrdt-websocket's server), for the
   comparison: sync step 1/2, then counts the update messages of its room.
 
@@ -23,15 +25,17 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import json
 import os
 import random
 import resource
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
+import msgpack
 from pycrdt import (
     Doc,
     TransactionEvent,
@@ -58,7 +62,9 @@ from foliosync.sync.protocol import (
     ClientSession,
     ErrorReceived,
     PingReceived,
+    PricesReceived,
     SyncReplied,
+    UpdateReceived,
     Welcomed,
 )
 
@@ -67,6 +73,7 @@ __all__ = [
     "WsConnection",
     "YDevice",
     "build_documents",
+    "build_user_documents",
     "raise_nofile_limit",
     "update_key",
 ]
@@ -75,6 +82,7 @@ HOST = "127.0.0.1"
 MAX_FRAME = 64 << 20
 UPDATE_PREFIX = b"\x96\x0c"  # msgpack: a 6-element array whose type code is 12 (Update)
 Y_UPDATE_PREFIX = b"\x00\x02"  # y-websocket: a sync message of type update
+PRICE_BATCH_PREFIX = b"\x92\x2b"  # msgpack: [43, ticks], a PriceBatch
 
 
 def raise_nofile_limit(wanted: int = 65536) -> int:
@@ -272,6 +280,40 @@ def build_documents(
     return models
 
 
+def build_user_documents(
+    device: str,
+    watchlists: Sequence[str],
+    portfolios: Sequence[str],
+    *,
+    create: bool = True,
+    symbols: Sequence[str] = ("S000", "S001", "S002"),
+) -> dict[str, DocumentModel]:
+    """A user's index and documents, as the device that created them has them (``create``), or
+    as another device of that user starts: the same document ids over empty docs, which its
+    first sync fills from the relay (a second device never initializes a document itself)."""
+    context = EditContext(device)
+    client_id = random.randrange(1, 2**31 - 1)
+    index = UserIndex(Doc(client_id=client_id), context)
+    models: dict[str, DocumentModel] = {INDEX_DOCUMENT_ID: index}
+    for name in watchlists:
+        wl = Watchlist(Doc(client_id=client_id), context)
+        doc_id = document_id(DocumentKind.WATCHLIST, name)
+        if create:
+            wl.initialize(name)
+            wl.add(symbols)
+            index.register(doc_id, DocumentKind.WATCHLIST, name)
+        models[doc_id] = wl
+    for name in portfolios:
+        pf = Portfolio(Doc(client_id=client_id), context)
+        doc_id = document_id(DocumentKind.PORTFOLIO, name)
+        if create:
+            pf.initialize(name)
+            pf.add_trade(symbols[0], 10, "101.25", 1_700_000_000_000)
+            index.register(doc_id, DocumentKind.PORTFOLIO, name)
+        models[doc_id] = pf
+    return models
+
+
 def _nothing_missing(doc: Doc[Any], diff: bytes) -> bool:
     return diff == doc.get_update(doc.get_state())
 
@@ -291,6 +333,9 @@ class FolioDevice:
         reconnect: bool = False,
         on_update: Callable[[FolioDevice, bytes], None] | None = None,
         name: str = "bench",
+        subscribe: Sequence[str] = (),
+        price_latency: list[float] | None = None,
+        apply_remote: bool = False,
     ) -> None:
         self.port = port
         self.token = token
@@ -298,6 +343,13 @@ class FolioDevice:
         self.reconnect = reconnect
         self.on_update = on_update
         self.name = name
+        self.subscribe = tuple(subscribe)  # symbols followed, subscribed after every Welcome
+        # Where to put each received tick's age in ms (now - its time stamp); None: only count.
+        self.price_latency = price_latency
+        self.apply_remote = apply_remote  # apply fanned-out Updates to the models
+        self.prices_live = False  # the PriceSnapshot of this connection's Subscribe came
+        self.price_batches = 0
+        self.price_ticks = 0
         self.backoff = Backoff()
         self.conn: WsConnection | None = None
         self.session: ClientSession | None = None
@@ -359,6 +411,14 @@ class FolioDevice:
         if self.conn is not None:
             self.conn.close()
 
+    def drop(self) -> bool:
+        """Cut the connection as a lost network would (no closing handshake); with
+        ``reconnect``, run() comes back after its backoff. False if it was not connected."""
+        if self.conn is None or self.stopping:
+            return False
+        self.conn.abort()
+        return True
+
     # -- events
 
     def on_open(self, conn: WsConnection) -> None:
@@ -366,6 +426,7 @@ class FolioDevice:
         self.session = ClientSession(max_frame_size=MAX_FRAME)
         self.live.clear()
         self.in_flight.clear()
+        self.prices_live = False
         conn.send(self.session.hello(self.token, self.name))
 
     def on_close(self, conn: WsConnection) -> None:
@@ -380,10 +441,15 @@ class FolioDevice:
             self.session.close()
 
     def on_message(self, conn: WsConnection, payload: bytes) -> None:
-        if payload[:2] == UPDATE_PREFIX:
+        head = payload[:2]
+        if head == UPDATE_PREFIX:
             self.updates += 1
             if self.on_update is not None:
                 self.on_update(self, payload)
+            if not self.apply_remote:
+                return
+        elif head == PRICE_BATCH_PREFIX:
+            self._prices(payload)
             return
         session = self.session
         assert session is not None
@@ -401,8 +467,24 @@ class FolioDevice:
                 conn.abort()
                 return
 
+    def _prices(self, payload: bytes) -> None:
+        """A PriceBatch: counted; with ``price_latency``, each tick's age on arrival (wall ms
+        now minus the tick's time stamp: the feed stamps a tick when it makes it)."""
+        self.price_batches += 1
+        if self.price_latency is None:
+            return
+        ticks = msgpack.unpackb(payload)[1]
+        self.price_ticks += len(ticks)
+        now_ms = time.time() * 1000
+        self.price_latency.extend(now_ms - tick[2] for tick in ticks)
+
     def _handle(self, conn: WsConnection, session: ClientSession, event: object) -> None:
-        if isinstance(event, SyncReplied):
+        if isinstance(event, UpdateReceived):
+            model = self.models.get(event.doc)
+            if model is not None:
+                model.doc.apply_update(event.update)
+                self._captured.clear()
+        elif isinstance(event, SyncReplied):
             model = self.models.get(event.doc)
             if model is None:
                 self.live.add(event.doc)
@@ -432,6 +514,12 @@ class FolioDevice:
             for doc_id, model in self.models.items():
                 state = model.doc.get_state() if model is not None else b"\x00"
                 conn.send(session.sync_request(doc_id, state))
+            if self.subscribe:
+                conn.send(session.subscribe(self.subscribe))
+        elif isinstance(event, PricesReceived):
+            if event.snapshot:
+                self.prices_live = True
+                self._check()
         elif isinstance(event, ErrorReceived):
             self.errors.append(f"{event.code}: {event.message}")
             if event.fatal:
@@ -444,7 +532,12 @@ class FolioDevice:
         return self.seq
 
     def _check(self) -> None:
-        done = not self.in_flight and not self.pending and len(self.live) == len(self.models)
+        done = (
+            not self.in_flight
+            and not self.pending
+            and len(self.live) == len(self.models)
+            and (self.prices_live or not self.subscribe)
+        )
         if done and not self.in_sync.is_set():
             self.synced_at = time.monotonic()
             self.in_sync.set()
@@ -605,11 +698,33 @@ async def connect_all(devices: list[Any], concurrency: int, timeout: float) -> d
     }
 
 
+def _edit(rng: random.Random, model: Any) -> None:
+    """One small edit, as a user makes it: a note in a watchlist, a trade in a portfolio."""
+    if isinstance(model, Watchlist):
+        symbols = model.symbols
+        if not symbols:
+            model.add(["S000"])
+            return
+        model.set_note(symbols[rng.randrange(len(symbols))], f"note {rng.randrange(10**6)}")
+    else:
+        model.add_trade("S001", rng.randrange(1, 100), f"{rng.randrange(50, 500)}.25")
+
+
 def _errors(devices: list[Any]) -> list[str]:
     seen: list[str] = []
     for device in devices:
         seen.extend(device.errors)
     return seen[:10] + ([f"... {len(seen) - 10} more"] if len(seen) > 10 else [])
+
+
+def _histogram(values: Sequence[float], per_ms: int) -> dict[str, int]:
+    """Values in ms counted in buckets of 1/per_ms ms (JSON keys), to be merged across
+    processes before taking percentiles."""
+    counts: dict[str, int] = {}
+    for value in values:
+        key = str(max(0, int(value * per_ms)))
+        counts[key] = counts.get(key, 0) + 1
+    return counts
 
 
 def _cpu_seconds() -> float:
@@ -623,6 +738,7 @@ class LoadProcess:
     def __init__(self) -> None:
         self.devices: list[Any] = []
         self.tasks: list[asyncio.Task[None]] = []
+        self.price_latency: list[float] = []  # ms, of the devices sampling prices
 
     async def cmd_start(
         self,
@@ -638,7 +754,9 @@ class LoadProcess:
         {room}."""
         new: list[Any] = []
         for spec in devices:
-            if proto == "folio":
+            if proto == "folio" and "watchlists" in spec:
+                new.append(self._user_device(port, spec, reconnect))
+            elif proto == "folio":
                 models: dict[str, DocumentModel | None]
                 if "read" in spec:
                     models = {spec["read"]: None}
@@ -657,6 +775,121 @@ class LoadProcess:
         result = await connect_all(new, concurrency, timeout)
         self.tasks.extend(result.pop("_tasks"))
         return result
+
+    def _user_device(self, port: int, spec: dict[str, Any], reconnect: bool) -> FolioDevice:
+        """A device of a user with several devices: {token, device, watchlists, portfolios,
+        create, symbols?, subscribe?, sample_prices?}; its documents are built here, filled
+        when ``create`` (the user's first device), else empty until its first sync."""
+        models = build_user_documents(
+            spec["device"],
+            spec["watchlists"],
+            spec.get("portfolios", ()),
+            create=bool(spec.get("create", True)),
+            symbols=spec.get("symbols") or ("S000", "S001", "S002"),
+        )
+        return FolioDevice(
+            port,
+            spec["token"],
+            dict(models),
+            reconnect=reconnect,
+            name=spec["device"],
+            subscribe=spec.get("subscribe", ()),
+            price_latency=self.price_latency if spec.get("sample_prices") else None,
+            apply_remote=True,
+        )
+
+    async def cmd_status(self) -> dict[str, Any]:
+        """How many devices are connected, and in sync (every document live, prices too)."""
+        return {
+            "devices": len(self.devices),
+            "connected": sum(1 for d in self.devices if d.conn is not None),
+            "in_sync": sum(1 for d in self.devices if d.conn is not None and d.in_sync.is_set()),
+            "connects": sum(d.connects for d in self.devices),
+            "failed_connects": sum(d.failed_connects for d in self.devices),
+            "disconnects": sum(d.disconnects for d in self.devices),
+            "errors": _errors(self.devices),
+        }
+
+    async def cmd_mix(
+        self, duration: float, edit_interval: float, drops_per_s: float, seed: int = 0
+    ) -> dict[str, Any]:
+        """The steady mix for ``duration`` s: each device edits one of its documents every
+        ``edit_interval`` s on average (a set_note in a watchlist, an add_trade in a portfolio),
+        and ``drops_per_s`` devices a second lose their connection and come back with their
+        backoff. Only a device in sync edits, so that each edit's Ack times the relay alone.
+        Answers with the edits and their Ack times, the drops and the reconnects done."""
+        duration = min(max(duration, 0.0), 3600.0)
+        rng = random.Random(seed)
+        folio = [d for d in self.devices if isinstance(d, FolioDevice)]
+        editable = [
+            (d, doc_id)
+            for d in folio
+            for doc_id, model in d.models.items()
+            if isinstance(model, Watchlist | Portfolio)
+        ]
+        edit_rate = len(folio) / edit_interval if edit_interval > 0 else 0.0
+        connects0 = {id(d): d.connects for d in folio}
+        disconnects0 = sum(d.disconnects for d in folio)
+        self.price_latency.clear()
+        prices0 = sum(d.price_batches for d in folio)
+        sent: list[tuple[FolioDevice, int, float]] = []
+        dropped: list[tuple[FolioDevice, float]] = []
+        skipped = failed = 0
+        started = time.monotonic()
+        end = started + duration
+        while True:
+            now = time.monotonic()
+            if now >= end:
+                break
+            due_edits = int((now - started) * edit_rate) - len(sent) - skipped - failed
+            for _ in range(min(due_edits, 10_000)):
+                if not editable:
+                    break
+                device, doc_id = editable[rng.randrange(len(editable))]
+                if device.conn is None or not device.in_sync.is_set():
+                    skipped += 1
+                    continue
+                try:
+                    seq, _ = device.edit(doc_id, functools.partial(_edit, rng))
+                except FolioSyncError as exc:
+                    device.errors.append(f"edit: {exc}")
+                    failed += 1
+                    continue
+                sent.append((device, seq, time.monotonic()))
+            due_drops = int((now - started) * drops_per_s) - len(dropped)
+            for _ in range(min(due_drops, 10_000)):
+                if not folio:
+                    break
+                device = folio[rng.randrange(len(folio))]
+                if device.reconnect and device.drop():
+                    dropped.append((device, time.monotonic()))
+            await asyncio.sleep(0.02)
+        settle = time.monotonic() + 10.0  # the last edits' Acks, the last reconnects
+        while time.monotonic() < settle:
+            acked = all(seq in d.acked for d, seq, _ in sent)
+            back = all(d.conn is not None and d.in_sync.is_set() for d, _ in dropped)
+            if acked and back:
+                break
+            await asyncio.sleep(0.05)
+        acks = [(d.acked[seq] - at) * 1000 for d, seq, at in sent if seq in d.acked]
+        return {
+            "seconds": round(time.monotonic() - started, 3),
+            "edits": len(sent),
+            "skipped": skipped,
+            "failed": failed,
+            "acked": len(acks),
+            "ack_hist": _histogram(acks, 10),
+            "drops": len(dropped),
+            "reconnects": sum(d.connects - connects0[id(d)] for d in folio),
+            "back_in_sync": sum(
+                1 for d in {id(d): d for d, _ in dropped}.values() if d.in_sync.is_set()
+            ),
+            "disconnects": sum(d.disconnects for d in folio) - disconnects0,
+            "price_batches": sum(d.price_batches for d in folio) - prices0,
+            "price_ticks_sampled": len(self.price_latency),
+            "price_hist": _histogram(self.price_latency, 1),
+            "errors": _errors(self.devices),
+        }
 
     async def cmd_counts(self, reset: bool = False) -> dict[str, Any]:
         counts = [d.updates for d in self.devices]
