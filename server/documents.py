@@ -167,6 +167,9 @@ class RelayDocuments:
         self, user: str, doc_id: str, state_vector: bytes
     ) -> tuple[bytes, bytes, Watermark]:
         """(diff against ``state_vector``, the relay's state vector, the watermark)."""
+        # Decoded first: yrs reserves memory for the client count a state vector claims before it
+        # reads a single entry, so 12 hostile bytes held the event loop for seconds.
+        decode_state_vector(state_vector)
         hot = await self._get(user, doc_id)
         try:
             diff = hot.doc.get_update(state_vector)

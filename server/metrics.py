@@ -77,6 +77,11 @@ UPDATE_REFUSALS = (
     "too_large",
     "auth_failed",
     "internal",
+    "update_v2",
+    "missing_dependencies",
+    "invalid_document",
+    "refused",
+    "extension_failed",
 )
 """The error codes an Update is refused with, exported from the start at 0 (so that a rate of
 refusals is defined before the first one); a code not listed appears once sent."""

@@ -171,6 +171,18 @@ async def test_a_state_vector_that_does_not_decode_is_refused(relay: RunningRela
         assert isinstance(await a.sync(TECH), SyncReplied)
 
 
+async def test_a_state_vector_claiming_millions_of_clients_is_refused_before_yrs_reads_it(
+    relay: RunningRelay,
+) -> None:
+    # yrs reserves memory for the claimed count first: these 12 bytes held the loop for seconds.
+    hostile = bytes.fromhex("ffffffff01e8a390ea45b204")
+    async with peer(relay) as a, peer(relay) as b:
+        event = await a.sync(TECH, hostile)
+        assert isinstance(event, ErrorReceived) and (event.code, event.doc) == ("bad_update", TECH)
+        assert "clients" in event.message
+        assert isinstance(await b.sync(TECH), SyncReplied)
+
+
 async def test_an_update_whose_predecessor_the_relay_lacks_is_refused_across_restarts(
     tmp_path: Path,
 ) -> None:
