@@ -324,10 +324,44 @@ def test_missing_dependencies_resyncs_once_and_sends_one_merged_diff() -> None:
     # The highest pending seq (3) went out on this connection: the diff borrows the next one.
     sent = machine.outgoing_read(read, [(3, b"merged")], pending=2, now_ms=1)
     assert frames(sent) == [Update(DOC, 4, b"merged")]
-    assert d.held == {}  # the diff carries them: its Ack may settle them
+    # The diff carries them: its Ack settles them, and no other Ack before it.
+    assert d.held == {2: RefusalAction.RESYNC, 3: RefusalAction.RESYNC}
     assert machine.local_change(DOC, "local", 4, b"u4", 1) == []  # its seq was borrowed...
-    assert d.held == {4: RefusalAction.RETRY_LATER}  # ...so the next connection sends it
+    assert d.held[4] is RefusalAction.RETRY_LATER  # ...so the next connection sends it
     assert machine.receive(Acked(DOC, 4)) == [Settle(DOC, 4, frozenset({4}))]
+    assert d.held == {4: RefusalAction.RETRY_LATER}
+
+
+def test_rows_awaiting_a_resync_are_kept_from_every_ack_before_the_merged_diffs() -> None:
+    machine = welcomed_machine()
+    live(machine)
+    _sent(machine, 2, 3)
+    machine.receive(error_event(ErrorCode.MISSING_DEPENDENCIES, "gap", DOC, 2))
+    machine.state_vector_read(RequestState(DOC, merged=True), b"sv")
+    _apply, read = machine.receive(SyncReplied(DOC, b"up", b"relay-sv", None, None))
+    assert isinstance(read, ReadOutgoing)
+    assert frames(machine.outgoing_read(read, [(3, b"m")], 2, 1)) == [Update(DOC, 4, b"m")]
+    assert machine.receive(Acked(DOC, 3)) == [Settle(DOC, 3, frozenset({2}))]
+    assert machine.receive(Acked(DOC, 4)) == [Settle(DOC, 4, frozenset({4}))]
+    assert machine.document(DOC).held == {}
+
+
+def test_a_refused_merged_diff_rolls_nothing_back_and_waits_for_the_next_connection() -> None:
+    """Its seq is only the highest pending one: the change at fault is not known."""
+    machine = welcomed_machine()
+    live(machine)
+    _sent(machine, 2)
+    machine.receive(error_event(ErrorCode.MISSING_DEPENDENCIES, "gap", DOC, 2))
+    machine.state_vector_read(RequestState(DOC, merged=True), b"sv")
+    _apply, read = machine.receive(SyncReplied(DOC, b"up", b"relay-sv", None, None))
+    assert isinstance(read, ReadOutgoing)
+    machine.outgoing_read(read, [(6, b"m")], 2, 1)
+    decisions = machine.receive(error_event(ErrorCode.REFUSED, "no", DOC, 6))
+    assert not any(isinstance(d, Rollback) for d in decisions)
+    d = machine.document(DOC)
+    assert d.held == {2: RefusalAction.RETRY_LATER, 6: RefusalAction.RETRY_LATER}
+    machine.pending_is(CheckSettled(DOC), 2)
+    assert d.deferred and machine.quiet
 
 
 def test_a_merged_diff_with_a_fresh_seq_keeps_it() -> None:
@@ -395,17 +429,25 @@ def _keys(update: bytes) -> set[str]:
 
 @dataclass
 class ModelRelay:
-    """A relay of ServerSessions over a dict of pycrdt docs; refuses ``bad`` edits for good and
-    fails ``flaky`` ones the first time they come (retry later)."""
+    """A relay of ServerSessions over a dict of pycrdt docs; refuses ``bad`` edits for good,
+    fails ``flaky`` ones the first time they come (retry later), and says a ``gap`` one lacks
+    its dependencies the first time (resync)."""
 
     docs: dict[str, Doc] = field(default_factory=lambda: {d: Doc() for d in DOCS})
     links: list[MemoryConnection] = field(default_factory=list)
     subscribed: dict[int, set[str]] = field(default_factory=dict)
     failed: set[str] = field(default_factory=set)  # flaky keys that failed once
-    stored: dict[str, set[bytes]] = field(default_factory=lambda: {d: set() for d in DOCS})
 
     def keys(self, doc: str) -> set[str]:
         return set(self.docs[doc].get("items", type=Map).keys())
+
+    def holds(self, doc: str, update: bytes) -> bool:
+        """Whether everything of ``update`` is stored here (its state adds nothing)."""
+        scratch = Doc()
+        scratch.apply_update(self.docs[doc].get_update())
+        before = scratch.get_state()
+        scratch.apply_update(update)
+        return scratch.get_state() == before
 
     def handle(self, link: MemoryConnection, event: Any) -> None:
         server = link.server
@@ -424,16 +466,14 @@ class ModelRelay:
             if any(k.startswith("bad") for k in keys):
                 link.server_sends(server.send(Error("refused", "a rule", event.doc, event.seq)))
                 return
-            flaky = {k for k in keys if k.startswith("flaky")} - self.failed
-            if flaky:
-                self.failed.update(flaky)
-                link.server_sends(
-                    server.send(Error("extension_failed", "down", event.doc, event.seq))
-                )
-                return
+            for kind, code in (("flaky", "extension_failed"), ("gap", "missing_dependencies")):
+                first = {k for k in keys if k.startswith(kind)} - self.failed
+                if first:
+                    self.failed.update(first)
+                    link.server_sends(server.send(Error(code, kind, event.doc, event.seq)))
+                    return
             before = self.docs[event.doc].get_state()
             self.docs[event.doc].apply_update(event.update)
-            self.stored[event.doc].add(event.update)
             link.server_sends(server.send(Ack(event.doc, event.seq)))
             if self.docs[event.doc].get_state() != before:
                 for other in self.links:
@@ -516,7 +556,7 @@ class ModelDevice:
         for row_seq in [s for s in self.pending[doc] if s <= seq and s not in keep]:
             row = self.pending[doc].pop(row_seq)
             # Nothing pending is lost: what an Ack settles is on the relay, these very bytes.
-            assert row.update in self.relay.stored[doc], f"{row.key} settled but not stored"
+            assert self.relay.holds(doc, row.update), f"{row.key} settled but not stored"
 
     # -- the shell --
     def connect(self) -> None:
@@ -615,7 +655,7 @@ class ModelDevice:
         return []
 
 
-KINDS = st.sampled_from(["ok", "ok", "bad", "flaky"])
+KINDS = st.sampled_from(["ok", "ok", "bad", "flaky", "gap"])
 EDIT = st.tuples(st.just("edit"), st.integers(0, 1), st.integers(0, 1), KINDS)
 STEP = st.one_of(
     EDIT,
@@ -665,6 +705,7 @@ def _settle(relay: ModelRelay, devices: list[ModelDevice]) -> None:
 @given(st.lists(STEP, max_size=60))
 @example([("edit", 0, 0, "flaky"), ("edit", 0, 0, "ok")])
 @example([("edit", 0, 0, "ok"), ("edit", 0, 0, "bad"), ("edit", 0, 0, "ok")])
+@example([("edit", 0, 0, "gap"), ("edit", 0, 0, "bad"), ("edit", 0, 0, "ok")])
 @example(
     [
         ("connect", 0),

@@ -275,11 +275,13 @@ class DocumentSync:
     Read-only from outside, except through :class:`DeviceSync` and the session's sending."""
 
     __slots__ = (
+        "_covered",
         "_dirty",
         "_held",
         "_in_flight",
         "_in_sync",
         "_left_sync_at",
+        "_merged",
         "_phase",
         "_reading",
         "_replies_due",
@@ -300,6 +302,9 @@ class DocumentSync:
         """Highest seq the relay acknowledged on this connection."""
         self._held: dict[int, RefusalAction] = {}
         self._synthetic: set[int] = set()
+        self._merged: set[int] = set()  # seqs of merged diffs sent on this connection
+        # Rows awaiting a resync -> the merged diff that carries them: only its Ack settles them.
+        self._covered: dict[int, int] = {}
         self._replies_due: deque[bool] = deque()  # one per SyncRequest sent: is it a resync?
         self._reading = False
         self._dirty = False
@@ -481,6 +486,10 @@ class DeviceSync:
         return []
 
     def _on_ack(self, d: DocumentSync, seq: int) -> list[Decision]:
+        for held, cover in list(d._covered.items()):  # their merged diff is stored
+            if cover <= seq:
+                del d._covered[held]
+                d._held.pop(held, None)
         keep = {s for s in d._held if s <= seq}
         if seq in d._synthetic:  # a merged diff's own seq, borrowed: no row of it was in it
             keep.add(seq)
@@ -525,7 +534,17 @@ class DeviceSync:
     def _refused(self, d: DocumentSync, seq: int, code: str, message: str) -> list[Decision]:
         d._in_flight.remove(seq)
         action = refusal_action(code)
+        if action is RefusalAction.ROLLBACK and seq in d._merged:
+            # A merged diff names no one change (its seq is only the highest pending one):
+            # rolling that row back would drop a change the relay may never have judged. Its
+            # rows wait for the next connection, which sends them one by one.
+            action = RefusalAction.RETRY_LATER
         d._held[seq] = action
+        for held, cover in list(d._covered.items()):  # that diff did not carry them after all
+            if cover == seq:
+                del d._covered[held]
+                if action is RefusalAction.RETRY_LATER:
+                    d._held[held] = RefusalAction.RETRY_LATER
         if action is RefusalAction.ROLLBACK:
             return [Rollback(d.doc, seq, code, message)]
         if action is RefusalAction.RESYNC:
@@ -582,10 +601,11 @@ class DeviceSync:
                 seq = d._sent_upto + 1
                 d._synthetic.add(seq)
             decisions += self._send(d, seq, update, now_ms)
-            # The diff holds what the rows awaiting the resync brought: its Ack may settle them.
-            for held, action in list(d._held.items()):
-                if action is RefusalAction.RESYNC and held < seq:
-                    del d._held[held]
+            d._merged.add(seq)
+            # The diff holds what the rows awaiting the resync brought: its Ack settles them.
+            for held, action in d._held.items():
+                if action is RefusalAction.RESYNC and held < seq and held not in d._covered:
+                    d._covered[held] = seq
         else:
             for seq, update in rows:
                 if seq > d._sent_upto:
