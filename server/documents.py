@@ -239,7 +239,11 @@ class RelayDocuments:
                 try:
                     _guarded_apply(hot.doc, update)
                 except BadUpdate:
+                    # yrs may have integrated part of it before it raised: memory would then hold
+                    # what the store never will. Forget the document; the next use reloads it.
                     hot.scratch = None
+                    if self._hot.get(key) is hot:
+                        del self._hot[key]
                     raise
                 break
         changed = bool(hot.changed)

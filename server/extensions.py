@@ -38,7 +38,7 @@ import logging
 import math
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, TypeVar
+from typing import Literal, NoReturn, TypeVar
 
 from foliosync.server.auth import Identity, verify_token
 from foliosync.server.storage import Watermark
@@ -282,11 +282,21 @@ class HookRunner:
             raise ExtensionFailed(
                 f"the relay's {extension.name} extension did not answer in time ({hook})"
             ) from None
-        except Exception as exc:
-            self.failures += 1
-            log.exception("extension %s failed in %s", extension.name, hook)
-            message = f"the relay's {extension.name} extension failed ({hook})"
-            raise ExtensionFailed(message) from exc
+        except (KeyboardInterrupt, asyncio.CancelledError) as exc:
+            task = asyncio.current_task()
+            if isinstance(exc, KeyboardInterrupt) or (task is not None and task.cancelling()):
+                raise  # the relay itself is stopping (or this action was cancelled): not the hook
+            return self._failed(extension, hook, exc)
+        except BaseException as exc:  # SystemExit, GeneratorExit, a BaseException of its own
+            return self._failed(extension, hook, exc)
+
+    def _failed(self, extension: Extension, hook: str, exc: BaseException) -> NoReturn:
+        """An extension that raised anything but a refusal, whatever it derives from, refuses
+        that one action: an extension's SystemExit must not end the relay."""
+        self.failures += 1
+        log.error("extension %s failed in %s", extension.name, hook, exc_info=exc)
+        message = f"the relay's {extension.name} extension failed ({hook})"
+        raise ExtensionFailed(message) from exc
 
     async def authenticate(self, token: object, request: ConnectionRequest) -> Identity:
         """The first Identity an extension returns; AuthError if one refuses or none accepts."""

@@ -220,6 +220,45 @@ async def test_an_extension_that_raises_refuses_that_update_only_and_is_logged(
         assert symbols_of(await relay.relay.read_document("alice", TECH)) == ["AAPL"]
 
 
+class _OwnBase(BaseException):
+    pass
+
+
+class RaisesBase(Extension):
+    """Raises what ``except Exception`` would let through, once per symbol "BASE"."""
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+    async def before_apply(self, change: ProposedUpdate) -> None:
+        if "BASE" in change.candidate.model():
+            raise self.exc
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [SystemExit(3), GeneratorExit(), asyncio.CancelledError(), _OwnBase("boom")],
+    ids=["SystemExit", "GeneratorExit", "CancelledError", "own-BaseException"],
+)
+async def test_an_extension_raising_a_base_exception_refuses_only_that_update(
+    tmp_path: Path, exc: BaseException, caplog: pytest.LogCaptureFixture
+) -> None:
+    data = tmp_path / "relay"
+    async with (
+        serve_relay(data, extensions=with_defaults(data, RaisesBase(exc))) as relay,
+        peers(relay) as open_,
+    ):
+        a = await open_()
+        await a.sync(TECH)
+        with caplog.at_level(logging.ERROR, "foliosync.relay.extensions"):
+            seq = await a.send(TECH, watchlist_update("BASE"))
+            await expect_error(a, TECH, seq, "extension_failed")
+        assert any("RaisesBase" in r.getMessage() for r in caplog.records)
+        seq = await a.send(TECH, watchlist_update("AAPL"))  # the connection and the relay go on
+        await expect_ack(a, TECH, seq)
+        assert symbols_of(await relay.relay.read_document("alice", TECH)) == ["AAPL"]
+
+
 class Hangs(Extension):
     async def before_apply(self, change: ProposedUpdate) -> None:
         if "HANG" in change.candidate.model():

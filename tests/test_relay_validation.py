@@ -18,7 +18,13 @@ import pytest
 from pycrdt import Doc, Map
 
 from foliosync.server.auth import load_or_create_secret
-from foliosync.server.extensions import Extension, ProposedUpdate, default_extensions
+from foliosync.server.extensions import (
+    Extension,
+    OwnerAuthorization,
+    ProposedUpdate,
+    TokenAuthentication,
+    default_extensions,
+)
 from foliosync.sync.errors import UpdateRefused
 from foliosync.sync.model import (
     DocumentKind,
@@ -256,3 +262,49 @@ async def test_an_app_rule_refuses_the_501st_symbol(tmp_path: Path) -> None:
         assert "500 symbols" in event.message  # type: ignore[attr-defined]
         doc = _doc(await stored_update(relay, TECH))
         assert len(Watchlist(doc, EditContext("r"))) == 500
+
+
+# Hand-made (no encoder writes them): client 5 writes a watchlist's meta and MSFT; client 999's
+# update adds AAPL, then an item whose parent is client 5's first item, which is no type. The
+# decoder cannot tell (the parent is not in the update); yrs integrates AAPL, then raises.
+_META_AND_MSFT = bytes.fromhex(
+    "010305002801046d657461046b696e6401770977617463686c6973742801046d657461046e616d6501770454"
+    "65636828010773796d626f6c73074d5346541f6430017601017477113030313961643733353834303030303030"
+    "00"
+)
+_AAPL_THEN_A_BAD_PARENT = bytes.fromhex(
+    "0102e7070028010773796d626f6c73074141504c1f64310176010174771130303139616437333538343030303030"
+    "3028000500027a7a0177017800"
+)
+
+
+def _symbols(update: bytes) -> list[str]:
+    return sorted(_doc(update).get("symbols", type=Map).keys())
+
+
+@pytest.mark.parametrize("layout_check", [False, True], ids=["own-rules", "defaults"])
+async def test_an_update_yrs_refuses_half_way_leaves_nothing_of_it_on_the_relay(
+    tmp_path: Path, layout_check: bool
+) -> None:
+    data = tmp_path / "relay"
+    secret = load_or_create_secret(data)
+    # An app's own list without the layout check (no scratch replica in front of the hot copy).
+    extensions = (
+        default_extensions(secret)
+        if layout_check
+        else [TokenAuthentication(secret), OwnerAuthorization()]
+    )
+    async with serve_relay(data, extensions=extensions) as relay:
+        async with peer(relay) as a:
+            assert isinstance(await a.sync(TECH), SyncReplied)
+            assert await a.send(TECH, _META_AND_MSFT) == Acked(TECH, 1)
+            assert refused(await a.send(TECH, _AAPL_THEN_A_BAD_PARENT), TECH, 2, "bad_update")
+        async with peer(relay, "b") as b:
+            reply = await b.sync(TECH)
+            assert isinstance(reply, SyncReplied)
+            assert _symbols(reply.update) == ["MSFT\x1fd0"]
+            assert await b.send(TECH, watchlist_update("IBM")) == Acked(TECH, 1)
+    async with serve_relay(data, extensions=extensions) as relay, peer(relay) as a:
+        reply = await a.sync(TECH)
+        assert isinstance(reply, SyncReplied)
+        assert _symbols(reply.update) == ["IBM\x1fpy", "MSFT\x1fd0"]
