@@ -5,10 +5,21 @@ A connection goes through three steps:
 1. Hello with the token; the relay's Welcome lists the user's documents (a new device learns
    them here, and from the index document).
 2. For every document, a SyncRequest with the local state vector; the relay answers with what the
-   device lacks and its own state vector, from which the device computes what the relay lacks
-   and sends it with the sequence number of its newest pending change. The relay's Ack of that
-   number settles every pending change up to it.
+   device lacks and its own state vector, from which the device sends what the relay lacks:
+   each pending change as its own Update (so that a refusal names one change), or one merged
+   diff when the relay lacks more than they bring. The relay's Ack of a seq settles every
+   pending change up to it, except those it answered with an Error.
 3. Live: each local edit is sent as it is committed; each remote change is applied and stored.
+
+What to send, settle, roll back or request again is decided by the pure machines of
+:mod:`foliosync.sync.protocol.document_sync` (one per document and connection; their docstring
+lists the invariants, each a bug once); :class:`_Connection` only executes their decisions
+against the replica and the socket, and health() reads what they know. The relay's refusals
+(PROTOCOL.md section 5): a change refused for good is rolled back (``Replica.refuse``; the
+app hears of it through ``Replica.on_refusal``) and the document's other pending changes,
+rebased ones included, go on; after ``missing_dependencies`` the document is requested again
+and one merged diff sent; a change to retry later stays pending, kept out of every later Ack
+on the connection, and goes again on the next one.
 
 When the connection drops the replica goes on working offline; :meth:`SyncClient.run` reconnects
 with exponential backoff and full jitter, so that a thousand clients of a restarted relay spread
@@ -37,7 +48,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
-import inspect
 import logging
 import os
 import random
@@ -379,6 +389,10 @@ class SyncClient:
         self._welcomed = True
         self.backoff.reset()
         self._set_connected(True)
+
+    def _note_followed(self, symbols: frozenset[str]) -> None:
+        """The followed symbols as the connection's subscription computed them, for health()."""
+        self._followed = symbols
 
     def _connection_quiet(self, quiet: bool) -> None:
         """The connection's machine says whether it has done all it can (see DeviceSync.quiet);
@@ -786,22 +800,20 @@ class _Connection:
                     doc, update, changed_at=changed_at, changed_by=changed_by
                 )
                 return []
-            case ReadOutgoing():
-                rows = await self._outgoing(decision)
+            case ReadOutgoing(doc, state_vector, relay_update, merged):
+                rows = await replica.outgoing(doc, state_vector, relay_update, merged=merged)
                 return machine.outgoing_read(decision, rows, self._pending(decision.doc), wall_ms())
             case ReadUnsent(doc):
                 unsent = [(p.seq, p.data) for p in await replica.pending_updates(doc)]
                 return machine.unsent_read(decision, unsent, self._pending(doc), wall_ms())
             case Settle(doc, seq, keep):
-                await self._acknowledge(doc, seq, keep)
+                await replica.acknowledge(doc, seq, keep=keep)
                 if self.client.device:  # the relay's newest change of it is now ours
                     await replica.record_watermark(doc, wall_ms(), self.client.device)
                 return machine.acknowledged(decision, self._pending(doc))
             case Rollback(doc):
-                still_pending = not await self._refuse(decision)
-                return machine.rolled_back(
-                    decision, self._pending(doc), still_pending=still_pending
-                )
+                await self._refuse(decision)
+                return machine.rolled_back(decision, self._pending(doc))
             case CheckSettled(doc):
                 return machine.pending_is(decision, self._pending(doc))
             case MarkSynced(doc):
@@ -818,57 +830,17 @@ class _Connection:
     def _pending(self, doc: str) -> int:
         return self.replica.info(doc).pending
 
-    async def _outgoing(self, decision: ReadOutgoing) -> list[tuple[int, bytes]]:
-        """``Replica.outgoing`` as a list of (seq, update); a replica whose ``outgoing`` returns
-        one merged diff or None (and takes no ``merged``) is read the same way."""
-        outgoing: Any = self.replica.outgoing
-        args = (decision.doc, decision.state_vector, decision.relay_update)
-        if _takes(outgoing, "merged"):
-            rows = await outgoing(*args, merged=decision.merged)
-        else:
-            rows = await outgoing(*args)
-        if rows is None:
-            return []
-        if isinstance(rows, tuple):
-            return [rows]
-        return [(seq, update) for seq, update in rows]
-
-    async def _acknowledge(self, doc: str, seq: int, keep: frozenset[int]) -> None:
-        """Settle up to ``seq`` except ``keep``; a replica without ``keep`` settles only below
-        the lowest kept seq (the rows above it stay pending and are sent again: harmless)."""
-        acknowledge: Any = self.replica.acknowledge
-        if keep and not _takes(acknowledge, "keep"):
-            seq = min(min(keep) - 1, seq)
-            if seq > 0:
-                await acknowledge(doc, seq)
-            return
-        if keep:
-            await acknowledge(doc, seq, keep=keep)
-        else:
-            await acknowledge(doc, seq)
-
-    async def _refuse(self, decision: Rollback) -> bool:
-        """Roll the refused row back; False if this replica cannot (it stays pending)."""
-        refuse: Any = getattr(self.replica, "refuse", None)
-        if refuse is None:
+    async def _refuse(self, decision: Rollback) -> None:
+        refusal = await self.replica.refuse(
+            decision.doc, decision.seq, decision.code, decision.message
+        )
+        if refusal is not None:  # the app hears of it through Replica.on_refusal
             log.warning(
-                "the relay refused seq %d of %s (%s); this replica cannot roll it back, so it "
-                "stays pending",
-                decision.seq,
-                decision.doc,
-                decision.code,
-            )
-            return False
-        refusal = await refuse(decision.doc, decision.seq, decision.code, decision.message)
-        if refusal is not None:
-            log.warning(
-                "the relay refused %s of %s (%s: %s); rolled back",
-                getattr(refusal, "summary", f"seq {decision.seq}"),
-                decision.doc,
+                "the relay refused %s (%s: %s); rolled back",
+                refusal.summary,
                 decision.code,
                 decision.message,
             )
-        return True
 
     def _spawn_decisions(self, decisions: list[Decision]) -> None:
         """Execute decisions from a callback: Sends now, in order; the rest in a task."""
@@ -924,7 +896,7 @@ class _Connection:
         if delay:
             await asyncio.sleep(delay)
         wanted = frozenset(await self.replica.followed_symbols() | self.client.extra_symbols)
-        self.client._followed = wanted
+        self.client._note_followed(wanted)
         if wanted != self.subscribed and not self.session.closed:
             self.subscribed = wanted
             self.price_seqs.reset()
@@ -976,12 +948,3 @@ class _Connection:
         quiet = self.machine.quiet
         self.client._connection_quiet(quiet)
         return quiet
-
-
-def _takes(function: Callable[..., object], name: str) -> bool:
-    """Whether ``function`` takes a keyword argument ``name`` (a replica of an older API may
-    not: ``keep``, ``merged``)."""
-    try:
-        return name in inspect.signature(function).parameters
-    except (TypeError, ValueError):
-        return False
