@@ -19,11 +19,10 @@ import pytest
 from foliosync.client import Replica, SyncClient
 
 README = Path(__file__).resolve().parent.parent / "README.md"
-(APP,) = [  # the "In an app" script: the one that drives a SyncClient itself
+_SECTION = README.read_text(encoding="utf-8").split("\n## In an app\n", 1)[1].split("\n## ", 1)[0]
+(APP,) = [  # the "In an app" script: the one of that section that drives a SyncClient itself
     block
-    for block in re.findall(
-        r"^```python\n(.*?)^```", README.read_text(encoding="utf-8"), re.M | re.S
-    )
+    for block in re.findall(r"^```python\n(.*?)^```", _SECTION, re.M | re.S)
     if "SyncClient(" in block
 ]
 
