@@ -78,7 +78,7 @@ __all__ = ["FULL", "QUICK", "DeviceSpec", "Sizes", "plan_devices", "run"]
 
 MEMORY_AIM_KIB = 20.0  # per connection; y-websocket's server takes about 21 KiB
 SYMBOL_POOL: tuple[str, ...] = DEFAULT_SYMBOLS + tuple(f"Q{n:03d}" for n in range(158))
-TRACE_FRAMES = 10
+TRACE_FRAMES = 8
 TRACE_ENV_SIGNAL = signal.SIGUSR1
 
 
@@ -107,7 +107,7 @@ FULL = Sizes(
     price_share=0.3,
     probe_pairs=10,
     probe_edit_s=0.5,
-    profile_devices=2000,
+    profile_devices=1000,
     y_devices=10_000,
 )
 QUICK = Sizes(
@@ -120,7 +120,7 @@ QUICK = Sizes(
     price_share=0.3,
     probe_pairs=5,
     probe_edit_s=0.25,
-    profile_devices=300,
+    profile_devices=200,
     y_devices=1000,
 )
 
@@ -352,6 +352,16 @@ def merge_histograms(histograms: Sequence[Mapping[str, int]], per_ms: int) -> li
     return values
 
 
+def run_queue_wait_s(pid: int) -> float:
+    """Seconds the process's main thread (the relay's event loop) waited for a CPU while
+    runnable (/proc/PID/schedstat): on a shared machine, what the other processes took from it."""
+    try:
+        with open(f"/proc/{pid}/schedstat", encoding="ascii") as stat:
+            return int(stat.read().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return float("nan")
+
+
 def smaps_rollup_kib(pid: int) -> dict[str, int]:
     """Rss, Pss, Anonymous and the like of a process (/proc/PID/smaps_rollup), in KiB."""
     out: dict[str, int] = {}
@@ -519,6 +529,7 @@ async def devices_run(root: Path, sizes: Sizes) -> tuple[list[Table], float]:
 
         # the mix, at the total
         relay_cpu0, busy0, wall0 = proc_cpu_s(relay.pid), machine_busy_s(), time.monotonic()
+        waited0 = run_queue_wait_s(relay.pid)
         load_cpu0 = sum([(await loader.call("cpu"))["cpu_s"] for loader in loaders])
         per_loader = (total - 2 * sizes.probe_pairs) / len(loaders)
         mixes, _ = await asyncio.gather(
@@ -539,6 +550,7 @@ async def devices_run(root: Path, sizes: Sizes) -> tuple[list[Table], float]:
         )
         wall = time.monotonic() - wall0
         relay_cpu = (proc_cpu_s(relay.pid) - relay_cpu0) / wall * 100
+        waited = (run_queue_wait_s(relay.pid) - waited0) / wall * 100
         load_cpu = sum([(await loader.call("cpu"))["cpu_s"] for loader in loaders]) - load_cpu0
         busy = (machine_busy_s() - busy0) / wall * 100
         deadline = time.monotonic() + 30
@@ -624,7 +636,7 @@ async def devices_run(root: Path, sizes: Sizes) -> tuple[list[Table], float]:
     )
     figures.add(
         "relay CPU under the mix (% of one core)",
-        f"{relay_cpu:.0f} %",
+        f"{relay_cpu:.0f} %, waiting for a CPU {waited:.0f} %",
         "",
         "",
     )
@@ -665,6 +677,8 @@ async def devices_run(root: Path, sizes: Sizes) -> tuple[list[Table], float]:
         f"{sum(m['skipped'] for m in mixes)}; relay connections at the end: "
         f"{health['connections']:,} (before the mix {health_before['connections']:,}); "
         f"device errors: {errors or 'none'}.",
+        "waiting for a CPU: the share of the mix's wall time the relay's event loop was "
+        "runnable but not running (/proc/PID/schedstat), taken by other processes.",
         "relay: `foliosync relay --feed sim:always`, defaults otherwise (SQLite, durability "
         f"{RelayConfig().durability}, max_initial_syncs {RelayConfig().max_initial_syncs}).",
     ]
@@ -693,6 +707,8 @@ async def profile_run(root: Path, sizes: Sizes, per_device: float) -> Table:
         await asyncio.sleep(2.0)
         rss1 = proc_rss_kib(relay.pid)
         report = await relay.snapshot()
+        hot = int((await relay.health())["hot_documents"])
+        loads = sum(len(u[0].watchlists) + len(u[0].portfolios) + 1 for u in users)
         progress(f"traced relay: {result['in_sync']:,} devices profiled")
     finally:
         await close_loaders(loaders)
@@ -719,6 +735,10 @@ async def profile_run(root: Path, sizes: Sizes, per_device: float) -> Table:
         "traced Python blocks is native: pycrdt's Rust documents, the kernel-side socket is not "
         "counted in VmRSS, glibc's heap slack and free lists.",
         f"objects per device (gc-tracked, by type; shallow size): {objects}.",
+        f"alive after gc.collect(): {report['docs_alive']:,} pycrdt Docs and "
+        f"{report['hot']:,} hot-document records (RelayDocuments' _Hot), while the relay "
+        f"reports {hot:,} hot documents (each holds at most two Docs, its own and a scratch "
+        f"copy); {loads:,} document loads in all.",
     ]
     return table
 
@@ -786,11 +806,11 @@ class _Tracer:
         objects: dict[str, tuple[int, int]],
     ) -> dict[str, Any]:
         by_owner: dict[str, list[int]] = {}
-        for sign, snap in ((-1, base), (1, snapshot)):
-            for stat in snap.statistics("traceback"):
+        for stat in snapshot.compare_to(base, "traceback"):
+            if stat.size_diff or stat.count_diff:
                 entry = by_owner.setdefault(_owner(list(stat.traceback)), [0, 0])
-                entry[0] += sign * stat.size
-                entry[1] += sign * stat.count
+                entry[0] += stat.size_diff
+                entry[1] += stat.count_diff
         owners = sorted(by_owner.items(), key=lambda kv: -kv[1][0])
         lines = snapshot.compare_to(base, "lineno")
         lines.sort(key=lambda s: -s.size_diff)
@@ -801,6 +821,8 @@ class _Tracer:
                 changed.append({"type": name, "count": count - count0, "size": size - size0})
         changed.sort(key=lambda row: -int(row["size"]))
         return {
+            "docs_alive": objects.get("Doc", (0, 0))[0],
+            "hot": sum(1 for o in gc.get_objects() if type(o).__qualname__ == "_Hot"),
             "traced_diff": sum(s.size_diff for s in lines),
             "by_owner": [{"where": k, "size": v[0], "count": v[1]} for k, v in owners[:20]],
             "by_line": [
