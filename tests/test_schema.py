@@ -299,6 +299,7 @@ def test_random_model_edits_on_several_devices_always_pass(
     check_document(kind, relay)
 
 
+@settings(deadline=None)  # a loaded machine took 430 ms for one example: timing is not the property
 @given(st.decimals(allow_nan=False, allow_infinity=False))
 def test_every_decimal_the_models_write_is_canonical(value: Decimal) -> None:
     try:
