@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+from hypothesis import settings
 
 from foliosync.client.replica import Replica
 from foliosync.client.sync import Backoff, SyncClient
@@ -29,6 +30,11 @@ from foliosync.server.prices import PricePolicy
 from foliosync.server.relay import Relay, RelayConfig, RelayKey, create_app
 from foliosync.server.storage import RelayStore
 from foliosync.sync.prices import check_tick
+
+# Properties are about results, not speed: on a shared 2-core machine one example of a fast test
+# sometimes takes over hypothesis' default 200 ms deadline, which would fail it as "flaky".
+settings.register_profile("foliosync", deadline=None)
+settings.load_profile("foliosync")
 
 
 @dataclass
