@@ -94,6 +94,7 @@ class Sizes:
     probe_pairs: int  # users of two devices in this process: one edits, the other receives
     probe_edit_s: float  # between two edits of one probe editor
     profile_devices: int  # connected to the traced relay
+    trace_frames: int  # frames tracemalloc keeps per block (more: slower snapshots)
     y_devices: int  # idle clients of y-websocket's server
 
 
@@ -108,6 +109,7 @@ FULL = Sizes(
     probe_pairs=10,
     probe_edit_s=0.5,
     profile_devices=1000,
+    trace_frames=8,
     y_devices=10_000,
 )
 QUICK = Sizes(
@@ -120,7 +122,8 @@ QUICK = Sizes(
     price_share=0.3,
     probe_pairs=5,
     probe_edit_s=0.25,
-    profile_devices=200,
+    profile_devices=100,
+    trace_frames=3,
     y_devices=1000,
 )
 
@@ -230,13 +233,13 @@ class TracedRelay(FeedRelay):
     """The same relay command run under tracemalloc (:func:`traced_relay_main`): SIGUSR1 makes
     it write what it allocated since the first signal into ``dump_dir``."""
 
-    def __init__(self, root: Path, name: str) -> None:
+    def __init__(self, root: Path, name: str, frames: int = TRACE_FRAMES) -> None:
         super().__init__(root, name)
         self.dump_dir = root / f"{name}-traces"
         self.dump_dir.mkdir()
         args = relay_argv(self.port, self.data_dir, self.extra_args)[len(relay_command()) :]
         self.argv = [sys.executable, "-m", "bench.devices", "--traced-relay", str(self.dump_dir)]
-        self.argv += args
+        self.argv += [str(frames), *args]
         self.signals = 0
 
     async def start_relay(self) -> float:
@@ -694,7 +697,7 @@ async def profile_run(root: Path, sizes: Sizes, per_device: float) -> Table:
         f"Where the relay's memory per connection goes: tracemalloc, {count:,} devices",
         ["allocated by", "where", "KiB per device", "blocks per device"],
     )
-    relay = TracedRelay(root, "relay-traced")
+    relay = TracedRelay(root, "relay-traced", sizes.trace_frames)
     loaders = await start_loaders(root, "load-traced", min(sizes.loaders, 2))
     users = plan_devices(count, price_share=sizes.price_share, seed="profile")
     try:
@@ -708,7 +711,7 @@ async def profile_run(root: Path, sizes: Sizes, per_device: float) -> Table:
         rss1 = proc_rss_kib(relay.pid)
         report = await relay.snapshot()
         hot = int((await relay.health())["hot_documents"])
-        loads = sum(len(u[0].watchlists) + len(u[0].portfolios) + 1 for u in users)
+        documents = sum(len(u[0].watchlists) + len(u[0].portfolios) + 1 for u in users)
         progress(f"traced relay: {result['in_sync']:,} devices profiled")
     finally:
         await close_loaders(loaders)
@@ -725,20 +728,23 @@ async def profile_run(root: Path, sizes: Sizes, per_device: float) -> Table:
     )
     table.notes += [
         f"{result['in_sync']:,} of {result['devices']:,} devices in sync, the same mix as above "
-        f"(idle: no edits, no drops) on a relay run under tracemalloc ({TRACE_FRAMES} frames); "
-        "two snapshots, before and after they connected, each after gc.collect(). 'relay' rows: "
-        "by the innermost line of foliosync's own code on the allocating stack (what the relay "
-        "did that led to it); 'line' rows: by the allocating line itself.",
+        "(idle: no edits, no drops) on a relay run under tracemalloc "
+        f"({sizes.trace_frames} frames); two snapshots, before and after they connected, each "
+        "after gc.collect(). 'relay' rows: by the innermost line of foliosync's own code on "
+        "the allocating stack (what the relay did that led to it); 'line' rows: by the "
+        "allocating line itself.",
         f"Python allocations traced: {traced:.1f} KiB per device; VmRSS of the traced relay "
         f"(inflated by tracemalloc's own bookkeeping): +{(rss1 - rss0) / n:.1f} KiB per device; "
         f"untraced relay above: {per_device:.1f} KiB per device. What VmRSS has beyond the "
         "traced Python blocks is native: pycrdt's Rust documents, the kernel-side socket is not "
         "counted in VmRSS, glibc's heap slack and free lists.",
         f"objects per device (gc-tracked, by type; shallow size): {objects}.",
-        f"alive after gc.collect(): {report['docs_alive']:,} pycrdt Docs and "
-        f"{report['hot']:,} hot-document records (RelayDocuments' _Hot), while the relay "
-        f"reports {hot:,} hot documents (each holds at most two Docs, its own and a scratch "
-        f"copy); {loads:,} document loads in all.",
+        f"alive after gc.collect(): {report['docs_alive'] // 2:,} pycrdt Docs (objects named "
+        f"Doc / 2: each is a Python Doc and its native one) and {report['hot']:,} hot-document "
+        f"records (RelayDocuments' _Hot), while the relay reports {hot:,} hot documents "
+        f"(each holds at most two Docs, its own and a scratch copy); the devices' users have "
+        f"{documents:,} documents in all. More records than hot documents: evicted documents "
+        "that were never freed.",
     ]
     return table
 
@@ -838,14 +844,14 @@ class _Tracer:
 
 
 def traced_relay_main(argv: Sequence[str]) -> int:
-    """``--traced-relay DIR ARGS...``: ``foliosync ARGS...`` under tracemalloc, reporting into
-    DIR on SIGUSR1 (bench code only: the relay itself has no such hook)."""
+    """``--traced-relay DIR FRAMES ARGS...``: ``foliosync ARGS...`` under tracemalloc (FRAMES
+    per block), reporting into DIR on SIGUSR1 (bench code only: the relay has no such hook)."""
     from foliosync.client.cli import main
 
-    tracemalloc.start(TRACE_FRAMES)
+    tracemalloc.start(int(argv[1]))
     tracer = _Tracer(Path(argv[0]))
     signal.signal(TRACE_ENV_SIGNAL, tracer.on_signal)
-    return int(main(list(argv[1:])))
+    return int(main(list(argv[2:])))
 
 
 # -- 3: y-websocket's server with as many idle clients ------------------------------------------
