@@ -150,6 +150,18 @@ class RelayDocuments:
         hot.subscription = doc.observe(on_change)
         return hot
 
+    @staticmethod
+    def _release(hot: _Hot) -> None:
+        """Let a document that leaves memory be freed: pycrdt keeps an observer's callback, and
+        the Doc with it, alive from its native side until it is unobserved, so every evicted
+        document stayed in memory for good. Safe for an update still on its way to an evicted
+        record: it checks the record is still the hot one (no await in between) before it
+        applies, and reloads otherwise."""
+        if hot.subscription is not None:
+            hot.doc.unobserve(hot.subscription)  # type: ignore[arg-type]
+            hot.subscription = None
+        hot.scratch = None
+
     def _evict(self) -> None:
         """Drop least recently used documents past the bound (not those being stored)."""
         busy: list[tuple[tuple[str, str], _Hot]] = []
@@ -158,6 +170,7 @@ class RelayDocuments:
             if hot.writes:
                 busy.append((key, hot))
             else:
+                self._release(hot)
                 self.evictions += 1
         for key, hot in busy:  # kept, at the cold end, until their appends return
             self._hot[key] = hot
@@ -241,9 +254,9 @@ class RelayDocuments:
                 except BadUpdate:
                     # yrs may have integrated part of it before it raised: memory would then hold
                     # what the store never will. Forget the document; the next use reloads it.
-                    hot.scratch = None
                     if self._hot.get(key) is hot:
                         del self._hot[key]
+                    self._release(hot)
                     raise
                 break
         changed = bool(hot.changed)
@@ -272,7 +285,9 @@ class RelayDocuments:
             except BaseException:
                 # Memory may now hold what the store lacks: forget the document, reload on next
                 # use.
-                self._hot.pop((user, doc_id), None)
+                if self._hot.get(key) is hot:
+                    del self._hot[key]
+                    self._release(hot)
                 raise
             finally:
                 hot.writes.discard(write)

@@ -60,3 +60,24 @@ async def test_the_same_update_resent_while_the_first_is_stored_waits_for_that_w
     else:
         assert (await first).changed and not (await again).changed
         assert await store.load("alice", DOC) is not None
+
+
+async def test_evicted_documents_are_freed() -> None:
+    # Their observer once kept each record, and so each Doc, alive forever: memory grew with
+    # every document load, whatever the bound.
+    import gc
+
+    from pycrdt import Doc as _Doc
+
+    def live_docs() -> int:
+        gc.collect()
+        return sum(1 for o in gc.get_objects() if isinstance(o, _Doc))
+
+    store = MemoryRelayStore()
+    docs = RelayDocuments(store, max_hot=5)
+    before = live_docs()
+    for n in range(200):
+        doc_id = f"wl-{n:024x}"
+        await docs.state("alice", doc_id, b"\x00")
+    assert docs.hot_count == 5
+    assert live_docs() - before <= 5 * 2  # the hot ones (and at most a scratch replica each)
