@@ -79,7 +79,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, NamedTuple, TypeVar
 
 from pycrdt import Doc, TransactionEvent, get_update, merge_updates
 
@@ -130,6 +130,7 @@ __all__ = [
     "DocumentChange",
     "DocumentInfo",
     "OpeningReplica",
+    "OutgoingUpdate",
     "Refusal",
     "Replica",
 ]
@@ -144,8 +145,6 @@ COMPACT_AFTER_ROWS = 500
 COMPACT_AFTER_BYTES = 1 << 20
 # Write changed quotes to the file at most this often.
 QUOTE_FLUSH_SECONDS = 0.5
-# Merge a document's pending updates into one row past this many rows.
-MERGE_PENDING_AFTER = 200
 # How often to check whether another process committed to the file.
 WATCH_SECONDS = 0.05
 # The meta key of the syncing process's heartbeat: when, in ms, it was last connected and in sync
@@ -189,6 +188,18 @@ class DocumentInfo:
     last_synced_at: int | None  # ms: when this device last confirmed it in sync with the relay
     remote_changed_at: int | None  # ms: when the relay last saw it change
     remote_changed_by: str | None  # the device that made that change
+
+
+class OutgoingUpdate(NamedTuple):
+    """One Update for a relay (``Replica.outgoing``): its seq, its bytes and the pending rows it
+    carries. A refusal of it names one change only if it carries exactly one row; one carrying
+    several (a merged diff) names none of them, and one carrying none holds only what the relay
+    lacks of what it had confirmed (its seq is the highest it may take: below every pending
+    row, so that its Ack settles none)."""
+
+    seq: int
+    update: bytes
+    rows: tuple[int, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -523,15 +534,19 @@ class Replica:
         relay_update: bytes | None = None,
         *,
         merged: bool = False,
-    ) -> list[tuple[int, bytes]]:
+    ) -> list[OutgoingUpdate]:
         """The Updates to send a relay whose state vector is ``relay_state_vector`` (after its
-        SyncReply), in order, as (seq, update); empty: nothing to send.
+        SyncReply), in order; empty: nothing to send. Each says which pending rows it carries.
 
         Normally each pending row on its own, so that a refusal names one change. When the relay
         lacks more than they bring (it was restored from an old backup: content or deletions no
-        pending row holds), or ``merged``: ONE diff of everything it lacks, with the highest
-        pending seq (or max(highest seq loaded, 1) when nothing is pending), whose Ack settles
-        every pending row. Taken under the lock, so that the rows and the diff agree.
+        pending row holds), first one Update of what it lacks of the confirmed content (carrying
+        no row, under the seq just below the first pending row), then each pending row on its
+        own: a refusal still names one change. Where that cannot be (the confirmed content is
+        unknown, in a replica older than schema 3; no seq is free below the first row), or when
+        ``merged``: ONE diff of everything it lacks, with the highest pending seq (or max(highest
+        seq loaded, 1) when nothing is pending), whose Ack settles every pending row. Taken under
+        the lock, so that the rows and the diffs agree.
 
         ``relay_update`` is the relay's SyncReply (already applied here): it carries the relay's
         whole delete set, the one thing a state vector does not show. With it, deletions the
@@ -559,23 +574,32 @@ class Replica:
                 raise ValidationError(f"invalid state vector for {doc_id}") from exc
             pending = changes.pending_rows
             top = max(p.seq for p in pending) if pending else max(loaded.max_seq, 1)
+            every = tuple(p.seq for p in pending)
             if merged:
-                return [(top, diff)]
+                return [OutgoingUpdate(top, diff, every)]
             if pending:
+                rows = [OutgoingUpdate(p.seq, p.data, (p.seq,)) for p in pending]
                 confirmed, settled = await self._store.confirmed_log(doc_id)
-                if not _lacks_more(confirmed, settled, theirs_state, relay_update):
-                    return [(p.seq, p.data) for p in pending]
-            if pending:
-                return [(top, diff)]
+                known = _confirmed_doc(confirmed, settled)
+                if not _lacks_more(known, theirs_state, relay_update):
+                    return rows
+                below = min(every) - 1
+                if known is None or below < 1:
+                    return [OutgoingUpdate(top, diff, every)]
+                try:
+                    lacking = known.get_update(relay_state_vector)
+                except ValueError as exc:
+                    raise ValidationError(f"invalid state vector for {doc_id}") from exc
+                return [OutgoingUpdate(below, lacking, ()), *rows]
             # Nothing pending, but the relay may have lost data (restored from a backup): send
             # what it lacks if that is more than the delete set every diff carries...
             deletions = doc.get_update(doc.get_state())
             if diff != deletions:
-                return [(top, diff)]
+                return [OutgoingUpdate(top, diff, ())]
             # ... or if our delete set holds deletions the relay's lacks (a removal made after
             # the backup changes no state vector).
             if relay_update is not None and _deletions_missing(doc, relay_update):
-                return [(top, diff)]
+                return [OutgoingUpdate(top, diff, ())]
             return []
 
     async def pending_updates(self, doc_id: str | None = None) -> list[PendingUpdate]:
@@ -1262,8 +1286,8 @@ class Replica:
                     self._seen_seq,
                     self._bases(),
                     fold,
-                    merge=lambda updates: merge_updates(*updates),
-                    merge_after=MERGE_PENDING_AFTER,
+                    # Pending rows are never merged: a refusal names one of them, and rolling
+                    # back a merged row would take the valid edits merged with it.
                     settle=_settle,
                     loaded_epochs=self._epochs(),
                     refusals_after=self._seen_refusal,
@@ -1295,17 +1319,11 @@ def _settle(confirmed: bytes, rows: list[bytes]) -> bytes:
     return doc.get_update()
 
 
-def _lacks_more(
-    confirmed: bytes | None,
-    settled: list[bytes],
-    theirs: dict[int, int],
-    relay_update: bytes | None,
-) -> bool:
-    """Whether a relay at state vector ``theirs`` lacks settled content (or deletions) that no
-    pending row brings: it was restored from an old backup, say. Unknown (a replica older than
-    schema 3 whose snapshot holds pending rows): yes, so one merged diff is sent, as always."""
+def _confirmed_doc(confirmed: bytes | None, settled: list[bytes]) -> Doc[Any] | None:
+    """The document as the relay confirmed it (as far as this device knows); None if unknown
+    (a replica older than schema 3 whose snapshot holds pending rows) or unreadable."""
     if confirmed is None:
-        return True
+        return None
     doc: Doc[Any] = Doc()
     try:
         if confirmed:
@@ -1315,11 +1333,24 @@ def _lacks_more(
     except BaseException as exc:  # pycrdt panics derive from BaseException
         if isinstance(exc, KeyboardInterrupt | SystemExit | asyncio.CancelledError):
             raise
+        return None
+    return doc
+
+
+def _lacks_more(
+    known: Doc[Any] | None,
+    theirs: dict[int, int],
+    relay_update: bytes | None,
+) -> bool:
+    """Whether a relay at state vector ``theirs`` lacks confirmed content ``known`` (or its
+    deletions) that no pending row brings: it was restored from an old backup, say. Unknown:
+    yes, so one merged diff is sent, as always."""
+    if known is None:
         return True
-    ours = decode_state_vector(doc.get_state())
+    ours = decode_state_vector(known.get_state())
     if any(clock > theirs.get(client, 0) for client, clock in ours.items()):
         return True
-    return relay_update is not None and _deletions_missing(doc, relay_update)
+    return relay_update is not None and _deletions_missing(known, relay_update)
 
 
 def _deletions_missing(doc: Doc[Any], relay_update: bytes) -> bool:

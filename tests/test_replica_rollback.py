@@ -19,7 +19,6 @@ from hypothesis import strategies as st
 from pycrdt import Doc, Map
 
 from foliosync.client import Refusal
-from foliosync.client import replica as replica_module
 from foliosync.client.replica import DocumentChange, Replica
 from foliosync.client.sync import SyncClient
 from foliosync.server.auth import issue_token, load_or_create_secret
@@ -172,29 +171,31 @@ async def test_a_later_change_that_overwrites_the_refused_one_is_remade(tmp_path
         assert c_seq in await seqs(replica, tech.id)
 
 
-async def test_a_merged_row_is_refused_whole(tmp_path: Path, monkeypatch: Any) -> None:
-    """Compaction merges long runs of pending rows into one (the highest seq): refusing it rolls
-    back every edit it holds, and the confirmed content stays."""
-    monkeypatch.setattr(replica_module, "MERGE_PENDING_AFTER", 3)
+async def test_compaction_keeps_each_pending_row_and_a_refusal_takes_only_its_own(
+    tmp_path: Path,
+) -> None:
+    """Hundreds of offline edits and a compaction: every pending row stays its own until it is
+    acknowledged, so refusing one rolls back that edit alone and the others are kept."""
     path = tmp_path / "r.db"
+    symbols = [f"S{i:03d}" for i in range(250)]
     async with Replica.open(path) as replica:
         tech = await replica.create_watchlist("Tech")
         await tech.add(["AAPL"])
         await replica.acknowledge(tech.id, (await seqs(replica, tech.id))[-1])
-        for symbol in ["NVDA", "MSFT", "AMD", "TSLA"]:
+        for symbol in symbols:
             await tech.add([symbol])
         await replica.compact(tech.id)
         pending = await replica.pending_updates(tech.id)
-        assert len(pending) == 1 and pending[0].changes == 4
-        refusal = await replica.refuse(tech.id, pending[0].seq, "refused", "too many")
-        assert refusal is not None and refusal.changes == 4
-        assert refusal.summary == "add NVDA, MSFT, AMD, TSLA to Tech"
-        assert tech.symbols == ["AAPL"] and tech.pending == 0
-        assert await replica.pending_updates(tech.id) == []
-        await tech.add(["IBM"])
+        assert len(pending) == 250 and all(p.changes == 1 for p in pending)
+        refusal = await replica.refuse(tech.id, pending[100].seq, "refused", "not S100")
+        assert refusal is not None and refusal.changes == 1
+        assert refusal.summary == "add S100 to Tech"
+        kept = [s for s in symbols if s != "S100"]
+        assert tech.symbols == ["AAPL", *kept] and tech.pending == 249
         await replica.compact(tech.id)
     async with Replica.open(path) as replica:
-        assert (await replica.watchlist("Tech")).symbols == ["AAPL", "IBM"]
+        tech = await replica.watchlist("Tech")
+        assert tech.symbols == ["AAPL", *kept] and tech.pending == 249
 
 
 async def test_a_portfolio_trade_is_rolled_back_and_the_others_stay(tmp_path: Path) -> None:
@@ -419,12 +420,19 @@ async def test_outgoing_sends_each_pending_row_unless_the_relay_lacks_more(
         await tech.add(["MSFT"])
         rows = await replica.pending_updates(tech.id)
         sent = await replica.outgoing(tech.id, relay.get_state(), relay.get_update())
-        assert sent == [(p.seq, p.data) for p in rows]
+        assert sent == [(p.seq, p.data, (p.seq,)) for p in rows]
         merged = await replica.outgoing(tech.id, relay.get_state(), merged=True)
-        assert [s for s, _ in merged] == [rows[-1].seq]
-        restored = Doc()  # a relay restored from a backup older than AAPL
+        assert [(m.seq, m.rows) for m in merged] == [(rows[-1].seq, (rows[0].seq, rows[1].seq))]
+        # A relay restored from a backup older than AAPL: first what it lacks of the confirmed
+        # content (carrying no row, under a seq below them), then each row on its own.
+        restored = Doc()
         lacking = await replica.outgoing(tech.id, restored.get_state(), restored.get_update())
-        assert [s for s, _ in lacking] == [rows[-1].seq]
+        assert [(m.seq, m.rows) for m in lacking] == [
+            (rows[0].seq - 1, ()),
+            *[(p.seq, (p.seq,)) for p in rows],
+        ]
+        restored.apply_update(lacking[0].update)
+        assert Watchlist(restored, EditContext("x")).symbols == ["AAPL"]
         # the retry-later row stays pending through an Ack of a later one
         await replica.acknowledge(tech.id, rows[-1].seq, keep={rows[0].seq})
         assert await seqs(replica, tech.id) == [rows[0].seq]
