@@ -56,6 +56,7 @@ from foliosync.sync.protocol import (
     encode_frame,
     refusal_action,
 )
+from foliosync.sync.protocol.document_sync import RetryAfter
 
 DOC = "wl-0123456789abcdef01234567"
 SV = b"\x00"
@@ -92,7 +93,8 @@ def live(machine: DeviceSync, doc: str = DOC, rows: list[tuple[int, bytes]] | No
     machine.state_vector_read(request, SV)
     _apply, read = machine.receive(SyncReplied(doc, b"\x00\x00", SV, None, None))
     assert isinstance(read, ReadOutgoing)
-    machine.outgoing_read(read, rows or [], pending=len(rows or []), now_ms=1)
+    updates = [(seq, update, (seq,)) for seq, update in rows or []]
+    machine.outgoing_read(read, updates, pending=len(updates), now_ms=1)
 
 
 # --- The session consults the machine's record ---------------------------------------------
@@ -148,7 +150,7 @@ def test_a_reply_applies_reads_outgoing_and_goes_live_with_the_rows_in_order() -
     ]
     read = decisions[1]
     assert isinstance(read, ReadOutgoing)
-    sent = machine.outgoing_read(read, [(2, b"u2"), (3, b"u3")], pending=2, now_ms=1)
+    sent = machine.outgoing_read(read, [(2, b"u2", (2,)), (3, b"u3", (3,))], pending=2, now_ms=1)
     assert frames(sent) == [Update(DOC, 2, b"u2"), Update(DOC, 3, b"u3")]
     d = machine.document(DOC)
     assert d.phase is DocumentPhase.LIVE and d.in_flight == (2, 3) and not d.in_sync
@@ -306,6 +308,108 @@ def test_retry_later_keeps_the_row_from_every_ack_and_lets_a_one_shot_end() -> N
     assert machine.receive(Acked(DOC, 5)) == [Settle(DOC, 5, frozenset({2}))]  # still kept
 
 
+def test_a_change_to_retry_later_goes_again_on_the_same_connection_after_a_growing_wait() -> None:
+    machine = welcomed_machine()
+    live(machine)
+    _sent(machine, 2, 3)
+    assert machine.receive(error_event(ErrorCode.EXTENSION_FAILED, "down", DOC, 2))[1:] == [
+        CheckSettled(DOC),
+        RetryAfter(DOC, 1.0),
+    ]
+    d = machine.document(DOC)
+    assert machine.retry_due(DOC) == [ReadUnsent(DOC)]
+    # Above every row read (3 is still in flight), under a new seq.
+    sent = machine.unsent_read(ReadUnsent(DOC), [(2, b"u2"), (3, b"u3")], 2, 1)
+    assert frames(sent) == [Update(DOC, 4, b"u2")]
+    assert machine.receive(Acked(DOC, 3)) == [Settle(DOC, 3, frozenset({2}))]  # not yet stored
+    # It failed again: the wait doubles, and the next retry takes another new seq.
+    assert machine.receive(error_event(ErrorCode.EXTENSION_FAILED, "down", DOC, 4))[1:] == [
+        CheckSettled(DOC),
+        RetryAfter(DOC, 2.0),
+    ]
+    assert d.held == {2: RefusalAction.RETRY_LATER}
+    machine.retry_due(DOC)
+    assert frames(machine.unsent_read(ReadUnsent(DOC), [(2, b"u2")], 1, 1)) == [
+        Update(DOC, 5, b"u2")
+    ]
+    # The retry's Ack settles the row (its own seq, borrowed, keeps any row of that seq).
+    assert machine.receive(Acked(DOC, 5)) == [Settle(DOC, 5, frozenset({5}))]
+    assert d.held == {}
+
+
+def test_a_refused_retry_rolls_back_the_row_it_carried() -> None:
+    machine = welcomed_machine()
+    live(machine)
+    _sent(machine, 2)
+    machine.receive(error_event(ErrorCode.INTERNAL, "busy", DOC, 2))
+    machine.retry_due(DOC)
+    machine.unsent_read(ReadUnsent(DOC), [(2, b"u2")], 1, 1)
+    assert machine.receive(error_event(ErrorCode.REFUSED, "no", DOC, 3))[1:] == [
+        Rollback(DOC, 2, ErrorCode.REFUSED, "no")
+    ]
+
+
+def test_retries_are_bounded_per_connection_and_none_in_a_one_shot_sync() -> None:
+    machine = welcomed_machine()
+    live(machine)
+    seq = 2
+    _sent(machine, seq)
+    waits = []
+    for _ in range(20):
+        decisions = machine.receive(error_event(ErrorCode.EXTENSION_FAILED, "down", DOC, seq))
+        retry = [d for d in decisions if isinstance(d, RetryAfter)]
+        if not retry:
+            break
+        waits.append(retry[0].delay)
+        machine.retry_due(DOC)
+        (update,) = frames(machine.unsent_read(ReadUnsent(DOC), [(2, b"u2")], 1, 1))
+        assert isinstance(update, Update)
+        seq = update.seq
+    assert waits == [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 60.0, 60.0]
+    assert machine.document(DOC).deferred and machine.quiet  # the next connection sends it
+    one_shot = welcomed_machine(one_shot=True)
+    live(one_shot)
+    _sent(one_shot, 2)
+    decisions = one_shot.receive(error_event(ErrorCode.EXTENSION_FAILED, "down", DOC, 2))
+    assert not any(isinstance(d, RetryAfter) for d in decisions)
+
+
+def test_a_diff_of_what_the_relay_lacks_goes_first_and_a_refusal_still_names_one_row() -> None:
+    """A relay restored from a backup: the confirmed content it lacks goes alone (no row), then
+    each pending row; a refusal of one rolls back that one."""
+    machine = welcomed_machine()
+    (request,) = machine.documents_known([DOC])
+    assert isinstance(request, RequestState)
+    machine.state_vector_read(request, SV)
+    _apply, read = machine.receive(SyncReplied(DOC, b"up", SV, None, None))
+    assert isinstance(read, ReadOutgoing)
+    updates = [(4, b"lacking", ()), (5, b"u5", (5,)), (6, b"u6", (6,))]
+    sent = machine.outgoing_read(read, updates, pending=2, now_ms=1)
+    assert frames(sent) == [
+        Update(DOC, 4, b"lacking"),
+        Update(DOC, 5, b"u5"),
+        Update(DOC, 6, b"u6"),
+    ]
+    assert machine.receive(Acked(DOC, 4)) == [Settle(DOC, 4, frozenset())]
+    assert machine.receive(error_event(ErrorCode.REFUSED, "no", DOC, 5))[1:] == [
+        Rollback(DOC, 5, ErrorCode.REFUSED, "no")
+    ]
+
+
+def test_a_refused_resync_diff_of_one_row_under_a_borrowed_seq_rolls_back_that_row() -> None:
+    machine = welcomed_machine()
+    live(machine)
+    _sent(machine, 2)
+    machine.receive(error_event(ErrorCode.MISSING_DEPENDENCIES, "gap", DOC, 2))
+    machine.state_vector_read(RequestState(DOC, merged=True), b"sv")
+    _apply, read = machine.receive(SyncReplied(DOC, b"up", b"relay-sv", None, None))
+    assert isinstance(read, ReadOutgoing)
+    assert frames(machine.outgoing_read(read, [(2, b"d", (2,))], 1, 1)) == [Update(DOC, 3, b"d")]
+    assert machine.receive(error_event(ErrorCode.REFUSED, "no", DOC, 3))[1:] == [
+        Rollback(DOC, 2, ErrorCode.REFUSED, "no")
+    ]
+
+
 def test_missing_dependencies_resyncs_once_and_sends_one_merged_diff() -> None:
     machine = welcomed_machine()
     live(machine)
@@ -322,12 +426,13 @@ def test_missing_dependencies_resyncs_once_and_sends_one_merged_diff() -> None:
     assert read == ReadOutgoing(DOC, b"relay-sv", b"up", True)
     assert isinstance(read, ReadOutgoing)
     # The highest pending seq (3) went out on this connection: the diff borrows the next one.
-    sent = machine.outgoing_read(read, [(3, b"merged")], pending=2, now_ms=1)
+    sent = machine.outgoing_read(read, [(3, b"merged", (2, 3))], pending=2, now_ms=1)
     assert frames(sent) == [Update(DOC, 4, b"merged")]
     # The diff carries them: its Ack settles them, and no other Ack before it.
     assert d.held == {2: RefusalAction.RESYNC, 3: RefusalAction.RESYNC}
-    assert machine.local_change(DOC, "local", 4, b"u4", 1) == []  # its seq was borrowed...
-    assert d.held[4] is RefusalAction.RETRY_LATER  # ...so the next connection sends it
+    # Its seq was borrowed, so it goes again later, under a new one.
+    assert machine.local_change(DOC, "local", 4, b"u4", 1) == [RetryAfter(DOC, 1.0)]
+    assert d.held[4] is RefusalAction.RETRY_LATER
     assert machine.receive(Acked(DOC, 4)) == [Settle(DOC, 4, frozenset({4}))]
     assert d.held == {4: RefusalAction.RETRY_LATER}
 
@@ -340,14 +445,15 @@ def test_rows_awaiting_a_resync_are_kept_from_every_ack_before_the_merged_diffs(
     machine.state_vector_read(RequestState(DOC, merged=True), b"sv")
     _apply, read = machine.receive(SyncReplied(DOC, b"up", b"relay-sv", None, None))
     assert isinstance(read, ReadOutgoing)
-    assert frames(machine.outgoing_read(read, [(3, b"m")], 2, 1)) == [Update(DOC, 4, b"m")]
+    assert frames(machine.outgoing_read(read, [(3, b"m", (2, 3))], 2, 1)) == [Update(DOC, 4, b"m")]
     assert machine.receive(Acked(DOC, 3)) == [Settle(DOC, 3, frozenset({2}))]
     assert machine.receive(Acked(DOC, 4)) == [Settle(DOC, 4, frozenset({4}))]
     assert machine.document(DOC).held == {}
 
 
 def test_a_refused_merged_diff_rolls_nothing_back_and_waits_for_the_next_connection() -> None:
-    """Its seq is only the highest pending one: the change at fault is not known."""
+    """Its seq is only the highest pending one: the change at fault is not known. Every row it
+    carried is held (split), for the next connection to send one Update each."""
     machine = welcomed_machine()
     live(machine)
     _sent(machine, 2)
@@ -355,11 +461,12 @@ def test_a_refused_merged_diff_rolls_nothing_back_and_waits_for_the_next_connect
     machine.state_vector_read(RequestState(DOC, merged=True), b"sv")
     _apply, read = machine.receive(SyncReplied(DOC, b"up", b"relay-sv", None, None))
     assert isinstance(read, ReadOutgoing)
-    machine.outgoing_read(read, [(6, b"m")], 2, 1)
+    machine.outgoing_read(read, [(6, b"m", (2, 4, 6))], 3, 1)
     decisions = machine.receive(error_event(ErrorCode.REFUSED, "no", DOC, 6))
     assert not any(isinstance(d, Rollback) for d in decisions)
     d = machine.document(DOC)
-    assert d.held == {2: RefusalAction.RETRY_LATER, 6: RefusalAction.RETRY_LATER}
+    assert d.held == {2: RefusalAction.SPLIT, 4: RefusalAction.SPLIT, 6: RefusalAction.SPLIT}
+    assert machine.receive(Acked(DOC, 7)) == [Settle(DOC, 7, frozenset({2, 4, 6}))]
     machine.pending_is(CheckSettled(DOC), 2)
     assert d.deferred and machine.quiet
 
@@ -372,7 +479,7 @@ def test_a_merged_diff_with_a_fresh_seq_keeps_it() -> None:
     machine.state_vector_read(RequestState(DOC, merged=True), b"sv")
     _apply, read = machine.receive(SyncReplied(DOC, b"up", b"relay-sv", None, None))
     assert isinstance(read, ReadOutgoing)
-    assert frames(machine.outgoing_read(read, [(7, b"m")], 2, 1)) == [Update(DOC, 7, b"m")]
+    assert frames(machine.outgoing_read(read, [(7, b"m", (2, 7))], 2, 1)) == [Update(DOC, 7, b"m")]
     assert machine.receive(Acked(DOC, 7)) == [Settle(DOC, 7, frozenset())]
 
 
@@ -508,6 +615,7 @@ class ModelDevice:
         self.machine: DeviceSync | None = None
         self.aside: list[list[Decision]] = []
         self.during_read: list[tuple[str, str]] = []  # edits committed while rows are read
+        self.retries: list[str] = []  # documents whose RetryAfter waits (run aside, later)
 
     # -- the replica --
     def keys(self, doc: str) -> set[str]:
@@ -565,6 +673,7 @@ class ModelDevice:
         self.relay.links.append(link)
         self.machine = DeviceSync(link.client)
         self.aside = []
+        self.retries = []
         link.client_sends(link.client.hello("token"))
         link.deliver_to_server()
         link.server_sends(link.server.accept("user", self.name, list(DOCS), 0))
@@ -576,6 +685,7 @@ class ModelDevice:
             self.relay.links.remove(self.link)
         self.link = self.machine = None
         self.aside = []
+        self.retries = []
 
     def _aside(self, decisions: list[Decision]) -> None:
         assert self.link is not None
@@ -588,6 +698,8 @@ class ModelDevice:
     def run_aside(self) -> None:
         if self.aside:
             self.run(self.aside.pop(0))
+        elif self.retries and self.machine is not None:  # the wait of a RetryAfter is over
+            self._aside(self.machine.retry_due(self.retries.pop(0)))
 
     def deliver_one_to_client(self) -> None:
         link = self.link
@@ -629,11 +741,13 @@ class ModelDevice:
                 self.updates[doc].append((None, update))
             case ReadOutgoing(doc, state_vector, _relay_update, merged):
                 rows = sorted(self.pending[doc].items())
+                out: list[tuple[int, bytes, tuple[int, ...]]]
                 if merged:
                     seq = rows[-1][0] if rows else 1
-                    out = [(seq, self.docs[doc].get_update(state_vector))]
+                    carried = tuple(s for s, _row in rows)
+                    out = [(seq, self.docs[doc].get_update(state_vector), carried)]
                 else:
-                    out = [(seq, row.update) for seq, row in rows]
+                    out = [(seq, row.update, (seq,)) for seq, row in rows]
                 return machine.outgoing_read(decision, out, len(self.pending[doc]), 0)
             case ReadUnsent(doc):
                 unsent = [(s, r.update) for s, r in sorted(self.pending[doc].items())]
@@ -650,6 +764,8 @@ class ModelDevice:
                 return decisions + machine.local_change(doc, "local", 0, b"", 0)
             case CheckSettled(doc):
                 return machine.pending_is(decision, len(self.pending[doc]))
+            case RetryAfter(doc):
+                self.retries.append(doc)
             case Fail(error):
                 raise error
         return []
@@ -681,7 +797,8 @@ def _settle(relay: ModelRelay, devices: list[ModelDevice]) -> None:
             for device in devices:
                 link = device.link
                 assert link is not None
-                if link.in_flight_to_server or link.in_flight_to_client or device.aside:
+                busy = device.aside or device.retries
+                if link.in_flight_to_server or link.in_flight_to_client or busy:
                     moved = True
                 device.deliver_one_to_server()
                 device.deliver_one_to_client()

@@ -83,11 +83,19 @@ __all__ = [
     "Report",
     "RequestNew",
     "RequestState",
+    "RetryAfter",
     "Rollback",
     "Send",
     "Settle",
     "refusal_action",
 ]
+
+RETRY_BASE_SECONDS = 1.0
+"""The first wait before a change to retry later goes again on the same connection; it doubles
+with every retry of the document's changes, up to RETRY_CAP_SECONDS."""
+RETRY_CAP_SECONDS = 60.0
+RETRIES_PER_CONNECTION = 8
+"""After this many retries of a document on one connection, its changes wait for the next."""
 
 INDEX_DOCUMENT = "index"
 """The user's index: a change of it may name documents to request (PROTOCOL.md 6.3)."""
@@ -102,8 +110,12 @@ class RefusalAction(Enum):
     """The relay lacks what the update refers to: request the document again, send one merged
     diff of everything the relay lacks."""
     RETRY_LATER = "retry_later"
-    """The change is not at fault: it stays pending, untouched by later Acks, and is sent again on
-    the next connection."""
+    """The change is not at fault: it stays pending, untouched by later Acks, and is sent again
+    after a while on the same connection (as a new Update with a new seq), or on the next one."""
+    SPLIT = "split"
+    """A merged diff carrying several rows was refused for good: it names none of them, so they
+    stay pending, untouched by later Acks, and the next connection sends them one Update each
+    (after what the relay lacks besides them), so that a refusal names one."""
 
 
 _RETRY_LATER = frozenset({ErrorCode.EXTENSION_FAILED, ErrorCode.AUTH_FAILED, ErrorCode.INTERNAL})
@@ -183,8 +195,9 @@ class ApplyRemote:
 
 @dataclass(frozen=True, slots=True)
 class ReadOutgoing:
-    """``Replica.outgoing(doc, state_vector, relay_update, merged=merged)``; pass the rows and
-    the document's pending count to :meth:`DeviceSync.outgoing_read`."""
+    """``Replica.outgoing(doc, state_vector, relay_update, merged=merged)``; pass its Updates,
+    each ``(seq, update, rows carried)``, and the document's pending count to
+    :meth:`DeviceSync.outgoing_read`."""
 
     doc: str
     state_vector: bytes
@@ -218,6 +231,15 @@ class Rollback:
     seq: int
     code: str
     message: str
+
+
+@dataclass(frozen=True, slots=True)
+class RetryAfter:
+    """After ``delay`` seconds (with the connection still up), pass the decisions of
+    :meth:`DeviceSync.retry_due` on: the document's changes to retry later go again."""
+
+    doc: str
+    delay: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -262,6 +284,7 @@ Decision = (
     | ReadUnsent
     | Settle
     | Rollback
+    | RetryAfter
     | CheckSettled
     | MarkSynced
     | Report
@@ -286,6 +309,10 @@ class DocumentSync:
         "_reading",
         "_replies_due",
         "_requested",
+        "_resent",
+        "_retries",
+        "_retry_due",
+        "_retry_scheduled",
         "_sent_upto",
         "_synthetic",
         "acked_upto",
@@ -302,7 +329,13 @@ class DocumentSync:
         """Highest seq the relay acknowledged on this connection."""
         self._held: dict[int, RefusalAction] = {}
         self._synthetic: set[int] = set()
-        self._merged: set[int] = set()  # seqs of merged diffs sent on this connection
+        # Seqs of merged diffs sent on this connection -> the pending rows each carries.
+        self._merged: dict[int, tuple[int, ...]] = {}
+        # A row sent again under a borrowed seq (a retry, a diff of one row): wire seq -> row.
+        self._resent: dict[int, int] = {}
+        self._retries = 0  # retries of this document's changes on this connection
+        self._retry_scheduled = False  # a RetryAfter is waiting
+        self._retry_due = False  # the next read of unsent rows also sends the rows to retry
         # Rows awaiting a resync -> the merged diff that carries them: only its Ack settles them.
         self._covered: dict[int, int] = {}
         self._replies_due: deque[bool] = deque()  # one per SyncRequest sent: is it a resync?
@@ -491,8 +524,10 @@ class DeviceSync:
                 del d._covered[held]
                 d._held.pop(held, None)
         keep = {s for s in d._held if s <= seq}
-        if seq in d._synthetic:  # a merged diff's own seq, borrowed: no row of it was in it
+        if seq in d._synthetic:  # a borrowed seq: no row of that seq was in what it carried
             keep.add(seq)
+        if d._resent.pop(seq, None) is not None:  # a retry went through
+            d._retries = 0
         d._in_flight = [s for s in d._in_flight if s > seq]
         d.acked_upto = max(d.acked_upto, seq)
         return [Settle(d.doc, seq, frozenset(keep))]
@@ -534,24 +569,61 @@ class DeviceSync:
     def _refused(self, d: DocumentSync, seq: int, code: str, message: str) -> list[Decision]:
         d._in_flight.remove(seq)
         action = refusal_action(code)
-        if action is RefusalAction.ROLLBACK and seq in d._merged:
+        row = d._resent.pop(seq, seq)  # the row a borrowed seq carried, if one
+        carried = d._merged.get(seq, ())
+        if action is RefusalAction.ROLLBACK and len(carried) > 1:
             # A merged diff names no one change (its seq is only the highest pending one):
             # rolling that row back would drop a change the relay may never have judged. Its
-            # rows wait for the next connection, which sends them one by one.
-            action = RefusalAction.RETRY_LATER
-        d._held[seq] = action
-        for held, cover in list(d._covered.items()):  # that diff did not carry them after all
+            # rows wait for the next connection, which sends them one Update each.
+            action = RefusalAction.SPLIT
+        for held in carried:
+            if held not in d._held or action is RefusalAction.SPLIT:
+                d._held[held] = action
+        d._held[row] = action
+        for held, cover in list(d._covered.items()):  # that Update did not carry them after all
             if cover == seq:
                 del d._covered[held]
-                if action is RefusalAction.RETRY_LATER:
-                    d._held[held] = RefusalAction.RETRY_LATER
+                if action in (RefusalAction.RETRY_LATER, RefusalAction.SPLIT):
+                    d._held[held] = action
         if action is RefusalAction.ROLLBACK:
-            return [Rollback(d.doc, seq, code, message)]
+            return [Rollback(d.doc, row, code, message)]
         if action is RefusalAction.RESYNC:
             if True in d._replies_due:  # a resync is on its way already; its diff covers this
                 return []
             return [RequestState(d.doc, merged=True)]
+        if action is RefusalAction.RETRY_LATER:
+            return [CheckSettled(d.doc), *self._retry_later(d)]
         return [CheckSettled(d.doc)]
+
+    def _retry_later(self, d: DocumentSync) -> list[Decision]:
+        """A wait before the document's changes to retry later go again on this connection,
+        doubling with each retry and bounded; none in a one-shot sync (it ends, and the next
+        sync sends them) or past RETRIES_PER_CONNECTION (the next connection does)."""
+        if self.one_shot or d._retry_scheduled or d._retries >= RETRIES_PER_CONNECTION:
+            return []
+        d._retry_scheduled = True
+        delay = min(RETRY_CAP_SECONDS, RETRY_BASE_SECONDS * 2**d._retries)
+        d._retries += 1
+        return [RetryAfter(d.doc, delay)]
+
+    def retry_due(self, doc: str) -> list[Decision]:
+        """The wait of a :class:`RetryAfter` is over: read the pending rows, to send the rows
+        to retry later again, each as a new Update with the next unused seq. Its Ack settles
+        the row (no earlier Ack does); a refusal of it is that row's."""
+        d = self.document(doc)
+        d._retry_scheduled = False
+        if d._phase is not DocumentPhase.LIVE or self._session.closed:
+            return []
+        if not any(
+            a is RefusalAction.RETRY_LATER and s not in d._covered for s, a in d._held.items()
+        ):
+            return []
+        d._retry_due = True
+        if d._reading:
+            d._dirty = True
+            return []
+        d._reading = True
+        return [ReadUnsent(doc)]
 
     # --- Inputs: the replica -----------------------------------------------------------------
 
@@ -580,36 +652,41 @@ class DeviceSync:
     def outgoing_read(
         self,
         decision: ReadOutgoing,
-        rows: Sequence[tuple[int, bytes]],
+        updates: Sequence[tuple[int, bytes, tuple[int, ...]]],
         pending: int,
         now_ms: int,
     ) -> list[Decision]:
-        """The rows ``Replica.outgoing`` gave for a :class:`ReadOutgoing`: the document goes live
-        and they are sent (those this connection has not sent, in order).
+        """The Updates ``Replica.outgoing`` gave for a :class:`ReadOutgoing`, each with the
+        pending rows it carries: the document goes live and they are sent (those this
+        connection has not sent, in order).
 
-        A merged diff carries the highest pending seq; if this connection sent that seq already
-        (a resync of rows sent on it), the diff takes the next seq instead, marked as borrowed:
-        its Ack keeps a row of that seq pending, since the diff was read before such a row."""
+        A diff (of a resync, or the last Update, carrying no row) whose seq this connection
+        sent already (a resync of rows sent on it) takes the next seq instead, marked as
+        borrowed: its Ack keeps a row of that seq pending, since the diff was read before such
+        a row. An Update carrying several rows is remembered as merged: a refusal of it names
+        none of them (:attr:`RefusalAction.SPLIT`)."""
         d = self.document(decision.doc)
         if d._phase is DocumentPhase.CLOSED:
             return []
         d._phase = DocumentPhase.LIVE
         decisions: list[Decision] = []
-        if decision.merged and rows:
-            seq, update = rows[-1]
+        for index, (seq, update, carried) in enumerate(updates):
+            last = index == len(updates) - 1
             if seq <= d._sent_upto:
+                if not (decision.merged or (last and not carried)):
+                    continue  # a row sent on this connection already
                 seq = d._sent_upto + 1
                 d._synthetic.add(seq)
+                if len(carried) == 1:
+                    d._resent[seq] = carried[0]
             decisions += self._send(d, seq, update, now_ms)
-            d._merged.add(seq)
-            # The diff holds what the rows awaiting the resync brought: its Ack settles them.
-            for held, action in d._held.items():
-                if action is RefusalAction.RESYNC and held < seq and held not in d._covered:
-                    d._covered[held] = seq
-        else:
-            for seq, update in rows:
-                if seq > d._sent_upto:
-                    decisions += self._send(d, seq, update, now_ms)
+            if len(carried) > 1:
+                d._merged[seq] = tuple(carried)
+            if decision.merged:
+                # The diff holds what the rows awaiting the resync brought: its Ack settles them.
+                for held, action in d._held.items():
+                    if action is RefusalAction.RESYNC and held < seq and held not in d._covered:
+                        d._covered[held] = seq
         decisions += self._settle_check(d, pending)
         if decision.doc == INDEX_DOCUMENT:
             decisions.append(RequestNew())
@@ -641,8 +718,9 @@ class DeviceSync:
                 return [ReadUnsent(doc)]
             return []  # another process's change that is not a pending edit: nothing to send
         if seq <= d._sent_upto:
-            if seq in d._synthetic:  # its seq went to a merged diff: the next connection sends it
+            if seq in d._synthetic:  # its seq was borrowed: it goes again under a new one
                 d._held[seq] = RefusalAction.RETRY_LATER
+                return self._retry_later(d)
             return []
         decisions = self._send(d, seq, update, now_ms)
         if doc == INDEX_DOCUMENT:
@@ -659,6 +737,7 @@ class DeviceSync:
         still = {seq for seq, _update in rows}
         for gone in [seq for seq in d._held if seq not in still]:  # settled or rebased since
             del d._held[gone]
+            d._covered.pop(gone, None)
         if not self._session.closed:
             for seq, update in rows:
                 if seq > d._sent_upto:
@@ -666,6 +745,15 @@ class DeviceSync:
         if d._dirty and not self._session.closed:
             d._dirty = False
             return [*decisions, ReadUnsent(d.doc)]
+        if d._retry_due and not self._session.closed:
+            d._retry_due = False
+            for seq, update in rows:  # above every row read, so that no Ack skips one
+                if d._held.get(seq) is RefusalAction.RETRY_LATER and seq not in d._covered:
+                    wire = d._sent_upto + 1
+                    d._synthetic.add(wire)
+                    d._resent[wire] = seq
+                    d._covered[seq] = wire  # only the Ack of its retry settles it
+                    decisions += self._send(d, wire, update, now_ms)
         d._reading = d._dirty = False
         decisions += self._settle_check(d, pending)
         if decision.doc == INDEX_DOCUMENT:
