@@ -100,6 +100,7 @@ from foliosync.sync.protocol import (
     UpdateReceived,
     Welcomed,
 )
+from foliosync.sync.protocol.document_sync import RetryAfter
 from foliosync.sync.validation import normalize_symbol
 
 __all__ = ["Backoff", "SyncClient", "SyncStatus"]
@@ -670,13 +671,16 @@ class _Connection:
         self.snapshot_given_up = False
         self._side_tasks: set[asyncio.Task[None]] = set()  # work started from callbacks
         self._heartbeat_task: asyncio.Task[None] | None = None
+        # Set when work beside the read loop finds a one-shot sync done (a rollback read and
+        # sent in a side task leaves the document quiet with no frame left to come).
+        self._done = asyncio.Event()
 
     async def serve(self) -> None:
         writer = asyncio.get_running_loop().create_task(self._write_loop())
         unsubscribe = self.replica.subscribe(self._on_local_change)
         try:
             self._send(self.session.hello(self.client.token, self.client.client_name))
-            await self._read_loop()
+            await self._read_until_done()
         except _Stop:
             pass
         finally:
@@ -700,6 +704,22 @@ class _Connection:
                 await self.ws.send_bytes(data)
             except (ConnectionError, RuntimeError, aiohttp.ClientError):
                 return
+
+    async def _read_until_done(self) -> None:
+        """The read loop, until it ends or a side task finds the one-shot sync done."""
+        loop = asyncio.get_running_loop()
+        reader = loop.create_task(self._read_loop())
+        done = loop.create_task(self._done.wait())
+        try:
+            await asyncio.wait({reader, done}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            done.cancel()
+            if not reader.done():
+                reader.cancel()  # a frame's handling in progress runs to completion first
+                with contextlib.suppress(asyncio.CancelledError, _Stop):
+                    await reader
+        if reader.done() and not reader.cancelled():
+            reader.result()  # _Stop, or why the connection ended
 
     async def _read_loop(self) -> None:
         while True:
@@ -814,6 +834,9 @@ class _Connection:
             case Rollback(doc):
                 await self._refuse(decision)
                 return machine.rolled_back(decision, self._pending(doc))
+            case RetryAfter(doc, delay):
+                self._spawn(self._retry(doc, delay))
+                return []
             case CheckSettled(doc):
                 return machine.pending_is(decision, self._pending(doc))
             case MarkSynced(doc):
@@ -841,6 +864,23 @@ class _Connection:
                 decision.code,
                 decision.message,
             )
+            return
+        # No pending row of that seq any more: another rollback re-made it (its change, made
+        # again, goes under a new seq and is judged on its own), or the Update carried no row
+        # (only what the relay lacked of the confirmed content). Nothing was rolled back here:
+        # say so rather than pretend, and remember it as the last error.
+        message = (
+            f"the relay refused seq {decision.seq} of {decision.doc} ({decision.code}: "
+            f"{decision.message}), which no pending change holds any more; nothing rolled back"
+        )
+        log.warning("%s", message)
+        await self.client._record_error(LastError.now(decision.code, message[:200]))
+
+    async def _retry(self, doc: str, delay: float) -> None:
+        """Send the document's changes to retry later again, after ``delay`` seconds."""
+        await asyncio.sleep(delay)
+        if not self.session.closed:
+            self._spawn_decisions(self.machine.retry_due(doc))
 
     def _spawn_decisions(self, decisions: list[Decision]) -> None:
         """Execute decisions from a callback: Sends now, in order; the rest in a task."""
@@ -864,7 +904,21 @@ class _Connection:
             with contextlib.suppress(Exception):
                 await self.ws.close()
             return
-        self._check_idle()
+        if self._check_idle() and self.until_idle:
+            await self._finish_aside()
+
+    async def _finish_aside(self) -> None:
+        """A one-shot sync found quiet beside the read loop (no frame may come to end it):
+        ends it now, or once the bounded wait for the prices' snapshot is over."""
+        try:
+            await self._finish_one_shot()
+            if self.snapshot_deadline is not None:
+                loop = asyncio.get_running_loop()
+                await asyncio.sleep(max(self.snapshot_deadline - loop.time(), 0))
+                self.snapshot_given_up = self.snapshot_given_up or not self.snapshot_received
+                await self._finish_one_shot()
+        except _Stop:
+            self._done.set()
 
     async def _heartbeat(self) -> None:
         """Every HEARTBEAT_SECONDS while every document is in sync with nothing in flight, write
@@ -897,6 +951,8 @@ class _Connection:
             await asyncio.sleep(delay)
         wanted = frozenset(await self.replica.followed_symbols() | self.client.extra_symbols)
         self.client._note_followed(wanted)
+        if not self.machine.welcomed:  # a Subscribe before the Welcome is a protocol error;
+            return  # the Welcome's handling subscribes with the symbols as they are then
         if wanted != self.subscribed and not self.session.closed:
             self.subscribed = wanted
             self.price_seqs.reset()

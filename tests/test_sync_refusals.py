@@ -7,23 +7,36 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shutil
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 from aiohttp import web
 from pycrdt import Doc, Map
 
 from foliosync.client.replica import Replica
+from foliosync.client.sync import SyncClient, _Connection
 from foliosync.server.auth import issue_token, load_or_create_secret
 from foliosync.server.extensions import Extension, ProposedUpdate, default_extensions
 from foliosync.server.http_errors import JsonErrorAppRunner
 from foliosync.server.relay import RelayConfig, create_app
 from foliosync.sync.errors import UpdateRefused
 from foliosync.sync.model import DocumentKind
-from foliosync.sync.protocol import Error, ErrorCode, Update, decode_frame, encode_frame
+from foliosync.sync.protocol import (
+    ClientSession,
+    DeviceSync,
+    Error,
+    ErrorCode,
+    Update,
+    decode_frame,
+    encode_frame,
+)
+from foliosync.sync.protocol import document_sync as document_sync_module
 
 TECH = "wl-52864113d0bf7ec5b0a294a5"
 Rule = Callable[[Update], str | None]  # the error code to answer an Update with, or None
@@ -142,8 +155,9 @@ async def symbols(replica: Replica) -> list[str]:
 
 
 async def test_a_change_to_retry_later_stays_pending_through_later_acks_and_goes_next_time(
-    relay: Any, tmp_path: Path, helpers: Any
+    relay: Any, tmp_path: Path, helpers: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(document_sync_module, "RETRY_BASE_SECONDS", 600.0)  # not on this one
     eventually, fast_client, opened_replica = (
         helpers.eventually,
         helpers.fast_client,
@@ -338,3 +352,115 @@ async def test_an_extensions_refusal_between_two_accepted_changes_across_process
         assert code == 0, err
         code, out, _ = await run_cli("--db", phone, "watchlist", "show", "Tech")
         assert code == 0 and "EVIL" not in out and all(s in out for s in ("AAPL", "MSFT", "NVDA"))
+
+
+async def test_a_change_to_retry_later_goes_again_on_the_same_connection(
+    relay: Any, tmp_path: Path, helpers: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A webhook down for a moment: the change is sent again after a short wait (twice here,
+    the wait doubling), as a new Update, without waiting for a reconnect."""
+    monkeypatch.setattr(document_sync_module, "RETRY_BASE_SECONDS", 0.05)
+    rule = refuse_symbol("FLAKY", ErrorCode.EXTENSION_FAILED, times=2)
+    async with (
+        refusing_relay(relay.url, rule) as (url, stand_in),
+        helpers.opened_replica(tmp_path / "laptop.db") as laptop,
+        helpers.opened_replica(tmp_path / "phone.db") as phone,
+    ):
+        client = helpers.fast_client(laptop, url, relay.token("alice", "laptop"))
+        client.start()
+        try:
+            watchlist = await laptop.create_watchlist("Tech")
+            await client.wait_in_sync(10)
+            await watchlist.add("AAPL")
+            await watchlist.add("FLAKY")
+            await helpers.eventually(lambda: laptop.info(TECH).pending == 0, timeout=10)
+            assert [code for _doc, _seq, code in stand_in.refused] == [
+                ErrorCode.EXTENSION_FAILED
+            ] * 2
+            seqs = [seq for _doc, seq, _code in stand_in.refused]
+            assert seqs[0] < seqs[1]  # each retry under a new seq
+            assert stand_in.connections == 1  # on the same connection
+            assert laptop.refusals() == []
+        finally:
+            await client.stop()
+        await helpers.fast_client(phone, relay.url, relay.token("alice", "phone")).sync_once(10)
+        assert await symbols(phone) == ["AAPL", "FLAKY"]
+
+
+async def test_sync_once_ends_as_soon_as_a_refused_change_is_rolled_back(
+    relay: Any, tmp_path: Path, helpers: Any
+) -> None:
+    """One pending change, refused: once it is rolled back nothing is pending and no frame is
+    due, so the one-shot sync ends then (it used to wait for its timeout and fail)."""
+    async with (
+        refusing_relay(relay.url, refuse_symbol("EVIL", ErrorCode.REFUSED)) as (url, _),
+        helpers.opened_replica(tmp_path / "laptop.db") as laptop,
+    ):
+        token = relay.token("alice", "laptop")
+        watchlist = await laptop.create_watchlist("Tech")
+        await watchlist.add("AAPL")
+        assert await helpers.fast_client(laptop, url, token).sync_once(10)
+        await watchlist.add("EVIL")
+        for snapshot_timeout in (0.0, 2.0):  # without prices to wait for, and with them
+            started = time.monotonic()
+            assert await helpers.fast_client(
+                laptop, url, token, snapshot_timeout=snapshot_timeout
+            ).sync_once(8)
+            assert time.monotonic() - started < 5
+            assert watchlist.symbols == ["AAPL"] and laptop.info(TECH).pending == 0
+            await watchlist.add("EVIL")
+        assert [r.code for r in laptop.refusals(TECH)] == [ErrorCode.REFUSED] * 2
+
+
+async def test_a_relay_restored_from_a_backup_refuses_one_change_and_keeps_the_others(
+    tmp_path: Path, helpers: Any
+) -> None:
+    """The relay lost a settled change (MSFT, restored from an older backup); offline, the device
+    then made a change its rule refuses (EVIL) and a valid one (a note). What the relay lacks of
+    the confirmed content goes first, then each change on its own: EVIL alone is rolled back."""
+    data, backup = tmp_path / "relay", tmp_path / "backup"
+    async with helpers.opened_replica(tmp_path / "laptop.db") as laptop:
+        async with relay_with(data, NoEvil()) as (url, secret):
+            token = issue_token(secret, "alice", device="laptop")
+            watchlist = await laptop.create_watchlist("Tech")
+            await watchlist.add("AAPL")
+            assert await helpers.fast_client(laptop, url, token).sync_once(10)
+        shutil.copytree(data, backup)
+        async with relay_with(data, NoEvil()) as (url, secret):
+            await watchlist.add("MSFT")
+            assert await helpers.fast_client(laptop, url, token).sync_once(10)
+        shutil.rmtree(data)
+        shutil.copytree(backup, data)  # restored: MSFT is gone
+        await watchlist.add("EVIL")
+        await watchlist.set_note("AAPL", "core")
+        async with relay_with(data, NoEvil()) as (url, secret):
+            assert await helpers.fast_client(laptop, url, token).sync_once(10)
+            assert [r.summary for r in laptop.refusals(TECH)] == ["add EVIL to Tech"]
+            assert [(e.symbol, e.note) for e in watchlist.entries()] == [
+                ("AAPL", "core"),
+                ("MSFT", None),
+            ]
+            assert laptop.info(TECH).pending == 0
+            async with helpers.opened_replica(tmp_path / "phone.db") as phone:
+                phone_token = issue_token(secret, "alice", device="phone")
+                assert await helpers.fast_client(phone, url, phone_token).sync_once(10)
+                phone_list = await phone.watchlist(TECH)
+                assert [(e.symbol, e.note) for e in phone_list.entries()] == [
+                    ("AAPL", "core"),
+                    ("MSFT", None),
+                ]
+
+
+async def test_followed_symbols_changing_before_the_welcome_send_no_subscribe(
+    tmp_path: Path, helpers: Any
+) -> None:
+    """An edit while a reconnect waits for the Welcome re-checks the followed symbols: no
+    Subscribe may go before the Welcome (a protocol error); the Welcome's handling sends it."""
+    async with helpers.opened_replica(tmp_path / "laptop.db") as laptop:
+        await (await laptop.create_watchlist("Tech")).add("AAPL")
+        client = SyncClient(laptop, "ws://127.0.0.1:9/ws", "token")
+        session = ClientSession()
+        session.hello("token")
+        connection = _Connection(client, None, DeviceSync(session))  # type: ignore[arg-type]
+        await connection._update_subscription()
+        assert connection.outbox.empty() and connection.subscribed is None
