@@ -613,8 +613,7 @@ class Replica:
         async with self._lock:
             self._check_open()
             await self._store.acknowledge(doc_id, seq, keep)
-            pending = await self._store.pending(doc_id)
-            self._pending[doc_id] = sum(p.changes for p in pending)
+            self._pending[doc_id] = await self._store.pending_changes(doc_id)
 
     # -- rollback ----------------------------------------------------------------------------
 

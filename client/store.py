@@ -814,6 +814,15 @@ class ReplicaStore:
     async def pending(self, doc_id: str | None = None) -> list[PendingUpdate]:
         return await self._guard(lambda: self._pending_rows(doc_id))
 
+    async def pending_changes(self, doc_id: str) -> int:
+        """How many edits the document's pending rows hold, without reading their bytes: an
+        Ack's recount, which must not cost as much as reading every row when thousands wait."""
+        return await self._guard(
+            lambda: self._scalar(
+                "SELECT sum(changes) FROM updates WHERE doc_id = ? AND pending = 1", (doc_id,)
+            )
+        )
+
     async def _pending_rows(self, doc_id: str | None) -> list[PendingUpdate]:
         sql = "SELECT seq, doc_id, data, changes FROM updates WHERE pending = 1"
         params: tuple[object, ...] = ()
