@@ -73,7 +73,7 @@ def test_an_unmetered_session_needs_no_clock_and_a_metered_one_does() -> None:
 )
 def test_a_bad_rate_is_a_config_error(kwargs: dict[str, float]) -> None:
     with pytest.raises(ConfigError):
-        MessageRate(**kwargs)  # type: ignore[arg-type]
+        MessageRate(**kwargs)
 
 
 @given(

@@ -91,7 +91,8 @@ class TlsRelay:
         return f"https://127.0.0.1:{self.port}"
 
     def token(self, user: str, device: str | None = None, **kwargs: Any) -> str:
-        return issue_token(self.secret, user, device=device, **kwargs)
+        token: str = issue_token(self.secret, user, device=device, **kwargs)
+        return token
 
 
 @pytest.fixture
@@ -103,7 +104,7 @@ async def tls_relay(tmp_path: Path, pki: Pki) -> AsyncIterator[TlsRelay]:
     await site.start()
     server = site._server
     assert server is not None
-    port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
     try:
         yield TlsRelay(port, load_or_create_secret(config.data_dir))
     finally:
