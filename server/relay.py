@@ -832,6 +832,10 @@ class Connection:
             for event in events:
                 with log_context(doc=getattr(event, "doc", None)):
                     await self._handle(event)
+            # receive() returns without yielding while frames are buffered: without this, a
+            # client that sends a hundred costly frames at once has the relay to itself until
+            # they are all handled, and every other connection waits.
+            await asyncio.sleep(0)
 
     # -- events ------------------------------------------------------------------------------
 

