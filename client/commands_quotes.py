@@ -37,6 +37,9 @@ def register(subparsers: Any) -> None:
     prices.add_argument("--server", metavar="URL", help="relay URL (default: remembered)")
     prices.add_argument("--token", help="token (default: remembered)")
     prices.add_argument(
+        "--ca", metavar="FILE", help="CAs (PEM) a wss:// relay's certificate must verify against"
+    )
+    prices.add_argument(
         "--duration", type=seconds, metavar="S", help="with --follow: stop after S seconds"
     )
     prices.set_defaults(handler=_prices)
@@ -72,7 +75,13 @@ async def _prices(args: argparse.Namespace) -> int:
         token = args.token or os.environ.get("FOLIOSYNC_TOKEN") or meta.get("token")
         if not server or not token:
             raise ConfigError("--follow needs a relay: give --server and --token (or sync once)")
-        client = SyncClient(replica, server, token, client_name=f"cli-{replica.device_id}")
+        client = SyncClient(
+            replica,
+            server,
+            token,
+            client_name=f"cli-{replica.device_id}",
+            ca_file=args.ca or os.environ.get("FOLIOSYNC_CA") or None,
+        )
         client.extra_symbols.update(symbols)
         wanted = set(symbols)
         shown: dict[str, tuple[int, Decimal]] = {}

@@ -119,6 +119,42 @@ def register(subparsers: Any) -> None:
         help="add an app's extension: FACTORY(config, secret) in MODULE returns an Extension "
         "or a list of them, run after the defaults (tokens, owners, layouts); may be repeated",
     )
+    relay.add_argument(
+        "--tls-cert",
+        metavar="FILE",
+        help="serve wss:// and https:// with this certificate chain (PEM); needs --tls-key",
+    )
+    relay.add_argument("--tls-key", metavar="FILE", help="the certificate's private key (PEM)")
+    relay.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=120.0,
+        metavar="SECONDS",
+        help="close a connection that sent nothing, not even a ping, for this long (default "
+        "120; 0: never)",
+    )
+    relay.add_argument(
+        "--max-connections-per-user",
+        type=int,
+        default=100,
+        metavar="N",
+        help="connections one user may hold at once (default 100)",
+    )
+    relay.add_argument(
+        "--max-documents-per-user",
+        type=int,
+        default=10_000,
+        metavar="N",
+        help="distinct documents the relay stores per user (default 10000)",
+    )
+    relay.add_argument(
+        "--message-rate",
+        type=float,
+        default=1000.0,
+        metavar="N",
+        help="messages per second one connection may send in the long run (default 1000; "
+        "bursts of 10000 pass, and 10 s over the rate ends the connection)",
+    )
     relay.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
     relay.add_argument(
         "--log-format",
@@ -186,7 +222,8 @@ async def _run_relay(args: argparse.Namespace) -> int:
     from foliosync.server.data_lock import DataDirLocked
     from foliosync.server.logs import configure_logging
     from foliosync.server.relay import RelayConfig
-    from foliosync.server.serve import serve
+    from foliosync.server.serve import serve, tls_server_context
+    from foliosync.sync.protocol.limits import MessageRate
 
     if not 0 < args.port < 65536:
         raise ConfigError(f"invalid port {args.port}")
@@ -196,6 +233,9 @@ async def _run_relay(args: argparse.Namespace) -> int:
         raise ConfigError("--max-hot-documents and --max-initial-syncs must be at least 1")
     if not math.isfinite(args.hook_timeout) or args.hook_timeout <= 0:
         raise ConfigError(f"invalid --hook-timeout {args.hook_timeout}: more than 0 seconds")
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise ConfigError("--tls-cert and --tls-key go together: give both, or neither")
+    tls = None if args.tls_cert is None else tls_server_context(args.tls_cert, args.tls_key)
     level = getattr(logging, str(args.log_level).upper(), None)
     if not isinstance(level, int):
         raise ConfigError(f"unknown log level {args.log_level!r}")
@@ -214,6 +254,10 @@ async def _run_relay(args: argparse.Namespace) -> int:
         cors_origins=tuple(args.cors_origin or ()),
         metrics_port=args.metrics_port,
         hook_timeout=args.hook_timeout,
+        idle_timeout=args.idle_timeout,
+        max_connections_per_user=args.max_connections_per_user,
+        max_documents_per_user=args.max_documents_per_user,
+        message_rate=MessageRate(rate=args.message_rate),
     )
     extensions = None
     if args.extension:
@@ -225,12 +269,15 @@ async def _run_relay(args: argparse.Namespace) -> int:
     host = f"[{args.host}]" if ":" in args.host else args.host
 
     def listening() -> None:  # only once bound: a script may connect as soon as it reads this
-        print(f"foliosync relay on ws://{host}:{args.port}/ws, data in {data_dir}", flush=True)
+        ws, http = ("wss", "https") if tls is not None else ("ws", "http")
+        print(f"foliosync relay on {ws}://{host}:{args.port}/ws, data in {data_dir}", flush=True)
+        if tls is not None:
+            print(f"HTTP API on {http}://{host}:{args.port}/", flush=True)
         if args.metrics_port is not None:
             print(f"metrics on http://127.0.0.1:{args.metrics_port}/metrics", flush=True)
 
     try:  # the relay locks its data directory: a second one, or a restore under it, is refused
-        await serve(config, on_listening=listening, extensions=extensions)
+        await serve(config, on_listening=listening, extensions=extensions, tls=tls)
     except DataDirLocked as exc:
         raise DataDirLocked(f"{exc}: stop it or give this one another --data") from None
     return 0

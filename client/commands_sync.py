@@ -33,6 +33,12 @@ def register(subparsers: Any) -> None:
     sync.add_argument("--server", metavar="URL", help=f"relay URL (e.g. {DEFAULT_SERVER})")
     sync.add_argument("--token", help="token from `foliosync token USER` on the relay")
     sync.add_argument(
+        "--ca",
+        metavar="FILE",
+        help="verify a wss:// relay's certificate against the CAs in FILE (PEM) instead of the "
+        "system's (default: $FOLIOSYNC_CA, else the system's)",
+    )
+    sync.add_argument(
         "--timeout",
         type=seconds,
         default=30.0,
@@ -63,7 +69,13 @@ async def _sync(args: argparse.Namespace) -> int:
             raise ConfigError(f"no relay given: use --server URL (e.g. {DEFAULT_SERVER})")
         if not token:
             raise ConfigError("no token given: use --token (from `foliosync token USER`)")
-        client = SyncClient(replica, server, token, client_name=f"cli-{replica.device_id}")
+        client = SyncClient(
+            replica,
+            server,
+            token,
+            client_name=f"cli-{replica.device_id}",
+            ca_file=args.ca or os.environ.get("FOLIOSYNC_CA") or None,
+        )
         refused: list[Refusal] = []
         stop_hearing = replica.on_refusal(refused.append)
         try:

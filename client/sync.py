@@ -48,9 +48,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import itertools
 import logging
 import os
 import random
+import ssl as _ssl
 from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -63,6 +65,7 @@ from foliosync.client.replica import SYNCED_AT_META, DocumentChange, DocumentInf
 from foliosync.sync.clock import wall_ms
 from foliosync.sync.errors import (
     AuthError,
+    ConfigError,
     ConnectionLost,
     FolioSyncError,
     ProtocolError,
@@ -103,7 +106,7 @@ from foliosync.sync.protocol import (
 from foliosync.sync.protocol.document_sync import RetryAfter
 from foliosync.sync.validation import normalize_symbol
 
-__all__ = ["Backoff", "SyncClient", "SyncStatus"]
+__all__ = ["Backoff", "SyncClient", "SyncStatus", "tls_context"]
 
 log = logging.getLogger("foliosync.sync")
 
@@ -113,6 +116,22 @@ LEASE_POLL_SECONDS = 0.1  # how often a client waiting for the sync lease tries 
 # How often the syncing process, connected and in sync, says so in the replica's meta, for the
 # processes waiting for its lease (their freshness; a write of a few bytes).
 HEARTBEAT_SECONDS = 2.0
+
+
+def tls_context(ca_file: str | os.PathLike[str] | None = None) -> _ssl.SSLContext:
+    """The TLS context a client verifies a wss:// relay with: the system's trusted CAs, or only
+    those of ``ca_file`` (PEM) when given, e.g. a private CA's. Hostnames are checked, TLS 1.2 at
+    least. A missing or unreadable file is a ConfigError naming it, at construction: never a
+    connection that falls back to something weaker."""
+    try:
+        context = _ssl.create_default_context(
+            cafile=None if ca_file is None else os.fspath(ca_file)
+        )
+    except (OSError, _ssl.SSLError) as exc:
+        reason = getattr(exc, "strerror", None) or exc
+        raise ConfigError(f"cannot read the CA file {ca_file}: {reason}") from exc
+    context.minimum_version = _ssl.TLSVersion.TLSv1_2
+    return context
 
 
 @dataclass(slots=True)
@@ -237,7 +256,20 @@ class SyncClient:
         connect_timeout: float = 10.0,
         flush_timeout: float = 5.0,
         snapshot_timeout: float = 5.0,
+        ca_file: str | os.PathLike[str] | None = None,
+        ssl: _ssl.SSLContext | None = None,
     ) -> None:
+        """``ca_file`` (PEM) or ``ssl`` (a context of your own) say whom a wss:// relay's
+        certificate must verify against; by default the system's trusted CAs (:func:`tls_context`).
+        They do not apply to ws:// URLs, which have no TLS. ``heartbeat`` is how often the
+        connection pings (WebSocket pings, and a protocol Ping that the relay's idle timeout
+        sees)."""
+        if ssl is not None and ca_file is not None:
+            raise ConfigError("give ca_file or ssl, not both")
+        if ssl is not None and not isinstance(ssl, _ssl.SSLContext):
+            raise ConfigError(f"ssl must be an ssl.SSLContext, not {ssl!r}")
+        self.tls = ssl if ssl is not None else tls_context(ca_file)
+        """What a wss:// relay's certificate is verified with."""
         self.replica = replica
         self.url = url
         self.token = token
@@ -606,7 +638,16 @@ class SyncClient:
                         heartbeat=self.heartbeat,
                         max_msg_size=CLIENT_MAX_FRAME + 1024,
                         compress=0,
+                        ssl=self.tls if self.url.startswith(("wss:", "https:")) else True,
                     )
+                except aiohttp.ClientConnectorCertificateError as exc:
+                    reason = getattr(exc.certificate_error, "verify_message", None) or str(
+                        exc.certificate_error
+                    )
+                    raise ConnectionLost(
+                        f"the relay at {self.url} has a certificate that does not verify "
+                        f"({reason}); give its CA with ca_file (--ca, $FOLIOSYNC_CA)"
+                    ) from exc
                 except (aiohttp.ClientError, OSError, TimeoutError) as exc:
                     raise ConnectionLost(f"cannot reach the relay at {self.url}: {exc}") from exc
                 async with ws:
@@ -784,6 +825,7 @@ class _Connection:
             self._send(self.session.pong(event.nonce))
         elif isinstance(event, Welcomed):
             self.client._welcomed_by(event)
+            self._spawn(self._ping_every_heartbeat())
             await self._execute(self.machine.receive(event))
             if not self.until_idle:  # a one-shot sync of documents needs no prices
                 await self._update_subscription()
@@ -919,6 +961,19 @@ class _Connection:
                 await self._finish_one_shot()
         except _Stop:
             self._done.set()
+
+    async def _ping_every_heartbeat(self) -> None:
+        """A protocol Ping every ``heartbeat`` seconds: the relay answers WebSocket pings below
+        what it sees, so a connection with nothing to say would otherwise look idle to it and be
+        closed after its idle timeout (``idle_timeout``, 120 s by default)."""
+        interval = self.client.heartbeat
+        if not interval > 0:
+            return
+        for nonce in itertools.count(1):
+            await asyncio.sleep(interval)
+            if self.session.closed:
+                return
+            self._send(self.session.ping(nonce))
 
     async def _heartbeat(self) -> None:
         """Every HEARTBEAT_SECONDS while every document is in sync with nothing in flight, write

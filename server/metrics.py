@@ -52,6 +52,7 @@ if TYPE_CHECKING:
 __all__ = [
     "CLOSE_CODES",
     "CONTENT_TYPE",
+    "CUT_REASONS",
     "REFUSAL_REASONS",
     "UPDATE_REFUSALS",
     "FrameCounts",
@@ -64,7 +65,7 @@ __all__ = [
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
-REFUSAL_REASONS = ("auth_failed", "hello_timeout", "bad_hello", "scope")
+REFUSAL_REASONS = ("auth_failed", "hello_timeout", "bad_hello", "scope", "too_many_connections")
 """Why a connection was refused at admission (the ``reason`` label of
 ``foliosync_connections_refused_total``), every one exported from the start at 0."""
 
@@ -82,9 +83,15 @@ UPDATE_REFUSALS = (
     "invalid_document",
     "refused",
     "extension_failed",
+    "too_many_documents",
 )
 """The error codes an Update is refused with, exported from the start at 0 (so that a rate of
 refusals is defined before the first one); a code not listed appears once sent."""
+
+CUT_REASONS = ("rate_limited", "idle_timeout")
+"""Why the relay ended an admitted connection for its behaviour (the ``reason`` label of
+``foliosync_connections_cut_total``): over the message rate past its grace, or silent for the
+idle timeout. Exported from the start at 0."""
 
 CLOSE_CODES = ("1000", "1001", "1006", "1009", "1011", "1013", "none")
 """The close codes exported from the start at 0; others (a peer's own) appear once seen."""
@@ -137,6 +144,7 @@ class RelayCounters:
         self.connections_closed: Counter[str] = Counter(dict.fromkeys(CLOSE_CODES, 0))
         self.heartbeats_missed = 0
         self.connections_refused: Counter[str] = Counter({r: 0 for r in REFUSAL_REASONS})
+        self.connections_cut: Counter[str] = Counter(dict.fromkeys(CUT_REASONS, 0))
         self.received = FrameCounts()
         self.sent = FrameCounts()
         self.update_store = Timings()
@@ -291,6 +299,12 @@ class RelayCollector(Collector):
             "Connections refused at admission",
             "reason",
             counters.connections_refused.items(),
+        )
+        yield _labelled_counter(
+            "foliosync_connections_cut",
+            "Admitted connections the relay ended for their behaviour",
+            "reason",
+            counters.connections_cut.items(),
         )
 
     def _frames(self, counters: RelayCounters) -> Iterator[Metric]:

@@ -108,6 +108,7 @@ from foliosync.sync.protocol import (
     encode_frame,
     encode_price_frame,
 )
+from foliosync.sync.protocol.limits import MessageRate
 from foliosync.sync.updates import decode_state_vector
 from foliosync.sync.validation import normalize_symbol
 
@@ -175,6 +176,18 @@ class RelayConfig:
     feed: str = "none"  # "sim", "sim:always", "csv:PATH" or "none"; see foliosync.server.feeds
     max_symbols: int = 2000  # symbols one connection may follow
     max_documents: int = DEFAULT_MAX_DOCUMENTS  # distinct documents one connection may sync
+    max_documents_per_user: int = 10_000
+    """Distinct documents the relay stores for one user; an Update that would store one more is
+    refused with a per-document ``too_many_documents``."""
+    max_connections_per_user: int = 100
+    """Connections one user may hold at once; the next Hello gets a fatal
+    ``too_many_connections``."""
+    message_rate: MessageRate = field(default_factory=MessageRate)
+    """The token bucket every connection's messages go through (``rate_limited`` past it)."""
+    idle_timeout: float = 120.0
+    """Seconds a connection may send nothing (not even a Ping) before the relay ends it with a
+    fatal ``idle_timeout``; 0: never. Clients ping more often than this (SyncClient every
+    ``heartbeat`` seconds)."""
     trim_memory_every: float = 60.0  # seconds between handing freed memory back (0: never)
     cors_origins: tuple[str, ...] = ()
     """Browser origins (``https://dash.example.com``) that may call the HTTP API; none by
@@ -212,6 +225,11 @@ class RelayConfig:
             raise ConfigError(f"invalid feed {self.feed!r}: sim, sim:always, csv:PATH or none")
         _check_count("max_symbols", self.max_symbols)
         _check_count("max_documents", self.max_documents)
+        _check_count("max_documents_per_user", self.max_documents_per_user)
+        _check_count("max_connections_per_user", self.max_connections_per_user)
+        if not isinstance(self.message_rate, MessageRate):
+            raise ConfigError(f"invalid message_rate {self.message_rate!r}: a MessageRate")
+        _check_seconds("idle_timeout", self.idle_timeout, zero=True)
         _check_seconds("trim_memory_every", self.trim_memory_every, zero=True)
         object.__setattr__(self, "cors_origins", normalize_origins(self.cors_origins))
         if self.metrics_port is not None:
@@ -219,6 +237,14 @@ class RelayConfig:
         _check_seconds("hook_timeout", self.hook_timeout)
         if not isinstance(self.schema_limits, SchemaLimits):
             raise ConfigError(f"invalid schema_limits {self.schema_limits!r}: a SchemaLimits")
+        # A SyncReply carries a whole document and its state vector (no larger than the
+        # document): a document the schema lets grow must fit one, or it could never be read.
+        needed = 2 * self.schema_limits.max_document_bytes + 1024
+        if needed > self.max_send_size:
+            raise ConfigError(
+                f"max_send_size {self.max_send_size} cannot carry a SyncReply of a document of "
+                f"max_document_bytes {self.schema_limits.max_document_bytes}: at least {needed}"
+            )
 
 
 class Relay:
@@ -265,6 +291,13 @@ class Relay:
         self.metrics_port: int | None = None
         self.metrics_address: tuple[str, int] | None = None
         self.connections: set[Connection] = set()
+        # Admitted connections per user, for max_connections_per_user.
+        self.user_connections: dict[str, int] = {}
+        # The documents stored for each user with a connection here (for
+        # max_documents_per_user): read with the Welcome's list, grown by each stored update,
+        # dropped with the user's last connection. Another relay's new documents count from
+        # the next Welcome, so across relays the limit may be passed by a few.
+        self.user_documents: dict[str, set[str]] = {}
         self.feed: Feed | None = None  # the --feed task, once started; /readyz watches it
         self.started = time.monotonic()
         self._ids = itertools.count(1)
@@ -496,7 +529,9 @@ class Connection:
             max_frame_size=relay.config.max_frame_size,
             max_send_size=relay.config.max_send_size,
             max_documents=relay.config.max_documents,
+            message_rate=relay.config.message_rate,
         )
+        self._admitted_user: str | None = None  # counted in relay.user_connections
         self.identity: Identity | None = None
         self.device = ""
         self.outbound = OutboundQueue()
@@ -542,6 +577,7 @@ class Connection:
                 self._fail_internal("the relay failed; reconnect and retry")
             self._close_with = 1011
         finally:
+            self._release_admission()
             self.relay.prices.unsubscribe(self)
             if self._subscription is not None:
                 self._subscription.close()
@@ -563,6 +599,19 @@ class Connection:
             # A socket closed with bytes its peer never takes would stay open for as long as the
             # peer keeps the connection: cut it once a healthy peer would have had them.
             asyncio.get_running_loop().call_later(_CLOSE_TIMEOUT, self._abort_if_stuck)
+
+    def _release_admission(self) -> None:
+        user = self._admitted_user
+        if user is None:
+            return
+        self._admitted_user = None
+        counts = self.relay.user_connections
+        left = counts.get(user, 1) - 1
+        if left > 0:
+            counts[user] = left
+        else:
+            counts.pop(user, None)
+            self.relay.user_documents.pop(user, None)
 
     async def close(self, code: int = 1000, message: bytes = b"") -> None:
         self._closing = True
@@ -713,13 +762,36 @@ class Connection:
 
     async def _read_loop(self) -> None:
         hello_deadline = self.relay.config.hello_timeout
+        idle = self.relay.config.idle_timeout or None
+        loop = asyncio.get_running_loop()
+        last_frame = loop.time()
         while not self.session.closed and not self._closing:
             try:
-                timeout = hello_deadline if self.identity is None else None
-                message = await self.ws.receive(timeout=timeout)
+                if self.identity is None:
+                    message = await self.ws.receive(timeout=hello_deadline)
+                elif idle is None:
+                    message = await self.ws.receive()
+                else:
+                    # Not receive(timeout=): aiohttp restarts that at every WebSocket ping and
+                    # pong, which it answers itself, so a peer that only answers pings would
+                    # never be idle. The deadline counts from the client's last frame.
+                    async with asyncio.timeout_at(last_frame + idle):
+                        message = await self.ws.receive()
+                last_frame = loop.time()
             except TimeoutError:
-                self._counters.connections_refused["hello_timeout"] += 1
-                self._send(self.session.reject(ErrorCode.NOT_AUTHENTICATED, "no Hello in time"))
+                if self.identity is None:
+                    self._counters.connections_refused["hello_timeout"] += 1
+                    self._send(self.session.reject(ErrorCode.NOT_AUTHENTICATED, "no Hello in time"))
+                    return
+                # WebSocket pings are answered by aiohttp and never reach this loop: only the
+                # client's own frames (its protocol Pings among them) keep a connection open.
+                self._counters.connections_cut["idle_timeout"] += 1
+                log.info("connection %s sent nothing for %g s; closing it", self.id, idle)
+                self._send(
+                    self.session.error(
+                        ErrorCode.IDLE_TIMEOUT, f"nothing received for {idle:g} s; ping sooner"
+                    )
+                )
                 return
             if message.type == WSMsgType.CLOSE:
                 if self._close_code is None and isinstance(message.data, int):
@@ -745,9 +817,12 @@ class Connection:
             self._received_at = time.perf_counter()
             self._counters.received.count(data)
             try:
-                events = self.session.receive_data(data)
+                events = self.session.receive_data(data, now=loop.time())
             except RemoteProtocolError as exc:
                 assert self.session.error_reply is not None
+                if exc.code == ErrorCode.RATE_LIMITED:
+                    self._counters.connections_cut["rate_limited"] += 1
+                    log.info("connection %s over the message rate; closing it", self.id)
                 if self.identity is None:
                     self._counters.connections_refused["bad_hello"] += 1
                 elif FrameCounts.code_of(data) == _UPDATE_CODE:
@@ -757,6 +832,10 @@ class Connection:
             for event in events:
                 with log_context(doc=getattr(event, "doc", None)):
                     await self._handle(event)
+            # receive() returns without yielding while frames are buffered: without this, a
+            # client that sends a hundred costly frames at once has the relay to itself until
+            # they are all handled, and every other connection waits.
+            await asyncio.sleep(0)
 
     # -- events ------------------------------------------------------------------------------
 
@@ -808,6 +887,23 @@ class Connection:
                 )
             )
             return
+        limit = self.relay.config.max_connections_per_user
+        held = self.relay.user_connections.get(identity.user, 0)
+        if held >= limit:
+            log.info("connection refused: %s already holds %d connections", identity.user, held)
+            self._counters.connections_refused["too_many_connections"] += 1
+            self._send(
+                self.session.reject(
+                    ErrorCode.TOO_MANY_CONNECTIONS,
+                    f"this user already holds {limit} connections, the relay's limit; close one "
+                    "or retry later",
+                )
+            )
+            return
+        # Counted from here (before the hooks await), so that simultaneous Hellos cannot all
+        # pass the check.
+        self.relay.user_connections[identity.user] = held + 1
+        self._admitted_user = identity.user
         device = identity.device or event.client_name[:64] or self.id
         info = ConnectionInfo(self.id, device, request)
         try:
@@ -816,6 +912,7 @@ class Connection:
             code = exc.code if isinstance(exc, AccessDenied) else ErrorCode.AUTH_FAILED
             log.info("connection refused: %s", exc)
             self._counters.connections_refused["auth_failed"] += 1
+            self._release_admission()
             self._send(self.session.reject(code, str(exc)))
             return
         self._connected = info
@@ -827,6 +924,8 @@ class Connection:
         documents = (
             await self.relay.documents.documents(identity.user) if "sync" in identity.scopes else []
         )
+        if "sync" in identity.scopes:
+            self.relay.user_documents.setdefault(identity.user, set()).update(documents)
         self._send(self.session.accept(identity.user, self.device, documents, wall_ms()))
         self._subscription = self.relay.fanout.subscribe(identity.user, self._deliver)
 
@@ -913,6 +1012,8 @@ class Connection:
             refusal = await self._document_refusal(doc, "write", seq)
             counters.updates_refused[refusal or ErrorCode.NOT_FOUND] += 1
             return
+        if await self._over_document_limit(doc, seq):
+            return
         received_at = self._received_at
         now = wall_ms()
         try:
@@ -948,6 +1049,9 @@ class Connection:
         if self.session.closed:
             return
         self._saw(doc, applied.version)
+        known = self.relay.user_documents.get(self.identity.user)
+        if known is not None:
+            known.add(doc)
         self._send(self.session.ack(doc, seq))
         counters.update_store.observe(time.perf_counter() - received_at)
         counters.updates_acknowledged += 1
@@ -966,15 +1070,52 @@ class Connection:
             )
             counters.update_fanout.observe(time.perf_counter() - received_at)
 
+    async def _over_document_limit(self, doc: str, seq: int) -> bool:
+        """Whether an Update of ``doc`` would store one document more than the user may have
+        (``max_documents_per_user``); if so it is refused, for that document and seq only.
+
+        Counted against :attr:`Relay.user_documents`, so the store is not asked per update."""
+        assert self.identity is not None
+        if "sync" not in self.identity.scopes:
+            return False  # refused anyway, by the authorization that follows
+        user = self.identity.user
+        known = self.relay.user_documents.get(user)
+        if known is None:
+            known = self.relay.user_documents[user] = set(
+                await self.relay.documents.documents(user)
+            )
+        limit = self.relay.config.max_documents_per_user
+        if doc in known or len(known) < limit:
+            return False
+        self._counters.updates_refused[ErrorCode.TOO_MANY_DOCUMENTS] += 1
+        self._refuse(
+            ErrorCode.TOO_MANY_DOCUMENTS,
+            f"the relay keeps at most {limit} documents per user; delete some to make room",
+            doc,
+            seq,
+        )
+        return True
+
     # -- prices ------------------------------------------------------------------------------
 
     def _valid_symbols(self, symbols: tuple[str, ...]) -> list[str]:
+        """The frame's valid symbols, canonical and each once. The invalid ones are told in ONE
+        Error (``doc``: the first as sent), however many there are: an Error per symbol made a
+        Subscribe of 2,000 bad symbols cost the relay thirty times the bytes it cost its sender,
+        and delayed everyone else's frames behind them."""
         valid: dict[str, None] = {}
+        invalid: list[str] = []
         for symbol in symbols:
             try:
                 valid.setdefault(normalize_symbol(symbol), None)
-            except ValidationError as exc:
-                self._send(self.session.error("invalid_symbol", str(exc), doc=symbol[:64]))
+            except ValidationError:
+                invalid.append(symbol)
+        if invalid:
+            self._send(
+                self.session.error(
+                    ErrorCode.INVALID_SYMBOL, _invalid_symbols(invalid), doc=invalid[0][:64]
+                )
+            )
         return list(valid)
 
     def _may_follow_prices(self) -> bool:
@@ -1015,7 +1156,11 @@ class Connection:
         good, bad = check_ticks(event.ticks, wall_ms())
         self.relay.prices.reject(len(bad))
         self.relay.prices.publish(good)
-        self._send(self.session.send(Published(event.batch, len(good), tuple(bad))))
+        # The first refusals only, each reason shortened: a batch of 10,000 tiny bad ticks would
+        # otherwise be answered with several times its own size. The sender knows how many were
+        # refused (len(ticks) - accepted).
+        listed = tuple((index, reason[:_REASON_CHARS]) for index, reason in bad[:_LISTED_TICKS])
+        self._send(self.session.send(Published(event.batch, len(good), listed)))
 
     def _deliver(self, change: Change) -> None:
         """A stored change of one of the user's documents: sent on if this connection synced
@@ -1034,6 +1179,19 @@ class Connection:
 
 
 RelayKey = web.AppKey("relay", Relay)
+
+_LISTED_SYMBOLS = 10  # invalid symbols quoted in the one Error that refuses them
+_LISTED_TICKS = 100  # refused ticks listed in a Published
+_REASON_CHARS = 80  # characters of each listed tick's reason
+
+
+def _invalid_symbols(invalid: Sequence[str]) -> str:
+    """The message of the Error refusing ``invalid``: how many, and the first few, shortened
+    (the session cuts it to 200 characters anyway)."""
+    shown = ", ".join(repr(symbol[:16]) for symbol in invalid[:_LISTED_SYMBOLS])
+    more = f" and {len(invalid) - _LISTED_SYMBOLS} more" if len(invalid) > _LISTED_SYMBOLS else ""
+    noun = "symbol" if len(invalid) == 1 else "symbols"
+    return f"{len(invalid)} invalid {noun}: {shown}{more}"
 
 
 def connection_request(request: web.Request) -> ConnectionRequest:

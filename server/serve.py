@@ -14,7 +14,9 @@ import contextlib
 import errno
 import signal
 import socket
+import ssl
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from aiohttp import web
 
@@ -23,7 +25,31 @@ from foliosync.server.http_errors import JsonErrorAppRunner
 from foliosync.server.relay import RelayConfig, create_app
 from foliosync.sync.errors import ConfigError
 
-__all__ = ["listen_failure", "serve"]
+__all__ = ["listen_failure", "serve", "tls_server_context"]
+
+
+def tls_server_context(cert: Path | str, key: Path | str) -> ssl.SSLContext:
+    """The TLS context the relay serves wss:// and https:// with: ``cert`` (PEM, the chain the
+    clients verify, leaf first) and its private ``key`` (PEM, unencrypted: the relay starts
+    unattended). TLS 1.2 at least. A missing, unreadable or mismatched file is a ConfigError that
+    names it, at start-up, never a relay that quietly serves plain text."""
+    for label, path in (("certificate", cert), ("key", key)):
+        if not Path(path).is_file():
+            raise ConfigError(f"the TLS {label} file {path} does not exist")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(certfile=str(cert), keyfile=str(key))
+    except ssl.SSLError as exc:
+        raise ConfigError(
+            f"cannot use the TLS certificate {cert} with the key {key}: {exc.reason or exc} "
+            "(both PEM, the key unencrypted and matching the certificate)"
+        ) from exc
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot read the TLS certificate {cert} or key {key}: {exc.strerror or exc}"
+        ) from exc
+    return context
 
 
 def listen_failure(host: str, port: int, exc: OSError) -> str:
@@ -48,18 +74,20 @@ async def serve(
     on_listening: Callable[[], None] | None = None,
     stop: asyncio.Event | None = None,
     extensions: Sequence[Extension] | None = None,
+    tls: ssl.SSLContext | None = None,
 ) -> None:
     """Run the relay on ``config.host:config.port`` until SIGINT or SIGTERM (or ``stop``).
 
     Raises :class:`ConfigError` if the address cannot be listened on; the store and the feed,
     started before the bind, are closed again first. ``extensions`` are those of
-    :func:`create_app` (None: the defaults).
+    :func:`create_app` (None: the defaults). With ``tls`` (see :func:`tls_server_context`) the
+    port serves wss:// and https:// only.
     """
     app = create_app(config, extensions=extensions)
     runner = JsonErrorAppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, config.host, config.port)
+        site = web.TCPSite(runner, config.host, config.port, ssl_context=tls)
         try:
             await site.start()
         except OSError as exc:

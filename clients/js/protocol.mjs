@@ -86,7 +86,7 @@ export function decodeFrame(data) {
  * and seqs that strictly increase (one counter for the connection serves every document).
  */
 export class Connection {
-  static async open(url, token, { clientName = "foliosync-js", timeoutMs = 10000 } = {}) {
+  static async open(url, token, { clientName = "foliosync-js", timeoutMs = 10000, heartbeatMs = 30000 } = {}) {
     const ws = new WebSocket(url, { perMessageDeflate: false });
     ws.binaryType = "nodebuffer";
     await new Promise((resolve, reject) => {
@@ -102,7 +102,22 @@ export class Connection {
     });
     const connection = new Connection(ws);
     connection.welcome = await connection.#handshake(token, clientName, timeoutMs);
+    connection.#startHeartbeat(heartbeatMs);
     return connection;
+  }
+
+  // A protocol Ping every `heartbeatMs`: the relay closes a connection that sent it nothing
+  // for its idle timeout (120 s by default), and WebSocket pings, answered below it, do not
+  // count. Unref'd, so that it never keeps node running on its own.
+  #startHeartbeat(heartbeatMs) {
+    if (!(heartbeatMs > 0)) return;
+    let nonce = 0;
+    this.#heartbeat = setInterval(() => {
+      if (this.#failure || this.#ws.readyState !== WebSocket.OPEN) return;
+      nonce += 1;
+      this.#send("Ping", nonce);
+    }, heartbeatMs);
+    this.#heartbeat.unref?.();
   }
 
   #ws;
@@ -112,6 +127,7 @@ export class Connection {
   #queue = [];
   #failure = null;
   #onFrame = null;
+  #heartbeat = null;
 
   constructor(ws) {
     this.#ws = ws;
@@ -127,6 +143,7 @@ export class Connection {
 
   #fail(exc) {
     if (!this.#failure) this.#failure = exc;
+    clearInterval(this.#heartbeat);
     for (const waiter of this.#waiting.splice(0)) waiter.reject(this.#failure);
   }
 
@@ -226,6 +243,7 @@ export class Connection {
   }
 
   close() {
+    clearInterval(this.#heartbeat);
     if (this.#ws.readyState === WebSocket.OPEN || this.#ws.readyState === WebSocket.CONNECTING) {
       this.#ws.close(1000);
     }

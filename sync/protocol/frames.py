@@ -136,7 +136,16 @@ class ErrorCode(StrEnum):
     INTERNAL = "internal"
     """The sender failed on its own; the peer did nothing wrong."""
     TOO_MANY_DOCUMENTS = "too_many_documents"
-    """A SyncRequest naming one document more than the relay's per-connection limit."""
+    """A SyncRequest naming one document more than the relay's per-connection limit. With a
+    ``doc`` (not fatal): an Update that would store one document more than the relay keeps per
+    user; the change is refused for good unless the user deletes documents."""
+    TOO_MANY_CONNECTIONS = "too_many_connections"
+    """The Hello of one connection more than the relay accepts per user at once: close another
+    device's connection, or reconnect later."""
+    RATE_LIMITED = "rate_limited"
+    """The client sent more messages than the relay's rate allows, for longer than its grace."""
+    IDLE_TIMEOUT = "idle_timeout"
+    """Nothing came from the client (not even a Ping) for the relay's idle timeout."""
     # Per document: sent with the doc (and the seq of the update, if any); the connection stays.
     FORBIDDEN = "forbidden"
     """The user may not read or write that document."""
@@ -157,6 +166,9 @@ class ErrorCode(StrEnum):
     EXTENSION_FAILED = "extension_failed"
     """A relay extension failed (raised or timed out) on this action: nothing was stored, the
     change is not at fault, and the device keeps it to send again on its next connection."""
+    INVALID_SYMBOL = "invalid_symbol"
+    """Symbols of a Subscribe or Resync that are not valid symbols: one Error per frame, ``doc``
+    the first of them as sent, the message listing them (bounded); the others are taken."""
 
 
 # --- Field checks -----------------------------------------------------------------------------

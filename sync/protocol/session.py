@@ -28,6 +28,12 @@ state-vector sync repairs whatever was in flight. A session never sends a frame 
 ``max_send_size`` (by default its own ``max_frame_size``: a peer with the same limit would refuse
 it). The two differ where the peers' limits do: the relay accepts small client frames but sends
 whole documents to clients, which accept large ones.
+
+The relay's session also meters the client: given a :class:`MessageRate`, every message spends
+tokens of a :class:`TokenBucket` (one, and one more per hundred symbols or ticks it carries, as
+those cost the relay a reply of that size), and a client that stays over the rate past the
+bucket's grace gets a fatal ``rate_limited``. The shell passes its clock in
+(``receive_data(data, now=loop.time())``), so the limit is tested without sleeping.
 """
 
 from __future__ import annotations
@@ -79,7 +85,12 @@ from foliosync.sync.protocol.frames import (
     encode_frame,
     encode_price_frame,
 )
-from foliosync.sync.protocol.limits import DEFAULT_MAX_DOCUMENTS, DEFAULT_MAX_FRAME_SIZE
+from foliosync.sync.protocol.limits import (
+    DEFAULT_MAX_DOCUMENTS,
+    DEFAULT_MAX_FRAME_SIZE,
+    MessageRate,
+    TokenBucket,
+)
 
 __all__ = ["ClientSession", "ClientState", "ServerSession", "ServerState"]
 
@@ -198,6 +209,7 @@ class ServerSession(_Session):
     """The relay's end of one client connection."""
 
     __slots__ = (
+        "_bucket",
         "_max_documents",
         "_received_seqs",
         "_state",
@@ -213,8 +225,12 @@ class ServerSession(_Session):
         max_send_size: int | None = None,
         supported_protocols: frozenset[int] = frozenset({PROTOCOL_VERSION}),
         max_documents: int = DEFAULT_MAX_DOCUMENTS,
+        message_rate: MessageRate | None = None,
     ) -> None:
         super().__init__(max_frame_size, max_send_size)
+        if message_rate is not None and not isinstance(message_rate, MessageRate):
+            raise ConfigError(f"message_rate must be a MessageRate, not {message_rate!r}")
+        self._bucket = TokenBucket(message_rate) if message_rate is not None else None
         if not supported_protocols:
             raise ConfigError("supported_protocols must not be empty")
         if isinstance(max_documents, bool) or not isinstance(max_documents, int):
@@ -239,17 +255,49 @@ class ServerSession(_Session):
 
     # --- Receiving ----------------------------------------------------------------------------
 
-    def receive_data(self, data: bytes) -> list[ServerEvent]:
-        """The events of one WebSocket binary message from the client.
+    @property
+    def message_rate(self) -> MessageRate | None:
+        """The rate this session holds the client to (None: unmetered)."""
+        return None if self._bucket is None else self._bucket.limit
 
-        Raises :class:`RemoteProtocolError` if the client broke the protocol; the session is then
-        closed and :attr:`error_reply` holds the bytes to send before closing the socket.
+    @property
+    def tokens(self) -> float | None:
+        """What is left of the client's message bucket (negative: in debt); None: unmetered."""
+        return None if self._bucket is None else self._bucket.tokens
+
+    def receive_data(self, data: bytes, now: float | None = None) -> list[ServerEvent]:
+        """The events of one WebSocket binary message from the client, received at ``now`` (a
+        monotonic clock in seconds; needed when the session meters a :class:`MessageRate`).
+
+        Raises :class:`RemoteProtocolError` if the client broke the protocol, ``rate_limited``
+        included; the session is then closed and :attr:`error_reply` holds the bytes to send
+        before closing the socket.
         """
         try:
-            return [self._receive(self._decode(data))]
+            frame = self._decode(data)
+            if self._bucket is not None:
+                if now is None:
+                    raise LocalProtocolError("a metered session needs the time: receive_data(now=)")
+                self._meter(frame, now)
+            return [self._receive(frame)]
         except RemoteProtocolError as exc:
             self._fail(exc)
             raise
+
+    def _meter(self, frame: Frame, now: float) -> None:
+        assert self._bucket is not None
+        cost = 1
+        if isinstance(frame, Subscribe | Resync):
+            cost += len(frame.symbols) // 100
+        elif isinstance(frame, Publish):
+            cost += len(frame.ticks) // 100
+        if not self._bucket.take(cost, now):
+            limit = self._bucket.limit
+            raise _violation(
+                f"more than {limit.rate:g} messages a second (burst {limit.burst}) for over "
+                f"{limit.grace:g} s; slow down",
+                ErrorCode.RATE_LIMITED,
+            )
 
     def _receive(self, frame: Frame) -> ServerEvent:
         state = self._state
