@@ -3,8 +3,9 @@
 Tokens are JWTs (HS256, via PyJWT) signed with the relay's secret, which the relay generates in
 its data directory on first start. A token names its user (``sub``), optionally its device
 (``dev``) and its scopes (``scope``: "sync" for devices, "publish" for price publishers, "admin"
-for operators: ``GET /metrics``). The relay
-checks a token before it touches any document; every failure is an :class:`AuthError` with a
+for operators: ``GET /metrics`` and revocations) and its id (``jti``, random), by which
+one token can be revoked. The relay checks a token before it touches any document, and asks its
+revocations (``foliosync.server.sharing``) whether the token still counts; every failure is an :class:`AuthError` with a
 message that says what was wrong, never which part of the secret was.
 """
 
@@ -14,7 +15,7 @@ import os
 import re
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,12 @@ class Identity:
     user: str
     device: str
     scopes: frozenset[str]
+    # Not compared: two tokens of one user and device are the same principal.
+    token_id: str = field(default="", compare=False)
+    """The token's ``jti`` ("" for tokens issued before tokens had one, and for identities
+    that come from no token)."""
+    issued_at: int = field(default=0, compare=False)
+    """The token's ``iat``: a device revoked at time T refuses its tokens issued until T."""
 
 
 def load_or_create_secret(data_dir: Path) -> bytes:
@@ -89,6 +96,7 @@ def issue_token(
         "iat": issued,
         "exp": issued + ttl_seconds,
         "scope": sorted(scopes),
+        "jti": secrets.token_hex(12),
     }
     if device:
         claims["dev"] = device
@@ -127,10 +135,14 @@ def verify_token(secret: bytes, token: object, *, now: float | None = None) -> I
     scope = claims.get("scope", ["sync"])
     if not isinstance(scope, list) or not all(isinstance(s, str) for s in scope):
         raise AuthError("token scopes are malformed")
+    jti = claims.get("jti", "")
+    issued = claims.get("iat")
     return Identity(
         user=user,
         device=device if isinstance(device, str) and _USER.match(device) else "",
         scopes=frozenset(scope) & SCOPES,
+        token_id=jti if isinstance(jti, str) and _USER.match(jti) else "",
+        issued_at=issued if isinstance(issued, int) and not isinstance(issued, bool) else 0,
     )
 
 
