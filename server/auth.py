@@ -2,11 +2,11 @@
 
 Tokens are JWTs (HS256, via PyJWT) signed with the relay's secret, which the relay generates in
 its data directory on first start. A token names its user (``sub``), optionally its device
-(``dev``) and its scopes (``scope``: "sync" for devices, "publish" for price publishers, "admin"
-for operators: ``GET /metrics`` and revocations) and its id (``jti``, random), by which
-one token can be revoked. The relay checks a token before it touches any document, and asks its
-revocations (``foliosync.server.sharing``) whether the token still counts; every failure is an :class:`AuthError` with a
-message that says what was wrong, never which part of the secret was.
+(``dev``), its scopes (``scope``: "sync" for devices, "publish" for price publishers, "admin"
+for operators: ``GET /metrics`` and revocations) and its id (``jti``, random), by which one token
+can be revoked. The relay checks a token before it touches any document, and asks its
+revocations (``foliosync.server.sharing``) whether the token still counts; every failure is an
+:class:`AuthError` with a message that says what was wrong, never which part of the secret was.
 """
 
 from __future__ import annotations

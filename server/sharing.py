@@ -359,9 +359,7 @@ def owner_and_id(user: str, doc_id: str) -> tuple[str, str]:
     return (user, local) if owner is None else (owner, local)
 
 
-async def sharing_access(
-    shares: ShareStore, user: str, doc_id: str, access: ShareAccess
-) -> None:
+async def sharing_access(shares: ShareStore, user: str, doc_id: str, access: ShareAccess) -> None:
     """Whether ``user`` may ``access`` ``doc_id`` as they name it: None, or AccessDenied with
     the Error's code (see the module's documentation)."""
     owner, local = split_owner(doc_id)
