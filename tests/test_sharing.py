@@ -395,3 +395,60 @@ async def test_a_shared_watchlist_converges_whatever_both_users_do(
             await alice.sync_once(10)
             await bob.sync_once(10)
         assert await _symbols(alice_db, TECH) == await _symbols(bob_db, f"alice/{TECH}")
+
+
+async def test_a_device_stops_syncing_a_revoked_share_and_keeps_its_copy(
+    relay: Any, open_replica: Any, sync_clients: Any, helpers: Any
+) -> None:
+    alice_db, bob_db = await open_replica("alice"), await open_replica("bob")
+    tech = await alice_db.create_watchlist("Tech")
+    await tech.add("AAPL")
+    alice = sync_clients(alice_db, relay.url, relay.token("alice", "a1"))
+    await alice.sync_once(10)
+    await relay.relay.grant_share("alice", TECH, "bob", "write")
+    bob = sync_clients(bob_db, relay.url, relay.token("bob", "b1"))
+    bob.start()
+    shared = f"alice/{TECH}"
+    await helpers.eventually(lambda: shared in bob_db.document_ids())
+    await bob.wait_in_sync(10)
+    await relay.relay.revoke_share("alice", TECH, "bob")
+    await helpers.eventually(lambda: share_state(bob_db, shared) == "revoked")
+    await tech.add("NVDA")
+    await alice.sync_once(10)
+    await bob.stop()
+    # The next sync neither asks for it nor waits for it; the last copy stays.
+    assert await sync_clients(bob_db, relay.url, relay.token("bob", "b1")).sync_once(10)
+    assert await _symbols(bob_db, shared) == ["AAPL"]
+
+
+async def test_the_sharing_commands(relay: Any, tmp_path: Path, helpers: Any) -> None:
+    alice_db, bob_db = str(tmp_path / "alice.db"), str(tmp_path / "bob.db")
+    alice = ("--server", relay.url, "--token", relay.token("alice", "a1"))
+    bob = ("--server", relay.url, "--token", relay.token("bob", "b1"))
+    run = helpers.run_cli
+    assert (await run("--db", alice_db, "watchlist", "create", "Tech"))[0] == 0
+    assert (await run("--db", alice_db, "watchlist", "add", "Tech", "AAPL"))[0] == 0
+    assert (await run("--db", alice_db, "sync", *alice))[0] == 0
+    status, out, err = await run("--db", alice_db, "share", "Tech", "bob", "--read-only", *alice)
+    assert (status, out.strip(), err) == (0, "shared Tech with bob (read-only)", "")
+    status, out, err = await run("--db", alice_db, "share", "Nothing", "bob", *alice)
+    assert status == 1 and "no watchlist or portfolio 'Nothing'" in err
+    assert (await run("--db", bob_db, "sync", *bob))[0] == 0
+    status, out, _ = await run("--db", bob_db, "shares", *bob)
+    assert status == 0 and f"Tech (alice, read-only)  alice/{TECH}" in out
+    status, out, _ = await run("--db", bob_db, "watchlist", "list")
+    assert status == 0 and "Tech (alice, read-only)  (1 symbols)" in out
+    status, out, _ = await run("--db", alice_db, "shares", *alice)
+    assert "Tech  with bob (read-only)" in out
+    status, out, _ = await run("--db", alice_db, "unshare", "Tech", "bob", *alice)
+    assert (status, out.strip()) == (0, "Tech is no longer shared with bob")
+    assert (await run("--db", bob_db, "shares", *bob))[0] == 0
+    status, out, _ = await run("--db", bob_db, "status")
+    assert "Tech (alice, revoked)" in out and "share revoked" in out
+    admin = relay.token("ops", scopes=frozenset({"admin"}))
+    status, out, _ = await run(
+        "token", "revoke", "laptop", "--user", "alice", "--server", relay.url, "--token", admin
+    )
+    assert (status, out.strip()) == (0, "revoked device laptop; 0 open connection(s) closed")
+    status, _, err = await run("token", "revoke", "laptop", "--server", relay.url, *alice[2:])
+    assert status == 1 and "admin scope" in err
