@@ -3,14 +3,17 @@
 Tokens are JWTs (HS256, via PyJWT) signed with the relay's secret, which the relay generates in
 its data directory on first start. A token names its user (``sub``), optionally its device
 (``dev``), its scopes (``scope``: "sync" for devices, "publish" for price publishers, "admin"
-for operators: ``GET /metrics`` and revocations) and its id (``jti``, random), by which one token
-can be revoked. The relay checks a token before it touches any document, and asks its
-revocations (``foliosync.server.sharing``) whether the token still counts; every failure is an
-:class:`AuthError` with a message that says what was wrong, never which part of the secret was.
+for operators: ``GET /metrics`` and revocations) and its id (``jti``, derived from the other
+claims), by which one token can be revoked. The relay checks a token before it touches any
+document, and asks its revocations (``foliosync.server.sharing``) whether the token still
+counts; every failure is an :class:`AuthError` with a message that says what was wrong, never
+which part of the secret was.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 import secrets
@@ -96,11 +99,18 @@ def issue_token(
         "iat": issued,
         "exp": issued + ttl_seconds,
         "scope": sorted(scopes),
-        "jti": secrets.token_hex(12),
     }
     if device:
         claims["dev"] = device
+    claims["jti"] = _token_id(claims)
     return jwt.encode(claims, secret, algorithm=_ALGORITHM)
+
+
+def _token_id(claims: dict[str, object]) -> str:
+    """The ``jti``: derived from the other claims, so that a token is one string whatever
+    issues it (two tokens of the same claims are the same token, and revoked together)."""
+    text = json.dumps(claims, sort_keys=True, separators=(",", ":"))
+    return hashlib.blake2b(text.encode(), digest_size=12).hexdigest()
 
 
 def verify_token(secret: bytes, token: object, *, now: float | None = None) -> Identity:

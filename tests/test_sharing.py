@@ -223,7 +223,8 @@ async def test_a_revoked_device_is_shut_out_with_its_sockets_open(relay: Any, ra
 async def test_one_token_is_revoked_by_its_jti(relay: Any, raw: Any) -> None:
     from foliosync.server.auth import verify_token
 
-    first, second = relay.token("alice", "desk"), relay.token("alice", "desk")
+    first = relay.token("alice", "desk")
+    second = relay.token("alice", "desk", ttl_seconds=3600)  # other claims: another jti
     jti = verify_token(relay.secret, first).token_id
     assert jti and jti != verify_token(relay.secret, second).token_id
     one, two = await raw(), await raw()
