@@ -52,6 +52,7 @@ __all__ = [
     "ShareAccess",
     "ShareStore",
     "check_grant",
+    "check_revocation",
     "owner_and_id",
     "shared_id",
     "sharing_access",
@@ -221,7 +222,7 @@ class MemoryShareStore:
 
     async def revoke_tokens(self, revocation: Revocation) -> None:
         self._check_open()
-        self._revocations.append(_checked_revocation(revocation))
+        self._revocations.append(check_revocation(revocation))
 
     async def revocations(self) -> list[Revocation]:
         self._check_open()
@@ -320,7 +321,7 @@ class SQLiteShareStore(MemoryShareStore):
 
     async def revoke_tokens(self, revocation: Revocation) -> None:
         self._check_open()
-        checked = _checked_revocation(revocation)
+        checked = check_revocation(revocation)
         await self._write(
             "INSERT INTO token_revocations (revoked_at, user, device, jti) VALUES (?,?,?,?)",
             (checked.revoked_at, checked.user, checked.device, checked.jti),
@@ -338,7 +339,8 @@ class SQLiteShareStore(MemoryShareStore):
                 raise RelayStoreError(f"closing the share store failed: {exc}") from exc
 
 
-def _checked_revocation(revocation: Revocation) -> Revocation:
+def check_revocation(revocation: Revocation) -> Revocation:
+    """The checks of every adapter's :meth:`ShareStore.revoke_tokens`."""
     if not isinstance(revocation, Revocation):
         raise ValidationError(f"not a Revocation: {revocation!r}")
     if bool(revocation.jti) == bool(revocation.device):

@@ -9,10 +9,13 @@ contract of ``foliosync.testing.share_contract``.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from decimal import Decimal
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import aiohttp
@@ -61,6 +64,25 @@ async def test_memory_share_store_contract(check: Any) -> None:
 @pytest.mark.parametrize("check", share_checks(durable=True), ids=str)
 async def test_sqlite_share_store_contract(check: Any, tmp_path: Path) -> None:
     await check.run(lambda: SQLiteShareStore.open(tmp_path / "shares.db"))
+
+
+def _services() -> ModuleType:
+    name = "foliosync_test_services"
+    if name not in sys.modules:
+        path = Path(__file__).with_name("services.py")
+        spec = importlib.util.spec_from_file_location(name, path)
+        assert spec is not None and spec.loader is not None
+        sys.modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[name])
+    return sys.modules[name]
+
+
+@pytest.mark.parametrize("check", share_checks(durable=True), ids=str)
+async def test_postgres_share_store_contract(check: Any) -> None:
+    from foliosync.server.sharing_pg import PostgresShareStore
+
+    async with _services().postgres_database() as dsn:
+        await check.run(lambda: PostgresShareStore.open(dsn))
 
 
 # -- a client speaking the protocol by hand ------------------------------------------------------
