@@ -45,6 +45,7 @@ def _registrars() -> list[Callable[[Any], None]]:
         commands_prices,
         commands_quotes,
         commands_relay,
+        commands_sharing,
         commands_sync,
     )
 
@@ -55,6 +56,7 @@ def _registrars() -> list[Callable[[Any], None]]:
         commands_quotes.register,
         commands_prices.register,
         commands_relay.register,
+        commands_sharing.register,
         commands_app.register,
     ]
     return registrars
@@ -103,12 +105,22 @@ def _silence_stdout() -> None:
         os.close(devnull)
 
 
+def _spelled(argv: Sequence[str]) -> list[str]:
+    """``token revoke ...`` is ``token-revoke ...``: ``token USER`` takes its user positionally,
+    so ``revoke`` could not be one of its sub-commands (a user called "revoke" mints with
+    ``foliosync token -- revoke``)."""
+    if list(argv[:2]) == ["token", "revoke"]:
+        return ["token-revoke", *argv[2:]]
+    return list(argv)
+
+
 def _run(argv: Sequence[str] | None) -> int:
     parser = build_parser()
+    argv = _spelled(argv if argv is not None else sys.argv[1:])
     args = parser.parse_args(argv)
     handler = getattr(args, "handler", None)
     if handler is None:  # a group given without its sub-command
-        parser.parse_args([*(argv if argv is not None else sys.argv[1:]), "--help"])
+        parser.parse_args([*argv, "--help"])
         return EXIT_USAGE
     try:
         result = handler(args)

@@ -10,8 +10,11 @@ from typing import Any
 from foliosync.client.cli_common import open_replica, print_json
 from foliosync.client.documents import PortfolioHandle
 from foliosync.client.quotes import Quote
+from foliosync.client.replica import Replica
+from foliosync.client.shares import owner_label, share_state
 from foliosync.sync.errors import DocumentNotFound, ValidationError
 from foliosync.sync.model import DocumentKind, Position, Trade
+from foliosync.sync.model.document import split_owner
 from foliosync.sync.validation import decimal_to_str
 
 __all__ = ["register"]
@@ -111,6 +114,7 @@ async def _watchlist_list(args: argparse.Namespace) -> int:
                     "name": info.name,
                     "symbols": len(handle.symbols),
                     "pending": info.pending,
+                    **_share_fields(replica, info.id),
                 }
             )
     if args.json:
@@ -120,7 +124,7 @@ async def _watchlist_list(args: argparse.Namespace) -> int:
     else:
         for row in rows:
             pending = f", {row['pending']} pending" if row["pending"] else ""
-            print(f"{row['name']}  ({row['symbols']} symbols{pending})")
+            print(f"{row['name']}{row.get('label', '')}  ({row['symbols']} symbols{pending})")
     return 0
 
 
@@ -150,6 +154,19 @@ async def _watchlist_show(args: argparse.Namespace) -> int:
         level = entry["freshness"] or ""
         print(f"  {entry['symbol']:<10}{price:>12} {change:>10} {level:<9} {entry['note'] or ''}")
     return 0
+
+
+def _share_fields(replica: Replica, doc_id: str) -> dict[str, object]:
+    """Whose a shared document is (``owner``, ``access``: read, write or revoked) and the label
+    lists append to its name: "Tech (alice, read-only)"."""
+    owner, _local = split_owner(doc_id)
+    if owner is None:
+        return {}
+    return {
+        "owner": owner,
+        "access": share_state(replica, doc_id) or "write",
+        "label": owner_label(replica, doc_id),
+    }
 
 
 def _price_fields(quote: Quote | None, now: datetime) -> dict[str, object]:
@@ -311,6 +328,7 @@ async def _portfolio_list(args: argparse.Namespace) -> int:
                     "trades": len(handle.trades()),
                     "positions": sum(1 for p in handle.positions().values() if p.quantity),
                     "pending": info.pending,
+                    **_share_fields(replica, info.id),
                 }
             )
     if args.json:
@@ -320,7 +338,8 @@ async def _portfolio_list(args: argparse.Namespace) -> int:
     else:
         for row in rows:
             pending = f", {row['pending']} pending" if row["pending"] else ""
-            print(f"{row['name']}  ({row['positions']} positions, {row['trades']} trades{pending})")
+            counts = f"{row['positions']} positions, {row['trades']} trades{pending}"
+            print(f"{row['name']}{row.get('label', '')}  ({counts})")
     return 0
 
 

@@ -10,6 +10,7 @@ from typing import Any
 from foliosync.client.cli_common import open_replica, print_json, seconds
 from foliosync.client.health import ConnectionState, LastError, build_health
 from foliosync.client.replica import Refusal, Replica
+from foliosync.client.shares import owner_label, share_state
 from foliosync.client.sync import SyncClient
 from foliosync.sync.errors import ConfigError, DocumentNotFound
 from foliosync.sync.model import DocumentKind
@@ -106,7 +107,7 @@ def _name(replica: Replica, doc_id: str) -> str:
         return doc_id
     if info.kind is DocumentKind.INDEX:
         return "the list of documents"
-    return info.name or doc_id
+    return (info.name or doc_id) + owner_label(replica, doc_id)
 
 
 def _refusal_row(refusal: Refusal) -> dict[str, object]:
@@ -136,7 +137,14 @@ async def _status(args: argparse.Namespace) -> int:
     now = datetime.now(tz=UTC)
     async with open_replica(args) as replica:
         rows = []
+        # Per document: what its name is followed by (" (alice, read-only)"), and whether its
+        # share was revoked.
+        shared: dict[str, tuple[str, bool]] = {}
         for info in replica.documents():
+            shared[info.id] = (
+                owner_label(replica, info.id),
+                share_state(replica, info.id) == "revoked",
+            )
             freshness = replica.freshness(info.id, now)
             rows.append(
                 {
@@ -179,5 +187,9 @@ async def _status(args: argparse.Namespace) -> int:
         remote = ""
         if row["remote_changed_at"]:
             remote = f"; relay changed {row['remote_changed_at']} by {row['remote_changed_by']}"
-        print(f"{row['kind']:<10} {row['name']:<24} {row['freshness_reason']}{remote}")
+        label, revoked = shared[str(row["id"])]
+        reason = row["freshness_reason"]
+        if revoked:
+            reason = "share revoked: no longer synced; the last copy is kept"
+        print(f"{row['kind']:<10} {str(row['name']) + label:<24} {reason}{remote}")
     return 0

@@ -62,6 +62,7 @@ import aiohttp
 
 from foliosync.client.health import ConnectionState, LastError, SyncHealth, build_health
 from foliosync.client.replica import SYNCED_AT_META, DocumentChange, DocumentInfo, Replica
+from foliosync.client.shares import READ_ONLY, REVOKED, SHARED, mark_share, share_state
 from foliosync.sync.clock import wall_ms
 from foliosync.sync.errors import (
     AuthError,
@@ -853,8 +854,10 @@ class _Connection:
                     with contextlib.suppress(ValidationError):
                         await replica.ensure_document(doc_id)
                 return []
-            case RequestNew():
-                return machine.documents_known(replica.document_ids())
+            case RequestNew():  # not the shared documents whose share was revoked
+                return machine.documents_known(
+                    d for d in replica.document_ids() if share_state(replica, d) != "revoked"
+                )
             case RequestState(doc):
                 return machine.state_vector_read(decision, await replica.state_vector(doc))
             case ApplyRemote(doc, update, changed_at, changed_by):
@@ -884,9 +887,21 @@ class _Connection:
             case MarkSynced(doc):
                 await replica.mark_synced(doc)
                 return []
+            case Report(code, message, doc, None) if code == SHARED and doc is not None:
+                # Shared with this user while connected: synced like a document the Welcome
+                # lists (PROTOCOL.md, Sharing).
+                log.info("%s: %s", doc, message)
+                with contextlib.suppress(ValidationError):
+                    await replica.ensure_document(doc)
+                    if share_state(replica, doc) == "revoked":
+                        await mark_share(replica, doc, "write")
+                    return machine.documents_known([doc])
+                return []
             case Report(code, message, doc, seq):
                 log.warning("relay error for %s (seq %s): %s %s", doc, seq, code, message)
                 await self.client._record_error(LastError.now(code, message))
+                if doc is not None and "/" in doc and code in (REVOKED, READ_ONLY):
+                    await mark_share(replica, doc, "revoked" if code == REVOKED else "read")
                 return []
             case Fail(error):
                 raise error

@@ -2,19 +2,23 @@
 
 Tokens are JWTs (HS256, via PyJWT) signed with the relay's secret, which the relay generates in
 its data directory on first start. A token names its user (``sub``), optionally its device
-(``dev``) and its scopes (``scope``: "sync" for devices, "publish" for price publishers, "admin"
-for operators: ``GET /metrics``). The relay
-checks a token before it touches any document; every failure is an :class:`AuthError` with a
-message that says what was wrong, never which part of the secret was.
+(``dev``), its scopes (``scope``: "sync" for devices, "publish" for price publishers, "admin"
+for operators: ``GET /metrics`` and revocations) and its id (``jti``, derived from the other
+claims), by which one token can be revoked. The relay checks a token before it touches any
+document, and asks its revocations (``foliosync.server.sharing``) whether the token still
+counts; every failure is an :class:`AuthError` with a message that says what was wrong, never
+which part of the secret was.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +48,12 @@ class Identity:
     user: str
     device: str
     scopes: frozenset[str]
+    # Not compared: two tokens of one user and device are the same principal.
+    token_id: str = field(default="", compare=False)
+    """The token's ``jti`` ("" for tokens issued before tokens had one, and for identities
+    that come from no token)."""
+    issued_at: int = field(default=0, compare=False)
+    """The token's ``iat``: a device revoked at time T refuses its tokens issued until T."""
 
 
 def load_or_create_secret(data_dir: Path) -> bytes:
@@ -92,7 +102,15 @@ def issue_token(
     }
     if device:
         claims["dev"] = device
+    claims["jti"] = _token_id(claims)
     return jwt.encode(claims, secret, algorithm=_ALGORITHM)
+
+
+def _token_id(claims: dict[str, object]) -> str:
+    """The ``jti``: derived from the other claims, so that a token is one string whatever
+    issues it (two tokens of the same claims are the same token, and revoked together)."""
+    text = json.dumps(claims, sort_keys=True, separators=(",", ":"))
+    return hashlib.blake2b(text.encode(), digest_size=12).hexdigest()
 
 
 def verify_token(secret: bytes, token: object, *, now: float | None = None) -> Identity:
@@ -127,10 +145,14 @@ def verify_token(secret: bytes, token: object, *, now: float | None = None) -> I
     scope = claims.get("scope", ["sync"])
     if not isinstance(scope, list) or not all(isinstance(s, str) for s in scope):
         raise AuthError("token scopes are malformed")
+    jti = claims.get("jti", "")
+    issued = claims.get("iat")
     return Identity(
         user=user,
         device=device if isinstance(device, str) and _USER.match(device) else "",
         scopes=frozenset(scope) & SCOPES,
+        token_id=jti if isinstance(jti, str) and _USER.match(jti) else "",
+        issued_at=issued if isinstance(issued, int) and not isinstance(issued, bool) else 0,
     )
 
 

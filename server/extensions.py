@@ -5,7 +5,9 @@ answer. Its own rules are extensions too, the defaults of :func:`default_extensi
 
 - :class:`TokenAuthentication`: a Hello's token (or an HTTP bearer token) is a JWT signed with
   the relay's secret (:mod:`foliosync.server.auth`);
-- :class:`OwnerAuthorization`: a user reaches their own documents only, with the ``sync`` scope;
+- :class:`SharingAuthorization`: with the ``sync`` scope, a user reaches their own documents and
+  those shared with them (``OWNER/id``, read-only or read-write: :mod:`foliosync.server.sharing`);
+  :class:`OwnerAuthorization`, its predecessor, knows no shares;
 - :class:`SchemaValidation`: the document an update would produce keeps its kind's layout.
 
 An app's list *replaces* the defaults, so that it can also drop one of them (a static API key
@@ -41,6 +43,7 @@ from dataclasses import dataclass, field
 from typing import Literal, NoReturn, TypeVar
 
 from foliosync.server.auth import Identity, verify_token
+from foliosync.server.sharing import ShareStore, sharing_access
 from foliosync.server.storage import Watermark
 from foliosync.sync.errors import (
     AccessDenied,
@@ -64,6 +67,7 @@ __all__ = [
     "OwnerAuthorization",
     "ProposedUpdate",
     "SchemaValidation",
+    "SharingAuthorization",
     "StoredChange",
     "TokenAuthentication",
     "default_extensions",
@@ -178,13 +182,43 @@ class Extension:
 
 
 class TokenAuthentication(Extension):
-    """HS256 tokens signed with the relay's secret (:func:`foliosync.server.auth.verify_token`)."""
+    """HS256 tokens signed with the relay's secret (:func:`foliosync.server.auth.verify_token`),
+    unless revoked (their device, or the token by its ``jti``) in ``revocations``: by default the
+    relay's own share store, bound when the relay starts."""
 
-    def __init__(self, secret: bytes) -> None:
+    def __init__(self, secret: bytes, revocations: ShareStore | None = None) -> None:
         self._secret = secret
+        self.revocations = revocations
 
     async def authenticate(self, token: object, request: ConnectionRequest) -> Identity | None:
-        return verify_token(self._secret, token)
+        identity = verify_token(self._secret, token)
+        store = self.revocations
+        if store is not None and await store.token_revoked(
+            identity.user, identity.device, identity.token_id, identity.issued_at
+        ):
+            raise AuthError("token revoked")
+        return identity
+
+
+class SharingAuthorization(Extension):
+    """With the ``sync`` scope: a user's own documents, read and write; another user's
+    ``OWNER/id`` as that owner shares it (read-only: ``read_only`` for an Update); anything
+    else ``forbidden``. ``shares`` is by default the relay's own store, bound when it starts."""
+
+    def __init__(self, shares: ShareStore | None = None) -> None:
+        self.shares = shares
+
+    async def authorize(self, identity: Identity, doc_id: str, access: Access) -> None:
+        if "sync" not in identity.scopes:
+            raise AccessDenied("this token may not sync documents", "auth_failed")
+        if "/" not in doc_id:
+            return
+        if self.shares is None:
+            owner = doc_id.partition("/")[0]
+            if owner != identity.user:
+                raise AccessDenied(f"{doc_id} belongs to another user")
+            return
+        await sharing_access(self.shares, identity.user, doc_id, access)
 
 
 class OwnerAuthorization(Extension):
@@ -209,9 +243,16 @@ class SchemaValidation(Extension):
         change.candidate.check(self.limits)
 
 
-def default_extensions(secret: bytes, limits: SchemaLimits = DEFAULT_LIMITS) -> list[Extension]:
-    """What the relay runs when it is given no extensions: tokens, owners, layouts."""
-    return [TokenAuthentication(secret), OwnerAuthorization(), SchemaValidation(limits)]
+def default_extensions(
+    secret: bytes, limits: SchemaLimits = DEFAULT_LIMITS, shares: ShareStore | None = None
+) -> list[Extension]:
+    """What the relay runs when it is given no extensions: tokens (unless revoked), owners and
+    their shares, layouts. Without ``shares`` the relay binds its own share store to them."""
+    return [
+        TokenAuthentication(secret, shares),
+        SharingAuthorization(shares),
+        SchemaValidation(limits),
+    ]
 
 
 def server_identity(owner: str, device: str = "server") -> Identity:

@@ -51,7 +51,9 @@ from foliosync.server.extensions import (
     Extension,
     HookRunner,
     ProposedUpdate,
+    SharingAuthorization,
     StoredChange,
+    TokenAuthentication,
     default_extensions,
     server_identity,
 )
@@ -61,6 +63,7 @@ from foliosync.server.http_auth import HookRunnerKey, authorize_request, bearer_
 from foliosync.server.http_cors import add_cors, normalize_origins
 from foliosync.server.http_errors import JsonErrorAppRunner, http_error, json_errors
 from foliosync.server.http_prices import add_price_routes
+from foliosync.server.http_shares import add_share_routes
 from foliosync.server.logs import bind_log_context, log_context
 from foliosync.server.measured_store import MeasuredRelayStore
 from foliosync.server.memory import trim_memory_every
@@ -73,6 +76,18 @@ from foliosync.server.metrics import (
 )
 from foliosync.server.prices import PriceHub, PricePolicy
 from foliosync.server.readiness import check_readiness
+from foliosync.server.sharing import (
+    REVOKED,
+    SHARED,
+    MemoryShareStore,
+    Revocation,
+    Share,
+    ShareStore,
+    SQLiteShareStore,
+    check_grant,
+    owner_and_id,
+    shared_id,
+)
 from foliosync.server.storage import RelayStore, RelayStoreError, SQLiteRelayStore
 from foliosync.server.sync_slots import InitialSyncSlots
 from foliosync.sync.clock import wall_ms
@@ -270,8 +285,12 @@ class Relay:
         *,
         extensions: Sequence[Extension] | None = None,
         price_policy: PricePolicy | None = None,
+        shares: ShareStore | None = None,
     ) -> None:
         self.config = config
+        # Shares and token revocations (foliosync.server.sharing): the default extensions that
+        # were given no store of their own ask this one.
+        self.shares: ShareStore = shares if shares is not None else MemoryShareStore()
         self.store = MeasuredRelayStore(store)  # every adapter's operations timed alike
         self.fanout = fanout
         self.secret = secret
@@ -281,6 +300,11 @@ class Relay:
             else list(extensions),
             config.hook_timeout,
         )
+        for extension in self.hooks.extensions:
+            if isinstance(extension, SharingAuthorization) and extension.shares is None:
+                extension.shares = self.shares
+            if isinstance(extension, TokenAuthentication) and extension.revocations is None:
+                extension.revocations = self.shares
         self.documents = RelayDocuments(self.store, max_hot=config.max_hot_documents)
         policy = price_policy or PricePolicy()
         self.prices = PriceHub(window_override_ms=policy.window_ms)
@@ -331,13 +355,14 @@ class Relay:
         kind = kind_of(doc_id)
         hooks = self.hooks
         await hooks.authorize(identity, doc_id, "write")
+        owner, local = _resolve(identity.user, doc_id)
 
         async def before_apply(candidate: Candidate) -> None:
             await hooks.before_apply(
                 ProposedUpdate(
                     identity=identity,
-                    owner=identity.user,
-                    doc_id=doc_id,
+                    owner=owner,
+                    doc_id=local,
                     kind=kind,
                     seq=seq,
                     update=update,
@@ -348,8 +373,8 @@ class Relay:
             )
 
         return await self.documents.apply(
-            identity.user,
-            doc_id,
+            owner,
+            local,
             update,
             device=device,
             now_ms=now_ms,
@@ -370,8 +395,9 @@ class Relay:
         device: str,
         origin: str,
     ) -> None:
-        """Fan a stored change out to the owner's connections synced on it (not to ``origin``),
-        then tell the extensions' ``after_store``."""
+        """Fan a stored change out to the connections synced on it (not to ``origin``): the
+        owner's, and those of the users it is shared with; then tell the extensions'
+        ``after_store``. ``doc_id`` is the owner's id of it."""
         if applied.changed:
             # One encoding for every receiver: with hundreds of devices on one document, building
             # and encoding the same frame per receiver was a fifth of the relay's time.
@@ -431,6 +457,41 @@ class Relay:
             owner, doc_id, update, applied, now_ms=now, device=device, origin=origin
         )
         return applied.changed
+
+    # -- sharing and revocation, for the HTTP API and server code ------------------------------
+
+    async def grant_share(self, share_owner: str, doc_id: str, grantee: str, access: str) -> Share:
+        """Share ``doc_id`` of ``share_owner`` (ValidationError for bad arguments); the grantee's
+        open connections are told at once by a ``shared`` notice naming ``owner/doc``. Changing
+        a read-write share to read-only takes effect at the grantee's next Update."""
+        share = await self.shares.grant(
+            share_owner, doc_id, grantee, check_grant(share_owner, doc_id, grantee, access)
+        )
+        message = f"{share_owner} shared {doc_id} with you" + (
+            " (read-only)" if share.access == "read" else ""
+        )
+        for connection in list(self.connections):
+            connection.tell_shared(grantee, share.shared_id, message)
+        return share
+
+    async def revoke_share(self, share_owner: str, doc_id: str, grantee: str) -> bool:
+        """End a share; at once, the grantee's connections synced on it get a ``revoked`` Error
+        for ``owner/doc``, receive none of its changes and have their Updates of it refused."""
+        ended = await self.shares.revoke(share_owner, doc_id, grantee)
+        wire_id = shared_id(share_owner, doc_id)
+        for connection in list(self.connections):
+            connection.revoke_document(grantee, wire_id)
+        return ended
+
+    async def revoke_tokens(self, revocation: Revocation) -> int:
+        """Record a revocation (a device's tokens, or one token); every open connection it
+        covers gets a fatal ``auth_failed`` and is closed. Returns how many were."""
+        await self.shares.revoke_tokens(revocation)
+        closed = 0
+        for connection in list(self.connections):
+            if connection.end_if_revoked(revocation):
+                closed += 1
+        return closed
 
     async def handle_ws(self, request: web.Request) -> web.WebSocketResponse:
         ws = web.WebSocketResponse(
@@ -505,7 +566,19 @@ class Relay:
         await self.prices.close()
         await self.close_connections()
         await self.fanout.close()
-        await self.store.close()
+        try:
+            await self.store.close()
+        finally:
+            await self.shares.close()
+
+
+def _resolve(user: str, doc_id: str) -> tuple[str, str]:
+    """Whose document ``doc_id`` (as ``user`` names it) is, and its id there; the owner naming
+    her own document ``user/...`` gets ``not_found`` (the owner's id is the plain one)."""
+    owner, local = owner_and_id(user, doc_id)
+    if owner == user and local != doc_id:
+        raise AccessDenied(f"{doc_id}: your own documents have no owner prefix", "not_found")
+    return owner, local
 
 
 class Connection:
@@ -543,6 +616,10 @@ class Connection:
         # (and was allowed to read). The SyncReply brings everything up to then; from then on
         # every stored change of another connection follows, so nothing falls between the two.
         self._synced_docs: set[str] = set()
+        # Shared documents: subscriptions to their owners' changes, and the ids whose share was
+        # revoked while this connection lasted (their Updates get ``revoked``).
+        self._owners: dict[str, Subscription] = {}
+        self._revoked: set[str] = set()
         self._closing = False
         # Per document, the version (RelayDocuments.version) of its SyncReply or of its own last
         # update, whichever is newer: what makes an update of it concurrent or not.
@@ -581,6 +658,9 @@ class Connection:
             self.relay.prices.unsubscribe(self)
             if self._subscription is not None:
                 self._subscription.close()
+            for subscription in self._owners.values():
+                subscription.close()
+            self._owners.clear()
             self.session.close()
             if self._connected is not None and self.identity is not None:
                 await self.relay.hooks.on_disconnect(self.identity, self._connected)
@@ -926,6 +1006,8 @@ class Connection:
         )
         if "sync" in identity.scopes:
             self.relay.user_documents.setdefault(identity.user, set()).update(documents)
+            # and what others share with this user: OWNER/id
+            documents += [s.shared_id for s in await self.relay.shares.by_grantee(identity.user)]
         self._send(self.session.accept(identity.user, self.device, documents, wall_ms()))
         self._subscription = self.relay.fanout.subscribe(identity.user, self._deliver)
 
@@ -951,8 +1033,11 @@ class Connection:
             return self._refuse(ErrorCode.EXTENSION_FAILED, str(exc), doc, seq)
         try:
             kind_of(doc)
+            _resolve(self.identity.user, doc)
         except ValidationError as exc:
             return self._refuse(ErrorCode.NOT_FOUND, str(exc), doc, seq)
+        except AccessDenied as exc:
+            return self._refuse(exc.code, str(exc), doc, seq)
         return None
 
     async def _on_sync_request(self, event: SyncRequested) -> None:
@@ -966,13 +1051,17 @@ class Connection:
             return
         # Subscribed before the state is read: a change stored meanwhile is then in the reply,
         # or fanned out after it, or both (applying an update twice changes nothing).
+        owner, local = owner_and_id(self.identity.user, event.doc)
         self._synced_docs.add(event.doc)
+        self._revoked.discard(event.doc)
+        if owner != self.identity.user and owner not in self._owners:
+            self._owners[owner] = self.relay.fanout.subscribe(owner, self._deliver_shared)
         async with self.relay.initial_sync_slots:
             try:
                 diff, state_vector, watermark = await self.relay.documents.state(
-                    self.identity.user, event.doc, event.state_vector
+                    owner, local, event.state_vector
                 )
-                self._saw(event.doc, self.relay.documents.version(self.identity.user, event.doc))
+                self._saw(event.doc, self.relay.documents.version(owner, local))
             except BadUpdate as exc:
                 self._send(self.session.error(ErrorCode.BAD_UPDATE, str(exc), doc=event.doc))
                 return
@@ -1012,6 +1101,10 @@ class Connection:
             refusal = await self._document_refusal(doc, "write", seq)
             counters.updates_refused[refusal or ErrorCode.NOT_FOUND] += 1
             return
+        if doc in self._revoked:
+            message = "the share of this document was revoked"
+            counters.updates_refused[self._refuse(REVOKED, message, doc, seq)] += 1
+            return
         if await self._over_document_limit(doc, seq):
             return
         received_at = self._received_at
@@ -1050,7 +1143,7 @@ class Connection:
             return
         self._saw(doc, applied.version)
         known = self.relay.user_documents.get(self.identity.user)
-        if known is not None:
+        if known is not None and "/" not in doc:
             known.add(doc)
         self._send(self.session.ack(doc, seq))
         counters.update_store.observe(time.perf_counter() - received_at)
@@ -1059,9 +1152,10 @@ class Connection:
             counters.updates_merged_concurrent += 1
         log.debug("update %d stored and acknowledged", seq)
         if applied.changed:
+            owner, local = owner_and_id(self.identity.user, doc)
             await self.relay.publish_change(
-                self.identity.user,
-                doc,
+                owner,
+                local,
                 event.update,
                 applied,
                 now_ms=now,
@@ -1078,6 +1172,8 @@ class Connection:
         assert self.identity is not None
         if "sync" not in self.identity.scopes:
             return False  # refused anyway, by the authorization that follows
+        if "/" in doc:
+            return False  # another user's document, shared with this one: it counts as theirs
         user = self.identity.user
         known = self.relay.user_documents.get(user)
         if known is None:
@@ -1177,6 +1273,71 @@ class Connection:
         )
         self._send(frame, change.wire)
 
+    def _deliver_shared(self, change: Change) -> None:
+        """A stored change of a document another user owns: sent on, under its ``owner/id``, if
+        this connection synced it and its share was not revoked since."""
+        wire_id = shared_id(change.user, change.doc_id)
+        if (
+            change.origin == self.id
+            or wire_id not in self._synced_docs
+            or self.session.closed
+            or self._closing
+        ):
+            return
+        self._send(
+            encode_frame(Update(wire_id, 0, change.update, change.changed_at, change.changed_by))
+        )
+
+    # -- sharing and revocation (called by the Relay) -----------------------------------------
+
+    def _live_user(self, user: str) -> bool:
+        identity = self.identity
+        return (
+            identity is not None
+            and identity.user == user
+            and "sync" in identity.scopes
+            and not self.session.closed
+            and not self._closing
+        )
+
+    def tell_shared(self, grantee: str, wire_id: str, message: str) -> None:
+        """A document was shared with this connection's user: a non-fatal notice naming it (a
+        device then syncs it as it syncs a document the Welcome lists)."""
+        if self._live_user(grantee):
+            self._send(self.session.error(SHARED, message, doc=wire_id))
+
+    def revoke_document(self, grantee: str, wire_id: str) -> None:
+        """The share of ``wire_id`` with this connection's user ended: told once (``revoked``),
+        then none of its changes, and its Updates refused."""
+        if not self._live_user(grantee) or wire_id not in self._synced_docs:
+            return
+        self._synced_docs.discard(wire_id)
+        self._revoked.add(wire_id)
+        self._send(self.session.error(REVOKED, "the owner revoked this share", doc=wire_id))
+
+    def end_if_revoked(self, revocation: Revocation) -> bool:
+        """A fatal ``auth_failed`` and a close if this connection's token is revoked."""
+        identity = self.identity
+        if (
+            identity is None
+            or self.session.closed
+            or self._closing
+            or not revocation.covers(
+                identity.user, identity.device, identity.token_id, identity.issued_at
+            )
+        ):
+            return False
+        self._send(self.session.error(ErrorCode.AUTH_FAILED, "token revoked"))
+        asyncio.get_running_loop().create_task(self._close_after_flush(), context=self._log_ctx)
+        return True
+
+    async def _close_after_flush(self) -> None:
+        """Close once what is queued (the fatal Error above all) has gone, or after a second."""
+        deadline = time.monotonic() + 1.0
+        while (self.outbound or self._writer_busy) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        await self.close(code=1000, message=b"token revoked")
+
 
 RelayKey = web.AppKey("relay", Relay)
 
@@ -1258,6 +1419,7 @@ def create_app(
     store: RelayStore | None = None,
     fanout: FanOut | None = None,
     price_policy: PricePolicy | None = None,
+    shares: ShareStore | None = None,
 ) -> web.Application:
     """The relay as an aiohttp application (store and fan-out default to SQLite, in-process).
 
@@ -1298,6 +1460,11 @@ def create_app(
             config.data_dir / "relay.db", durability=config.durability
         )
         try:
+            share_store = shares or await SQLiteShareStore.open(config.data_dir / "shares.db")
+        except BaseException:
+            await relay_store.close()
+            raise
+        try:
             relay = Relay(
                 config,
                 relay_store,
@@ -1305,9 +1472,11 @@ def create_app(
                 secret,
                 extensions=extensions,
                 price_policy=price_policy,
+                shares=share_store,
             )
         except BaseException:
             await relay_store.close()
+            await share_store.close()
             raise
         app[RelayKey] = relay
         app[HookRunnerKey] = relay.hooks
@@ -1366,5 +1535,6 @@ def create_app(
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/readyz", ready)
     add_price_routes(app)
+    add_share_routes(app)
     add_cors(app, config.cors_origins)
     return app

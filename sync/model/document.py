@@ -27,6 +27,7 @@ __all__ = [
     "EditContext",
     "document_id",
     "kind_of",
+    "split_owner",
 ]
 
 INDEX_DOCUMENT_ID = "index"
@@ -50,8 +51,28 @@ def document_id(kind: DocumentKind, name: str) -> str:
     return _PREFIX[kind] + hashlib.blake2b(key, digest_size=12).hexdigest()
 
 
+_OWNER = re.compile(r"[A-Za-z0-9_.@+\-]{1,128}")  # a token's user (foliosync.server.auth)
+
+
+def split_owner(doc_id: str) -> tuple[str | None, str]:
+    """``(owner, id)`` of a document another user shared (``alice/wl-...``), ``(None, id)`` of
+    one's own. Only the owner's part is checked here; :func:`kind_of` checks the rest."""
+    owner, slash, local = doc_id.partition("/")
+    if not slash:
+        return None, doc_id
+    return owner, local
+
+
 def kind_of(doc_id: str) -> DocumentKind:
-    """The kind of a document from its id; ValidationError for an id foliosync never makes."""
+    """The kind of a document from its id; ValidationError for an id foliosync never makes.
+
+    A shared document's id, ``OWNER/`` before its owner's id (PROTOCOL.md, Sharing), has the
+    kind of that id; the index is never shared, so ``alice/index`` is no id."""
+    owner, local = split_owner(doc_id)
+    if owner is not None:
+        if not _OWNER.fullmatch(owner) or local == INDEX_DOCUMENT_ID or "/" in local:
+            raise ValidationError(f"not a foliosync document id: {doc_id[:60]!r}")
+        doc_id = local
     if doc_id == INDEX_DOCUMENT_ID:
         return DocumentKind.INDEX
     for kind, prefix in _PREFIX.items():
