@@ -118,6 +118,9 @@ class PriceHub:
         self._flush_at_ms = 0
         self._last_flush_ms = 0
         self._stalled: list[StalledSymbol] = []
+        self.forward: Callable[[list[PricePoint]], None] | None = None
+        """Where this relay's own accepted prices also go (the shared price bus), if set; it
+        must not block or raise (RedisPriceBus.publish only queues)."""
         self.ticks_in = 0
         self.ticks_rejected = 0  # refused by a check: the publisher was told so
         self.ticks_stale = 0
@@ -152,8 +155,12 @@ class PriceHub:
 
     # -- sources -----------------------------------------------------------------------------
 
-    def publish(self, ticks: Iterable[Tick]) -> list[PricePoint]:
-        """Record checked ticks; the new prices of followed symbols go out with the next flush."""
+    def publish(self, ticks: Iterable[Tick], *, origin: str = "local") -> list[PricePoint]:
+        """Record checked ticks; the new prices of followed symbols go out with the next flush.
+
+        Ticks of this relay's own sources (``origin="local"``) that changed the book are also
+        handed to :attr:`forward`, the shared price bus when several relays serve together;
+        those that came from a peer (``origin="peer"``) are not, or they would go round."""
         accepted: list[PricePoint] = []
         followers = self._followers
         stale = 0
@@ -168,6 +175,9 @@ class PriceHub:
         self.ticks_in += len(accepted)
         self.ticks_stale += stale
         self._schedule_flush()
+        forward = self.forward
+        if forward is not None and accepted and origin == "local":
+            forward(accepted)
         return accepted
 
     def reject(self, count: int) -> None:

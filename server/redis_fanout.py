@@ -198,6 +198,10 @@ class RedisFanOut:
         self._save_at = 0.0
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
+        # Whether the reader's and the writer's last exchange with Redis succeeded: the relay
+        # refuses updates while either failed (see :attr:`reachable`).
+        self._reader_ok = True
+        self._writer_ok = True
         self.stats = FanOutStats()
         self.peer_lag = Timings()
         """From publish on a peer to delivery here (wall clocks of both hosts)."""
@@ -222,6 +226,7 @@ class RedisFanOut:
                 self._placed = True
             except _BUS_ERRORS as exc:
                 self.stats.errors += 1
+                self._reader_ok = False
                 log.warning("shared bus unreachable at start (%s); the reader retries", exc)
             else:
                 if missed:
@@ -316,6 +321,14 @@ class RedisFanOut:
                 log.exception("a subscriber failed to take a change of %s", change.doc_id)
 
     @property
+    def reachable(self) -> bool:
+        """Whether Redis answered the reader's and the writer's last exchange. The relay refuses
+        updates while it does not: a change stored then would reach the other relays' devices
+        only once Redis is back (its record waits in the outbox), so the device is told to
+        retry instead. A change stored just before Redis fell still goes out from the outbox."""
+        return self._reader_ok and self._writer_ok and not self._closed
+
+    @property
     def outbox(self) -> int:
         """Records waiting for Redis."""
         return len(self._outbox)
@@ -365,6 +378,7 @@ class RedisFanOut:
                     )
                 except _BUS_ERRORS as exc:
                     self.stats.errors += 1
+                    self._writer_ok = False
                     log.warning(
                         "cannot publish to the shared bus (%s); %d change(s) wait, retry in %.2f s",
                         exc,
@@ -375,6 +389,7 @@ class RedisFanOut:
                     delay = min(delay * 2, self._backoff[1])
                     continue
                 delay = self._backoff[0]
+                self._writer_ok = True
                 self._dropped_told = dropped
                 # Only what was sent leaves: what was queued meanwhile stays, in order; what an
                 # overflow dropped meanwhile is gone already (and the marker says so next).
@@ -404,6 +419,7 @@ class RedisFanOut:
                     count=self._batch,
                     block=self._block_ms,
                 )
+                self._reader_ok = True
                 if reply:
                     await self._handle(reply)
                 if self._position != self._saved and time.monotonic() >= self._save_at:
@@ -414,6 +430,7 @@ class RedisFanOut:
                 if self._closed:
                     return
                 self.stats.errors += 1
+                self._reader_ok = False
                 resumed = False
                 log.warning("shared bus unreachable (%s); reconnecting in %.2f s", exc, delay)
                 await asyncio.sleep(delay)
