@@ -155,12 +155,23 @@ class PriceHub:
 
     # -- sources -----------------------------------------------------------------------------
 
-    def publish(self, ticks: Iterable[Tick], *, origin: str = "local") -> list[PricePoint]:
+    def publish(self, ticks: Iterable[Tick]) -> list[PricePoint]:
         """Record checked ticks; the new prices of followed symbols go out with the next flush.
 
-        Ticks of this relay's own sources (``origin="local"``) that changed the book are also
-        handed to :attr:`forward`, the shared price bus when several relays serve together;
-        those that came from a peer (``origin="peer"``) are not, or they would go round."""
+        Ticks of this relay's own sources that changed the book are also handed to
+        :attr:`forward`, the shared price bus when several relays serve together."""
+        accepted = self._record(ticks)
+        forward = self.forward
+        if forward is not None and accepted:
+            forward(accepted)
+        return accepted
+
+    def publish_peer(self, ticks: Iterable[Tick]) -> list[PricePoint]:
+        """Record ticks another relay of the group accepted: as :meth:`publish`, but not handed
+        to :attr:`forward` again (they would go round the group for ever)."""
+        return self._record(ticks)
+
+    def _record(self, ticks: Iterable[Tick]) -> list[PricePoint]:
         accepted: list[PricePoint] = []
         followers = self._followers
         stale = 0
@@ -175,9 +186,6 @@ class PriceHub:
         self.ticks_in += len(accepted)
         self.ticks_stale += stale
         self._schedule_flush()
-        forward = self.forward
-        if forward is not None and accepted and origin == "local":
-            forward(accepted)
         return accepted
 
     def reject(self, count: int) -> None:

@@ -1247,7 +1247,7 @@ async def _redis_prices(config: RelayConfig, relay: Relay) -> Any:
     hub = relay.prices
 
     def on_peer_ticks(ticks: list[Tick]) -> None:
-        hub.publish(ticks, origin="peer")
+        hub.publish_peer(ticks)
 
     prices_bus = RedisPriceBus(
         config.redis_url or "",
