@@ -131,6 +131,11 @@ class PriceHub:
         loop's delay plus the flush's own work, what every price released then waited beyond
         its push window. Once per flush, nothing per tick or per price: the tick path stays a
         counter increment."""
+        self.queued = Timings()
+        """The rest of a late price's way: from the flush's hand-over to a subscriber that could
+        not take it at once (its socket busy) to its write, once per batch that waited. With
+        :attr:`delivery`, the whole lateness of a price to a slow reader, not only to the hub's
+        hand-over."""
 
     # -- life cycle --------------------------------------------------------------------------
 
@@ -229,6 +234,10 @@ class PriceHub:
     @property
     def subscriber_count(self) -> int:
         return len(self._subscriptions)
+
+    def subscribers(self) -> list[PriceSubscriber]:
+        """Every live subscriber (WebSocket connections and event streams alike)."""
+        return list(self._subscriptions)
 
     # -- windows -----------------------------------------------------------------------------
 

@@ -553,6 +553,7 @@ class Connection:
         self.outbound = OutboundQueue()
         self.prices = LatestPrices()  # released for this connection, not yet written
         self._prices_waiting = False  # prices were handed to the writer: none go around it
+        self._prices_since = 0.0  # when the prices waiting now were first handed over
         self._wakeup = asyncio.Event()
         self._subscription: Subscription | None = None
         # Documents whose live changes this connection gets: those it sent a SyncRequest for
@@ -748,6 +749,8 @@ class Connection:
         if self.session.closed:
             return
         self.prices.add(points)
+        if not self._prices_waiting:
+            self._prices_since = time.perf_counter()
         self._prices_waiting = True
         self._wakeup.set()
 
@@ -763,11 +766,13 @@ class Connection:
             self._flush_wire()  # what took the direct path before goes first
             while True:
                 data = self.outbound.pop()
+                queued_since = 0.0
                 if data is None and self._prices_waiting:
                     self._prices_waiting = False
                     waiting = self.prices.take()
                     if waiting and not self.session.closed:
                         data = self.session.prices([p.wire_bytes() for p in waiting])
+                        queued_since = self._prices_since
                 if data is None:
                     break
                 if self.ws.closed:
@@ -777,6 +782,8 @@ class Connection:
                 except (ConnectionError, RuntimeError):
                     return
                 self._counters.sent.count(data)
+                if queued_since:
+                    self.relay.prices.queued.observe(time.perf_counter() - queued_since)
             if self._closing:
                 return
 
