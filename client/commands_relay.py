@@ -173,6 +173,14 @@ def register(subparsers: Any) -> None:
         default="asyncio",
         help="the event loop: asyncio (the default) or uvloop (pip install 'foliosync[fast]')",
     )
+    relay.add_argument(
+        "--fanout-flush-delay",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="how long a change fanned out to many devices may wait for more to share one "
+        "write (default 0.02; 0: none)",
+    )
     relay.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
     relay.add_argument(
         "--log-format",
@@ -369,6 +377,11 @@ async def _run_relay(args: argparse.Namespace) -> int:
         store_pool=args.store_pool,
         redis_url=args.redis,
         redis_prefix=args.redis_prefix,
+        **(
+            {}
+            if args.fanout_flush_delay is None
+            else {"fanout_flush_delay": args.fanout_flush_delay}
+        ),
     )
     extensions = None
     if args.extension:

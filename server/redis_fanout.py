@@ -44,8 +44,12 @@ from the shared store (and sending the connected devices what they lack, through
 published after that place is read as usual. A reader more than ``maxlen`` entries behind while
 connected is not detected; with the defaults that is 100,000 entries of backlog.
 
-Redis down. :meth:`RedisFanOut.publish` never raises for it: the change is stored already and
-its sender acknowledged, and the local subscribers got it at once. Its record waits in a bounded
+Redis down. The relay refuses updates while :attr:`RedisFanOut.reachable` is false (the reader's
+or the writer's last exchange failed: a dropped connection is noticed at once), with its fatal
+``internal`` Error ("the other relays are unreachable"); the device resends after it reconnects.
+A change stored then would be acknowledged while the other relays' devices could not get it.
+:meth:`RedisFanOut.publish` itself never raises for it: a change stored just before Redis fell is
+acknowledged already, and the local subscribers got it at once. Its record waits in a bounded
 outbox that one writer task sends, in order, as soon as Redis answers again (with backoff); if
 the outbox overflows, its oldest records are dropped and a type-2 record goes first, so peers
 reload. The reader reconnects with backoff too and resumes from its offset in memory, so a

@@ -208,6 +208,11 @@ class RelayConfig:
     (:mod:`foliosync.server.redis_fanout`, :mod:`foliosync.server.redis_prices`); None: this
     relay alone, fan-out in process."""
     redis_prefix: str = "foliosync:"
+    fanout_flush_delay: float = 0.02
+    """Seconds a fanned-out change may wait for more to share its write, while changes fan out
+    to many connections at once (one write per device per change was most of a busy document's
+    cost, the devices' reads as much as the relay's writes); 0: every loop turn. Acks, replies
+    and prices never wait for it, nor changes while they reach few connections."""
 
     def __post_init__(self) -> None:
         _check_text("host", self.host)
@@ -249,6 +254,7 @@ class RelayConfig:
         ):
             raise ConfigError(f"invalid redis_url {self.redis_url!r}: redis://HOST:PORT/DB")
         _check_text("redis_prefix", self.redis_prefix)
+        _check_seconds("fanout_flush_delay", self.fanout_flush_delay, zero=True)
 
 
 class Relay:
@@ -298,18 +304,45 @@ class Relay:
         self.feed: Feed | None = None  # the --feed task, once started; /readyz watches it
         self.started = time.monotonic()
         self._ids = itertools.count(1)
-        # Connections with bytes in their write buffer, written out once this loop turn ends.
+        # Connections with bytes in their write buffer, written out once this loop turn ends;
+        # while changes fan out wide, their fanned-out changes a moment later (see _flush_soon).
         self._unflushed: list[Connection] = []
+        self._held: list[Connection] = []
+        self._held_handle: asyncio.TimerHandle | None = None
+        self._fanning_wide = False  # the last fan-out flush wrote to many connections
 
-    def _flush_soon(self, connection: Connection) -> None:
+    def _flush_soon(self, connection: Connection, fanout: bool = False) -> None:
+        """Write ``connection``'s buffer at the end of this loop turn; a fanned-out change, while
+        changes fan out to many connections, ``config.fanout_flush_delay`` later, so that one
+        write (and one read on the device) carries several changes instead of one each. Acks,
+        replies and prices are never held back (a connection's buffer goes out whole, in order,
+        at whichever flush comes first)."""
+        loop = asyncio.get_running_loop()
+        if fanout and self._fanning_wide and self.config.fanout_flush_delay > 0:
+            if self._held_handle is None:
+                self._held_handle = loop.call_later(
+                    self.config.fanout_flush_delay, self._flush_held, context=_FLUSH_CONTEXT
+                )
+            self._held.append(connection)
+            return
         if not self._unflushed:
-            asyncio.get_running_loop().call_soon(self._flush_writes, context=_FLUSH_CONTEXT)
+            loop.call_soon(self._flush_writes, context=_FLUSH_CONTEXT)
         self._unflushed.append(connection)
+        connection._flush_due = True
 
     def _flush_writes(self) -> None:
-        """One write per connection for all it was sent during the loop turn that just ended."""
+        """One write per connection for all it was sent since the last flush."""
         unflushed, self._unflushed = self._unflushed, []
         for connection in unflushed:
+            connection._flush_wire()
+        if not self._held and len(unflushed) >= _WIDE_FANOUT:
+            self._fanning_wide = True
+
+    def _flush_held(self) -> None:
+        held, self._held = self._held, []
+        self._held_handle = None
+        self._fanning_wide = len(held) >= _WIDE_FANOUT
+        for connection in held:
             connection._flush_wire()
 
     def next_connection_id(self) -> str:
@@ -542,6 +575,7 @@ class Connection:
         self._direct = transport is not None
         self._wire: list[bytes] = []  # WebSocket frames for the next flush, in order
         self._wire_bytes = 0
+        self._flush_due = False  # this connection waits in the relay's flush of this turn
         self.id = relay.next_connection_id()
         self.session = ServerSession(
             max_frame_size=relay.config.max_frame_size,
@@ -674,7 +708,7 @@ class Connection:
     def _buffer(self, wire: bytes) -> None:
         """The direct path: ``wire`` goes out with this connection's next flush (at the end of
         this loop turn, or now if the buffer holds a socket buffer's worth already)."""
-        if not self._wire:
+        if not self._flush_due:  # due this turn, even if fanned-out changes wait in the buffer
             self.relay._flush_soon(self)
         self._wire.append(wire)
         self._wire_bytes += len(wire)
@@ -684,6 +718,7 @@ class Connection:
     def _flush_wire(self) -> None:
         """Write the buffer in one ``transport.write``; a socket whose buffer is then full sends
         the next frames through the writer, which waits for it."""
+        self._flush_due = False
         chunks = self._wire
         if not chunks:
             return
@@ -1112,7 +1147,7 @@ class Connection:
             return
         if self._direct and change.wire:  # the fan-out's hot path: one flag, one append
             if not self._wire:
-                self.relay._flush_soon(self)
+                self.relay._flush_soon(self, fanout=True)
             self._wire.append(change.wire)
             self._wire_bytes += len(change.wire)
             self._sent_frames[_UPDATE_CODE] += 1
@@ -1141,6 +1176,7 @@ _UPDATE_CODE = FRAME_CODES["update"]
 _PRICE_BATCH_CODE = FRAME_CODES["price_batch"]
 _CLOSE_TIMEOUT = 2.0  # seconds a closing peer has to take what is left and the close frame
 _FLUSH_CONTEXT = contextvars.Context()  # the flush's log lines are no one connection's
+_WIDE_FANOUT = 64  # connections written to in one flush from which fanned-out changes wait
 
 
 def websocket_binary_frame(payload: bytes) -> bytes:
