@@ -1438,7 +1438,9 @@ async def run(quick: bool) -> list[Table]:
     chosen = os.environ.get("FOLIOSYNC_BENCH_PARTS", "")
     parts = [p for p in chosen.split(",") if p in PARTS] or list(PARTS)
     raise_nofile_limit()
-    Relay.extra_args = FEED_OFF if relay_has_feed_option() else ()
+    # FOLIOSYNC_BENCH_RELAY_ARGS: more `foliosync relay` options, e.g. "--loop uvloop".
+    more = os.environ.get("FOLIOSYNC_BENCH_RELAY_ARGS", "").split()
+    Relay.extra_args = [*(FEED_OFF if relay_has_feed_option() else ()), *more]
     with tempfile.TemporaryDirectory(prefix="foliosync-bench-relay-") as tmp:
         root = Path(tmp)
         tables: list[Table] = []

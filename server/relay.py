@@ -20,7 +20,9 @@ common case: no task switch per receiver): it is appended to the connection's wr
 every buffer filled during one turn of the event loop goes out once that turn ends, one
 ``transport.write`` per connection whatever it got meanwhile (updates, acks, a price batch:
 several WebSocket frames in one write, in the order they were sent). With hundreds of devices on
-one document, a ``send()`` per receiver per update was most of the relay's time. Whether a
+one document, a ``send()`` per receiver per update was most of the relay's time. While changes
+fan out to many connections at once, a fanned-out change may wait ``fanout_flush_delay`` (20 ms)
+for the next ones to share its write; acks, replies and prices never wait for that. Whether a
 connection may take the direct path is one flag (:attr:`Connection._direct`), kept up to date
 where its inputs change (the writer starts or ends, a close begins, a flush finds the socket's
 buffer full), so the fan-out pays one attribute read per receiver.
@@ -309,7 +311,7 @@ class Relay:
         self._unflushed: list[Connection] = []
         self._held: list[Connection] = []
         self._held_handle: asyncio.TimerHandle | None = None
-        self._fanning_wide = False  # the last fan-out flush wrote to many connections
+        self._wide_at = -math.inf  # when a flush last wrote to many connections (loop time)
 
     def _flush_soon(self, connection: Connection, fanout: bool = False) -> None:
         """Write ``connection``'s buffer at the end of this loop turn; a fanned-out change, while
@@ -318,11 +320,12 @@ class Relay:
         replies and prices are never held back (a connection's buffer goes out whole, in order,
         at whichever flush comes first)."""
         loop = asyncio.get_running_loop()
-        if fanout and self._fanning_wide and self.config.fanout_flush_delay > 0:
+        delay = self.config.fanout_flush_delay
+        # Held only while wide fan-outs come closer together than twice the delay: a busy
+        # document; a change after a quiet spell goes at once.
+        if fanout and delay > 0 and loop.time() - self._wide_at < 2 * delay:
             if self._held_handle is None:
-                self._held_handle = loop.call_later(
-                    self.config.fanout_flush_delay, self._flush_held, context=_FLUSH_CONTEXT
-                )
+                self._held_handle = loop.call_later(delay, self._flush_held, context=_FLUSH_CONTEXT)
             self._held.append(connection)
             return
         if not self._unflushed:
@@ -335,13 +338,14 @@ class Relay:
         unflushed, self._unflushed = self._unflushed, []
         for connection in unflushed:
             connection._flush_wire()
-        if not self._held and len(unflushed) >= _WIDE_FANOUT:
-            self._fanning_wide = True
+        if len(unflushed) >= _WIDE_FANOUT:
+            self._wide_at = asyncio.get_running_loop().time()
 
     def _flush_held(self) -> None:
         held, self._held = self._held, []
         self._held_handle = None
-        self._fanning_wide = len(held) >= _WIDE_FANOUT
+        if len(held) >= _WIDE_FANOUT:
+            self._wide_at = asyncio.get_running_loop().time()
         for connection in held:
             connection._flush_wire()
 
