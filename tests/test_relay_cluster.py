@@ -549,3 +549,39 @@ async def test_postgresql_unreachable_refuses_writes_clearly_and_the_group_recov
                 await device.close()
     finally:
         await proxy.cut()
+
+
+async def test_workers_start_several_relays_on_one_port_and_stop_together(
+    tmp_path: Path, own_redis: RedisProcess, database: str
+) -> None:
+    token = tokens(tmp_path)
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FOLIOSYNC_")}
+    process = await asyncio.create_subprocess_exec(
+        *(foliosync(), "relay", "--feed", "none", "--port", str(port), "--data", str(tmp_path)),
+        *("--store", database, "--redis", own_redis.url, "--workers", "2"),
+        *("--relay-id", "w", "--log-level", "WARNING"),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=env,
+    )
+    try:
+        assert process.stdout is not None
+        lines = [await asyncio.wait_for(process.stdout.readline(), 30) for _ in range(2)]
+        assert all(line.startswith(b"foliosync relay on") for line in lines), lines
+        assert {b"relay w/1 " in b" ".join(lines), b"relay w/2 " in b" ".join(lines)} == {True}
+        async with aiohttp.ClientSession() as http:
+            one = Device(http, f"ws://127.0.0.1:{port}/ws", token("alice", "d1"))
+            two = Device(http, f"ws://127.0.0.1:{port}/ws", token("alice", "d2"))
+            await one.connect()
+            await two.connect()
+            await one.add("AAPL")
+            await eventually("the other device sees it", lambda: "AAPL" in symbols_of(two.doc))
+            await one.close()
+            await two.close()
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(process.wait(), 20) == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
