@@ -1309,9 +1309,13 @@ async def fanout(root: Path, sizes: Sizes) -> list[Table]:
     results: list[tuple[str, list[Step], dict[str, Any]]] = []
     steps, info = await fanout_foliosync(root, sizes)
     results.append(("foliosync relay", steps, info))
-    for name, make_server in (
+    comparisons = (
         ("y-websocket", y_websocket_server),
         ("pycrdt-websocket", pycrdt_websocket_server),
+    )
+    # FOLIOSYNC_BENCH_COMPARE=0: the relay alone (e.g. to compare two of its configurations).
+    for name, make_server in (
+        comparisons if os.environ.get("FOLIOSYNC_BENCH_COMPARE") != "0" else ()
     ):
         try:
             y_steps, y_info = await fanout_y(root, sizes, make_server, name)
