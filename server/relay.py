@@ -32,6 +32,13 @@ control frames before prices, so a slow reader never blocks the relay; one that 
 behind is disconnected (it catches up by state vector when it reconnects) rather than allowed to
 grow the relay's memory. Its prices meanwhile wait as the newest per symbol, a bounded backlog.
 The writer writes out the connection's buffer before anything of its own, so the order holds.
+
+Several relays (``store_url`` and ``redis_url``: PostgreSQL and Redis) serve as one: an update is
+acknowledged once committed in PostgreSQL, its change reaches the other relays through Redis
+(:mod:`foliosync.server.redis_fanout`) and their hot copies only, and prices go round through
+:mod:`foliosync.server.redis_prices`. While either service is unreachable updates are refused
+with the fatal ``internal`` Error, so nothing is acknowledged that not every relay can serve
+(what reads do then: :mod:`foliosync.server.postgres_store`).
 """
 
 from __future__ import annotations
