@@ -73,6 +73,7 @@ RESYNC_TARGET_S = 1.0
 STORM_TARGET_S = 10.0
 FANOUT_P99_MS = 100.0
 FANOUT_TARGET_RATE = 100.0
+FANOUT_AIM_RATIO = 3.0  # the highest rate held against y-websocket's, same load, same run
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -102,7 +103,7 @@ FULL = Sizes(
     storm=1000,
     receivers=500,
     samplers=20,
-    rates=(1, 2, 5, 10, 25, 50, 75, 100, 150, 200, 400),
+    rates=(1, 2, 5, 10, 25, 50, 75, 100, 150, 200, 300, 400, 600, 800, 1000),
     step_s=3.0,
     min_step_edits=6,
     drain_s=3.0,
@@ -258,11 +259,13 @@ def relay_argv(port: int, data_dir: Path, extra: Sequence[str] = ()) -> list[str
 class Relay(Server):
     extra_args: Sequence[str] = ()  # set once per run: e.g. the price feed turned off
 
-    def __init__(self, root: Path, name: str) -> None:
-        self.data_dir = root / f"{name}-data"
+    def __init__(
+        self, root: Path, name: str, extra: Sequence[str] = (), data_dir: Path | None = None
+    ) -> None:
+        self.data_dir = data_dir or root / f"{name}-data"
         self.secret = load_or_create_secret(self.data_dir)
         port = free_port()
-        argv = relay_argv(port, self.data_dir, self.extra_args)
+        argv = relay_argv(port, self.data_dir, [*self.extra_args, *extra])
         super().__init__(argv, port, root / f"{name}.log")
 
     @property
@@ -860,6 +863,7 @@ class Target:
     edit: Callable[[int], bytes]  # makes edit i, sends it, returns its update
     sent_at: dict[int, float] = field(default_factory=dict)  # seq -> when edited (foliosync)
     acked: dict[int, float] = field(default_factory=dict)  # seq -> when acknowledged
+    others: list[Server] = field(default_factory=list)  # more server processes (a relay group)
 
 
 async def run_steps(
@@ -879,7 +883,8 @@ async def run_steps(
         system.sent_at.clear()
         edits = max(sizes.min_step_edits, round(rate * sizes.step_s))
         loader0 = (await loader.call("cpu"))["cpu_s"]
-        server_cpu0, own0, busy0 = proc_cpu_s(system.server.pid), own_cpu_s(), machine_busy_s()
+        pids = [system.server.pid, *(o.pid for o in system.others)]
+        server_cpu0, own0, busy0 = sum(map(proc_cpu_s, pids)), own_cpu_s(), machine_busy_s()
         started = time.monotonic()
         for i in range(edits):
             due = started + i / rate
@@ -898,7 +903,7 @@ async def run_steps(
         while counts["updates_min"] < edits and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
             counts = await loader.call("counts")
-        server_cpu_s = proc_cpu_s(system.server.pid) - server_cpu0
+        server_cpu_s = sum(map(proc_cpu_s, pids)) - server_cpu0
         own_s, busy_s = own_cpu_s() - own0, machine_busy_s() - busy0
         wall = time.monotonic() - started
         loader_s = (await loader.call("cpu"))["cpu_s"] - loader0
@@ -1003,6 +1008,181 @@ async def fanout_foliosync(root: Path, sizes: Sizes) -> tuple[list[Step], dict[s
         await loader.close()
         await relay.stop()
     return steps, info
+
+
+GROUP_POSTGRES = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+@contextlib.asynccontextmanager
+async def group_services(root: Path) -> Any:
+    """A database of its own on the machine's PostgreSQL and a redis-server of its own on a free
+    port (nothing on disk), for a relay group; yields (dsn, redis url)."""
+    import secrets
+
+    import asyncpg
+
+    name = f"foliosync_bench_{secrets.token_hex(4)}"
+    admin = await asyncpg.connect(GROUP_POSTGRES, timeout=10)
+    port = free_port()
+    redis = subprocess.Popen(
+        [
+            *("redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", ""),
+            *("--appendonly", "no"),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+        await asyncio.sleep(0.3)  # redis-server's start
+        yield GROUP_POSTGRES.rsplit("/", 1)[0] + f"/{name}", f"redis://127.0.0.1:{port}/0"
+    finally:
+        redis.kill()
+        redis.wait()
+        await admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1", name
+        )
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}"')
+        await admin.close()
+
+
+async def fanout_group(
+    root: Path, sizes: Sizes, count: int, rates: Sequence[float]
+) -> tuple[list[Step], dict[str, Any]]:
+    """The fan-out load on ``count`` relays sharing PostgreSQL and Redis: the editor on the
+    first, samplers and readers spread evenly over all of them."""
+    async with group_services(root) as (dsn, redis_url):
+        data_dir = root / f"group{count}-data"
+        relays = [
+            Relay(
+                root,
+                f"group{count}-relay{n}",
+                ["--store", dsn, "--redis", redis_url, "--relay-id", f"g{count}-{n}"],
+                data_dir=data_dir,
+            )
+            for n in range(count)
+        ]
+        loader = await Loader.start(root, f"load-group{count}")
+        probe = Probe()
+        devices: list[FolioDevice] = []
+        try:
+            for relay in relays:
+                await relay.start_relay()
+            first = relays[0]
+            models = build_documents("editor", "Busy", None, symbols=20)
+            doc_id = document_id(DocumentKind.WATCHLIST, "Busy")
+            editor = FolioDevice(first.port, first.token("fan", "editor"), dict(models))
+            devices.append(editor)
+            loop = asyncio.get_running_loop()
+            editor_task = loop.create_task(editor.run())
+            await asyncio.wait_for(editor.in_sync.wait(), 30)
+            model = models[doc_id]
+            assert isinstance(model, Watchlist)
+            symbols = model.symbols
+            samplers = [
+                FolioDevice(
+                    relays[k % count].port,
+                    first.token("fan", f"sampler{k:03d}"),
+                    {doc_id: None},
+                    on_update=functools.partial(folio_receipt, probe, k),
+                )
+                for k in range(sizes.samplers)
+            ]
+            devices.extend(samplers)
+            tasks = [loop.create_task(d.run()) for d in samplers]
+            for device in samplers:
+                await asyncio.wait_for(device.in_sync.wait(), 30)
+            bulk = sizes.receivers - 1 - sizes.samplers
+            for n, relay in enumerate(relays):
+                specs = [
+                    {"token": first.token("fan", f"reader{k:04d}"), "read": doc_id}
+                    for k in range(n, bulk, count)
+                ]
+                result = await loader.call("start", proto="folio", port=relay.port, devices=specs)
+                check_connected(result, f"group readers on relay {n}")
+
+            def edit(i: int) -> bytes:
+                at = time.monotonic()
+                seq, update = editor.edit(
+                    doc_id, lambda m: m.set_note(symbols[i % len(symbols)], f"n{i}")
+                )
+                target.sent_at[seq] = at
+                return update
+
+            target = Target(first, edit, acked=editor.acked, others=relays[1:])
+            steps = await run_steps(target, loader, probe, sizes.samplers, bulk, sizes, rates)
+            info = {"bulk": bulk, "behind": sum(r.log_count("fell behind") for r in relays)}
+            for device in devices:
+                device.close()
+            await asyncio.wait([editor_task, *tasks], timeout=5)
+        finally:
+            await loader.close()
+            for relay in relays:
+                await relay.stop()
+    return steps, info
+
+
+async def group(root: Path, sizes: Sizes) -> list[Table]:
+    """One relay against two, both on PostgreSQL and Redis, under the fan-out load."""
+    table = Table(
+        f"Relay group: the fan-out load ({sizes.receivers} devices of one user) on 1 and 2 relay "
+        "processes sharing PostgreSQL and Redis",
+        [
+            "relays",
+            "rate/s",
+            "p50 ms",
+            "p99 ms",
+            "delivered %",
+            "relays' CPU %",
+            "µs/update",
+            "deliveries per relay-CPU-s",
+            "load CPU %",
+            "other CPU %",
+            "held",
+        ],
+    )
+    summary = Table(
+        "Relay group: deliveries held, 2 relays against 1 (same run)",
+        ["relays", "highest rate held /s", "deliveries/s held", "per relay-CPU-s at that rate"],
+    )
+    best: dict[int, tuple[float, float]] = {}
+    for count in (1, 2):
+        try:
+            steps, _ = await fanout_group(root, sizes, count, sizes.rates)
+        except Exception as exc:
+            summary.notes.append(f"{count} relay(s) could not be run: {type(exc).__name__}: {exc}")
+            continue
+        for s in steps:
+            per_cpu = 1e6 / s.server_us_per_frame if s.server_us_per_frame else float("nan")
+            table.add(
+                count,
+                float(s.rate),
+                s.p50,
+                s.p99,
+                s.delivered * 100,
+                s.server_cpu,
+                s.server_us_per_frame,
+                per_cpu,
+                s.load_cpu,
+                s.other_cpu,
+                "yes" if s.held else "NO",
+            )
+        held = [s for s in steps if s.held]
+        top = max(held, key=lambda s: s.rate) if held else None
+        rate = top.rate if top else 0.0
+        per_cpu = 1e6 / top.server_us_per_frame if top and top.server_us_per_frame else 0.0
+        best[count] = (rate, per_cpu)
+        summary.add(count, float(rate), rate * (sizes.receivers - 1), per_cpu)
+    if 1 in best and 2 in best and best[1][0]:
+        summary.notes.append(
+            f"2 relays / 1 relay, deliveries held: {best[2][0] / best[1][0]:.2f}x (aim 1.6x where "
+            "the load clients leave the CPU for it). On 2 cores the load processes and the driver "
+            "share the machine with the relays (load CPU % beside each step): the relays' CPU is "
+            "measured per process (/proc), and deliveries per relay-CPU-second compare the "
+            "work each delivery costs, which is what a second core buys when the load runs "
+            "elsewhere."
+        )
+    return [table, summary]
 
 
 Y_WEBSOCKET_DIR = REPO / "bench" / "ywebsocket"
@@ -1129,9 +1309,13 @@ async def fanout(root: Path, sizes: Sizes) -> list[Table]:
     results: list[tuple[str, list[Step], dict[str, Any]]] = []
     steps, info = await fanout_foliosync(root, sizes)
     results.append(("foliosync relay", steps, info))
-    for name, make_server in (
+    comparisons = (
         ("y-websocket", y_websocket_server),
         ("pycrdt-websocket", pycrdt_websocket_server),
+    )
+    # FOLIOSYNC_BENCH_COMPARE=0: the relay alone (e.g. to compare two of its configurations).
+    for name, make_server in (
+        comparisons if os.environ.get("FOLIOSYNC_BENCH_COMPARE") != "0" else ()
     ):
         try:
             y_steps, y_info = await fanout_y(root, sizes, make_server, name)
@@ -1167,6 +1351,18 @@ async def fanout(root: Path, sizes: Sizes) -> list[Table]:
             float(best),
             f">= {FANOUT_TARGET_RATE:g}/s" if is_folio else "(comparison)",
             ("yes" if best >= FANOUT_TARGET_RATE else "NO") if is_folio else "",
+        )
+    best_of = {
+        name: max((s.rate for s in steps if s.held), default=0.0) for name, steps, _ in results
+    }
+    y_best = best_of.get("y-websocket")
+    if y_best:
+        ratio = best_of["foliosync relay"] / y_best
+        summary.notes.append(
+            f"foliosync / y-websocket, measured side by side in this run: {ratio:.2f}x "
+            f"(aim: at least {FANOUT_AIM_RATIO:g}x: "
+            f"{'met' if ratio >= FANOUT_AIM_RATIO else 'NOT met'}); the rates are steps, so "
+            "the ratio is bounded by the step sizes."
         )
     folio_info = results[0][2]
     table.notes += [
@@ -1237,15 +1433,31 @@ def config_notes() -> list[str]:
     ]
 
 
+PARTS = ("latency", "resync", "storm", "fanout", "group")
+"""The scenarios, in order; ``FOLIOSYNC_BENCH_PARTS=fanout`` (a comma list) runs only some."""
+
+
 async def run(quick: bool) -> list[Table]:
     sizes = QUICK if quick else FULL
+    chosen = os.environ.get("FOLIOSYNC_BENCH_PARTS", "")
+    parts = [p for p in chosen.split(",") if p in PARTS] or list(PARTS)
     raise_nofile_limit()
-    Relay.extra_args = FEED_OFF if relay_has_feed_option() else ()
+    # FOLIOSYNC_BENCH_RELAY_ARGS: more `foliosync relay` options, e.g. "--loop uvloop".
+    more = os.environ.get("FOLIOSYNC_BENCH_RELAY_ARGS", "").split()
+    Relay.extra_args = [*(FEED_OFF if relay_has_feed_option() else ()), *more]
     with tempfile.TemporaryDirectory(prefix="foliosync-bench-relay-") as tmp:
         root = Path(tmp)
-        latency, memory = await latency_and_memory(root, sizes)
-        resync = await offline_resync(root, sizes)
-        storm = await reconnect_storm(root, sizes)
-        fan = await fanout(root, sizes)
-    latency.notes += config_notes()
-    return [latency, resync, storm, memory, *fan]
+        tables: list[Table] = []
+        if "latency" in parts:
+            latency, memory = await latency_and_memory(root, sizes)
+            latency.notes += config_notes()
+            tables += [latency, memory]
+        if "resync" in parts:
+            tables.append(await offline_resync(root, sizes))
+        if "storm" in parts:
+            tables.append(await reconnect_storm(root, sizes))
+        if "fanout" in parts:
+            tables += await fanout(root, sizes)
+        if "group" in parts:
+            tables += await group(root, sizes)
+    return tables

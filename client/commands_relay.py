@@ -20,10 +20,12 @@ appended after the defaults in the order given::
 from __future__ import annotations
 
 import argparse
+import asyncio
 import importlib
 import logging
 import math
 import os
+import socket
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -155,6 +157,66 @@ def register(subparsers: Any) -> None:
         help="messages per second one connection may send in the long run (default 1000; "
         "bursts of 10000 pass, and 10 s over the rate ends the connection)",
     )
+    relay.add_argument(
+        "--store",
+        default=os.environ.get("FOLIOSYNC_STORE") or None,
+        metavar="URL",
+        help="postgresql://USER@HOST:PORT/DB to share documents between several relays "
+        "(default: $FOLIOSYNC_STORE, else SQLite in the data directory)",
+    )
+    relay.add_argument(
+        "--store-pool",
+        type=int,
+        default=10,
+        metavar="N",
+        help="connections to PostgreSQL, at most (default 10)",
+    )
+    relay.add_argument(
+        "--redis",
+        default=os.environ.get("FOLIOSYNC_REDIS") or None,
+        metavar="URL",
+        help="redis://HOST:PORT/DB: document changes and prices across several relays "
+        "(default: $FOLIOSYNC_REDIS, else this relay alone); give it with --store",
+    )
+    relay.add_argument(
+        "--relay-id",
+        metavar="ID",
+        help="this relay's name in a group, unique in it (default: HOST:PORT, with --redis)",
+    )
+    relay.add_argument(
+        "--redis-prefix",
+        default="foliosync:",
+        metavar="PREFIX",
+        help="prefix of the relay group's Redis keys (default foliosync:)",
+    )
+    relay.add_argument(
+        "--reuse-port",
+        action="store_true",
+        help="let several relay processes listen on this port (SO_REUSEPORT): the kernel "
+        "spreads connections over them; needs --store and --redis",
+    )
+    relay.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="start N relay processes sharing the port (implies --reuse-port; needs --store "
+        "and --redis); default 1",
+    )
+    relay.add_argument(
+        "--loop",
+        choices=["asyncio", "uvloop"],
+        default="asyncio",
+        help="the event loop: asyncio (the default) or uvloop (pip install 'foliosync[fast]')",
+    )
+    relay.add_argument(
+        "--fanout-flush-delay",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="how long a change fanned out to many devices may wait for more to share one "
+        "write (default 0.02; 0: none)",
+    )
     relay.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
     relay.add_argument(
         "--log-format",
@@ -163,7 +225,7 @@ def register(subparsers: Any) -> None:
         help="text (the default) or json: one JSON object per line with time, level, logger, "
         "message and the connection, user, device and document it concerns",
     )
-    relay.set_defaults(handler=_run_relay)
+    relay.set_defaults(handler=_relay)
     operations = relay.add_subparsers(
         dest="relay_command", metavar="[backup|restore]", title="operations", required=False
     )
@@ -217,6 +279,94 @@ def _data_dir(args: argparse.Namespace) -> Path:
     return Path(args.data).expanduser() if args.data else default_data_dir()
 
 
+def _relay(args: argparse.Namespace) -> Any:
+    """The relay's command: N worker processes with --workers, else this process's relay on
+    the loop asked for (the coroutine returned is run by the CLI's asyncio.run)."""
+    if args.store is not None and not str(args.store).startswith(("postgresql://", "postgres://")):
+        raise ConfigError(
+            f"invalid --store {args.store!r}: postgresql://USER@HOST:PORT/DB (or none for SQLite)"
+        )
+    if args.store_pool < 1:
+        raise ConfigError(f"invalid --store-pool {args.store_pool}: at least 1")
+    if args.workers < 1:
+        raise ConfigError(f"invalid --workers {args.workers}: at least 1")
+    if (args.reuse_port or args.workers > 1) and not (args.store and args.redis):
+        raise ConfigError(
+            "several relays on one port need a shared store and bus: "
+            "give --store postgresql://... and --redis redis://..."
+        )
+    if args.workers > 1:
+        return _run_workers(args)
+    if args.loop == "uvloop":
+        try:
+            import uvloop
+        except ImportError as exc:
+            raise ConfigError("--loop uvloop needs pip install 'foliosync[fast]'") from exc
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    return _run_relay(args)
+
+
+def _run_workers(args: argparse.Namespace) -> int:
+    """N relay processes on one port (SO_REUSEPORT), each its own relay id; stops them all on
+    SIGINT/SIGTERM or when one of them exits (the others are then stopped too)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    argv = sys.argv[1:] if sys.argv[1:2] == ["relay"] else ["relay"]
+    base: list[str] = []
+    skip = False
+    for word in argv:  # this command's words, without --workers and --relay-id
+        if skip:
+            skip = False
+            continue
+        if word in ("--workers", "--relay-id"):
+            skip = True
+            continue
+        if word.startswith(("--workers=", "--relay-id=")):
+            continue
+        base.append(word)
+    prefix = args.relay_id or f"{socket.gethostname()}:{args.port}"
+    children = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "foliosync.client.cli",
+                *base,
+                "--reuse-port",
+                "--relay-id",
+                f"{prefix}/{n}",
+            ]
+        )
+        for n in range(1, args.workers + 1)
+    ]
+    stopping = False
+
+    def stop(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, stop)
+    try:
+        while not stopping and all(c.poll() is None for c in children):
+            time.sleep(0.2)
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+        for child in children:
+            try:
+                child.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+    failed = [c.returncode for c in children if c.returncode not in (0, -signal.SIGTERM)]
+    return 1 if failed and not stopping else 0
+
+
 async def _run_relay(args: argparse.Namespace) -> int:
     from foliosync.server.auth import load_or_create_secret
     from foliosync.server.data_lock import DataDirLocked
@@ -240,6 +390,14 @@ async def _run_relay(args: argparse.Namespace) -> int:
     if not isinstance(level, int):
         raise ConfigError(f"unknown log level {args.log_level!r}")
     data_dir = _data_dir(args)
+    relay_id = args.relay_id or (
+        (
+            f"{socket.gethostname()}:{args.port}"
+            + (f":{os.getpid()}" if args.reuse_port else "")  # one port, several processes
+        )
+        if args.redis
+        else "relay-1"
+    )
     # Before anything logs: every line is redacted of tokens and of this relay's secret.
     secret = load_or_create_secret(data_dir)
     configure_logging(level, args.log_format, secrets=[secret])
@@ -258,6 +416,16 @@ async def _run_relay(args: argparse.Namespace) -> int:
         max_connections_per_user=args.max_connections_per_user,
         max_documents_per_user=args.max_documents_per_user,
         message_rate=MessageRate(rate=args.message_rate),
+        relay_id=relay_id,
+        store_url=args.store,
+        store_pool=args.store_pool,
+        redis_url=args.redis,
+        redis_prefix=args.redis_prefix,
+        **(
+            {}
+            if args.fanout_flush_delay is None
+            else {"fanout_flush_delay": args.fanout_flush_delay}
+        ),
     )
     extensions = None
     if args.extension:
@@ -268,16 +436,33 @@ async def _run_relay(args: argparse.Namespace) -> int:
             extensions.extend(load_extension(spec, config, secret))
     host = f"[{args.host}]" if ":" in args.host else args.host
 
+    if args.store:
+        from urllib.parse import urlsplit
+
+        place = urlsplit(args.store)
+        where = f"documents in PostgreSQL at {place.hostname}:{place.port or 5432}{place.path}"
+        where += f", secret in {data_dir}"
+    else:
+        where = f"data in {data_dir}"
+    if args.redis:
+        where += f", relay {relay_id} of the group on Redis"
+
     def listening() -> None:  # only once bound: a script may connect as soon as it reads this
         ws, http = ("wss", "https") if tls is not None else ("ws", "http")
-        print(f"foliosync relay on {ws}://{host}:{args.port}/ws, data in {data_dir}", flush=True)
+        print(f"foliosync relay on {ws}://{host}:{args.port}/ws, {where}", flush=True)
         if tls is not None:
             print(f"HTTP API on {http}://{host}:{args.port}/", flush=True)
         if args.metrics_port is not None:
             print(f"metrics on http://127.0.0.1:{args.metrics_port}/metrics", flush=True)
 
     try:  # the relay locks its data directory: a second one, or a restore under it, is refused
-        await serve(config, on_listening=listening, extensions=extensions, tls=tls)
+        await serve(
+            config,
+            on_listening=listening,
+            extensions=extensions,
+            tls=tls,
+            reuse_port=args.reuse_port,
+        )
     except DataDirLocked as exc:
         raise DataDirLocked(f"{exc}: stop it or give this one another --data") from None
     return 0
@@ -311,9 +496,18 @@ def load_extension(spec: str, config: RelayConfig, secret: bytes) -> list[Extens
     return list(made)
 
 
+def _refuse_shared_store(args: argparse.Namespace, what: str) -> None:
+    if getattr(args, "store", None) or os.environ.get("FOLIOSYNC_STORE"):
+        raise ConfigError(
+            f"relay {what} works on the SQLite store; documents in PostgreSQL: use pg_dump "
+            "and pg_restore"
+        )
+
+
 def _backup(args: argparse.Namespace) -> int:
     from foliosync.server.backup import backup_store
 
+    _refuse_shared_store(args, "backup")
     target = Path(args.file).expanduser()
     data_dir = _data_dir(args)
     summary = backup_store(data_dir, target)
@@ -324,6 +518,7 @@ def _backup(args: argparse.Namespace) -> int:
 def _restore(args: argparse.Namespace) -> int:
     from foliosync.server.backup import restore_store
 
+    _refuse_shared_store(args, "restore")
     data_dir = _data_dir(args)
     restored = restore_store(data_dir, Path(args.file).expanduser())
     print(f"restored {args.file} into {data_dir / 'relay.db'} ({restored.summary})")

@@ -330,6 +330,45 @@ class RelayDocuments:
             hot.version = self._next_version()
         return changed
 
+    async def reload_hot(self) -> list[tuple[str, str, bytes, Watermark]]:
+        """Bring every hot document up to the shared store: what a relay of a group does when it
+        may have missed peers' changes (away longer than the bus keeps them). Returns, for each
+        document that changed, ``(user, doc id, what it lacked as one update, its watermark)``,
+        for the connected devices. A document the store cannot read now is dropped from memory
+        (loaded afresh at its next use) rather than served stale."""
+        found: list[tuple[str, str, bytes, Watermark]] = []
+        for key, hot in list(self._hot.items()):
+            user, doc_id = key
+            try:
+                stored = await self._store.load(user, doc_id)
+            except RelayStoreError as exc:
+                log.warning("reloading %s failed (%s); it is reloaded at its next use", doc_id, exc)
+                self._hot.pop(key, None)
+                continue
+            if stored is None or self._hot.get(key) is not hot:
+                continue
+            async with hot.lock:
+                before = hot.doc.get_state()
+                hot.changed.clear()
+                try:
+                    if stored.snapshot:
+                        _guarded_apply(hot.doc, stored.snapshot)
+                    for update in stored.updates:
+                        _guarded_apply(hot.doc, update)
+                except BadUpdate:
+                    log.error("stored document %s of %s cannot be read", doc_id, user)
+                    self._hot.pop(key, None)
+                    continue
+                changed = bool(hot.changed)
+                hot.changed.clear()
+                hot.scratch = None  # rebuilt from the document at its next checked update
+                hot.stored_seq = max(hot.stored_seq, stored.last_seq)
+                if changed:
+                    hot.version = self._next_version()
+                    hot.watermark = stored.watermark
+                    found.append((user, doc_id, hot.doc.get_update(before), stored.watermark))
+        return found
+
     async def snapshot(self, user: str, doc_id: str) -> bytes:
         """The whole document as one update (empty document: an empty update)."""
         hot = await self._get(user, doc_id)

@@ -189,6 +189,9 @@ class TokenAuthentication(Extension):
     def __init__(self, secret: bytes, revocations: ShareStore | None = None) -> None:
         self._secret = secret
         self.revocations = revocations
+        # Bound by each relay that runs it (see Relay), so that a list reused by a restarted
+        # relay reads that relay's store, never the closed one of the previous.
+        self.bound_by_relay = revocations is None
 
     async def authenticate(self, token: object, request: ConnectionRequest) -> Identity | None:
         identity = verify_token(self._secret, token)
@@ -207,6 +210,7 @@ class SharingAuthorization(Extension):
 
     def __init__(self, shares: ShareStore | None = None) -> None:
         self.shares = shares
+        self.bound_by_relay = shares is None  # as TokenAuthentication's
 
     async def authorize(self, identity: Identity, doc_id: str, access: Access) -> None:
         if "sync" not in identity.scopes:

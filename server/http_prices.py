@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -253,9 +254,12 @@ class SseSubscriber:
         self.prices = LatestPrices()
         self.written: dict[str, int] = {}
         self.closing = False
+        self.since = 0.0  # when the prices waiting now were first handed over (perf_counter)
         self._wakeup = asyncio.Event()
 
     def deliver_prices(self, points: list[PricePoint]) -> None:
+        if not self.prices:
+            self.since = time.perf_counter()
         self.prices.add(points)
         self._wakeup.set()
 
@@ -347,6 +351,7 @@ async def _stream_prices(request: web.Request) -> web.StreamResponse:
                 if subscriber.closing or transport is None or transport.is_closing():
                     break
                 points = []
+                since = subscriber.since
                 if woken and subscriber.prices:
                     # The write waits for the socket: meanwhile newer prices replace older ones in
                     # subscriber.prices, so a slow reader costs one entry per symbol, no more.
@@ -355,6 +360,7 @@ async def _stream_prices(request: web.Request) -> web.StreamResponse:
                 if points:
                     subscriber.wrote(points)
                     await stream.send(_data(points), id=event_id() if due else None, event="prices")
+                    hub.queued.observe(time.perf_counter() - since)
                     if due:
                         id_sent_at, id_owed = loop.time(), False
                     else:

@@ -44,6 +44,7 @@ from prometheus_client.registry import Collector
 
 from foliosync import __version__
 from foliosync.server.timings import Timings
+from foliosync.sync.prices import LatestPrices
 from foliosync.sync.protocol import FRAME_NAMES
 
 if TYPE_CHECKING:
@@ -375,6 +376,11 @@ class RelayCollector(Collector):
             "How late each price flush finished against its planned time",
             hub.delivery,
         )
+        yield _histogram(
+            "foliosync_price_queued_seconds",
+            "How long released prices waited for a busy subscriber's socket after the flush",
+            hub.queued,
+        )
         yield _gauge(
             "foliosync_followed_price_age_max_seconds",
             "Age of the oldest newest-price among followed symbols",
@@ -395,8 +401,12 @@ class RelayCollector(Collector):
             "Ticks replaced by a newer one before their push window released them",
             hub.conflated,
         )
+        # Every live subscriber's replaced prices, event streams' too (theirs used to count only
+        # once the stream ended), plus those of subscribers gone.
         dropped = relay.counters.prices_dropped_closed + sum(
-            c.prices.replaced for c in relay.connections
+            prices.replaced
+            for prices in (getattr(s, "prices", None) for s in hub.subscribers())
+            if isinstance(prices, LatestPrices)
         )
         yield _counter(
             "foliosync_prices_dropped",

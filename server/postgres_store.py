@@ -21,9 +21,14 @@ applying one twice, or in another order, changes nothing). With one relay, that 
 rows up to ``up_to_seq`` are replaced by the snapshot".
 
 While PostgreSQL is down every operation raises :class:`RelayStoreError` within the configured
-timeouts (:class:`PostgresTimeouts`), ``load`` included: the relay then answers that SyncRequest
-with its fatal ``internal`` Error and the client reconnects later, rather than being served a
-document that may lack committed updates. Nothing else is needed to recover: the pool replaces a
+timeouts (:class:`PostgresTimeouts`), ``load`` included. What the relay does then: an update is
+refused (its fatal ``internal`` Error, "its store is unreachable"; nothing unstored is
+acknowledged, the device resends after reconnecting); a new connection is refused at its Hello
+(the document list cannot be read); a SyncRequest for a document not in memory gets the same
+Error rather than a document that may lack committed updates. A document this relay holds in
+memory is still served from there to connections already open: it holds everything this relay
+stored and every peer's change the bus brought, which is all there is, since nothing is stored
+while the database is down. Nothing else is needed to recover: the pool replaces a
 lost connection at the next use, and an operation whose connection was lost under it is retried
 once on a new one (an append retried after a COMMIT whose answer was lost stores its update
 twice, which changes nothing).

@@ -118,6 +118,9 @@ class PriceHub:
         self._flush_at_ms = 0
         self._last_flush_ms = 0
         self._stalled: list[StalledSymbol] = []
+        self.forward: Callable[[list[PricePoint]], None] | None = None
+        """Where this relay's own accepted prices also go (the shared price bus), if set; it
+        must not block or raise (RedisPriceBus.publish only queues)."""
         self.ticks_in = 0
         self.ticks_rejected = 0  # refused by a check: the publisher was told so
         self.ticks_stale = 0
@@ -128,6 +131,11 @@ class PriceHub:
         loop's delay plus the flush's own work, what every price released then waited beyond
         its push window. Once per flush, nothing per tick or per price: the tick path stays a
         counter increment."""
+        self.queued = Timings()
+        """The rest of a late price's way: from the flush's hand-over to a subscriber that could
+        not take it at once (its socket busy) to its write, once per batch that waited. With
+        :attr:`delivery`, the whole lateness of a price to a slow reader, not only to the hub's
+        hand-over."""
 
     # -- life cycle --------------------------------------------------------------------------
 
@@ -153,7 +161,22 @@ class PriceHub:
     # -- sources -----------------------------------------------------------------------------
 
     def publish(self, ticks: Iterable[Tick]) -> list[PricePoint]:
-        """Record checked ticks; the new prices of followed symbols go out with the next flush."""
+        """Record checked ticks; the new prices of followed symbols go out with the next flush.
+
+        Ticks of this relay's own sources that changed the book are also handed to
+        :attr:`forward`, the shared price bus when several relays serve together."""
+        accepted = self._record(ticks)
+        forward = self.forward
+        if forward is not None and accepted:
+            forward(accepted)
+        return accepted
+
+    def publish_peer(self, ticks: Iterable[Tick]) -> list[PricePoint]:
+        """Record ticks another relay of the group accepted: as :meth:`publish`, but not handed
+        to :attr:`forward` again (they would go round the group for ever)."""
+        return self._record(ticks)
+
+    def _record(self, ticks: Iterable[Tick]) -> list[PricePoint]:
         accepted: list[PricePoint] = []
         followers = self._followers
         stale = 0
@@ -211,6 +234,10 @@ class PriceHub:
     @property
     def subscriber_count(self) -> int:
         return len(self._subscriptions)
+
+    def subscribers(self) -> list[PriceSubscriber]:
+        """Every live subscriber (WebSocket connections and event streams alike)."""
+        return list(self._subscriptions)
 
     # -- windows -----------------------------------------------------------------------------
 

@@ -44,8 +44,12 @@ from the shared store (and sending the connected devices what they lack, through
 published after that place is read as usual. A reader more than ``maxlen`` entries behind while
 connected is not detected; with the defaults that is 100,000 entries of backlog.
 
-Redis down. :meth:`RedisFanOut.publish` never raises for it: the change is stored already and
-its sender acknowledged, and the local subscribers got it at once. Its record waits in a bounded
+Redis down. The relay refuses updates while :attr:`RedisFanOut.reachable` is false (the reader's
+or the writer's last exchange failed: a dropped connection is noticed at once), with its fatal
+``internal`` Error ("the other relays are unreachable"); the device resends after it reconnects.
+A change stored then would be acknowledged while the other relays' devices could not get it.
+:meth:`RedisFanOut.publish` itself never raises for it: a change stored just before Redis fell is
+acknowledged already, and the local subscribers got it at once. Its record waits in a bounded
 outbox that one writer task sends, in order, as soon as Redis answers again (with backoff); if
 the outbox overflows, its oldest records are dropped and a type-2 record goes first, so peers
 reload. The reader reconnects with backoff too and resumes from its offset in memory, so a
@@ -198,6 +202,10 @@ class RedisFanOut:
         self._save_at = 0.0
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
+        # Whether the reader's and the writer's last exchange with Redis succeeded: the relay
+        # refuses updates while either failed (see :attr:`reachable`).
+        self._reader_ok = True
+        self._writer_ok = True
         self.stats = FanOutStats()
         self.peer_lag = Timings()
         """From publish on a peer to delivery here (wall clocks of both hosts)."""
@@ -222,6 +230,7 @@ class RedisFanOut:
                 self._placed = True
             except _BUS_ERRORS as exc:
                 self.stats.errors += 1
+                self._reader_ok = False
                 log.warning("shared bus unreachable at start (%s); the reader retries", exc)
             else:
                 if missed:
@@ -316,6 +325,14 @@ class RedisFanOut:
                 log.exception("a subscriber failed to take a change of %s", change.doc_id)
 
     @property
+    def reachable(self) -> bool:
+        """Whether Redis answered the reader's and the writer's last exchange. The relay refuses
+        updates while it does not: a change stored then would reach the other relays' devices
+        only once Redis is back (its record waits in the outbox), so the device is told to
+        retry instead. A change stored just before Redis fell still goes out from the outbox."""
+        return self._reader_ok and self._writer_ok and not self._closed
+
+    @property
     def outbox(self) -> int:
         """Records waiting for Redis."""
         return len(self._outbox)
@@ -365,6 +382,7 @@ class RedisFanOut:
                     )
                 except _BUS_ERRORS as exc:
                     self.stats.errors += 1
+                    self._writer_ok = False
                     log.warning(
                         "cannot publish to the shared bus (%s); %d change(s) wait, retry in %.2f s",
                         exc,
@@ -375,6 +393,7 @@ class RedisFanOut:
                     delay = min(delay * 2, self._backoff[1])
                     continue
                 delay = self._backoff[0]
+                self._writer_ok = True
                 self._dropped_told = dropped
                 # Only what was sent leaves: what was queued meanwhile stays, in order; what an
                 # overflow dropped meanwhile is gone already (and the marker says so next).
@@ -404,6 +423,7 @@ class RedisFanOut:
                     count=self._batch,
                     block=self._block_ms,
                 )
+                self._reader_ok = True
                 if reply:
                     await self._handle(reply)
                 if self._position != self._saved and time.monotonic() >= self._save_at:
@@ -414,6 +434,7 @@ class RedisFanOut:
                 if self._closed:
                     return
                 self.stats.errors += 1
+                self._reader_ok = False
                 resumed = False
                 log.warning("shared bus unreachable (%s); reconnecting in %.2f s", exc, delay)
                 await asyncio.sleep(delay)

@@ -15,12 +15,30 @@ bytes and decides what frames mean:
   for that document and seq only. The session refuses (fatally) an Update before its
   document's SyncRequest or with a seq that does not increase; see ``PROTOCOL.md``.
 
-A frame goes straight to the socket when nothing waits before it and the socket's buffer is small
-(the common case: no task switch per receiver). Otherwise it waits in an :class:`OutboundQueue`
-drained by the connection's writer task, control frames before prices, so a slow reader never
-blocks the relay; one that falls too far behind is disconnected (it catches up by state vector
-when it reconnects) rather than allowed to grow the relay's memory. Its prices meanwhile wait as
-the newest per symbol, a bounded backlog.
+A frame takes the direct path when nothing waits before it and the socket's buffer is small (the
+common case: no task switch per receiver): it is appended to the connection's write buffer, and
+every buffer filled during one turn of the event loop goes out once that turn ends, one
+``transport.write`` per connection whatever it got meanwhile (updates, acks, a price batch:
+several WebSocket frames in one write, in the order they were sent). With hundreds of devices on
+one document, a ``send()`` per receiver per update was most of the relay's time. While changes
+fan out to many connections at once, a fanned-out change may wait ``fanout_flush_delay`` (20 ms)
+for the next ones to share its write; acks, replies and prices never wait for that. Whether a
+connection may take the direct path is one flag (:attr:`Connection._direct`), kept up to date
+where its inputs change (the writer starts or ends, a close begins, a flush finds the socket's
+buffer full), so the fan-out pays one attribute read per receiver.
+
+Otherwise a frame waits in an :class:`OutboundQueue` drained by the connection's writer task,
+control frames before prices, so a slow reader never blocks the relay; one that falls too far
+behind is disconnected (it catches up by state vector when it reconnects) rather than allowed to
+grow the relay's memory. Its prices meanwhile wait as the newest per symbol, a bounded backlog.
+The writer writes out the connection's buffer before anything of its own, so the order holds.
+
+Several relays (``store_url`` and ``redis_url``: PostgreSQL and Redis) serve as one: an update is
+acknowledged once committed in PostgreSQL, its change reaches the other relays through Redis
+(:mod:`foliosync.server.redis_fanout`) and their hot copies only, and prices go round through
+:mod:`foliosync.server.redis_prices`. While either service is unreachable updates are refused
+with the fatal ``internal`` Error, so nothing is acknowledged that not every relay can serve
+(what reads do then: :mod:`foliosync.server.postgres_store`).
 """
 
 from __future__ import annotations
@@ -103,7 +121,7 @@ from foliosync.sync.errors import (
 )
 from foliosync.sync.model import kind_of
 from foliosync.sync.model.schema import DEFAULT_LIMITS, Candidate, SchemaLimits
-from foliosync.sync.prices import LatestPrices, PricePoint, check_ticks
+from foliosync.sync.prices import LatestPrices, PricePoint, Tick, check_ticks
 from foliosync.sync.protocol import (
     DEFAULT_MAX_DOCUMENTS,
     FRAME_CODES,
@@ -218,6 +236,20 @@ class RelayConfig:
     schema_limits: SchemaLimits = DEFAULT_LIMITS
     """The limits :class:`~foliosync.server.extensions.SchemaValidation` checks
     (``foliosync.sync.model.schema.SchemaLimits``)."""
+    store_url: str | None = None
+    """``postgresql://USER@HOST:PORT/DB``: documents in PostgreSQL, shared by every relay of a
+    group (:mod:`foliosync.server.postgres_store`); None: SQLite in ``data_dir``."""
+    store_pool: int = 10  # connections to PostgreSQL, at most
+    redis_url: str | None = None
+    """``redis://HOST:PORT/DB``: changes and prices across the relays of a group
+    (:mod:`foliosync.server.redis_fanout`, :mod:`foliosync.server.redis_prices`); None: this
+    relay alone, fan-out in process."""
+    redis_prefix: str = "foliosync:"
+    fanout_flush_delay: float = 0.02
+    """Seconds a fanned-out change may wait for more to share its write, while changes fan out
+    to many connections at once (one write per device per change was most of a busy document's
+    cost, the devices' reads as much as the relay's writes); 0: every loop turn. Acks, replies
+    and prices never wait for it, nor changes while they reach few connections."""
 
     def __post_init__(self) -> None:
         _check_text("host", self.host)
@@ -260,6 +292,19 @@ class RelayConfig:
                 f"max_send_size {self.max_send_size} cannot carry a SyncReply of a document of "
                 f"max_document_bytes {self.schema_limits.max_document_bytes}: at least {needed}"
             )
+        if self.store_url is not None and not str(self.store_url).startswith(
+            ("postgresql://", "postgres://")
+        ):
+            raise ConfigError(
+                f"invalid store_url {self.store_url!r}: postgresql://USER@HOST:PORT/DB"
+            )
+        _check_count("store_pool", self.store_pool)
+        if self.redis_url is not None and not str(self.redis_url).startswith(
+            ("redis://", "rediss://", "unix://")
+        ):
+            raise ConfigError(f"invalid redis_url {self.redis_url!r}: redis://HOST:PORT/DB")
+        _check_text("redis_prefix", self.redis_prefix)
+        _check_seconds("fanout_flush_delay", self.fanout_flush_delay, zero=True)
 
 
 class Relay:
@@ -301,9 +346,9 @@ class Relay:
             config.hook_timeout,
         )
         for extension in self.hooks.extensions:
-            if isinstance(extension, SharingAuthorization) and extension.shares is None:
+            if isinstance(extension, SharingAuthorization) and extension.bound_by_relay:
                 extension.shares = self.shares
-            if isinstance(extension, TokenAuthentication) and extension.revocations is None:
+            if isinstance(extension, TokenAuthentication) and extension.bound_by_relay:
                 extension.revocations = self.shares
         self.documents = RelayDocuments(self.store, max_hot=config.max_hot_documents)
         policy = price_policy or PricePolicy()
@@ -325,6 +370,48 @@ class Relay:
         self.feed: Feed | None = None  # the --feed task, once started; /readyz watches it
         self.started = time.monotonic()
         self._ids = itertools.count(1)
+        # Connections with bytes in their write buffer, written out once this loop turn ends;
+        # while changes fan out wide, their fanned-out changes a moment later (see _flush_soon).
+        self._unflushed: list[Connection] = []
+        self._held: list[Connection] = []
+        self._held_handle: asyncio.TimerHandle | None = None
+        self._wide_at = -math.inf  # when a flush last wrote to many connections (loop time)
+
+    def _flush_soon(self, connection: Connection, fanout: bool = False) -> None:
+        """Write ``connection``'s buffer at the end of this loop turn; a fanned-out change, while
+        changes fan out to many connections, ``config.fanout_flush_delay`` later, so that one
+        write (and one read on the device) carries several changes instead of one each. Acks,
+        replies and prices are never held back (a connection's buffer goes out whole, in order,
+        at whichever flush comes first)."""
+        loop = asyncio.get_running_loop()
+        delay = self.config.fanout_flush_delay
+        # Held only while wide fan-outs come closer together than twice the delay: a busy
+        # document; a change after a quiet spell goes at once.
+        if fanout and delay > 0 and loop.time() - self._wide_at < 2 * delay:
+            if self._held_handle is None:
+                self._held_handle = loop.call_later(delay, self._flush_held, context=_FLUSH_CONTEXT)
+            self._held.append(connection)
+            return
+        if not self._unflushed:
+            loop.call_soon(self._flush_writes, context=_FLUSH_CONTEXT)
+        self._unflushed.append(connection)
+        connection._flush_due = True
+
+    def _flush_writes(self) -> None:
+        """One write per connection for all it was sent since the last flush."""
+        unflushed, self._unflushed = self._unflushed, []
+        for connection in unflushed:
+            connection._flush_wire()
+        if len(unflushed) >= _WIDE_FANOUT:
+            self._wide_at = asyncio.get_running_loop().time()
+
+    def _flush_held(self) -> None:
+        held, self._held = self._held, []
+        self._held_handle = None
+        if len(held) >= _WIDE_FANOUT:
+            self._wide_at = asyncio.get_running_loop().time()
+        for connection in held:
+            connection._flush_wire()
 
     def next_connection_id(self) -> str:
         return f"{self.config.relay_id}:{next(self._ids)}"
@@ -355,6 +442,10 @@ class Relay:
         kind = kind_of(doc_id)
         hooks = self.hooks
         await hooks.authorize(identity, doc_id, "write")
+        if not getattr(self.fanout, "reachable", True):
+            # Stored now, it would reach the other relays' devices only once the bus is back:
+            # refused instead, as a store that is down refuses, and resent after a reconnect.
+            raise RelayStoreError("the relay cannot reach the other relays (Redis is down)")
         owner, local = _resolve(identity.user, doc_id)
 
         async def before_apply(candidate: Candidate) -> None:
@@ -596,7 +687,12 @@ class Connection:
         self._transport = transport
         self.request = request or ConnectionRequest(remote=None)
         self._connected: ConnectionInfo | None = None  # once on_connect accepted it
-        self._writer_busy = False
+        # The direct path's one test: no writer at work, nothing queued, no close begun, the
+        # socket's buffer not found full at the last flush. Cleared and set where those change.
+        self._direct = transport is not None
+        self._wire: list[bytes] = []  # WebSocket frames for the next flush, in order
+        self._wire_bytes = 0
+        self._flush_due = False  # this connection waits in the relay's flush of this turn
         self.id = relay.next_connection_id()
         self.session = ServerSession(
             max_frame_size=relay.config.max_frame_size,
@@ -610,6 +706,7 @@ class Connection:
         self.outbound = OutboundQueue()
         self.prices = LatestPrices()  # released for this connection, not yet written
         self._prices_waiting = False  # prices were handed to the writer: none go around it
+        self._prices_since = 0.0  # when the prices waiting now were first handed over
         self._wakeup = asyncio.Event()
         self._subscription: Subscription | None = None
         # Documents whose live changes this connection gets: those it sent a SyncRequest for
@@ -665,6 +762,7 @@ class Connection:
             if self._connected is not None and self.identity is not None:
                 await self.relay.hooks.on_disconnect(self.identity, self._connected)
             self._closing = True
+            self._direct = False
             self._wakeup.set()
             try:
                 with contextlib.suppress(asyncio.CancelledError, ConnectionError, TimeoutError):
@@ -695,6 +793,7 @@ class Connection:
 
     async def close(self, code: int = 1000, message: bytes = b"") -> None:
         self._closing = True
+        self._direct = False
         self._wakeup.set()
         await self._close_ws(code, message)
 
@@ -725,6 +824,8 @@ class Connection:
     async def _close_ws(self, code: int = 1000, message: bytes = b"") -> None:
         """The closing handshake if the peer takes it in time; else the connection is cut, so
         that a peer that stopped reading holds neither a shutdown nor a socket."""
+        self._direct = False
+        self._flush_wire()  # what was sent before the close frame goes before it
         if self.ws.closed:
             return
         if self._close_code is None:
@@ -744,31 +845,43 @@ class Connection:
             log.info("connection %s left unread bytes behind; cutting it", self.id)
             transport.abort()
 
-    def _can_write_now(self) -> bool:
-        """Whether a frame may go straight to the socket: the writer idle, nothing queued before
-        it, and the socket's buffer small (else the writer, which waits for the socket, sends it
-        in turn)."""
+    def _buffer(self, wire: bytes) -> None:
+        """The direct path: ``wire`` goes out with this connection's next flush (at the end of
+        this loop turn, or now if the buffer holds a socket buffer's worth already)."""
+        if not self._flush_due:  # due this turn, even if fanned-out changes wait in the buffer
+            self.relay._flush_soon(self)
+        self._wire.append(wire)
+        self._wire_bytes += len(wire)
+        if self._wire_bytes >= _DIRECT_WRITE_LIMIT:
+            self._flush_wire()
+
+    def _flush_wire(self) -> None:
+        """Write the buffer in one ``transport.write``; a socket whose buffer is then full sends
+        the next frames through the writer, which waits for it."""
+        self._flush_due = False
+        chunks = self._wire
+        if not chunks:
+            return
+        self._wire = []
+        self._wire_bytes = 0
         transport = self._transport
-        return (  # cheapest first: every connection asks at every price flush
-            not self._writer_busy
-            and transport is not None
-            and not self.outbound
-            and transport.get_write_buffer_size() < _DIRECT_WRITE_LIMIT
-            and not self._closing
-            and not transport.is_closing()
-            and not self.ws.closed
-        )
+        if transport is None or transport.is_closing() or self.ws.closed:
+            self._direct = False
+            return
+        transport.write(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+        if transport.get_write_buffer_size() >= _DIRECT_WRITE_LIMIT:
+            self._direct = False  # set again by the writer once it has drained the socket
 
     def _send(self, data: bytes, wire: bytes = b"") -> None:
         """Send a control frame: at once if nothing is queued before it, else in turn.
 
-        The direct path writes a ready WebSocket frame to the transport: with hundreds of devices
-        on one document, waking a writer task per receiver for every change cost more than the
-        write itself. Anything else goes through the queue and the writer, in order.
+        The direct path buffers a ready WebSocket frame for this loop turn's flush: with hundreds
+        of devices on one document, waking a writer task per receiver for every change cost more
+        than the write itself, and a write per frame most of the rest. Anything else goes through
+        the queue and the writer, in order.
         """
-        if self._can_write_now():
-            assert self._transport is not None
-            self._transport.write(wire or websocket_binary_frame(data))
+        if self._direct:
+            self._buffer(wire or websocket_binary_frame(data))
             code = data[1]
             self._sent_frames[code] += 1
             self._sent_bytes[code] += len(data)
@@ -783,6 +896,7 @@ class Connection:
                 extra={"connection": self.id},
             )
             self._closing = True
+            self._direct = False
             asyncio.get_running_loop().create_task(
                 self.close(code=1013, message=b"too far behind; reconnect to catch up"),
                 context=self._log_ctx,
@@ -795,21 +909,23 @@ class Connection:
         would send them. Otherwise they wait, the newest per symbol, until the writer has sent
         what is queued before them; prices that arrive meanwhile replace older ones.
         """
-        if self.session.closed:
-            return
-        transport = self._transport
-        if not self._prices_waiting and self._can_write_now():
-            assert transport is not None
+        if self._direct and not self._prices_waiting:
+            if self.session.closed:
+                return
             try:
                 frame = encode_price_frame(False, [p.wire_bytes() for p in points])
             except LocalProtocolError as exc:  # cannot happen with the limits we set; never fatal
                 log.error("connection %s: %s", self.id, exc)
                 return
-            transport.write(websocket_binary_frame(frame))
+            self._buffer(websocket_binary_frame(frame))
             self._sent_frames[_PRICE_BATCH_CODE] += 1
             self._sent_bytes[_PRICE_BATCH_CODE] += len(frame)
             return
+        if self.session.closed:
+            return
         self.prices.add(points)
+        if not self._prices_waiting:
+            self._prices_since = time.perf_counter()
         self._prices_waiting = True
         self._wakeup.set()
 
@@ -817,17 +933,21 @@ class Connection:
         """Control frames first, always; then the prices that wait, the newest per symbol (a slow
         reader gets newer prices later, never a backlog)."""
         while True:
-            self._writer_busy = False
+            if not self._closing:
+                self._direct = True  # nothing queued, and the socket took the last frame
             await self._wakeup.wait()
             self._wakeup.clear()
-            self._writer_busy = True
+            self._direct = False
+            self._flush_wire()  # what took the direct path before goes first
             while True:
                 data = self.outbound.pop()
+                queued_since = 0.0
                 if data is None and self._prices_waiting:
                     self._prices_waiting = False
                     waiting = self.prices.take()
                     if waiting and not self.session.closed:
                         data = self.session.prices([p.wire_bytes() for p in waiting])
+                        queued_since = self._prices_since
                 if data is None:
                     break
                 if self.ws.closed:
@@ -837,6 +957,8 @@ class Connection:
                 except (ConnectionError, RuntimeError):
                     return
                 self._counters.sent.count(data)
+                if queued_since:
+                    self.relay.prices.queued.observe(time.perf_counter() - queued_since)
             if self._closing:
                 return
 
@@ -1001,13 +1123,22 @@ class Connection:
         bind_log_context(user=identity.user, device=self.device)
         self._log_ctx = contextvars.copy_context()
         log.debug("authenticated")
-        documents = (
-            await self.relay.documents.documents(identity.user) if "sync" in identity.scopes else []
-        )
-        if "sync" in identity.scopes:
-            self.relay.user_documents.setdefault(identity.user, set()).update(documents)
-            # and what others share with this user: OWNER/id
-            documents += [s.shared_id for s in await self.relay.shares.by_grantee(identity.user)]
+        try:
+            documents = (
+                await self.relay.documents.documents(identity.user)
+                if "sync" in identity.scopes
+                else []
+            )
+            if "sync" in identity.scopes:
+                self.relay.user_documents.setdefault(identity.user, set()).update(documents)
+                # and what others share with this user: OWNER/id
+                documents += [
+                    s.shared_id for s in await self.relay.shares.by_grantee(identity.user)
+                ]
+        except RelayStoreError as exc:
+            log.error("listing the documents of %s failed: %s", identity.user, exc)
+            self._fail_internal("the relay cannot read its store now; reconnect later")
+            return
         self._send(self.session.accept(identity.user, self.device, documents, wall_ms()))
         self._subscription = self.relay.fanout.subscribe(identity.user, self._deliver)
 
@@ -1135,8 +1266,13 @@ class Connection:
             log.error("storing an update of %s failed: %s", doc, exc)
             # Fatal (no doc): an Ack of a later update on this connection would settle this one
             # too. The client reconnects and resends what the relay lacks by state vector.
+            why = (
+                "its store is unreachable"
+                if getattr(self.relay.fanout, "reachable", True)
+                else "the other relays are unreachable"
+            )
             self._fail_internal(
-                f"the relay could not store an update of {doc}; reconnect and retry"
+                f"the relay could not store an update of {doc} ({why}); reconnect and retry"
             )
             return
         if self.session.closed:
@@ -1261,12 +1397,19 @@ class Connection:
     def _deliver(self, change: Change) -> None:
         """A stored change of one of the user's documents: sent on if this connection synced
         that document, and did not make the change itself (a sender is never echoed)."""
-        if (
-            change.origin == self.id
-            or change.doc_id not in self._synced_docs
-            or self.session.closed
-            or self._closing
-        ):
+        if change.doc_id not in self._synced_docs or change.origin == self.id:
+            return
+        if self._direct and change.wire:  # the fan-out's hot path: one flag, one append
+            if not self._wire:
+                self.relay._flush_soon(self, fanout=True)
+            self._wire.append(change.wire)
+            self._wire_bytes += len(change.wire)
+            self._sent_frames[_UPDATE_CODE] += 1
+            self._sent_bytes[_UPDATE_CODE] += len(change.frame)
+            if self._wire_bytes >= _DIRECT_WRITE_LIMIT:
+                self._flush_wire()
+            return
+        if self.session.closed or self._closing:
             return
         frame = change.frame or encode_frame(
             Update(change.doc_id, 0, change.update, change.changed_at, change.changed_by)
@@ -1334,7 +1477,7 @@ class Connection:
     async def _close_after_flush(self) -> None:
         """Close once what is queued (the fatal Error above all) has gone, or after a second."""
         deadline = time.monotonic() + 1.0
-        while (self.outbound or self._writer_busy) and time.monotonic() < deadline:
+        while (self.outbound or self._wire) and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         await self.close(code=1000, message=b"token revoked")
 
@@ -1364,6 +1507,8 @@ _DIRECT_WRITE_LIMIT = 64 << 10  # above this many unsent bytes, frames wait for 
 _UPDATE_CODE = FRAME_CODES["update"]
 _PRICE_BATCH_CODE = FRAME_CODES["price_batch"]
 _CLOSE_TIMEOUT = 2.0  # seconds a closing peer has to take what is left and the close frame
+_FLUSH_CONTEXT = contextvars.Context()  # the flush's log lines are no one connection's
+_WIDE_FANOUT = 64  # connections written to in one flush from which fanned-out changes wait
 
 
 def websocket_binary_frame(payload: bytes) -> bytes:
@@ -1412,6 +1557,94 @@ async def _serve_metrics(relay: Relay) -> web.AppRunner | None:
     return runner
 
 
+async def _open_store(config: RelayConfig) -> RelayStore:
+    """SQLite in the data directory, or PostgreSQL at ``config.store_url`` (shared)."""
+    if not config.store_url:
+        return await SQLiteRelayStore.open(
+            config.data_dir / "relay.db", durability=config.durability
+        )
+    try:
+        from foliosync.server.postgres_store import PostgresRelayStore
+    except ImportError as exc:
+        raise ConfigError(
+            f"a PostgreSQL store needs pip install 'foliosync[scale]' ({exc})"
+        ) from exc
+    return await PostgresRelayStore.open(config.store_url, min_size=1, max_size=config.store_pool)
+
+
+async def _open_shares(config: RelayConfig) -> ShareStore:
+    """Shares and revocations beside the documents: ``shares.db`` in the data directory, or the
+    same PostgreSQL database as the documents, so that every relay of a group reads the same."""
+    if not config.store_url:
+        return await SQLiteShareStore.open(config.data_dir / "shares.db")
+    from foliosync.server.sharing_pg import PostgresShareStore
+
+    return await PostgresShareStore.open(config.store_url)
+
+
+def _redis_fanout(config: RelayConfig, relay: Callable[[], Relay]) -> FanOut:
+    """The shared bus of a relay group: a peer's change goes into this relay's hot copy only
+    (it is stored already), and a relay that may have missed changes reloads its hot documents
+    from the shared store and sends its devices what they lack."""
+    try:
+        from foliosync.server.redis_fanout import RedisFanOut
+    except ImportError as exc:
+        raise ConfigError(f"a Redis fan-out needs pip install 'foliosync[scale]' ({exc})") from exc
+    from foliosync.server.storage import Watermark
+
+    def on_peer_change(change: Change) -> None:
+        relay().documents.apply_peer(
+            change.user,
+            change.doc_id,
+            change.update,
+            Watermark(change.changed_at, change.changed_by),
+        )
+
+    async def on_missed() -> None:
+        for user, doc_id, diff, watermark in await relay().documents.reload_hot():
+            bus.deliver_local(
+                Change(
+                    user,
+                    doc_id,
+                    diff,
+                    watermark.changed_at or 0,
+                    watermark.changed_by or "",
+                    origin="",
+                    relay=config.relay_id,
+                )
+            )
+
+    bus = RedisFanOut(
+        config.redis_url or "",
+        relay_id=config.relay_id,
+        prefix=config.redis_prefix,
+        on_peer_change=on_peer_change,
+        on_missed=on_missed,
+    )
+    return bus
+
+
+async def _redis_prices(config: RelayConfig, relay: Relay) -> Any:
+    """Prices across the relays of a group: this relay's accepted ticks go to the channel, the
+    peers' into this relay's hub (not forwarded again)."""
+    from foliosync.server.redis_prices import RedisPriceBus
+
+    hub = relay.prices
+
+    def on_peer_ticks(ticks: list[Tick]) -> None:
+        hub.publish_peer(ticks)
+
+    prices_bus = RedisPriceBus(
+        config.redis_url or "",
+        relay_id=config.relay_id,
+        prefix=config.redis_prefix,
+        on_peer_ticks=on_peer_ticks,
+    )
+    hub.forward = prices_bus.publish
+    await prices_bus.start()
+    return prices_bus
+
+
 def create_app(
     config: RelayConfig,
     *,
@@ -1444,7 +1677,7 @@ def create_app(
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         # The default store's directory is this relay's for as long as it runs, however the
         # relay is embedded: a second relay on it, or a restore under it, is refused.
-        lock = DataDirLock(config.data_dir) if store is None else None
+        lock = DataDirLock(config.data_dir) if store is None and not config.store_url else None
         if lock is not None:
             lock.acquire()
         try:
@@ -1456,19 +1689,20 @@ def create_app(
 
     async def _run(app: web.Application) -> AsyncIterator[None]:
         secret = load_or_create_secret(config.data_dir)
-        relay_store = store or await SQLiteRelayStore.open(
-            config.data_dir / "relay.db", durability=config.durability
-        )
+        relay_store = store or await _open_store(config)
+        bus: Any = None
         try:
-            share_store = shares or await SQLiteShareStore.open(config.data_dir / "shares.db")
+            share_store = shares or await _open_shares(config)
         except BaseException:
             await relay_store.close()
             raise
         try:
+            if fanout is None and config.redis_url:
+                bus = _redis_fanout(config, lambda: relay)
             relay = Relay(
                 config,
                 relay_store,
-                fanout or InProcessFanOut(),
+                fanout or bus or InProcessFanOut(),
                 secret,
                 extensions=extensions,
                 price_policy=price_policy,
@@ -1481,9 +1715,15 @@ def create_app(
         app[RelayKey] = relay
         app[HookRunnerKey] = relay.hooks
         relay.prices.start()
+        prices_bus: Any = None
         try:
+            if bus is not None:
+                await bus.start()  # after the Relay exists: its hooks use relay.documents
+                prices_bus = await _redis_prices(config, relay)
             metrics_runner = await _serve_metrics(relay)
         except BaseException:
+            if prices_bus is not None:
+                await prices_bus.close()
             await relay.close()
             raise
         try:
@@ -1507,6 +1747,9 @@ def create_app(
             await feed.close()
         if metrics_runner is not None:
             await metrics_runner.cleanup()
+        if prices_bus is not None:
+            relay.prices.forward = None
+            await prices_bus.close()
         await relay.close()
 
     async def close_connections(app: web.Application) -> None:

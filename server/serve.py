@@ -4,7 +4,13 @@
 request its parser refuses, see :mod:`foliosync.server.http_errors`) and it leaves a failed bind
 as a bare ``OSError`` after the caller has already announced the address. :func:`serve` binds
 first, calls ``on_listening`` only then, and turns a failed bind into a :class:`ConfigError` that
-says which address is taken.
+says which address is taken. The socket is bound before the app starts, so a taken port stops
+the relay before its store is opened or its price feed has started (no feed line, then an error).
+
+``reuse_port`` binds with ``SO_REUSEPORT``: several relay processes on one machine then listen on
+one port and the kernel spreads new connections over them (one core each). It only makes sense
+with a shared store and bus (``--store postgresql://...``, ``--redis``): see
+:mod:`foliosync.server.redis_fanout`.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import os
 import signal
 import socket
 import ssl
@@ -23,9 +30,10 @@ from aiohttp import web
 from foliosync.server.extensions import Extension
 from foliosync.server.http_errors import JsonErrorAppRunner
 from foliosync.server.relay import RelayConfig, create_app
+from foliosync.server.storage import RelayStore
 from foliosync.sync.errors import ConfigError
 
-__all__ = ["listen_failure", "serve", "tls_server_context"]
+__all__ = ["bind_socket", "listen_failure", "serve", "tls_server_context"]
 
 
 def tls_server_context(cert: Path | str, key: Path | str) -> ssl.SSLContext:
@@ -68,6 +76,34 @@ def listen_failure(host: str, port: int, exc: OSError) -> str:
     return f"cannot listen on {host}:{port}: {exc.strerror or exc}"
 
 
+def bind_socket(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
+    """A TCP socket bound to ``host:port`` (the first address ``host`` resolves to), not yet
+    listening; ConfigError (see :func:`listen_failure`) if it cannot be bound."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, kind, proto, _, address = infos[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as exc:
+        raise ConfigError(listen_failure(host, port, exc)) from exc
+    try:
+        if hasattr(socket, "SO_REUSEADDR") and os.name == "posix":
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            if not hasattr(socket, "SO_REUSEPORT"):
+                raise ConfigError("--reuse-port needs SO_REUSEPORT, which this system lacks")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(listen_failure(host, port, exc)) from exc
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 async def serve(
     config: RelayConfig,
     *,
@@ -75,22 +111,30 @@ async def serve(
     stop: asyncio.Event | None = None,
     extensions: Sequence[Extension] | None = None,
     tls: ssl.SSLContext | None = None,
+    store: RelayStore | None = None,
+    reuse_port: bool = False,
 ) -> None:
     """Run the relay on ``config.host:config.port`` until SIGINT or SIGTERM (or ``stop``).
 
-    Raises :class:`ConfigError` if the address cannot be listened on; the store and the feed,
-    started before the bind, are closed again first. ``extensions`` are those of
-    :func:`create_app` (None: the defaults). With ``tls`` (see :func:`tls_server_context`) the
-    port serves wss:// and https:// only.
+    Raises :class:`ConfigError` if the address cannot be listened on, before anything else
+    starts. ``extensions`` and ``store`` are those of :func:`create_app` (None: the defaults);
+    ``reuse_port`` lets other relay processes listen on the same port (``SO_REUSEPORT``). With
+    ``tls`` (see :func:`tls_server_context`) the port serves wss:// and https:// only.
     """
-    app = create_app(config, extensions=extensions)
-    runner = JsonErrorAppRunner(app, access_log=None, handle_signals=False)
-    await runner.setup()
+    sock = bind_socket(config.host, config.port, reuse_port=reuse_port)
     try:
-        site = web.TCPSite(runner, config.host, config.port, ssl_context=tls)
+        app = create_app(config, extensions=extensions, store=store)
+        runner = JsonErrorAppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+    except BaseException:
+        sock.close()
+        raise
+    try:
+        site = web.SockSite(runner, sock, ssl_context=tls)
         try:
             await site.start()
         except OSError as exc:
+            sock.close()
             raise ConfigError(listen_failure(config.host, config.port, exc)) from exc
         if on_listening is not None:
             on_listening()

@@ -71,7 +71,10 @@ class PostgresShareStore:
             raise RelayStoreError(f"cannot open the share store: {exc}") from exc
         store = cls(pool)
         try:
-            async with pool.acquire() as conn:
+            # Relays of a group start together: CREATE TABLE IF NOT EXISTS alone races on the
+            # catalog (a unique violation in pg_type), so they take turns on an advisory lock.
+            async with pool.acquire() as conn, conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock(hashtext('foliosync_shares'))")
                 await conn.execute(_SCHEMA)
         except _FOREIGN as exc:
             await pool.close()

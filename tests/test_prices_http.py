@@ -553,3 +553,38 @@ async def test_the_relay_runs_its_feed_and_refuses_a_bad_one(
     with pytest.raises(ConfigError, match="unknown price feed"):
         async with relay_server(tmp_path / "bad", feed="stock-exchange"):
             pass
+
+
+async def test_a_stream_counts_its_dropped_prices_while_open_and_times_its_waits(
+    relay: Any, http: Any
+) -> None:
+    """An event stream's replaced prices show in /metrics while it is open (not only once it
+    ends), and the wait of what it was handed, to its write, is timed."""
+    from foliosync.server.metrics import render
+    from foliosync.sync.prices import PriceBook
+
+    hub = relay.relay.prices
+    queued = hub.queued.count
+    t = now_ms()
+    async with http.get(
+        f"{relay.http}/v1/prices/stream?symbols=MSFT", headers=auth(relay.token("alice"))
+    ) as response:
+        stream = EventStream(response)
+        assert (await stream.next())[0] == "snapshot"
+        await post_ticks(http, relay, [["MSFT", "421", t + 1]])
+        assert (await stream.next())[0] == "prices"
+        assert hub.queued.count > queued
+    # A stream that is handed prices faster than it writes them: one of two replaced, counted now.
+    slow = http_prices.SseSubscriber()
+    book = PriceBook()
+    hub.subscribe(slow, ["NVDA"])
+    try:
+        first = book.apply(Tick("NVDA", Decimal("1"), t))
+        second = book.apply(Tick("NVDA", Decimal("2"), t + 1))
+        assert first is not None and second is not None
+        slow.deliver_prices([first])
+        slow.deliver_prices([second])
+        text = render(relay.relay.registry).decode()
+        assert "foliosync_prices_dropped_total 1.0" in text, text
+    finally:
+        hub.unsubscribe(slow)

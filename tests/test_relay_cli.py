@@ -62,6 +62,34 @@ async def test_a_port_in_use_is_named_and_the_url_never_announced(tmp_path: Path
     assert b"relay on" not in out
 
 
+async def test_a_port_in_use_stops_the_relay_before_its_feed_starts(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        async with relay_process(
+            "--port", str(port), "--data", str(tmp_path), "--feed", "sim:always"
+        ) as relay:
+            _out, err = await asyncio.wait_for(relay.communicate(), 30)
+    assert relay.returncode == 1, err
+    assert f"port {port} on 127.0.0.1 is in use" in err.decode()
+    assert "price feed" not in err.decode(), err.decode()
+
+
+async def test_a_shared_store_needs_postgresql_and_several_on_a_port_need_store_and_bus(
+    tmp_path: Path,
+) -> None:
+    for args, message in (
+        (("--store", "sqlite:///x.db"), "invalid --store"),
+        (("--reuse-port",), "need a shared store and bus"),
+        (("--workers", "2", "--store", "postgresql://u@127.0.0.1:1/db"), "shared store and bus"),
+    ):
+        async with relay_process("--port", str(free_port()), "--data", str(tmp_path), *args) as r:
+            out, err = await asyncio.wait_for(r.communicate(), 30)
+        assert r.returncode == 1 and message in err.decode(), (args, err)
+        assert b"relay on" not in out
+
+
 async def test_the_url_is_announced_once_listening_and_sigterm_stops_it(tmp_path: Path) -> None:
     port = free_port()
     origin = "http://dash.example"
@@ -87,7 +115,12 @@ async def test_the_url_is_announced_once_listening_and_sigterm_stops_it(tmp_path
 
 async def test_a_bad_cors_origin_is_refused_before_listening(tmp_path: Path) -> None:
     async with relay_process(
-        "--port", str(free_port()), "--data", str(tmp_path), "--cors-origin", "https://x.example/app"
+        "--port",
+        str(free_port()),
+        "--data",
+        str(tmp_path),
+        "--cors-origin",
+        "https://x.example/app",
     ) as relay:
         out, err = await asyncio.wait_for(relay.communicate(), 30)
     assert relay.returncode == 1
