@@ -6,9 +6,10 @@ A connection goes through three steps:
    them here, and from the index document).
 2. For every document, a SyncRequest with the local state vector; the relay answers with what the
    device lacks and its own state vector, from which the device sends what the relay lacks:
-   each pending change as its own Update (so that a refusal names one change), or one merged
-   diff when the relay lacks more than they bring. The relay's Ack of a seq settles every
-   pending change up to it, except those it answered with an Error.
+   each pending change as its own Update (so that a refusal names one change); when the relay
+   lacks more than they bring (restored from a backup), what it lacks of the confirmed content
+   goes first, on its own. The relay's Ack of a seq settles every pending change up to it,
+   except those it answered with an Error.
 3. Live: each local edit is sent as it is committed; each remote change is applied and stored.
 
 What to send, settle, roll back or request again is decided by the pure machines of
@@ -18,8 +19,11 @@ against the replica and the socket, and health() reads what they know. The relay
 (PROTOCOL.md section 5): a change refused for good is rolled back (``Replica.refuse``; the
 app hears of it through ``Replica.on_refusal``) and the document's other pending changes,
 rebased ones included, go on; after ``missing_dependencies`` the document is requested again
-and one merged diff sent; a change to retry later stays pending, kept out of every later Ack
-on the connection, and goes again on the next one.
+and one merged diff sent (refused for good, it names no single change: its rows wait for the
+next connection, which sends them one by one); a change to retry later stays pending, kept out
+of every later Ack, and goes again on the same connection after a doubling, bounded wait, as a
+new Update with a new seq (or on the next connection). A one-shot sync ends as soon as it is
+quiet, even when the last of its work (a rollback's resend) ran beside the read loop.
 
 When the connection drops the replica goes on working offline; :meth:`SyncClient.run` reconnects
 with exponential backoff and full jitter, so that a thousand clients of a restarted relay spread

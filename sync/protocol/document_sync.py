@@ -30,6 +30,10 @@ Invariants the decisions keep (each one was a bug once):
   connection settles with it in ``keep`` (``Replica.acknowledge(doc, seq, keep=...)``).
 - **Frames are handled strictly in order,** so a refusal is rolled back before any later Ack of
   the same document is settled.
+- **A refusal rolls back only the change it names.** An Update carrying several rows (a merged
+  diff) names none of them: its rows are held (:attr:`RefusalAction.SPLIT`) and go one Update
+  each on the next connection. A row sent again under a borrowed seq (a retry, a resync's diff
+  of one row) is what a refusal of that seq names.
 - **The initial sync reads before it goes live.** A document takes local changes only once the
   SyncReply's outgoing rows were read: a change committed before that read is in it, one
   committed after is notified with a higher seq.
