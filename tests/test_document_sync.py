@@ -821,6 +821,10 @@ def _settle(relay: ModelRelay, devices: list[ModelDevice]) -> None:
 )
 @given(st.lists(STEP, max_size=60))
 @example([("edit", 0, 0, "flaky"), ("edit", 0, 0, "ok")])
+# A retry's borrowed seq, then a rebased row given that very seq: it goes under a new one.
+@example(
+    [("edit", 0, 0, "flaky"), ("edit", 0, 0, "ok"), ("edit", 0, 0, "bad"), ("edit", 0, 0, "ok")]
+)
 @example([("edit", 0, 0, "ok"), ("edit", 0, 0, "bad"), ("edit", 0, 0, "ok")])
 @example([("edit", 0, 0, "gap"), ("edit", 0, 0, "bad"), ("edit", 0, 0, "ok")])
 @example(

@@ -746,6 +746,11 @@ class DeviceSync:
             for seq, update in rows:
                 if seq > d._sent_upto:
                     decisions += self._send(d, seq, update, now_ms)
+                elif seq in d._synthetic and seq not in d._held:
+                    # Its seq went to an Update read before it (a borrowed one): it is not on
+                    # the relay, and must go again under a new seq.
+                    d._held[seq] = RefusalAction.RETRY_LATER
+                    decisions += self._retry_later(d)
         if d._dirty and not self._session.closed:
             d._dirty = False
             return [*decisions, ReadUnsent(d.doc)]
