@@ -89,6 +89,10 @@ class RelayDocuments:
         self._compact_after = compact_after
         self._hot: OrderedDict[tuple[str, str], _Hot] = OrderedDict()
         self._loading: dict[tuple[str, str], asyncio.Future[_Hot]] = {}
+        # Peers' changes of documents being loaded: the store read may have begun before the
+        # peer's commit, so they are applied once the load is done, or the copy would lack them
+        # for good (and refuse every later update that builds on them).
+        self._peer_while_loading: dict[tuple[str, str], list[tuple[bytes, Watermark]]] = {}
         self._last_version = 0
         self.hits = 0  # documents found in memory
         self.misses = 0  # documents loaded from the store
@@ -110,6 +114,7 @@ class RelayDocuments:
             return await asyncio.shield(pending)
         future: asyncio.Future[_Hot] = asyncio.get_running_loop().create_future()
         self._loading[key] = future
+        self._peer_while_loading[key] = []
         try:
             hot = await self._load(user, doc_id)
         except BaseException as exc:
@@ -118,6 +123,13 @@ class RelayDocuments:
             raise
         finally:
             del self._loading[key]
+            missed = self._peer_while_loading.pop(key, [])
+        for update, watermark in missed:  # no await since the load: nothing comes between
+            try:
+                _guarded_apply(hot.doc, update)
+            except BadUpdate:
+                log.error("a peer's change of %s cannot be applied; it stays in the store", doc_id)
+            hot.watermark = watermark
         self.misses += 1
         hot.version = self._next_version()
         future.set_result(hot)
@@ -237,7 +249,10 @@ class RelayDocuments:
             async with hot.lock:
                 if self._hot.get(key) is not hot:
                     continue  # dropped (evicted, a failed write) while this update waited
-                check_update(update, decode_state_vector(hot.doc.get_state()))
+                # Deletions of items this copy lacks are taken (Yjs keeps them pending, they hold
+                # no content): a device may have one from another relay's order of events, and
+                # refusing it would refuse every diff that device ever sends.
+                check_update(update, decode_state_vector(hot.doc.get_state()), deletions=False)
                 if before_apply is not None and kind is not None:
                     built = self._candidate(hot, kind, update)
                     try:
@@ -319,6 +334,9 @@ class RelayDocuments:
         """Apply an update another relay stored already (multi-relay fan-out); memory only."""
         hot = self._hot.get((user, doc_id))
         if hot is None:
+            waiting = self._peer_while_loading.get((user, doc_id))
+            if waiting is not None:  # being loaded: applied once the load is done
+                waiting.append((update, watermark))
             return False  # not hot here: the next load reads it from the shared store
         hot.changed.clear()
         _guarded_apply(hot.doc, update)

@@ -593,7 +593,9 @@ def decode_state_vector(data: bytes) -> dict[int, int]:
     return state
 
 
-def missing_dependencies(info: UpdateInfo, state: Mapping[int, int]) -> list[str]:
+def missing_dependencies(
+    info: UpdateInfo, state: Mapping[int, int], *, deletions: bool = True
+) -> list[str]:
     """Why a receiver at ``state`` (client -> next clock) cannot take ``info`` in full, in words;
     empty when it can.
 
@@ -601,7 +603,8 @@ def missing_dependencies(info: UpdateInfo, state: Mapping[int, int]) -> list[str
     (yrs would integrate them, but its state vector would never cover them, so no state-vector
     sync would send what lies between); an origin, right origin or parent the receiver does not
     have and the update does not carry; a deletion of items the receiver does not have and the
-    update does not carry (Yjs and yrs keep such a deletion pending, unseen).
+    update does not carry (Yjs and yrs keep such a deletion pending, unseen). With
+    ``deletions=False`` the last are not counted: a relay takes them, as Yjs does.
     """
     reasons: list[str] = []
     for client in sorted(info.structs):
@@ -617,7 +620,7 @@ def missing_dependencies(info: UpdateInfo, state: Mapping[int, int]) -> list[str
     for client, clock in sorted(info.dependencies):
         if clock >= state.get(client, 0):
             reasons.append(f"a reference to item {client}:{clock}, which the receiver lacks")
-    for client in sorted(info.deletions):
+    for client in sorted(info.deletions) if deletions else ():
         have = state.get(client, 0)
         ranges = info._ranges(client)
         for clock, length in info.deletions[client]:
@@ -640,11 +643,11 @@ def missing_dependencies(info: UpdateInfo, state: Mapping[int, int]) -> list[str
     return reasons
 
 
-def check_update(data: bytes, state: Mapping[int, int]) -> UpdateInfo:
+def check_update(data: bytes, state: Mapping[int, int], *, deletions: bool = True) -> UpdateInfo:
     """:func:`decode_update`, then refuse with :class:`MissingDependencies` an update that
-    refers to what a receiver at ``state`` lacks."""
+    refers to what a receiver at ``state`` lacks (see :func:`missing_dependencies`)."""
     info = decode_update(data)
-    reasons = missing_dependencies(info, state)
+    reasons = missing_dependencies(info, state, deletions=deletions)
     if reasons:
         more = f" (and {len(reasons) - 1} more)" if len(reasons) > 1 else ""
         raise MissingDependencies(f"the update needs what the receiver lacks: {reasons[0]}{more}")

@@ -81,3 +81,31 @@ async def test_evicted_documents_are_freed() -> None:
         await docs.state("alice", doc_id, b"\x00")
     assert docs.hot_count == 5
     assert live_docs() - before <= 5 * 2  # the hot ones (and at most a scratch replica each)
+
+
+async def test_a_peers_change_during_a_load_is_in_the_loaded_copy() -> None:
+    # A relay of a group loads a document while a peer relay stores a change of it: the store
+    # read may predate the peer's commit, and the change reached this relay while it was not hot.
+    from foliosync.server.storage import StoredDocument, Watermark
+
+    release = asyncio.Event()
+
+    class SlowStore(MemoryRelayStore):
+        async def load(self, user: str, doc_id: str) -> StoredDocument | None:
+            stored = await super().load(user, doc_id)
+            await release.wait()
+            return stored
+
+    peer: Doc = Doc()
+    peer.get("symbols", type=Map)["AAPL\x1fp"] = {"t": "0019ad73584000000"}
+    docs = RelayDocuments(SlowStore())
+    loading = asyncio.ensure_future(docs.state("alice", "wl-" + "0" * 24, b"\x00"))
+    await asyncio.sleep(0)
+    assert not docs.apply_peer("alice", "wl-" + "0" * 24, peer.get_update(), Watermark(1, "p"))
+    release.set()
+    await loading
+    diff, _, watermark = await docs.state("alice", "wl-" + "0" * 24, b"\x00")
+    copy: Doc = Doc()
+    copy.apply_update(diff)
+    assert "AAPL\x1fp" in copy.get("symbols", type=Map)
+    assert watermark == Watermark(1, "p")

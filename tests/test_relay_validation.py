@@ -308,3 +308,17 @@ async def test_an_update_yrs_refuses_half_way_leaves_nothing_of_it_on_the_relay(
         reply = await a.sync(TECH)
         assert isinstance(reply, SyncReplied)
         assert _symbols(reply.update) == ["IBM\x1fpy", "MSFT\x1fd0"]
+
+
+async def test_a_deletion_of_items_the_relay_lacks_is_taken(relay: RunningRelay) -> None:
+    # A device may hold such a deletion (another relay's order of events); refusing it would
+    # refuse every diff that device sends from then on. Yjs keeps it pending: no content.
+    elsewhere: Doc = Doc()
+    Watchlist(elsewhere, EditContext("x")).add(["AAPL"])
+    before = elsewhere.get_state()
+    Watchlist(elsewhere, EditContext("x")).remove(["AAPL"])
+    deletion = elsewhere.get_update(before)  # no structs: only the delete set
+    async with peer(relay) as a:
+        assert isinstance(await a.sync(TECH), SyncReplied)
+        assert await a.send(TECH, deletion) == Acked(TECH, 1)
+        assert await a.send(TECH, watchlist_update("MSFT")) == Acked(TECH, 2)
