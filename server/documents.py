@@ -24,7 +24,7 @@ from typing import Any
 from pycrdt import Doc, TransactionEvent
 
 from foliosync.server.storage import RelayStore, RelayStoreError, Watermark
-from foliosync.sync.errors import BadUpdate
+from foliosync.sync.errors import BadUpdate, MissingDependencies
 from foliosync.sync.model import DocumentKind
 from foliosync.sync.model.schema import Candidate, advance_scratch
 from foliosync.sync.updates import check_update, decode_state_vector
@@ -40,6 +40,10 @@ class Applied:
     watermark: Watermark
     version: int = 0
     """The document's change number after it (see :meth:`RelayDocuments.version`)."""
+    recovered: bytes = b""
+    """What the relay read back from its store before taking this update, because its copy
+    lacked what the update builds on (another relay of a group stored it and did not fan it
+    out, killed first): the caller fans it out too, or devices synced here would lack it."""
     concurrent: bool = False
     """It arrived while another connection's change of the document was applied and not yet
     stored, so not yet sent to its sender: the sender surely edited without that change (the
@@ -244,11 +248,24 @@ class RelayDocuments:
         ``kind``). ``origin`` (the sending connection) and ``seen`` (see :meth:`version`) make
         :attr:`Applied.concurrent`; without ``seen`` it is False."""
         key = (user, doc_id)
+        refreshed = False
+        recovered = b""
         while True:
             hot = await self._get(user, doc_id)
             async with hot.lock:
                 if self._hot.get(key) is not hot:
                     continue  # dropped (evicted, a failed write) while this update waited
+                if not refreshed:
+                    try:
+                        check_update(
+                            update, decode_state_vector(hot.doc.get_state()), deletions=False
+                        )
+                    except MissingDependencies:
+                        # With a store shared by several relays, this copy may lack what another
+                        # relay stored and has not (or never, if it was killed) fanned out: read
+                        # the store into it once before refusing.
+                        refreshed = True
+                        recovered = await self._refresh(user, doc_id, hot)
                 # Deletions of items this copy lacks are taken (Yjs keeps them pending, they hold
                 # no content): a device may have one from another relay's order of events, and
                 # refusing it would refuse every diff that device ever sends.
@@ -290,7 +307,7 @@ class RelayDocuments:
                 await asyncio.wait(earlier)  # wait() never cancels what it waits for
                 if any(w.cancelled() or w.exception() is not None for w in earlier):
                     raise RelayStoreError(f"an earlier write to {doc_id} failed")
-            return Applied(False, hot.watermark, version)
+            return Applied(False, hot.watermark, version, recovered)
         write = asyncio.ensure_future(self._store.append(user, doc_id, update, now_ms, device))
         hot.writes.add(write)
         hot.unsent[version] = origin
@@ -314,7 +331,7 @@ class RelayDocuments:
                 await self._compact(user, doc_id, hot)
         finally:
             del hot.unsent[version]  # the caller fans it out now, with no await in between
-        return Applied(True, hot.watermark, version, concurrent)
+        return Applied(True, hot.watermark, version, recovered, concurrent)
 
     @staticmethod
     def _candidate(hot: _Hot, kind: DocumentKind, update: bytes) -> Candidate:
@@ -347,6 +364,25 @@ class RelayDocuments:
         if changed:
             hot.version = self._next_version()
         return changed
+
+    async def _refresh(self, user: str, doc_id: str, hot: _Hot) -> bytes:
+        """Merge what the store holds of the document into its hot copy (a CRDT merge: what the
+        copy has stays, nothing doubles); returns what that brought, b"" if nothing."""
+        stored = await self._store.load(user, doc_id)
+        if stored is None:
+            return b""
+        before = hot.doc.get_state()
+        for update in [stored.snapshot, *stored.updates] if stored.snapshot else stored.updates:
+            try:
+                _guarded_apply(hot.doc, update)
+            except BadUpdate:
+                log.error("stored document %s of %s cannot be read", doc_id, user)
+        hot.scratch = None
+        hot.changed.clear()
+        if hot.doc.get_state() == before:
+            return b""
+        hot.version = self._next_version()
+        return hot.doc.get_update(before)
 
     async def reload_hot(self) -> list[tuple[str, str, bytes, Watermark]]:
         """Bring every hot document up to the shared store: what a relay of a group does when it

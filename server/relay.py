@@ -489,6 +489,21 @@ class Relay:
         """Fan a stored change out to the connections synced on it (not to ``origin``): the
         owner's, and those of the users it is shared with; then tell the extensions'
         ``after_store``. ``doc_id`` is the owner's id of it."""
+        if applied.recovered:  # read back from a shared store: the devices here lacked it
+            recovered = encode_frame(Update(doc_id, 0, applied.recovered, now_ms, device))
+            await self.fanout.publish(
+                Change(
+                    user=owner,
+                    doc_id=doc_id,
+                    update=applied.recovered,
+                    changed_at=now_ms,
+                    changed_by=device,
+                    origin="",  # every connection, the sender's too: it may lack some of it
+                    relay=self.config.relay_id,
+                    frame=recovered,
+                    wire=websocket_binary_frame(recovered),
+                )
+            )
         if applied.changed:
             # One encoding for every receiver: with hundreds of devices on one document, building
             # and encoding the same frame per receiver was a fifth of the relay's time.
@@ -1287,7 +1302,7 @@ class Connection:
         if applied.concurrent:
             counters.updates_merged_concurrent += 1
         log.debug("update %d stored and acknowledged", seq)
-        if applied.changed:
+        if applied.changed or applied.recovered:
             owner, local = owner_and_id(self.identity.user, doc)
             await self.relay.publish_change(
                 owner,

@@ -442,7 +442,17 @@ async def test_on_one_port_a_killed_relay_loses_nothing_acknowledged(
             if not device.connected:
                 await device.connect()  # the port now leads to the surviving relay
         await edit(3, "A")
-        await eventually("every edit acknowledged", lambda: all(not d.unacked for d in devices))
+        # A device may learn only now that its relay died (a loaded machine reads the closed
+        # socket late): these raw devices do not reconnect by themselves, so do it for them.
+        deadline = time.monotonic() + 30
+        while any(d.unacked for d in devices):
+            if time.monotonic() > deadline:
+                stuck = [(d.connects, d.errors[-3:]) for d in devices if d.unacked]
+                pytest.fail(f"every edit acknowledged: not within 30 s: {stuck}")
+            for device in devices:
+                if not device.connected:
+                    await device.connect()
+            await asyncio.sleep(0.05)
         acked = set().union(*(d.acked for d in devices))
         assert len(acked) >= 12 * 8, len(acked)
         assert any(d.connects == 2 for d in devices), "no device was on the killed relay"
