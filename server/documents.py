@@ -255,21 +255,20 @@ class RelayDocuments:
             async with hot.lock:
                 if self._hot.get(key) is not hot:
                     continue  # dropped (evicted, a failed write) while this update waited
-                if not refreshed:
-                    try:
-                        check_update(
-                            update, decode_state_vector(hot.doc.get_state()), deletions=False
-                        )
-                    except MissingDependencies:
-                        # With a store shared by several relays, this copy may lack what another
-                        # relay stored and has not (or never, if it was killed) fanned out: read
-                        # the store into it once before refusing.
-                        refreshed = True
-                        recovered = await self._refresh(user, doc_id, hot)
                 # Deletions of items this copy lacks are taken (Yjs keeps them pending, they hold
                 # no content): a device may have one from another relay's order of events, and
                 # refusing it would refuse every diff that device ever sends.
-                check_update(update, decode_state_vector(hot.doc.get_state()), deletions=False)
+                try:
+                    check_update(update, decode_state_vector(hot.doc.get_state()), deletions=False)
+                except MissingDependencies:
+                    if refreshed:
+                        raise
+                    # With a store shared by several relays, this copy may lack what another
+                    # relay stored and has not (or never, if it was killed) fanned out: read
+                    # the store into it once, then check again.
+                    refreshed = True
+                    recovered = await self._refresh(user, doc_id, hot)
+                    check_update(update, decode_state_vector(hot.doc.get_state()), deletions=False)
                 if before_apply is not None and kind is not None:
                     built = self._candidate(hot, kind, update)
                     try:
