@@ -760,6 +760,10 @@ class Connection:
         writer = asyncio.get_running_loop().create_task(self._write_loop())
         try:
             await self._read_loop()
+        except ConnectionError:
+            # The socket closed under a write of aiohttp's own (a Pong to the peer's Ping): the
+            # peer is gone, as when its read ends; nothing of the relay failed.
+            log.debug("connection %s: the socket closed while answering the peer", self.id)
         except Exception:  # a relay bug: logged with its traceback, the peer told by 1011
             log.exception("connection %s failed", self.id)
             if not self.session.closed:
