@@ -38,7 +38,9 @@ acknowledged once committed in PostgreSQL, its change reaches the other relays t
 (:mod:`foliosync.server.redis_fanout`) and their hot copies only, and prices go round through
 :mod:`foliosync.server.redis_prices`. While either service is unreachable updates are refused
 with the fatal ``internal`` Error, so nothing is acknowledged that not every relay can serve
-(what reads do then: :mod:`foliosync.server.postgres_store`).
+(what reads do then: :mod:`foliosync.server.postgres_store`). A share granted or ended and
+tokens revoked are stored in PostgreSQL, then acted on by the relay that stored them
+(:meth:`Relay.apply_control`) and by every other, told through the fan-out's control channel.
 """
 
 from __future__ import annotations
