@@ -12,8 +12,9 @@ the relay's extensions like a Hello's token (a revoked token is a 401); errors a
 - ``DELETE /v1/shares/{doc}/{user}`` (scope sync): end it; 404 if there was none.
 - ``GET /v1/shares`` (scope sync): ``{"shared_by_me": [...], "shared_with_me": [...]}``.
 - ``POST /v1/revocations`` ``{"device": D, "user": U}`` (``user`` optional: that device of every
-  user) or ``{"jti": J}`` (scope admin): the tokens stop working everywhere on this relay, and
-  its open connections with them are closed; 200 ``{"closed": N}``.
+  user) or ``{"jti": J}`` (scope admin): the tokens stop working on every route, and the open
+  connections with them are closed, on every relay of a group; 200 ``{"closed": N}``, N those
+  of this relay (the others close theirs as they get the relay's control event).
 """
 
 from __future__ import annotations

@@ -21,6 +21,16 @@ costs one XADD and one reply to parse per reader, not one per change::
     [relay, [record, ...]]
     record: [1, user, doc, update, changed_at, changed_by, origin, published_ns]   a change
             [2, published_ns]   "this relay could not publish some changes": reload everything
+            [3, published_ns, "granted", owner, doc, grantee, access]   a control event:
+            [3, published_ns, "unshared", owner, doc, grantee]           a share granted or
+            [3, published_ns, "tokens", revoked_at, user, device, jti]   ended, tokens revoked
+
+Control events (:class:`~foliosync.server.fanout.ShareGranted`, ``ShareRevoked``,
+``TokensRevoked``) take the same outbox as the changes, so a peer reads them in the order the
+relay made them: a change of a document stored after its share was revoked reaches a peer after
+the revocation, never before. A relay acts on its own connections itself and skips its own
+records when it reads them back; a peer hands them to :meth:`RedisFanOut.subscribe_control`'s
+subscribers. A control kind this version does not know is skipped and counted (``bad_records``).
 
 The stream is trimmed approximately (``MAXLEN ~ maxlen`` entries) and an entry holds at most
 ``batch`` records and about 1 MiB, so its memory is bounded.
@@ -55,6 +65,15 @@ the outbox overflows, its oldest records are dropped and a type-2 record goes fi
 reload. The reader reconnects with backoff too and resumes from its offset in memory, so a
 subscriber is never handed the same entry twice. :meth:`RedisFanOut.ping` raises meanwhile, which
 makes ``/readyz`` say the relay cannot reach its peers.
+
+Redis down when a share is ended or a token revoked. The revocation is stored in the share store
+(PostgreSQL) before it is published, and the relay that stored it acts on its own connections at
+once; the store is what every relay asks at each Hello, SyncRequest and Update, so no new
+connection and no write gets past it. The control record is best effort on top: it waits in the
+outbox like a change and reaches the peers, late, once Redis answers again; if the outbox
+overflowed meanwhile, the type-2 record makes the peers call ``on_missed``, where the relay
+re-checks its open connections against the share store. Until then a peer's open socket may go
+on receiving the document's changes, or stay open on a revoked token.
 """
 
 from __future__ import annotations
@@ -72,9 +91,19 @@ import msgpack
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from foliosync.server.fanout import Change, Deliver, FanOutStats, Subscription
+from foliosync.server.fanout import (
+    Change,
+    ControlEvent,
+    ControlHook,
+    Deliver,
+    FanOutStats,
+    ShareGranted,
+    ShareRevoked,
+    Subscription,
+    TokensRevoked,
+)
 from foliosync.server.timings import Timings
-from foliosync.sync.errors import ConfigError, FolioSyncError
+from foliosync.sync.errors import ConfigError, FolioSyncError, ValidationError
 from foliosync.sync.protocol.frames import Update, encode_frame
 
 __all__ = [
@@ -97,7 +126,7 @@ PeerHook = Callable[[Change], None]
 MissedHook = Callable[[], Awaitable[None]]
 """Called when changes may have been missed: reload the hot documents from the shared store."""
 
-_CHANGE, _MISSED = 1, 2
+_CHANGE, _MISSED, _CONTROL = 1, 2, 3
 _FIELD = b"c"
 _MAX_ENTRY_BYTES = 1 << 20
 _SAVE_EVERY_S = 0.25
@@ -134,6 +163,53 @@ def _is_change(record: object) -> bool:
         and isinstance(changed_at, int)
         and isinstance(published, int)
     )
+
+
+def _control_record(event: ControlEvent, published: int) -> list[object]:
+    if isinstance(event, ShareGranted):
+        return [
+            _CONTROL,
+            published,
+            "granted",
+            event.owner,
+            event.doc_id,
+            event.grantee,
+            event.access,
+        ]
+    if isinstance(event, ShareRevoked):
+        return [_CONTROL, published, "unshared", event.owner, event.doc_id, event.grantee]
+    if isinstance(event, TokensRevoked):
+        fields = (event.revoked_at, event.user, event.device, event.jti)
+        return [_CONTROL, published, "tokens", *fields]
+    raise ValidationError(f"not a control event: {event!r}")
+
+
+def _control_event(record: list[Any]) -> ControlEvent | None:
+    """The event of a type-3 record, or None if it is not one this version knows."""
+    if len(record) < 3 or not isinstance(record[1], int):
+        return None
+    kind, fields = record[2], record[3:]
+    texts = all(isinstance(v, str) for v in fields)
+    if kind == "granted" and len(fields) == 4 and texts and fields[3] in ("read", "write"):
+        return ShareGranted(*fields)
+    if kind == "unshared" and len(fields) == 3 and texts:
+        return ShareRevoked(*fields)
+    if (
+        kind == "tokens"
+        and len(fields) == 4
+        and isinstance(fields[0], int)
+        and all(isinstance(v, str) for v in fields[1:])
+    ):
+        return TokensRevoked(*fields)
+    return None
+
+
+class _ControlSubscription:
+    def __init__(self, listeners: set[ControlHook], deliver: ControlHook) -> None:
+        self._listeners, self._deliver = listeners, deliver
+
+    def close(self) -> None:
+        self._listeners.discard(self._deliver)
 
 
 class _Subscription:
@@ -190,6 +266,7 @@ class RedisFanOut:
         )
         self._redis: Redis = Redis.from_url(url, socket_timeout=5.0, socket_connect_timeout=2.0)
         self._listeners: dict[str, set[Deliver]] = {}
+        self._control: set[ControlHook] = set()
         self._outbox: deque[tuple[int, bytes]] = deque()
         self._queued = 0  # records ever queued: numbers them
         self._entry_head = b"\x92" + msgpack.packb(relay_id)  # [relay, [records...]]
@@ -211,6 +288,7 @@ class RedisFanOut:
         """From publish on a peer to delivery here (wall clocks of both hosts)."""
         self.published = 0  # records written to the stream
         self.received = 0  # changes of peers delivered here
+        self.control_received = 0  # control events of peers delivered here
         self.missed = 0  # times on_missed was called
         self.dropped = 0  # records dropped from a full outbox
         self.bad_records = 0  # entries that were not records of ours (skipped)
@@ -248,6 +326,7 @@ class RedisFanOut:
             return
         self._closed = True
         self._listeners.clear()
+        self._control.clear()
         if self._outbox and self._tasks:
             deadline = time.monotonic() + flush_timeout
             while self._outbox and time.monotonic() < deadline and not self._tasks[1].done():
@@ -313,6 +392,18 @@ class RedisFanOut:
             use_bin_type=True,
         )
         self._queue(record)
+
+    def subscribe_control(self, deliver: ControlHook) -> Subscription:
+        self._control.add(deliver)
+        return _ControlSubscription(self._control, deliver)
+
+    async def publish_control(self, event: ControlEvent) -> None:
+        """Queue ``event`` for the peers, behind the changes queued before it (nothing local:
+        the relay acted on its own connections already). Never raises for the bus: what it
+        tells is stored already; see the module's docstring for Redis down."""
+        if self._closed:
+            return
+        self._queue(msgpack.packb(_control_record(event, time.time_ns()), use_bin_type=True))
 
     def deliver_local(self, change: Change) -> None:
         """Hand ``change`` to this relay's subscribers of its user only (no record): what the
@@ -523,6 +614,8 @@ class RedisFanOut:
                     elif isinstance(record, list) and record and record[0] == _MISSED:
                         log.warning("relay %s could not publish some changes", relay)
                         await self._missed()
+                    elif isinstance(record, list) and record and record[0] == _CONTROL:
+                        self._peer_control(relay, record)
                     else:
                         self._bad("a record that is not a change")
 
@@ -556,3 +649,16 @@ class RedisFanOut:
         lag = max(0.0, (time.time_ns() - published) / 1e9)
         self.stats.lag.observe(lag)
         self.peer_lag.observe(lag)
+
+    def _peer_control(self, relay: str, record: list[Any]) -> None:
+        event = _control_event(record)
+        if event is None:
+            self._bad("a control record of a kind this relay does not know")
+            return
+        for deliver in list(self._control):
+            try:
+                deliver(event)
+            except Exception:
+                self.stats.errors += 1
+                log.exception("a control subscriber failed to take %s of relay %s", event, relay)
+        self.control_received += 1

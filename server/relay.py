@@ -38,7 +38,9 @@ acknowledged once committed in PostgreSQL, its change reaches the other relays t
 (:mod:`foliosync.server.redis_fanout`) and their hot copies only, and prices go round through
 :mod:`foliosync.server.redis_prices`. While either service is unreachable updates are refused
 with the fatal ``internal`` Error, so nothing is acknowledged that not every relay can serve
-(what reads do then: :mod:`foliosync.server.postgres_store`).
+(what reads do then: :mod:`foliosync.server.postgres_store`). A share granted or ended and
+tokens revoked are stored in PostgreSQL, then acted on by the relay that stored them
+(:meth:`Relay.apply_control`) and by every other, told through the fan-out's control channel.
 """
 
 from __future__ import annotations
@@ -75,7 +77,16 @@ from foliosync.server.extensions import (
     default_extensions,
     server_identity,
 )
-from foliosync.server.fanout import Change, FanOut, InProcessFanOut, Subscription
+from foliosync.server.fanout import (
+    Change,
+    ControlEvent,
+    FanOut,
+    InProcessFanOut,
+    ShareGranted,
+    ShareRevoked,
+    Subscription,
+    TokensRevoked,
+)
 from foliosync.server.feeds import Feed, start_feed
 from foliosync.server.http_auth import HookRunnerKey, authorize_request, bearer_authentication
 from foliosync.server.http_cors import add_cors, normalize_origins
@@ -376,6 +387,9 @@ class Relay:
         self._held: list[Connection] = []
         self._held_handle: asyncio.TimerHandle | None = None
         self._wide_at = -math.inf  # when a flush last wrote to many connections (loop time)
+        # Grants and revocations made through the other relays of a group, for the connections
+        # held here (nothing comes in one process).
+        self._peer_control = fanout.subscribe_control(self._on_peer_control)
 
     def _flush_soon(self, connection: Connection, fanout: bool = False) -> None:
         """Write ``connection``'s buffer at the end of this loop turn; a fanned-out change, while
@@ -568,36 +582,102 @@ class Relay:
 
     async def grant_share(self, share_owner: str, doc_id: str, grantee: str, access: str) -> Share:
         """Share ``doc_id`` of ``share_owner`` (ValidationError for bad arguments); the grantee's
-        open connections are told at once by a ``shared`` notice naming ``owner/doc``. Changing
-        a read-write share to read-only takes effect at the grantee's next Update."""
+        open connections, on every relay of a group, are told at once by a ``shared`` notice
+        naming ``owner/doc``. Changing a read-write share to read-only takes effect at the
+        grantee's next Update."""
         share = await self.shares.grant(
             share_owner, doc_id, grantee, check_grant(share_owner, doc_id, grantee, access)
         )
-        message = f"{share_owner} shared {doc_id} with you" + (
-            " (read-only)" if share.access == "read" else ""
-        )
-        for connection in list(self.connections):
-            connection.tell_shared(grantee, share.shared_id, message)
+        await self._control(ShareGranted(share.owner, share.doc_id, share.grantee, share.access))
         return share
 
     async def revoke_share(self, share_owner: str, doc_id: str, grantee: str) -> bool:
-        """End a share; at once, the grantee's connections synced on it get a ``revoked`` Error
-        for ``owner/doc``, receive none of its changes and have their Updates of it refused."""
+        """End a share; at once, the grantee's connections synced on it (on every relay of a
+        group) get a ``revoked`` Error for ``owner/doc``, receive none of its changes and have
+        their Updates of it refused. Told even when there was no share (False): a revocation
+        asked again then reaches connections that a lost control event did not."""
         ended = await self.shares.revoke(share_owner, doc_id, grantee)
-        wire_id = shared_id(share_owner, doc_id)
-        for connection in list(self.connections):
-            connection.revoke_document(grantee, wire_id)
+        await self._control(ShareRevoked(share_owner, doc_id, grantee))
         return ended
 
     async def revoke_tokens(self, revocation: Revocation) -> int:
         """Record a revocation (a device's tokens, or one token); every open connection it
-        covers gets a fatal ``auth_failed`` and is closed. Returns how many were."""
+        covers, on every relay of a group, gets a fatal ``auth_failed`` and is closed. Returns
+        how many were on this relay."""
         await self.shares.revoke_tokens(revocation)
-        closed = 0
+        return await self._control(
+            TokensRevoked(revocation.revoked_at, revocation.user, revocation.device, revocation.jti)
+        )
+
+    async def _control(self, event: ControlEvent) -> int:
+        """After the share store took ``event``: this relay's connections at once, then the
+        other relays' through the fan-out. The store is the truth (every Hello, SyncRequest and
+        Update reads it), so a fan-out that fails to tell the others is logged, not raised: the
+        change is made, and the caller is not told it failed."""
+        reached = self.apply_control(event)
+        try:
+            await self.fanout.publish_control(event)
+        except Exception:
+            log.exception("the other relays could not be told of %s", event)
+        return reached
+
+    def _on_peer_control(self, event: ControlEvent) -> None:
+        log.debug("a peer relay's %s", event)
+        self.apply_control(event)
+
+    def apply_control(self, event: ControlEvent) -> int:
+        """Bring this relay's open connections in line with a grant or revocation the share
+        store holds already: the one path of those made here and of those another relay of the
+        group made. Returns how many connections it reached (told, or closed)."""
+        connections = list(self.connections)
+        if isinstance(event, ShareGranted):
+            wire_id = shared_id(event.owner, event.doc_id)
+            message = f"{event.owner} shared {event.doc_id} with you" + (
+                " (read-only)" if event.access == "read" else ""
+            )
+            return sum(c.tell_shared(event.grantee, wire_id, message) for c in connections)
+        if isinstance(event, ShareRevoked):
+            wire_id = shared_id(event.owner, event.doc_id)
+            return sum(c.revoke_document(event.grantee, wire_id) for c in connections)
+        revocation = Revocation(event.revoked_at, event.user, event.device, event.jti)
+        return sum(c.end_if_revoked(revocation) for c in connections)
+
+    async def recheck_connections(self) -> int:
+        """Bring every open connection in line with the share store as it is now: end those
+        whose token is revoked, and revoke the shared documents they synced that are no longer
+        shared with them. What the relay does when it may have missed its peers' control events
+        (the fan-out's ``on_missed``); a share granted meanwhile is listed by the next Welcome.
+        Raises RelayStoreError if the store fails. Returns how many connections it reached."""
+        revocations = await self.shares.revocations()
+        by_jti = {r.jti: r for r in revocations if r.jti}
+        by_device: dict[str, list[Revocation]] = {}
+        for r in revocations:
+            if not r.jti:
+                by_device.setdefault(r.device, []).append(r)
+        reached = 0
+        shared: dict[str, set[str]] = {}  # grantee -> the OWNER/ids shared with them now
         for connection in list(self.connections):
-            if connection.end_if_revoked(revocation):
-                closed += 1
-        return closed
+            identity = connection.identity
+            if identity is None:
+                continue
+            candidates = by_device.get(identity.device, [])
+            if identity.token_id in by_jti:
+                candidates = [by_jti[identity.token_id], *candidates]
+            if any(connection.end_if_revoked(r) for r in candidates):
+                reached += 1
+                continue
+            synced = connection.synced_shared_documents()
+            if not synced:
+                continue
+            if identity.user not in shared:
+                grants = await self.shares.by_grantee(identity.user)
+                shared[identity.user] = {s.shared_id for s in grants}
+            gone = [c for c in synced if c not in shared[identity.user]]
+            if gone:
+                reached += 1
+                for wire_id in gone:
+                    connection.revoke_document(identity.user, wire_id)
+        return reached
 
     async def handle_ws(self, request: web.Request) -> web.WebSocketResponse:
         ws = web.WebSocketResponse(
@@ -669,6 +749,7 @@ class Relay:
         )
 
     async def close(self) -> None:
+        self._peer_control.close()
         await self.prices.close()
         await self.close_connections()
         await self.fanout.close()
@@ -1462,20 +1543,27 @@ class Connection:
             and not self._closing
         )
 
-    def tell_shared(self, grantee: str, wire_id: str, message: str) -> None:
+    def tell_shared(self, grantee: str, wire_id: str, message: str) -> bool:
         """A document was shared with this connection's user: a non-fatal notice naming it (a
-        device then syncs it as it syncs a document the Welcome lists)."""
-        if self._live_user(grantee):
-            self._send(self.session.error(SHARED, message, doc=wire_id))
+        device then syncs it as it syncs a document the Welcome lists). Whether it was told."""
+        if not self._live_user(grantee):
+            return False
+        self._send(self.session.error(SHARED, message, doc=wire_id))
+        return True
 
-    def revoke_document(self, grantee: str, wire_id: str) -> None:
+    def revoke_document(self, grantee: str, wire_id: str) -> bool:
         """The share of ``wire_id`` with this connection's user ended: told once (``revoked``),
-        then none of its changes, and its Updates refused."""
+        then none of its changes, and its Updates refused. Whether it was synced here."""
         if not self._live_user(grantee) or wire_id not in self._synced_docs:
-            return
+            return False
         self._synced_docs.discard(wire_id)
         self._revoked.add(wire_id)
         self._send(self.session.error(REVOKED, "the owner revoked this share", doc=wire_id))
+        return True
+
+    def synced_shared_documents(self) -> list[str]:
+        """The ``OWNER/id`` documents of other users this connection synced (and still gets)."""
+        return [doc for doc in self._synced_docs if "/" in doc]
 
     def end_if_revoked(self, revocation: Revocation) -> bool:
         """A fatal ``auth_failed`` and a close if this connection's token is revoked."""
@@ -1620,6 +1708,12 @@ def _redis_fanout(config: RelayConfig, relay: Callable[[], Relay]) -> FanOut:
         )
 
     async def on_missed() -> None:
+        # Control events may be missing too: the connections are checked against the share
+        # store first, so that what the reload sends reaches no revoked grantee.
+        try:
+            await relay().recheck_connections()
+        except RelayStoreError as exc:
+            log.error("re-checking the open connections' shares and tokens failed: %s", exc)
         for user, doc_id, diff, watermark in await relay().documents.reload_hot():
             bus.deliver_local(
                 Change(

@@ -4,8 +4,9 @@ The same DSN as ``--store postgresql://...`` serves: the tables are ``foliosync_
 ``foliosync_token_revocations``, created on open. Unlike the SQLite adapter, nothing is kept in
 memory: every question (``access`` on each SyncRequest and Update, ``token_revoked`` on each
 authentication) reads the database, so that a share ended or a token revoked through one relay
-counts at the next frame on all of them. (Telling the connections other relays hold at once is
-left to a control message on the fan-out, not done yet.)
+counts at the next frame on all of them. The connections the other relays hold open are told at
+once by a control event on the fan-out (``foliosync.server.fanout``), published once the row is
+committed here.
 """
 
 from __future__ import annotations

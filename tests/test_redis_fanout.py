@@ -24,12 +24,13 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import msgpack
 import pytest
 from pycrdt import Doc, Map
 from redis.asyncio import Redis
 
 from foliosync.server.documents import RelayDocuments
-from foliosync.server.fanout import Change
+from foliosync.server.fanout import Change, ControlEvent, ShareRevoked, TokensRevoked
 from foliosync.server.prices import PriceHub
 from foliosync.server.redis_fanout import RedisFanOut
 from foliosync.server.redis_prices import RedisPriceBus
@@ -275,6 +276,39 @@ async def test_bad_entries_on_the_stream_are_skipped_and_counted(prefix: str) ->
         await eventually("the change after the junk arrives", lambda: len(b.delivered) == 1)
         assert b.fanout is not None and b.fanout.bad_records == 4
         assert await b.items() == {"AAPL": "Apple"}
+
+
+async def test_control_records_a_relay_does_not_know_are_skipped_and_counted(
+    prefix: str,
+) -> None:
+    """A newer relay's control kind, or a record of a known kind with wrong fields, is skipped;
+    the good one written among them still arrives, exactly."""
+    url = shared_redis_url()
+    async with two_relays(url, prefix) as (a, b):
+        assert b.fanout is not None and a.fanout is not None
+        got: list[ControlEvent] = []
+        b.fanout.subscribe_control(got.append)
+        records: list[list[object]] = [
+            [3, 1, "moved", "alice", "wl-1", "bob"],
+            [3, 1, "granted", "alice", "wl-1", "bob", "admin"],
+            [3, 1, "unshared", "alice", "wl-1"],
+            [3, 1, "tokens", "yesterday", "alice", "laptop", ""],
+            [3, "soon", "unshared", "alice", "wl-1", "bob"],
+            [3, 1, "unshared", "alice", "wl-1", "bob"],
+        ]
+        entry = msgpack.packb(["relay-c", records], use_bin_type=True)
+        client = Redis.from_url(url)
+        try:
+            await client.xadd(f"{prefix}changes", {b"c": entry})
+        finally:
+            await client.aclose()
+        await a.fanout.publish_control(TokensRevoked(1_700_000_000, user="bob", device="laptop"))
+        await eventually("the control event after the junk arrives", lambda: len(got) == 2)
+        assert got == [
+            ShareRevoked("alice", "wl-1", "bob"),
+            TokensRevoked(1_700_000_000, user="bob", device="laptop"),
+        ], got
+        assert b.fanout.bad_records == 5 and b.fanout.control_received == 2
 
 
 async def test_bad_settings_are_refused() -> None:

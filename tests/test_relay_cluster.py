@@ -5,6 +5,11 @@ Real programs, real services: two relay subprocesses on two ports, or on one por
 exactly. Redis is a ``redis-server`` of the test's own on a free port (stopped and started), and
 PostgreSQL is reached through a TCP proxy the test cuts (the machine's PostgreSQL is never
 stopped). Under ``FOLIOSYNC_REQUIRE_REDIS=1`` a missing service fails these tests.
+
+Sharing across the group (a share ended, a token revoked, a share granted through one relay and
+felt by the connections of another) runs two relays inside the test's process instead, on two
+ports over the same services: what crosses between them crosses Redis all the same, and they
+start in a fraction of the time a process takes.
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ from foliosync.sync.protocol import (
     Error,
     Frame,
     Hello,
+    Ping,
+    Pong,
     PriceSnapshot,
     Publish,
     Published,
@@ -595,3 +602,190 @@ async def test_workers_start_several_relays_on_one_port_and_stop_together(
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+# -- sharing across the group: two relays in this process, on two ports -----------------------
+
+
+class Raw:
+    """A connection speaking the protocol by hand, that sends nothing unless told: what reaches
+    it, reaches it on the relay's initiative."""
+
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        self.ws = ws
+
+    async def send(self, frame: Frame) -> None:
+        await self.ws.send_bytes(encode_frame(frame))
+
+    async def receive(self, timeout: float = 5) -> Frame | None:
+        message = await self.ws.receive(timeout=timeout)
+        if message.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED):
+            return None
+        assert message.type == aiohttp.WSMsgType.BINARY, message
+        return decode_frame(message.data, max_frame_size=1 << 30)
+
+    async def hello(self, token: str) -> Welcome:
+        await self.send(Hello(1, token, "raw"))
+        welcome = await self.receive()
+        assert isinstance(welcome, Welcome), welcome
+        return welcome
+
+    async def sync(self, doc: str) -> None:
+        await self.send(SyncRequest(doc, Doc().get_state()))
+        assert isinstance(await self.receive(), SyncReply)
+
+    async def quiet(self) -> None:
+        """Nothing else arrives before a Pong: no change was sent in between."""
+        await self.send(Ping(7))
+        assert await self.receive() == Pong(7)
+
+
+async def call(
+    http: aiohttp.ClientSession, base: str, token: str, method: str, path: str, body: Any = None
+) -> tuple[int, Any]:
+    headers = {"Authorization": f"Bearer {token}"}
+    async with http.request(method, base + path, json=body, headers=headers) as response:
+        return response.status, await response.json()
+
+
+@contextlib.asynccontextmanager
+async def two_relays(
+    relay_server: Any, data_dir: Path, dsn: str, redis_url: str
+) -> AsyncIterator[tuple[Any, Any]]:
+    """Relays A and B in this process, on two ports, over one PostgreSQL and one Redis (and one
+    secret, in ``data_dir``): each as ``foliosync relay --store ... --redis ...`` builds it."""
+    options = {"store_url": dsn, "redis_url": redis_url, "feed": "none"}
+    async with (
+        relay_server(data_dir, relay_id="relay-a", **options) as a,
+        relay_server(data_dir, relay_id="relay-b", **options) as b,
+    ):
+        yield a, b
+
+
+async def test_a_share_revoked_or_granted_through_one_relay_reaches_the_grantee_on_another(
+    tmp_path: Path, own_redis: RedisProcess, database: str, relay_server: Any
+) -> None:
+    async with (
+        two_relays(relay_server, tmp_path, database, own_redis.url) as (a, b),
+        aiohttp.ClientSession() as http,
+    ):
+        alice_token, bob_token = a.token("alice", "a1"), a.token("bob", "b1")
+        share = {"doc": TECH, "user": "bob", "access": "write"}
+        assert (await call(http, a.http, alice_token, "POST", "/v1/shares", share))[0] == 201
+        bob = Raw(await http.ws_connect(b.url))  # on relay B
+        assert (await bob.hello(bob_token)).documents == (f"alice/{TECH}",)
+        await bob.sync(f"alice/{TECH}")
+        alice = Raw(await http.ws_connect(a.url))  # on relay A
+        await alice.hello(alice_token)
+        await alice.sync(TECH)
+        alice_on_b = Raw(await http.ws_connect(b.url))  # a second device of alice's, on B
+        await alice_on_b.hello(a.token("alice", "a2"))
+        await alice_on_b.sync(TECH)
+
+        await alice.send(Update(TECH, 1, watchlist_update(Doc(), "AAPL")))
+        assert await alice.receive() == Ack(TECH, 1)
+        got = await bob.receive()
+        assert isinstance(got, Update) and got.doc == f"alice/{TECH}", got
+        assert isinstance(await alice_on_b.receive(), Update)
+
+        status, _ = await call(http, a.http, alice_token, "DELETE", f"/v1/shares/{TECH}/bob")
+        assert status == 200
+        started = time.monotonic()
+        notice = await bob.receive(timeout=5)  # bob sends nothing: relay B tells him by itself
+        took = time.monotonic() - started
+        assert isinstance(notice, Error) and not notice.fatal, notice
+        assert (notice.code, notice.doc, notice.seq) == ("revoked", f"alice/{TECH}", None)
+        assert took < 3, took
+        # alice edits through both relays: her device on B gets the one of A, bob neither.
+        await alice.send(Update(TECH, 2, watchlist_update(Doc(), "NVDA")))
+        assert await alice.receive() == Ack(TECH, 2)
+        assert isinstance(await alice_on_b.receive(), Update)  # NVDA, from relay A
+        await alice_on_b.send(Update(TECH, 1, watchlist_update(Doc(), "MSFT")))
+        assert await alice_on_b.receive() == Ack(TECH, 1)
+        assert isinstance(await alice.receive(), Update)  # MSFT, from relay B
+        await bob.quiet()
+        await bob.send(Update(f"alice/{TECH}", 1, watchlist_update(Doc(), "EVIL")))
+        refused = await bob.receive()
+        assert isinstance(refused, Error) and (refused.code, refused.seq) == ("revoked", 1)
+
+        # A share granted through A: bob's connection on B is told at once.
+        portfolio = document_id(DocumentKind.PORTFOLIO, "Main")
+        share = {"doc": portfolio, "user": "bob", "access": "read"}
+        assert (await call(http, a.http, alice_token, "POST", "/v1/shares", share))[0] == 201
+        shared = await bob.receive(timeout=5)
+        assert isinstance(shared, Error) and not shared.fatal, shared
+        assert (shared.code, shared.doc) == ("shared", f"alice/{portfolio}")
+        assert "read-only" in shared.message, shared
+        await alice_on_b.quiet()  # the notice is the grantee's only
+        for raw in (alice, alice_on_b, bob):
+            await raw.ws.close()
+
+
+async def test_a_token_revoked_through_one_relay_closes_its_socket_on_another(
+    tmp_path: Path, own_redis: RedisProcess, database: str, relay_server: Any
+) -> None:
+    async with (
+        two_relays(relay_server, tmp_path, database, own_redis.url) as (a, b),
+        aiohttp.ClientSession() as http,
+    ):
+        laptop, phone = Raw(await http.ws_connect(b.url)), Raw(await http.ws_connect(b.url))
+        await laptop.hello(a.token("bob", "laptop"))
+        await phone.hello(a.token("bob", "phone"))
+        admin = a.token("ops", scopes=frozenset({"admin"}))
+        revocation = {"device": "laptop", "user": "bob"}
+        status, answer = await call(http, a.http, admin, "POST", "/v1/revocations", revocation)
+        assert (status, answer) == (200, {"closed": 0})  # relay A held none of them
+        started = time.monotonic()
+        fatal = await laptop.receive(timeout=5)
+        took = time.monotonic() - started
+        assert isinstance(fatal, Error) and fatal.fatal, fatal
+        assert (fatal.code, fatal.message) == ("auth_failed", "token revoked")
+        assert await laptop.receive() is None  # and closed
+        assert took < 3, took
+        await phone.quiet()  # another device of bob's
+        await phone.ws.close()
+
+
+async def test_a_relay_that_may_have_missed_control_events_rechecks_its_connections(
+    tmp_path: Path, own_redis: RedisProcess, database: str, relay_server: Any
+) -> None:
+    """A share ended and a token revoked in the store with no control event (as if relay A's
+    outbox overflowed while Redis was away); then a peer's "could not publish" record: relay B
+    checks its open connections against the store before it reloads anything."""
+    import msgpack
+    from redis.asyncio import Redis
+
+    from foliosync.server.sharing import Revocation
+
+    async with (
+        two_relays(relay_server, tmp_path, database, own_redis.url) as (a, b),
+        aiohttp.ClientSession() as http,
+    ):
+        alice_token = a.token("alice", "a1")
+        share = {"doc": TECH, "user": "bob", "access": "write"}
+        assert (await call(http, a.http, alice_token, "POST", "/v1/shares", share))[0] == 201
+        bob = Raw(await http.ws_connect(b.url))
+        await bob.hello(a.token("bob", "b1"))
+        await bob.sync(f"alice/{TECH}")
+        laptop = Raw(await http.ws_connect(b.url))
+        await laptop.hello(a.token("carol", "laptop"))
+        await a.relay.shares.revoke("alice", TECH, "bob")  # the store only: no one is told
+        await a.relay.shares.revoke_tokens(Revocation(int(time.time()), "carol", "laptop"))
+        await bob.quiet()
+        await laptop.quiet()
+        client = Redis.from_url(own_redis.url)
+        try:
+            marker = msgpack.packb(["relay-c", [[2, time.time_ns()]]])
+            await client.xadd("foliosync:changes", {b"c": marker})
+        finally:
+            await client.aclose()
+        notice = await bob.receive()
+        assert isinstance(notice, Error) and (notice.code, notice.doc) == (
+            "revoked",
+            f"alice/{TECH}",
+        )
+        fatal = await laptop.receive()
+        assert isinstance(fatal, Error) and (fatal.code, fatal.fatal) == ("auth_failed", True)
+        assert await laptop.receive() is None
+        await bob.quiet()  # told once, and nothing of the reload
+        await bob.ws.close()

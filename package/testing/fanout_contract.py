@@ -7,6 +7,11 @@ nothing more, ``close`` leaves no task behind, ``ping`` answers. A shared bus (o
 relays) must also bring a change of one relay to the subscribers of every other, once each,
 after calling that relay's ``on_peer_change`` hook, so its in-memory copy is current first.
 
+Control events (a share granted or ended, tokens revoked) go to the control subscribers of the
+other relays only: never back to the relay that published them, which acted already (so an
+adapter for one process delivers none), and on a shared bus in the order the publishing relay
+made them among its changes, every field as published.
+
 Each check is an async function taking a :class:`FanOutHarness`; :data:`FANOUT_CHECKS` holds
 those for every adapter, :data:`PEER_CHECKS` those for shared buses. Run them with pytest::
 
@@ -34,7 +39,14 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from foliosync.server.fanout import Change, FanOut
+from foliosync.server.fanout import (
+    Change,
+    ControlEvent,
+    FanOut,
+    ShareGranted,
+    ShareRevoked,
+    TokensRevoked,
+)
 from foliosync.sync.errors import FolioSyncError
 
 __all__ = [
@@ -43,6 +55,9 @@ __all__ = [
     "FanOutCheck",
     "FanOutHarness",
     "check_close_stops_everything",
+    "check_control_is_not_handed_back_to_its_own_relay",
+    "check_control_reaches_other_relays_in_order_with_changes",
+    "check_control_subscriber_that_raises_or_left_does_not_stop_others",
     "check_delivers_to_every_subscriber_of_the_user_only",
     "check_keeps_origin_so_the_sender_is_not_echoed",
     "check_peer_change_reaches_other_relay_once_after_hook",
@@ -98,6 +113,14 @@ async def _eventually(what: str, condition: Callable[[], bool], timeout: float) 
 
 def _updates(changes: list[Change]) -> list[bytes]:
     return [c.update for c in changes]
+
+
+_CONTROL_EVENTS: tuple[ControlEvent, ...] = (
+    ShareRevoked("alice", "watchlist:tech", "bob"),
+    ShareGranted("alice", "portfolio:main", "bob", "read"),
+    TokensRevoked(1_700_000_000, user="alice", device="laptop"),
+    TokensRevoked(1_700_000_001, jti="0123456789abcdef01234567"),
+)
 
 
 # -- every adapter ------------------------------------------------------------------------------
@@ -213,6 +236,8 @@ async def check_close_stops_everything(h: FanOutHarness) -> None:
     await fanout.close()
     with contextlib.suppress(FolioSyncError):  # refusing is as good as doing nothing
         await fanout.publish(_change("alice", "watchlist:tech", 1))
+    with contextlib.suppress(FolioSyncError):
+        await fanout.publish_control(_CONTROL_EVENTS[0])
     await asyncio.sleep(0.05)
     assert got == [], got
     try:
@@ -226,6 +251,25 @@ async def check_close_stops_everything(h: FanOutHarness) -> None:
     await fanout.close()  # closing twice is harmless
 
 
+async def check_control_is_not_handed_back_to_its_own_relay(h: FanOutHarness) -> None:
+    """The relay acts on its own connections before it publishes a control event: one handed
+    back would tell them twice (two ``revoked`` notices)."""
+    fanout = await h.make()
+    try:
+        got: list[ControlEvent] = []
+        changes: list[Change] = []
+        fanout.subscribe_control(got.append)
+        fanout.subscribe("alice", changes.append)
+        for event in _CONTROL_EVENTS:
+            await fanout.publish_control(event)
+        await fanout.publish(_change("alice", "watchlist:tech", 1))  # the changes still flow
+        await _eventually("the change after them arrives", lambda: bool(changes), h.timeout)
+        await asyncio.sleep(0.2)  # room for a wrong echo read back from a bus
+        assert got == [], got
+    finally:
+        await fanout.close()
+
+
 FANOUT_CHECKS: list[FanOutCheck] = [
     check_delivers_to_every_subscriber_of_the_user_only,
     check_keeps_origin_so_the_sender_is_not_echoed,
@@ -234,6 +278,7 @@ FANOUT_CHECKS: list[FanOutCheck] = [
     check_raising_subscriber_does_not_stop_others,
     check_ping_answers,
     check_close_stops_everything,
+    check_control_is_not_handed_back_to_its_own_relay,
 ]
 """Checks every fan-out must pass."""
 
@@ -338,9 +383,70 @@ async def check_peer_changes_keep_publish_order(h: FanOutHarness) -> None:
         await peers.close()
 
 
+async def check_control_reaches_other_relays_in_order_with_changes(h: FanOutHarness) -> None:
+    """A change stored after a share was revoked must not reach a peer before the revocation
+    (the grantee there would get it), so control events keep their place among the changes."""
+    peers = _Peers()
+    try:
+        a, b = await peers.start(h, "relay-a", "relay-b")
+        on_a: list[ControlEvent] = []
+        a.subscribe_control(on_a.append)
+        on_b: list[object] = []
+        b.subscribe("alice", lambda change: on_b.append(change.update))
+        b.subscribe_control(on_b.append)
+        expected: list[object] = []
+        for n, event in enumerate(_CONTROL_EVENTS):
+            change = _change("alice", "watchlist:tech", n)
+            await a.publish(change)
+            await a.publish_control(event)
+            expected += [change.update, event]
+        await a.publish(_change("alice", "watchlist:tech", 99))  # the sentinel of "once"
+        expected.append(b"update 99 of watchlist:tech")
+        await _eventually("all reach relay-b", lambda: len(on_b) >= len(expected), h.timeout)
+        await asyncio.sleep(0.05)
+        assert on_b == expected, on_b
+        assert on_a == [], on_a
+    finally:
+        await peers.close()
+
+
+async def check_control_subscriber_that_raises_or_left_does_not_stop_others(
+    h: FanOutHarness,
+) -> None:
+    peers = _Peers()
+    try:
+        a, b = await peers.start(h, "relay-a", "relay-b")
+
+        def broken(event: ControlEvent) -> None:
+            raise RuntimeError("a broken control subscriber")
+
+        gone: list[ControlEvent] = []
+        got: list[ControlEvent] = []
+        b.subscribe_control(broken)
+        b.subscribe_control(gone.append).close()
+        subscription = b.subscribe_control(got.append)
+        errors = b.stats.errors
+        await a.publish_control(_CONTROL_EVENTS[0])
+        await _eventually("the working subscriber gets it", lambda: bool(got), h.timeout)
+        assert got == [_CONTROL_EVENTS[0]] and gone == [], (got, gone)
+        assert b.stats.errors == errors + 1, b.stats.errors
+        subscription.close()
+        subscription.close()  # closing twice is harmless
+        await a.publish_control(_CONTROL_EVENTS[1])
+        on_b: list[Change] = []
+        b.subscribe("alice", on_b.append)
+        await a.publish(_change("alice", "watchlist:tech", 1))  # published after: read after
+        await _eventually("the change after it arrives", lambda: bool(on_b), h.timeout)
+        assert got == [_CONTROL_EVENTS[0]], got
+    finally:
+        await peers.close()
+
+
 PEER_CHECKS: list[FanOutCheck] = [
     check_peer_change_reaches_other_relay_once_after_hook,
     check_peer_does_not_read_back_its_own,
     check_peer_changes_keep_publish_order,
+    check_control_reaches_other_relays_in_order_with_changes,
+    check_control_subscriber_that_raises_or_left_does_not_stop_others,
 ]
 """Checks for a fan-out that joins relays (with ``FanOutHarness.make_peer``)."""
