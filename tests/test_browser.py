@@ -208,9 +208,11 @@ async def test_a_dashboard_on_another_origin_streams_publishes_and_resumes(
     chromium()  # fail first, and clearly, if there is no browser
     monkeypatch.setattr(http_prices, "RETRY_MS", 200)  # the browser reconnects sooner
     page = Page()
-    async with page.serve() as origin, relay_server(
-        tmp_path / "open", cors_origins=(origin,)
-    ) as relay, relay_server(tmp_path / "closed") as closed:
+    async with (
+        page.serve() as origin,
+        relay_server(tmp_path / "open", cors_origins=(origin,)) as relay,
+        relay_server(tmp_path / "closed") as closed,
+    ):
         token = relay.token("alice", ttl_seconds=600)
         publish_token = relay.token("feeder", scopes=frozenset({"publish"}))
         assert closed.secret != relay.secret  # its own tokens: only CORS can stop the page
