@@ -246,6 +246,8 @@ async def _run(config: ChaosConfig, workdir: Path) -> ChaosReport:
         if dsn is not None:
             with contextlib.suppress(Exception):
                 await _drop_database(dsn)
+        with contextlib.suppress(Exception):
+            await store.forget()
         report.elapsed = time.monotonic() - started
     return report
 

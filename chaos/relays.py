@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import secrets
 import shutil
 import signal
 import socket
@@ -63,17 +64,36 @@ class StoreSpec:
     """Where the relays keep documents: SQLite in the data directory, or a PostgreSQL DSN
     (with the Redis URL the relays fan out through)."""
 
-    def __init__(self, postgres: str | None = None, redis: str | None = None) -> None:
+    def __init__(
+        self, postgres: str | None = None, redis: str | None = None, redis_prefix: str = ""
+    ) -> None:
         self.postgres = postgres
         self.redis = redis
+        # Each run is a relay group of its own: its keys must not meet another run's (or an
+        # earlier one's, whose offsets outlive it), or its relays apply that run's changes.
+        self.redis_prefix = redis_prefix or f"foliosync-chaos-{secrets.token_hex(6)}:"
 
     def flags(self) -> list[str]:
         flags: list[str] = []
         if self.postgres is not None:
             flags += ["--store", self.postgres]
         if self.redis is not None:
-            flags += ["--redis", self.redis]
+            flags += ["--redis", self.redis, "--redis-prefix", self.redis_prefix]
         return flags
+
+    async def forget(self) -> None:
+        """Delete the run's Redis keys (the stream and the relays' offsets)."""
+        if self.redis is None:
+            return
+        from redis.asyncio import Redis
+
+        client = Redis.from_url(self.redis)
+        try:
+            keys = [key async for key in client.scan_iter(match=f"{self.redis_prefix}*")]
+            if keys:
+                await client.delete(*keys)
+        finally:
+            await client.aclose()
 
 
 class RelayProcess:

@@ -174,6 +174,8 @@ class PostgresRelayStore:
         self._timeouts = timeouts
         self._writer_id = uuid.uuid4().hex
         """Marks the rows this store wrote: its compactions may delete them (see the module)."""
+        self.store_id = ""
+        """These tables' own id, made once with them: every relay on them reads the same."""
         # (user, doc) -> (highest seq loaded, generation of the snapshot loaded or written).
         self._seen: OrderedDict[tuple[str, str], tuple[int, int]] = OrderedDict()
         self._queue: asyncio.Queue[_Append | None] = asyncio.Queue()
@@ -265,6 +267,10 @@ class PostgresRelayStore:
         store = cls(pool, where=where, prefix=prefix, timeouts=timeouts)
         try:
             await store._run("creating the tables", lambda c: _create_schema(c, prefix))
+            store.store_id = await store._run(
+                "reading the store's id",
+                lambda c: c.fetchval(f"SELECT value FROM {prefix}meta WHERE key = 'store_id'"),
+            )
         except BaseException:
             pool.terminate()
             raise
@@ -503,6 +509,12 @@ async def _create_schema(conn: Any, p: str) -> None:
                 PRIMARY KEY (owner, doc_id, seq)
             );
             """
+        )
+        # A name for these tables that no other store shares: a relay group on Redis is bound to
+        # it, so two groups with different stores on one Redis prefix are told apart.
+        await conn.execute(
+            f"INSERT INTO {p}meta (key, value) VALUES ('store_id', $1) ON CONFLICT DO NOTHING",
+            uuid.uuid4().hex,
         )
         version = await conn.fetchval(f"SELECT value FROM {p}meta WHERE key = 'schema_version'")
         if version is None:

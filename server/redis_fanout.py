@@ -127,6 +127,7 @@ MissedHook = Callable[[], Awaitable[None]]
 """Called when changes may have been missed: reload the hot documents from the shared store."""
 
 _CHANGE, _MISSED, _CONTROL = 1, 2, 3
+_RUNNING_REFRESH_S = 3600.0
 _FIELD = b"c"
 _MAX_ENTRY_BYTES = 1 << 20
 _SAVE_EVERY_S = 0.25
@@ -244,6 +245,7 @@ class RedisFanOut:
         ping_timeout: float = 1.0,
         backoff: tuple[float, float] = (0.05, 5.0),
         offset_ttl_s: int = 7 * 86_400,
+        store_id: str = "",
     ) -> None:
         if not relay_id or len(relay_id) > 200:
             raise ConfigError("a relay id of 1 to 200 characters is needed on a shared bus")
@@ -255,6 +257,16 @@ class RedisFanOut:
         self.stream = f"{prefix}changes"
         self._offset_key = f"{prefix}offset:{relay_id}"
         self._epoch_key = f"{prefix}epoch"
+        self._store_key = f"{prefix}store"
+        self._running_key = f"{prefix}running:{relay_id}"
+        self._incarnation = os.urandom(8).hex()
+        self._running_refresh_at = 0.0
+        self._announced = False
+        self.unclean_start = False
+        """The previous run of this relay id ended without closing (killed, crashed): it may
+        have stored changes it never published, so its peers were told to reload."""
+        self._store_id = store_id
+        self._prefix = prefix
         self._on_peer_change = on_peer_change
         self._on_missed = on_missed
         self._maxlen, self._batch, self._block_ms = maxlen, batch, max(1, int(block_s * 1000))
@@ -306,6 +318,7 @@ class RedisFanOut:
             try:
                 missed = await asyncio.wait_for(self._place(), self._ping_timeout + 2.0)
                 self._placed = True
+                await self._announce_start()
             except _BUS_ERRORS as exc:
                 self.stats.errors += 1
                 self._reader_ok = False
@@ -349,9 +362,17 @@ class RedisFanOut:
         if self._position is not None:
             with contextlib.suppress(*_BUS_ERRORS):
                 await asyncio.wait_for(self._save_offset(self._redis), self._ping_timeout)
+        if not self._outbox and self._announced:  # every change published: nothing to reload
+            with contextlib.suppress(*_BUS_ERRORS):
+                await asyncio.wait_for(self._end_running(), self._ping_timeout)
         for client in (self._reader_redis, self._redis):
             with contextlib.suppress(*_BUS_ERRORS):
                 await client.aclose()
+
+    async def _end_running(self) -> None:
+        """Take this run's mark away, unless another run of the same id has set its own."""
+        if await self._redis.get(self._running_key) == self._incarnation.encode():
+            await self._redis.delete(self._running_key)
 
     async def ping(self) -> None:
         """Returns if Redis answers within ``ping_timeout``; else raises FolioSyncError."""
@@ -508,6 +529,8 @@ class RedisFanOut:
                     if delay > self._backoff[0]:
                         log.info("shared bus reachable again; reading from %s", self._position)
                     delay = self._backoff[0]
+                if not self._announced:  # Redis was down when this relay started
+                    await self._announce_start()
                 assert self._position is not None
                 reply = await self._reader_redis.xread(
                     {self.stream: _format_id(self._position)},
@@ -517,6 +540,9 @@ class RedisFanOut:
                 self._reader_ok = True
                 if reply:
                     await self._handle(reply)
+                if time.monotonic() >= self._running_refresh_at:  # it outlives no quiet run
+                    await self._reader_redis.expire(self._running_key, self._offset_ttl_s)
+                    self._running_refresh_at = time.monotonic() + _RUNNING_REFRESH_S
                 if self._position != self._saved and time.monotonic() >= self._save_at:
                     await self._save_offset(self._reader_redis)
             except asyncio.CancelledError:
@@ -530,6 +556,17 @@ class RedisFanOut:
                 log.warning("shared bus unreachable (%s); reconnecting in %.2f s", exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self._backoff[1])
+            except ConfigError as exc:
+                # Another group took the prefix while this relay was away (Redis lost its data
+                # and the other got there first): nothing of it may be read, nor anything
+                # accepted that its peers would never get.
+                if self._closed:
+                    return
+                self.stats.errors += 1
+                self._reader_ok = False
+                resumed = False
+                log.error("%s", exc)
+                await asyncio.sleep(self._backoff[1])
 
     async def _place(self) -> bool:
         """Find where to read from; True if changes may have been missed before it (the
@@ -541,6 +578,7 @@ class RedisFanOut:
             epoch = await redis.get(self._epoch_key)
         lost = self._epoch is not None and epoch != self._epoch
         self._epoch = epoch
+        await self._check_group(redis)
         if self._position is None:
             saved = await redis.get(self._offset_key)
             self._position = _parse_id(saved) if saved is not None else None
@@ -596,8 +634,50 @@ class RedisFanOut:
         update twice is a no-op, and its devices are new connections)."""
         position = self._position
         if position is not None:
-            await redis.set(self._offset_key, _format_id(position), ex=self._offset_ttl_s)
+            async with redis.pipeline(transaction=False) as pipe:
+                pipe.set(self._offset_key, _format_id(position), ex=self._offset_ttl_s)
+                if self._store_id:  # the group's binding lasts as long as one relay reads
+                    pipe.expire(self._store_key, self._offset_ttl_s)
+                await pipe.execute()
             self._saved, self._save_at = position, time.monotonic() + _SAVE_EVERY_S
+
+    async def _announce_start(self) -> None:
+        """Mark this relay id running until :meth:`close`; if the mark of an earlier run is
+        still there, that run ended between storing a change and publishing it, perhaps: a
+        type-2 record then makes the peers reload their hot copies from the shared store
+        (which holds every change acknowledged), else they would serve the copies without it
+        for as long as they stay in memory."""
+        previous = await self._redis.set(
+            self._running_key, self._incarnation, ex=self._offset_ttl_s, get=True
+        )
+        self._running_refresh_at = time.monotonic() + _RUNNING_REFRESH_S
+        self._announced = True
+        if previous is not None:
+            self.unclean_start = True
+            log.warning(
+                "the last run of relay %s did not close: its peers reload what it stored",
+                self.relay_id,
+            )
+            self._queue(msgpack.packb([_MISSED, time.time_ns()]))
+
+    async def _check_group(self, redis: Redis) -> None:
+        """Bind the prefix to this relay's store, or refuse if it is bound to another: two
+        groups on one prefix (a staging and a production, an old database and a new one) would
+        read each other's changes into their documents, same ids and all, and send them on to
+        their devices, which would store them for good."""
+        if not self._store_id:
+            return
+        await redis.set(self._store_key, self._store_id, ex=self._offset_ttl_s, nx=True)
+        bound = await redis.get(self._store_key)
+        if isinstance(bound, bytes):
+            bound = bound.decode(errors="replace")
+        if bound is not None and bound != self._store_id:
+            raise ConfigError(
+                f"the Redis prefix {self._prefix!r} belongs to a relay group with another store "
+                f"(id {bound}, this relay's is {self._store_id}): give each group its own "
+                f"--redis-prefix; if that store is gone for good, delete the key "
+                f"{self._store_key!r}"
+            )
 
     async def _handle(self, reply: Any) -> None:
         streams = reply.items() if isinstance(reply, dict) else reply  # RESP3 gives a map

@@ -1689,7 +1689,7 @@ async def _open_shares(config: RelayConfig) -> ShareStore:
     return await PostgresShareStore.open(config.store_url)
 
 
-def _redis_fanout(config: RelayConfig, relay: Callable[[], Relay]) -> FanOut:
+def _redis_fanout(config: RelayConfig, relay: Callable[[], Relay], store_id: str = "") -> FanOut:
     """The shared bus of a relay group: a peer's change goes into this relay's hot copy only
     (it is stored already), and a relay that may have missed changes reloads its hot documents
     from the shared store and sends its devices what they lack."""
@@ -1733,6 +1733,7 @@ def _redis_fanout(config: RelayConfig, relay: Callable[[], Relay]) -> FanOut:
         prefix=config.redis_prefix,
         on_peer_change=on_peer_change,
         on_missed=on_missed,
+        store_id=store_id,
     )
     return bus
 
@@ -1811,7 +1812,9 @@ def create_app(
             raise
         try:
             if fanout is None and config.redis_url:
-                bus = _redis_fanout(config, lambda: relay)
+                # A store that names itself (PostgreSQL) binds the group's Redis keys to it.
+                store_id = str(getattr(relay_store, "store_id", "") or "")
+                bus = _redis_fanout(config, lambda: relay, store_id)
             relay = Relay(
                 config,
                 relay_store,

@@ -218,6 +218,21 @@ async def test_stores_opening_at_once_create_the_tables_once(dsn: str) -> None:
         await asyncio.gather(*(s.close() for s in stores))
 
 
+async def test_every_store_on_the_same_tables_has_their_one_id_and_other_tables_another(
+    dsn: str,
+) -> None:
+    stores = await asyncio.gather(*(PostgresRelayStore.open(dsn) for _ in range(4)))
+    try:
+        ids = {s.store_id for s in stores}
+        async with opened(dsn, prefix="elsewhere_") as other:
+            assert len(ids) == 1 and "" not in ids
+            assert other.store_id not in ids and other.store_id
+    finally:
+        await asyncio.gather(*(s.close() for s in stores))
+    async with opened(dsn) as reopened:  # made once, with the tables: kept across restarts
+        assert reopened.store_id in ids
+
+
 async def test_tables_of_a_newer_schema_are_refused_not_written(dsn: str) -> None:
     async with opened(dsn):
         pass

@@ -236,6 +236,43 @@ async def test_a_restarted_relay_catches_up_from_its_offset(prefix: str) -> None
         assert fanout.received == 5
 
 
+async def test_a_relay_killed_between_storing_and_publishing_makes_its_peers_reload(
+    prefix: str,
+) -> None:
+    """Stored and acknowledged, never published: the peers' hot copies lack the change (a
+    deletion in it would never reach their devices) until the relay's next start says so."""
+    async with two_relays(shared_redis_url(), prefix) as (a, b):
+        writer = Writer()
+        await a.load()
+        await b.load()
+        await a.write(writer.edit("AAPL", "Apple"), 1)
+        await eventually("relay-b reads the first", lambda: b.peer_changes == 1)
+        stored = await a.documents.apply(
+            USER, DOC, writer.edit("lost", "x"), device="phone", now_ms=1, origin="a:2"
+        )
+        assert stored.changed
+        killed = a.fanout
+        assert killed is not None
+        for task in killed._tasks:  # SIGKILL: no close, no outbox flushed, the mark stays
+            task.cancel()
+        reloads = b.reloads
+        restarted = Side("relay-a", a.store, a.url, a.prefix)
+        try:
+            fanout = await restarted.start()
+            assert fanout.unclean_start
+            await eventually("relay-b is told to reload", lambda: b.reloads == reloads + 1)
+            assert await b.items() == {"AAPL": "Apple", "lost": "x"}
+            assert b.delivered[-1].update, "its devices are sent what the reload found"
+        finally:
+            await restarted.close()
+        again = Side("relay-a", a.store, a.url, a.prefix)
+        try:
+            assert not (await again.start()).unclean_start, "a closed relay left no mark"
+        finally:
+            await again.close()
+        assert b.reloads == reloads + 1
+
+
 async def test_a_relay_away_longer_than_the_stream_holds_reloads_its_hot_documents(
     prefix: str,
 ) -> None:
@@ -319,6 +356,29 @@ async def test_bad_settings_are_refused() -> None:
     ):
         with pytest.raises(ConfigError):
             RedisFanOut("redis://127.0.0.1:1/0", on_peer_change=lambda c: None, **options)
+
+
+async def test_a_prefix_bound_to_another_store_is_refused_with_what_to_do(prefix: str) -> None:
+    """Two groups on one prefix would apply each other's changes to documents of the same ids."""
+    store = MemoryRelayStore()
+    first, same, other = (Side(n, store, shared_redis_url(), prefix) for n in ("a", "b", "c"))
+    try:
+        await first.start(store_id="store-one")
+        await same.start(store_id="store-one")  # the same store: one group, welcome
+        with pytest.raises(ConfigError, match=f"{prefix}store") as refused:
+            await other.start(store_id="store-two")
+        assert "store-one" in str(refused.value) and "--redis-prefix" in str(refused.value)
+        client = Redis.from_url(shared_redis_url())
+        try:  # the operator's way out, once the old store is gone for good
+            assert await client.ttl(f"{prefix}store") > 0  # nor does it outlive its group
+            await client.delete(f"{prefix}store")
+        finally:
+            await client.aclose()
+        await other.close()
+        await other.start(store_id="store-two")
+    finally:
+        for side in (first, same, other):
+            await side.close()
 
 
 async def test_publish_to_delivery_latency_between_two_relays(prefix: str) -> None:
