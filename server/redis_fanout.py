@@ -54,6 +54,17 @@ from the shared store (and sending the connected devices what they lack, through
 published after that place is read as usual. A reader more than ``maxlen`` entries behind while
 connected is not detected; with the defaults that is 100,000 entries of backlog.
 
+A relay killed between storing a change and publishing it. The change is in the shared store
+(acknowledged or not) but on no peer's hot copy, and no record will ever say so. Each relay
+sets ``{prefix}running:{relay}`` to a token of its run when it starts and deletes it when it
+closes with its outbox empty; a relay that finds the key of an earlier run still there queues a
+type-2 record, and its peers reload. What the peers serve until then lacks that change.
+
+One prefix, one store. ``{prefix}store`` holds the id of the store the group's relays write to
+(a PostgreSQL store names itself: :attr:`PostgresRelayStore.store_id`); a relay with another
+store refuses to start (ConfigError), as two groups on one prefix would apply each other's
+changes to documents of the same ids.
+
 Redis down. The relay refuses updates while :attr:`RedisFanOut.reachable` is false (the reader's
 or the writer's last exchange failed: a dropped connection is noticed at once), with its fatal
 ``internal`` Error ("the other relays are unreachable"); the device resends after it reconnects.
