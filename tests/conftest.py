@@ -5,16 +5,18 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import importlib.util
 import os
 import shutil
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
@@ -35,6 +37,29 @@ from foliosync.sync.prices import check_tick
 # sometimes takes over hypothesis' default 200 ms deadline, which would fail it as "flaky".
 settings.register_profile("foliosync", deadline=None)
 settings.load_profile("foliosync")
+
+
+def services() -> ModuleType:
+    """tests/services.py, loaded once by path (test modules cannot import one another)."""
+    name = "foliosync_test_services"
+    if name not in sys.modules:
+        path = Path(__file__).with_name("services.py")
+        spec = importlib.util.spec_from_file_location(name, path)
+        assert spec is not None and spec.loader is not None
+        sys.modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[name])
+    return sys.modules[name]
+
+
+@pytest.fixture
+def own_redis() -> Iterator[Any]:
+    """A redis-server of the test's own (``services.RedisProcess``), to stop and start at will."""
+    server = services().RedisProcess()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 @dataclass

@@ -25,12 +25,23 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import shutil
 import socket
+import subprocess
+import time
 from collections.abc import AsyncIterator
 
 import pytest
 
-__all__ = ["postgres_database", "postgres_dsn", "redis_url", "require_postgres", "require_redis"]
+__all__ = [
+    "RedisProcess",
+    "free_port",
+    "postgres_database",
+    "postgres_dsn",
+    "redis_url",
+    "require_postgres",
+    "require_redis",
+]
 
 _REDIS = ("127.0.0.1", 6379)
 _POSTGRES = ("127.0.0.1", 5432)
@@ -105,3 +116,53 @@ async def postgres_database() -> AsyncIterator[str]:
             await admin.execute(f'DROP DATABASE IF EXISTS "{name}"')
     finally:
         await admin.close()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class RedisProcess:
+    """A redis-server of the test's own, on its own port, that keeps nothing on disk: stopping it
+    loses every key, like a crash; what the shared Redis must never be put through."""
+
+    def __init__(self, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            if os.environ.get("FOLIOSYNC_REQUIRE_REDIS") == "1":
+                pytest.fail("redis-server is not installed and FOLIOSYNC_REQUIRE_REDIS=1")
+            pytest.skip("redis-server is not installed")
+        self.process = subprocess.Popen(
+            [
+                *(binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""),
+                *("--appendonly", "no", "--daemonize", "no"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as sock:
+                    sock.sendall(b"PING\r\n")
+                    if sock.recv(16).startswith(b"+PONG"):
+                        return
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise AssertionError("redis-server did not start")
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait(10)
+            self.process = None

@@ -20,11 +20,9 @@ import importlib.util
 import os
 import shutil
 import signal
-import socket
-import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -68,11 +66,8 @@ def _services() -> ModuleType:
     return sys.modules[name]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+free_port = _services().free_port
+RedisProcess = _services().RedisProcess
 
 
 def foliosync() -> str:
@@ -84,57 +79,10 @@ def foliosync() -> str:
 # -- services of the test's own ----------------------------------------------------------------
 
 
-class RedisProcess:
-    """A redis-server that keeps nothing on disk: stopping it loses every key, like a crash."""
-
-    def __init__(self, port: int) -> None:
-        self.port = port
-        self.url = f"redis://127.0.0.1:{port}/0"
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            if os.environ.get("FOLIOSYNC_REQUIRE_REDIS") == "1":
-                pytest.fail("redis-server is not installed and FOLIOSYNC_REQUIRE_REDIS=1")
-            pytest.skip("redis-server is not installed")
-        self.process = subprocess.Popen(
-            [
-                *(binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""),
-                *("--appendonly", "no", "--daemonize", "no"),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as sock:
-                    sock.sendall(b"PING\r\n")
-                    if sock.recv(16).startswith(b"+PONG"):
-                        return
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError("redis-server did not start")
-            time.sleep(0.02)
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.kill()
-            self.process.wait(10)
-            self.process = None
-
-
 @pytest.fixture
-def own_redis() -> Iterator[RedisProcess]:
+def own_redis(own_redis: RedisProcess) -> RedisProcess:
     _services().require_redis()  # a run that needs several relays needs Redis and PostgreSQL
-    server = RedisProcess(free_port())
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
+    return own_redis
 
 
 @pytest.fixture
