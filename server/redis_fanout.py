@@ -20,7 +20,7 @@ costs one XADD and one reply to parse per reader, not one per change::
 
     [relay, [record, ...]]
     record: [1, user, doc, update, changed_at, changed_by, origin, published_ns]   a change
-            [2, published_ns]   "this relay could not publish some changes": reload everything
+            [2, published_ns]   "this relay may have stored changes it did not publish": reload
             [3, published_ns, "granted", owner, doc, grantee, access]   a control event:
             [3, published_ns, "unshared", owner, doc, grantee]           a share granted or
             [3, published_ns, "tokens", revoked_at, user, device, jti]   ended, tokens revoked
@@ -703,7 +703,9 @@ class RedisFanOut:
                     if _is_change(record):
                         self._peer_change(relay, record)
                     elif isinstance(record, list) and record and record[0] == _MISSED:
-                        log.warning("relay %s could not publish some changes", relay)
+                        log.warning(
+                            "relay %s may have stored changes it never published: reloading", relay
+                        )
                         await self._missed()
                     elif isinstance(record, list) and record and record[0] == _CONTROL:
                         self._peer_control(relay, record)
