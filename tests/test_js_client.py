@@ -19,6 +19,7 @@ import pytest
 
 from foliosync.client.replica import Replica
 from foliosync.client.sync import SyncClient
+from foliosync.sync.errors import ValidationError
 from foliosync.sync.model import DocumentKind, document_id
 
 SOURCE = Path(__file__).resolve().parent.parent / "clients" / "js"
@@ -178,7 +179,8 @@ async def test_the_js_client_refuses_bad_input_and_reports_relay_errors(
 def test_the_js_client_derives_ids_as_python_does_or_refuses_the_name(js_client: Path) -> None:
     """Ids derive from the case-folded name; JavaScript can only lower-case, so a name whose
     folding differs is refused rather than given a second document's id."""
-    names = ["Tech", "  my   Tech ", "Ünïcode", "Straße", "Σοφός", "ﬁnance"]
+    spaced = ["a\u0085b", "a\ufeffb", "a\x1cb", "a\u3000b", "\u2028x\u00a0", "a\x07b"]
+    names = ["Tech", "  my   Tech ", "Ünïcode", "Straße", "Σοφός", "ﬁnance", *spaced]
     script = (
         'import("./documents.mjs").then((m) => { const out = {};'
         f" for (const n of {json.dumps(names)})"
@@ -192,7 +194,14 @@ def test_the_js_client_derives_ids_as_python_does_or_refuses_the_name(js_client:
     ids = json.loads(done.stdout)
     for name in names[:3]:
         assert ids[name] == document_id(DocumentKind.WATCHLIST, name), name
-    assert [ids[name] for name in names[3:]] == [None, None, None]
+    assert [ids[name] for name in names[3:6]] == [None, None, None]
+    for name in spaced:  # white space is PROTOCOL.md's list on both sides, not JavaScript's \s
+        try:
+            python: str | None = document_id(DocumentKind.WATCHLIST, name)
+        except ValidationError:
+            python = None
+        assert ids[name] == python, repr(name)
+    assert ids["a\x07b"] is None and ids["a\ufeffb"] != ids["a\x1cb"]
     assert document_id(DocumentKind.WATCHLIST, "Straße") == document_id(
         DocumentKind.WATCHLIST, "STRASSE"
     )  # what Python makes of it, and why JavaScript must not guess

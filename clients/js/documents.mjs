@@ -9,9 +9,13 @@ export const INDEX_ID = "index";
 const SYMBOL = /^[A-Z0-9]{1,10}(?:[.-][A-Z0-9]{1,6})?$/;
 const MAX_NAME = 100;
 
+// White space as PROTOCOL.md section 6 lists it (Python's str.split()): not JavaScript's \s,
+// which takes U+FEFF and leaves U+0085 and U+001C-U+001F, so one typed name gave two ids.
+const WHITE_SPACE = /[\t\n\v\f\r\x1c-\x1f \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]+/u;
+
 /** A name with its white space collapsed; Error for an empty, long or control-laden one. */
 export function normalizeName(name) {
-  const cleaned = String(name).split(/\s+/u).filter(Boolean).join(" ");
+  const cleaned = String(name).split(WHITE_SPACE).filter(Boolean).join(" ");
   if (!cleaned) throw new Error("a name cannot be empty");
   if (cleaned.length > MAX_NAME) throw new Error(`a name has at most ${MAX_NAME} characters`);
   // eslint-disable-next-line no-control-regex
