@@ -581,8 +581,10 @@ class SyncClient:
                 await self._connect_and_serve(until_idle=False)
             except AuthError as exc:
                 log.error("the relay refused the token; not reconnecting")
-                self._state = ConnectionState.REFUSED
+                # Stored first: an app that sees REFUSED and stops the client (cancelling this
+                # task) must not cancel the write that lets the next process know why.
                 await self._record_error(LastError.from_exception(exc))
+                self._state = ConnectionState.REFUSED
                 raise
             except (ConnectionLost, ProtocolError, OSError) as exc:
                 log.info("sync connection ended: %s", exc)
