@@ -109,3 +109,37 @@ async def test_a_peers_change_during_a_load_is_in_the_loaded_copy() -> None:
     copy.apply_update(diff)
     assert "AAPL\x1fp" in copy.get("symbols", type=Map)
     assert watermark == Watermark(1, "p")
+
+
+async def test_the_next_update_is_judged_on_a_candidate_holding_the_peers_changes() -> None:
+    """A relay of a group keeps its scratch replica up with its peers' changes (not rebuilt
+    from the document at each alternation of writers): the rules must still see them."""
+    from foliosync.server.storage import Watermark
+    from foliosync.sync.model import DocumentKind
+    from foliosync.sync.model.schema import Candidate
+
+    doc_id = "wl-" + "1" * 24
+    docs = RelayDocuments(MemoryRelayStore())
+    seen: list[set[str]] = []
+
+    async def rule(candidate: Candidate) -> None:
+        seen.append(set(candidate.doc.get("symbols", type=Map).keys()))
+
+    def edit(doc: Doc, key: str) -> bytes:
+        before = doc.get_state()
+        doc.get("symbols", type=Map)[key] = {"t": "0019ad73584000000"}
+        return doc.get_update(before)
+
+    device: Doc = Doc()
+    first = edit(device, "AAPL\x1fa")
+    await docs.apply(
+        "alice", doc_id, first, device="d", now_ms=1, kind=DocumentKind.WATCHLIST, before_apply=rule
+    )
+    peer: Doc = Doc()
+    peer.apply_update(device.get_update())
+    assert docs.apply_peer("alice", doc_id, edit(peer, "MSFT\x1fb"), Watermark(2, "p"))
+    third = edit(device, "NVDA\x1fc")  # made without the peer's change, as a device would
+    await docs.apply(
+        "alice", doc_id, third, device="d", now_ms=3, kind=DocumentKind.WATCHLIST, before_apply=rule
+    )
+    assert seen == [{"AAPL\x1fa"}, {"AAPL\x1fa", "MSFT\x1fb", "NVDA\x1fc"}]
