@@ -141,7 +141,7 @@ from foliosync.sync.protocol import (
     encode_frame,
     encode_price_frame,
 )
-from foliosync.sync.protocol.limits import MessageRate
+from foliosync.sync.protocol.limits import MessageRate, RefusalLimit
 from foliosync.sync.updates import decode_state_vector
 from foliosync.sync.validation import normalize_symbol
 
@@ -217,6 +217,10 @@ class RelayConfig:
     ``too_many_connections``."""
     message_rate: MessageRate = field(default_factory=MessageRate)
     """The token bucket every connection's messages go through (``rate_limited`` past it)."""
+    refusal_limit: RefusalLimit = field(default_factory=RefusalLimit)
+    """How many of a connection's frames the relay refuses within a window (weighted by
+    ``foliosync.sync.protocol.session.refusal_weight``) before it ends the connection with a
+    fatal ``too_many_refusals`` and close 1008."""
     idle_timeout: float = 120.0
     """Seconds a connection may send nothing (not even a Ping) before the relay ends it with a
     fatal ``idle_timeout``; 0: never. Clients ping more often than this (SyncClient every
@@ -276,6 +280,8 @@ class RelayConfig:
         _check_count("max_connections_per_user", self.max_connections_per_user)
         if not isinstance(self.message_rate, MessageRate):
             raise ConfigError(f"invalid message_rate {self.message_rate!r}: a MessageRate")
+        if not isinstance(self.refusal_limit, RefusalLimit):
+            raise ConfigError(f"invalid refusal_limit {self.refusal_limit!r}: a RefusalLimit")
         _check_seconds("idle_timeout", self.idle_timeout, zero=True)
         _check_seconds("trim_memory_every", self.trim_memory_every, zero=True)
         object.__setattr__(self, "cors_origins", normalize_origins(self.cors_origins))
@@ -714,6 +720,7 @@ class Connection:
             max_send_size=relay.config.max_send_size,
             max_documents=relay.config.max_documents,
             message_rate=relay.config.message_rate,
+            refusal_limit=relay.config.refusal_limit,
         )
         self._admitted_user: str | None = None  # counted in relay.user_connections
         self.identity: Identity | None = None
@@ -738,8 +745,10 @@ class Connection:
         self._seen: dict[str, int] = {}
         self._received_at = 0.0  # when the frame being handled was read (perf_counter)
         self._close_code: int | None = None  # the code this connection closed with, once known
-        # The code to close with when the conversation ends: 1000, or 1011 after a failure of
-        # the relay's own (a fatal ``internal`` Error, an unexpected exception).
+        # The code to close with when the conversation ends: 1000; 1011 after a failure of the
+        # relay's own (a fatal ``internal`` Error, an unexpected exception); 1008 after the
+        # client's abuse (``rate_limited``, ``too_many_refusals``), which tells a client to
+        # back off for long rather than reconnect at once.
         self._close_with = 1000
         # This connection's log context (its id, then its user and device), for what runs on
         # its behalf from another connection's task: a fan-out runs every receiver's _deliver
@@ -1037,9 +1046,10 @@ class Connection:
                 events = self.session.receive_data(data, now=loop.time())
             except RemoteProtocolError as exc:
                 assert self.session.error_reply is not None
-                if exc.code == ErrorCode.RATE_LIMITED:
-                    self._counters.connections_cut["rate_limited"] += 1
-                    log.info("connection %s over the message rate; closing it", self.id)
+                if exc.code in _ABUSE:
+                    self._counters.connections_cut[exc.code] += 1
+                    log.info("connection %s: %s; closing it", self.id, _ABUSE[exc.code])
+                    self._close_with = _POLICY_VIOLATION
                 if self.identity is None:
                     self._counters.connections_refused["bad_hello"] += 1
                 elif FrameCounts.code_of(data) == _UPDATE_CODE:
@@ -1498,6 +1508,12 @@ class Connection:
 
 
 RelayKey = web.AppKey("relay", Relay)
+
+_POLICY_VIOLATION = 1008  # the WebSocket close code of a connection ended for its abuse
+_ABUSE: dict[str, str] = {  # the fatal codes that end a connection for its abuse, as logged
+    ErrorCode.RATE_LIMITED: "over the message rate",
+    ErrorCode.TOO_MANY_REFUSALS: "too many of its frames refused",
+}
 
 _LISTED_SYMBOLS = 10  # invalid symbols quoted in the one Error that refuses them
 _LISTED_TICKS = 100  # refused ticks listed in a Published

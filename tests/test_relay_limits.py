@@ -14,6 +14,7 @@ import struct
 import subprocess
 import time
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +22,12 @@ import aiohttp
 import pytest
 import yarl
 
-from foliosync.client.sync import SyncClient
+from foliosync.client.sync import Backoff, SyncClient
+from foliosync.server.auth import load_or_create_secret
+from foliosync.server.extensions import Extension, ProposedUpdate, default_extensions
 from foliosync.server.relay import RelayConfig
-from foliosync.sync.errors import ConfigError
+from foliosync.sync.errors import ConfigError, UpdateRefused
+from foliosync.sync.model import DocumentKind
 from foliosync.sync.model.schema import SchemaLimits
 from foliosync.sync.protocol import (
     FRAME_CODES,
@@ -36,7 +40,7 @@ from foliosync.sync.protocol import (
     PublishedReceived,
     Welcomed,
 )
-from foliosync.sync.protocol.limits import MessageRate
+from foliosync.sync.protocol.limits import MessageRate, RefusalLimit
 
 
 class Peer:
@@ -108,11 +112,104 @@ async def test_a_client_over_the_rate_past_its_grace_is_cut_one_at_the_rate_is_n
             await flood.send(flood.session.ping(nonce))
         error = await flood.fatal()
         assert error.code == ErrorCode.RATE_LIMITED and "50 messages a second" in error.message
+        assert flood.ws.close_code == 1008
         for nonce in range(1, 60):  # 1.2 s at 50 a second
             await steady.send(steady.session.ping(nonce))
             assert await steady.next() == PongReceived(nonce)
             await asyncio.sleep(0.02)
         assert relay.relay.counters.connections_cut["rate_limited"] == 1
+
+
+# -- refusals --------------------------------------------------------------------------------------
+
+
+async def test_a_client_that_keeps_sending_refused_frames_is_cut_with_1008_others_are_not(
+    relay_server: Any, tmp_path: Path, http: Any
+) -> None:
+    doc = "wl-52864113d0bf7ec5b0a294a5"
+    limit = RefusalLimit(count=10, window=10)
+    async with relay_server(tmp_path / "r", refusal_limit=limit) as relay:
+        bob = await Peer.connect(http, relay, relay.token("bob"))
+        await bob.send(bob.session.sync_request(doc, b"\x00"))
+        assert not isinstance(await bob.next(), ErrorReceived)  # its SyncReply
+        mallory = await Peer.connect(http, relay, relay.token("mallory"))
+        await mallory.send(mallory.session.sync_request(doc, b"\x00"))
+        await mallory.next()
+        for seq in range(1, 12):  # not a Yjs update: bad_update, one each, 11 > 10
+            await mallory.send(mallory.session.update(doc, seq, b"\xff\xff\xff"))
+            refused = await mallory.next()
+            assert isinstance(refused, ErrorReceived) and refused.code == ErrorCode.BAD_UPDATE
+            if seq % 3 == 0:  # bob, meanwhile, is served as ever
+                await bob.send(bob.session.ping(seq))
+                assert await bob.next() == PongReceived(seq)
+        await mallory.send(mallory.session.ping(1))  # the next frame is not handled
+        error = await mallory.fatal()
+        assert error.code == ErrorCode.TOO_MANY_REFUSALS and "more than 10" in error.message
+        assert mallory.ws.close_code == 1008
+        await bob.send(bob.session.ping(99))
+        assert await bob.next() == PongReceived(99)
+        counters = relay.relay.counters
+        assert counters.connections_cut["too_many_refusals"] == 1
+        assert counters.updates_refused[ErrorCode.BAD_UPDATE] == 11
+        await asyncio.sleep(0.1)
+        assert counters.connections_closed["1008"] == 1
+        assert len(relay.relay.connections) == 1  # bob's
+
+
+class NoEvil(Extension):
+    """An app's rule: no watchlist gains a symbol that starts with EVIL (a change at fault)."""
+
+    async def before_apply(self, change: ProposedUpdate) -> None:
+        added = change.candidate.changed.get("symbols", frozenset())
+        if change.kind is DocumentKind.WATCHLIST and any(k.startswith("EVIL") for k in added):
+            raise UpdateRefused("no EVIL here")
+
+
+async def test_a_sync_client_cut_for_its_refusals_waits_most_of_its_cap_before_it_comes_back(
+    relay_server: Any, tmp_path: Path, open_replica: Any, sync_clients: Callable[..., SyncClient]
+) -> None:
+    data = tmp_path / "r"
+    extensions = [*default_extensions(load_or_create_secret(data)), NoEvil()]
+    limit = RefusalLimit(count=1, window=10)  # two refused changes are one too many
+    async with relay_server(data, extensions=extensions, refusal_limit=limit) as relay:
+        replica = await open_replica("phone")
+        watchlist = await replica.create_watchlist("Tech")
+        await watchlist.add(["AAPL"])
+        await watchlist.add(["EVIL1"])
+        await (await replica.create_watchlist("Bio")).add(["EVIL2"])
+        client = sync_clients(
+            replica,
+            relay.url,
+            relay.token("alice", "phone"),
+            backoff=Backoff(base=0.01, cap=5.0),  # after a welcome, 0 to 10 ms
+            heartbeat=0.1,  # its next Ping is the frame that gets the fatal Error
+        )
+        client.start()
+        counters = relay.relay.counters
+        deadline = time.monotonic() + 10
+        while client.health().next_retry_at is None:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        health = client.health()
+        assert counters.connections_cut["too_many_refusals"] == 1
+        assert health.last_error is not None and health.last_error.code == "too_many_refusals"
+        assert health.next_retry_at is not None
+        wait = (health.next_retry_at - datetime.now(tz=UTC)).total_seconds()
+        assert 2.4 < wait <= 5.0  # half the cap at least, not the 10 ms of a fresh backoff
+        await asyncio.sleep(1.0)
+        assert counters.connections_opened == 1  # not back yet
+        assert sorted(r.summary for r in replica.refusals()) == [
+            "add EVIL1 to Tech",
+            "add EVIL2 to Bio",
+        ]
+        assert watchlist.symbols == ["AAPL"]
+
+
+async def test_the_relay_command_refuses_a_refusal_limit_below_1(
+    tmp_path: Path, helpers: Any
+) -> None:
+    code, _, err = await helpers.run_cli("relay", "--data", str(tmp_path), "--max-refusals", "0")
+    assert code != 0 and "invalid --max-refusals 0" in err
 
 
 # -- connections and documents per user ------------------------------------------------------------
