@@ -76,6 +76,7 @@ from foliosync.sync.errors import (
     AuthError,
     ConfigError,
     ConnectionLost,
+    DocumentNotFound,
     FolioSyncError,
     ProtocolError,
     RemoteProtocolError,
@@ -888,6 +889,8 @@ class _Connection:
                     d for d in replica.document_ids() if share_state(replica, d) != "revoked"
                 )
             case RequestState(doc):
+                if not self._holds(doc):  # dropped since (its creation refused): nothing to ask
+                    return machine.pending_is(CheckSettled(doc), 0)
                 return machine.state_vector_read(decision, await replica.state_vector(doc))
             case ApplyRemote(doc, update, changed_at, changed_by):
                 await replica.apply_remote(  # makes the local copy of a document new to us
@@ -895,7 +898,11 @@ class _Connection:
                 )
                 return []
             case ReadOutgoing(doc, state_vector, relay_update, merged):
-                rows = await replica.outgoing(doc, state_vector, relay_update, merged=merged)
+                rows = (
+                    await replica.outgoing(doc, state_vector, relay_update, merged=merged)
+                    if self._holds(doc)
+                    else []  # dropped since: the relay's reply brought nothing to keep
+                )
                 return machine.outgoing_read(decision, rows, self._pending(decision.doc), wall_ms())
             case ReadUnsent(doc):
                 unsent = [(p.seq, p.data) for p in await replica.pending_updates(doc)]
@@ -937,11 +944,22 @@ class _Connection:
         raise AssertionError(f"unhandled decision {decision!r}")  # pragma: no cover
 
     def _pending(self, doc: str) -> int:
-        return self.replica.info(doc).pending
+        try:
+            return self.replica.info(doc).pending
+        except DocumentNotFound:  # dropped: the relay refused its creation
+            return 0
+
+    def _holds(self, doc: str) -> bool:
+        """Whether the replica holds ``doc`` (not dropped since the machine asked)."""
+        try:
+            self.replica.info(doc)
+        except DocumentNotFound:
+            return False
+        return True
 
     async def _refuse(self, decision: Rollback) -> None:
         refusal = await self.replica.refuse(
-            decision.doc, decision.seq, decision.code, decision.message
+            decision.doc, decision.seq, decision.code, decision.message, whole=decision.whole
         )
         if refusal is not None:  # the app hears of it through Replica.on_refusal
             log.warning(
@@ -950,6 +968,9 @@ class _Connection:
                 decision.code,
                 decision.message,
             )
+            return
+        if decision.whole:  # another change in flight of a document rolled back as a whole
+            log.debug("seq %d of %s: rolled back with its document", decision.seq, decision.doc)
             return
         # No pending row of that seq any more: another rollback re-made it (its change, made
         # again, goes under a new seq and is judged on its own), or the Update carried no row

@@ -108,6 +108,7 @@ from foliosync.server.sharing import (
 )
 from foliosync.server.storage import RelayStore, RelayStoreError, SQLiteRelayStore
 from foliosync.server.sync_slots import InitialSyncSlots
+from foliosync.server.user_documents import UserDocuments, entry_names, listed_documents
 from foliosync.sync.clock import wall_ms
 from foliosync.sync.errors import (
     AccessDenied,
@@ -119,7 +120,7 @@ from foliosync.sync.errors import (
     UpdateRefused,
     ValidationError,
 )
-from foliosync.sync.model import kind_of
+from foliosync.sync.model import INDEX_DOCUMENT_ID, DocumentKind, kind_of
 from foliosync.sync.model.schema import DEFAULT_LIMITS, Candidate, SchemaLimits
 from foliosync.sync.prices import LatestPrices, PricePoint, Tick, check_ticks
 from foliosync.sync.protocol import (
@@ -368,11 +369,11 @@ class Relay:
         self.connections: set[Connection] = set()
         # Admitted connections per user, for max_connections_per_user.
         self.user_connections: dict[str, int] = {}
-        # The documents stored for each user with a connection here (for
-        # max_documents_per_user): read with the Welcome's list, grown by each stored update,
-        # dropped with the user's last connection. Another relay's new documents count from
-        # the next Welcome, so across relays the limit may be passed by a few.
-        self.user_documents: dict[str, set[str]] = {}
+        # What counts toward max_documents_per_user for each user with a connection here: the
+        # documents stored and those the user's index lists (foliosync.server.user_documents).
+        # Read with the Welcome's list (and the index, once needed), grown by each stored update,
+        # dropped with the user's last connection.
+        self.user_documents: dict[str, UserDocuments] = {}
         self.feed: Feed | None = None  # the --feed task, once started; /readyz watches it
         self.started = time.monotonic()
         self._ids = itertools.count(1)
@@ -435,16 +436,20 @@ class Relay:
         origin: str,
         now_ms: int,
         seen: int | None = None,
+        listing: UserDocuments | None = None,
     ) -> Applied:
         """Check, apply and store one update of ``identity.user``'s ``doc_id``: the one path of
         every update, a device's or the relay's own.
 
         In this order: the kind of the id (ValidationError), the extensions' ``authorize``
         (AccessDenied, AuthError), the wire checks of ``foliosync.sync.updates`` against the
-        document's state vector (BadUpdate, UpdateV2, MissingDependencies), the extensions'
-        ``before_apply`` on the document as it would be (UpdateRefused, SchemaViolation); only
-        then is it applied in memory and stored (RelayStoreError). A refused update changes
-        nothing. The caller acknowledges, then calls :meth:`publish_change`."""
+        document's state vector (BadUpdate, UpdateV2, MissingDependencies), for the user's
+        index with ``listing`` (what counts toward the user's limit) the documents it would list
+        beyond ``max_documents_per_user`` (UpdateRefused ``too_many_documents``), the
+        extensions' ``before_apply`` on the document as it would be (UpdateRefused,
+        SchemaViolation); only then is it applied in memory and stored (RelayStoreError). A
+        refused update changes nothing. The caller acknowledges, then calls
+        :meth:`publish_change`."""
         kind = kind_of(doc_id)
         hooks = self.hooks
         await hooks.authorize(identity, doc_id, "write")
@@ -453,23 +458,40 @@ class Relay:
             # refused instead, as a store that is down refuses, and resent after a reconnect.
             raise RelayStoreError("the relay cannot reach the other relays (Redis is down)")
         owner, local = _resolve(identity.user, doc_id)
+        if kind is not DocumentKind.INDEX:
+            listing = None
+        relisted: list[tuple[frozenset[str], frozenset[str]]] = []  # (listed, unlisted)
 
         async def before_apply(candidate: Candidate) -> None:
-            await hooks.before_apply(
-                ProposedUpdate(
-                    identity=identity,
-                    owner=owner,
-                    doc_id=local,
-                    kind=kind,
-                    seq=seq,
-                    update=update,
-                    candidate=candidate,
-                    device=device,
-                    origin=origin,
+            if listing is not None:
+                changed = candidate.changed.get("documents", frozenset())
+                listed, unlisted = listed_documents(candidate.doc, changed)
+                limit = self.config.max_documents_per_user
+                beyond = listing.beyond(listed | {INDEX_DOCUMENT_ID}, limit)  # itself, too
+                if beyond:
+                    shown = entry_names(candidate.doc, beyond - {INDEX_DOCUMENT_ID})
+                    raise UpdateRefused(
+                        f"the relay keeps at most {limit} documents per user, listed or stored: "
+                        f"no room for {shown}",
+                        ErrorCode.TOO_MANY_DOCUMENTS,
+                    )
+                relisted[:] = [(listed, unlisted)]
+            if hooks.uses("before_apply"):
+                await hooks.before_apply(
+                    ProposedUpdate(
+                        identity=identity,
+                        owner=owner,
+                        doc_id=local,
+                        kind=kind,
+                        seq=seq,
+                        update=update,
+                        candidate=candidate,
+                        device=device,
+                        origin=origin,
+                    )
                 )
-            )
 
-        return await self.documents.apply(
+        applied = await self.documents.apply(
             owner,
             local,
             update,
@@ -478,8 +500,13 @@ class Relay:
             seen=seen,
             origin=origin,
             kind=kind,
-            before_apply=before_apply if hooks.uses("before_apply") else None,
+            before_apply=(
+                before_apply if listing is not None or hooks.uses("before_apply") else None
+            ),
         )
+        if listing is not None and relisted:
+            listing.relist(*relisted[-1])
+        return applied
 
     async def publish_change(
         self,
@@ -1155,7 +1182,8 @@ class Connection:
                 else []
             )
             if "sync" in identity.scopes:
-                self.relay.user_documents.setdefault(identity.user, set()).update(documents)
+                counted = self.relay.user_documents.setdefault(identity.user, UserDocuments())
+                counted.stored(documents)
                 # and what others share with this user: OWNER/id
                 documents += [
                     s.shared_id for s in await self.relay.shares.by_grantee(identity.user)
@@ -1261,7 +1289,16 @@ class Connection:
             message = "the share of this document was revoked"
             counters.updates_refused[self._refuse(REVOKED, message, doc, seq)] += 1
             return
-        if await self._over_document_limit(doc, seq):
+        listing: UserDocuments | None = None
+        try:
+            if await self._over_document_limit(doc, seq):
+                return
+            if doc == INDEX_DOCUMENT_ID and self._limits_listing(doc):
+                listing = await self._counted_documents(with_index=True)
+        except RelayStoreError as exc:
+            counters.updates_refused[ErrorCode.INTERNAL] += 1
+            log.error("counting the documents of %s failed: %s", self.identity.user, exc)
+            self._fail_internal("the relay cannot read its store now; reconnect and retry")
             return
         received_at = self._received_at
         now = wall_ms()
@@ -1275,6 +1312,7 @@ class Connection:
                 origin=self.id,
                 now_ms=now,
                 seen=self._seen.get(doc),
+                listing=listing,
             )
         except (AccessDenied, UpdateRefused, BadUpdate) as exc:
             counters.updates_refused[self._refuse(exc.code, str(exc), doc, seq)] += 1
@@ -1303,9 +1341,9 @@ class Connection:
         if self.session.closed:
             return
         self._saw(doc, applied.version)
-        known = self.relay.user_documents.get(self.identity.user)
-        if known is not None and "/" not in doc:
-            known.add(doc)
+        counted = self.relay.user_documents.get(self.identity.user)
+        if counted is not None and "/" not in doc:
+            counted.stored([doc])
         self._send(self.session.ack(doc, seq))
         counters.update_store.observe(time.perf_counter() - received_at)
         counters.updates_acknowledged += 1
@@ -1325,24 +1363,41 @@ class Connection:
             )
             counters.update_fanout.observe(time.perf_counter() - received_at)
 
+    async def _counted_documents(self, *, with_index: bool) -> UserDocuments:
+        """What counts toward the user's limit (:attr:`Relay.user_documents`), so that the store
+        is not asked per update; ``with_index``: the stored index's entries read in too (once
+        per user while connected: only a new document or an index update needs them)."""
+        assert self.identity is not None
+        user = self.identity.user
+        counted = self.relay.user_documents.get(user)
+        if counted is None:
+            stored = await self.relay.documents.documents(user)
+            counted = self.relay.user_documents.setdefault(user, UserDocuments())
+            counted.stored(stored)
+        if with_index and not counted.index_read:
+            listed, _ = listed_documents(await self.relay.read_document(user, INDEX_DOCUMENT_ID))
+            counted.read_index(listed)
+        return counted
+
+    def _limits_listing(self, doc: str) -> bool:
+        """Whether the user's document limit applies to updates of ``doc``."""
+        assert self.identity is not None
+        # Not without the sync scope (refused anyway, by the authorization that follows), nor
+        # for another user's document shared with this one (it counts as theirs).
+        return "sync" in self.identity.scopes and "/" not in doc
+
     async def _over_document_limit(self, doc: str, seq: int) -> bool:
         """Whether an Update of ``doc`` would store one document more than the user may have
-        (``max_documents_per_user``); if so it is refused, for that document and seq only.
-
-        Counted against :attr:`Relay.user_documents`, so the store is not asked per update."""
-        assert self.identity is not None
-        if "sync" not in self.identity.scopes:
-            return False  # refused anyway, by the authorization that follows
-        if "/" in doc:
-            return False  # another user's document, shared with this one: it counts as theirs
-        user = self.identity.user
-        known = self.relay.user_documents.get(user)
-        if known is None:
-            known = self.relay.user_documents[user] = set(
-                await self.relay.documents.documents(user)
-            )
+        (``max_documents_per_user``: stored or listed in the index); if so it is refused, for
+        that document and seq only."""
+        if not self._limits_listing(doc):
+            return False
+        counted = await self._counted_documents(with_index=False)
+        if doc in counted:
+            return False
+        counted = await self._counted_documents(with_index=True)
         limit = self.relay.config.max_documents_per_user
-        if doc in known or len(known) < limit:
+        if counted.admits(doc, limit):
             return False
         self._counters.updates_refused[ErrorCode.TOO_MANY_DOCUMENTS] += 1
         self._refuse(

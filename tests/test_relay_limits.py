@@ -21,13 +21,21 @@ from typing import Any
 import aiohttp
 import pytest
 import yarl
+from pycrdt import Doc, Map
 
 from foliosync.client.sync import Backoff, SyncClient
 from foliosync.server.auth import load_or_create_secret
 from foliosync.server.extensions import Extension, ProposedUpdate, default_extensions
 from foliosync.server.relay import RelayConfig
+from foliosync.server.user_documents import UserDocuments, entry_names, listed_documents
 from foliosync.sync.errors import ConfigError, UpdateRefused
-from foliosync.sync.model import DocumentKind
+from foliosync.sync.model import (
+    INDEX_DOCUMENT_ID,
+    DocumentKind,
+    EditContext,
+    UserIndex,
+    document_id,
+)
 from foliosync.sync.model.schema import SchemaLimits
 from foliosync.sync.protocol import (
     FRAME_CODES,
@@ -41,6 +49,9 @@ from foliosync.sync.protocol import (
     Welcomed,
 )
 from foliosync.sync.protocol.limits import MessageRate, RefusalLimit
+
+TWO = document_id(DocumentKind.WATCHLIST, "Two")
+SECRET = document_id(DocumentKind.WATCHLIST, "Secret")
 
 
 class Peer:
@@ -265,6 +276,146 @@ async def test_a_document_past_the_users_limit_is_refused_for_that_document_only
         )
         assert not isinstance(await peer.next(), ErrorReceived)  # a stored one takes edits
         assert relay.relay.counters.updates_refused[ErrorCode.TOO_MANY_DOCUMENTS] == len(refused)
+
+
+async def relay_lists(relay: Any, user: str) -> list[str]:
+    """The names the relay's copy of ``user``'s index lists: the user's list on every device."""
+    index = await relay.relay.read_document(user, INDEX_DOCUMENT_ID)
+    return sorted(e.name for e in UserIndex(index, EditContext("test")).entries())
+
+
+async def test_a_one_shot_sync_past_the_document_limit_ends_at_once_and_says_what_was_refused(
+    relay_server: Any, tmp_path: Path, helpers: Any, open_replica: Any
+) -> None:
+    """`foliosync sync` of a replica holding more new documents than the user may have: it ends
+    at once (it used to wait for its timeout), prints each refusal, and syncs the rest; the
+    relay neither stores nor lists the refused documents, the device no longer holds them, and
+    the next sync sends nothing again."""
+    limit = RefusalLimit(count=5, window=10)  # a device catching up never comes near it
+    async with relay_server(tmp_path / "r", max_documents_per_user=3, refusal_limit=limit) as relay:
+        laptop = await open_replica("laptop")  # open beside the CLI's process, as an app would be
+        token = relay.token("alice", "laptop")
+        await (await laptop.create_watchlist("One")).add(["AAPL"])
+        assert await helpers.fast_client(laptop, relay.url, token).sync_once(10)
+        for name in ("Two", "Three", "Four", "Five"):
+            watchlist = await laptop.create_watchlist(name)
+            if name != "Five":
+                await watchlist.add(["MSFT", "NVDA"])
+        env = {"FOLIOSYNC_DB": str(laptop.path)}
+        started = time.monotonic()
+        code, out, err = await helpers.run_cli(
+            "sync", "--server", relay.url, "--token", token, "--timeout", "20", env=env
+        )
+        took = time.monotonic() - started
+        assert code == 0, (out, err)
+        assert took < 8, took  # the process's start and the wait for prices included
+        lines = out.splitlines()
+        assert lines[-1].startswith(f"in sync with {relay.url}: 2 documents, 0 changes pending")
+        for name in ("Three", "Four", "Five"):
+            refused = [line for line in lines if f"create watchlist {name}" in line]
+            assert len(refused) == 1 and "too_many_documents" in refused[0], out
+            assert "at most 3 documents per user" in refused[0]
+        assert not any("create watchlist Two" in line for line in lines)
+        assert sorted(await relay.relay.documents.documents("alice")) == sorted(
+            ["index", document_id(DocumentKind.WATCHLIST, "One"), TWO]
+        )
+        assert await relay_lists(relay, "alice") == ["One", "Two"]
+        assert relay.relay.counters.connections_cut["too_many_refusals"] == 0
+        await laptop.refresh()  # what the CLI's process did to the file
+        assert [d.name for d in laptop.documents()] == ["One", "Two"]
+        assert sorted(e.name for e in (await laptop.index()).entries()) == ["One", "Two"]
+
+        phone = await open_replica("phone")  # another device: the user's list as the relay has it
+        phone_token = relay.token("alice", "phone")
+        assert await helpers.fast_client(phone, relay.url, phone_token).sync_once(10)
+        assert [d.name for d in phone.documents()] == ["One", "Two"]
+        assert (await phone.watchlist("Two")).symbols == ["MSFT", "NVDA"]
+
+        refused_before = relay.relay.counters.updates_refused[ErrorCode.TOO_MANY_DOCUMENTS]
+        refusals = laptop.refusals()
+        assert await helpers.fast_client(laptop, relay.url, token).sync_once(10)
+        assert relay.relay.counters.updates_refused[ErrorCode.TOO_MANY_DOCUMENTS] == refused_before
+        assert laptop.refusals() == refusals  # nothing was sent again
+
+
+def test_what_counts_toward_the_limit_is_what_is_stored_and_what_the_index_lists() -> None:
+    index = Doc()
+    entries = index.get("documents", type=Map)
+    one, two, three = (document_id(DocumentKind.WATCHLIST, n) for n in ("One", "Two", "Three"))
+    with index.transaction():
+        entries[one] = {"kind": "watchlist", "name": "One", "t": "0"}
+        entries[two] = {"kind": "watchlist", "name": "Two", "t": "0"}
+        entries["not-an-id"] = {"kind": "watchlist", "name": "X", "t": "0"}
+        entries[three] = {"kind": "watchlist"}  # no name: not an entry devices read
+    listed, unlisted = listed_documents(index)
+    assert listed == {one, two} and unlisted == {"not-an-id", three}
+    counted = UserDocuments(["index", one])
+    counted.read_index(listed)
+    assert len(counted) == 3 and two in counted  # listed, not stored yet: it holds its room
+    assert counted.admits(two, 3) and not counted.admits(three, 3)
+    assert counted.beyond({three}, 3) == {three} and counted.beyond({one, two}, 3) == set()
+    counted.relist(listed=(), unlisted={one, two})  # entries removed
+    assert len(counted) == 2 and one in counted and two not in counted  # one is stored
+    assert counted.admits(three, 3)
+    shown = entry_names(index, {one, two, three}, most=2)
+    assert shown == "watchlist 'One', watchlist 'Two' and 1 more"
+
+
+class NotSecret(Extension):
+    """An app's rule on one document: the watchlist "Secret" takes no change at all."""
+
+    async def before_apply(self, change: ProposedUpdate) -> None:
+        if change.doc_id == SECRET:
+            raise UpdateRefused("not this watchlist", "no_secret")
+
+
+async def test_a_document_whose_every_change_is_refused_leaves_no_entry_behind(
+    relay_server: Any, tmp_path: Path, open_replica: Any, helpers: Any
+) -> None:
+    """The relay takes the index entry (within the limit) and refuses each change of the
+    document itself: once its creation is rolled back too, the device removes the document
+    and its entry, the relay's index follows, and the room its entry held is free again."""
+    data = tmp_path / "r"
+    extensions = [*default_extensions(load_or_create_secret(data)), NotSecret()]
+    async with relay_server(data, extensions=extensions, max_documents_per_user=3) as relay:
+        laptop = await open_replica("laptop")
+        secret = await laptop.create_watchlist("Secret")
+        await secret.add(["AAPL"])
+        token = relay.token("alice", "laptop")
+        assert await helpers.fast_client(laptop, relay.url, token).sync_once(10)
+        assert laptop.documents() == [] and laptop.info(INDEX_DOCUMENT_ID).pending == 0
+        assert sorted(r.code for r in laptop.refusals()) == ["no_secret", "no_secret"]
+        assert await relay.relay.documents.documents("alice") == ["index"]
+        assert await relay_lists(relay, "alice") == []
+        # the room is free: two documents fit beside the index
+        for name in ("One", "Two"):
+            await (await laptop.create_watchlist(name)).add(["MSFT"])
+        assert await helpers.fast_client(laptop, relay.url, token).sync_once(10)
+        assert await relay_lists(relay, "alice") == ["One", "Two"]
+        assert [d.name for d in laptop.documents()] == ["One", "Two"]
+        assert all(d.pending == 0 for d in laptop.documents())
+
+
+async def test_a_refused_edit_of_a_read_only_share_leaves_the_grantee_nothing_on_the_relay(
+    relay_server: Any, tmp_path: Path, open_replica: Any, helpers: Any
+) -> None:
+    async with relay_server(tmp_path / "r", max_documents_per_user=3) as relay:
+        alice = await open_replica("alice")
+        await (await alice.create_watchlist("Tech")).add(["AAPL"])
+        assert await helpers.fast_client(alice, relay.url, relay.token("alice", "a")).sync_once(10)
+        tech = document_id(DocumentKind.WATCHLIST, "Tech")
+        await relay.relay.grant_share("alice", tech, "bob", "read")
+        bob = await open_replica("bob")
+        token = relay.token("bob", "b")
+        assert await helpers.fast_client(bob, relay.url, token).sync_once(10)
+        shared = await bob.watchlist(f"alice/{tech}")
+        await shared.add(["EVIL"])
+        assert await helpers.fast_client(bob, relay.url, token).sync_once(10)
+        assert [r.code for r in bob.refusals()] == ["read_only"]
+        assert shared.symbols == ["AAPL"]  # rolled back, and the copy kept
+        assert [d.id for d in bob.documents()] == [f"alice/{tech}"]
+        assert await relay.relay.documents.documents("bob") == []
+        assert sorted(await relay.relay.documents.documents("alice")) == ["index", tech]
 
 
 def test_the_relay_refuses_a_document_limit_its_sync_replies_could_not_carry(
