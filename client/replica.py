@@ -773,6 +773,11 @@ class Replica:
                     return False
                 await self._insert_row(doc_id, kind, "", [])
             loaded = await self._load(doc_id)
+            listed = (
+                {e.id for e in loaded.model.entries()}
+                if isinstance(loaded.model, UserIndex)
+                else set()
+            )
             # Changed or not is told by the observer, not the state vector: a deletion moves no
             # clock, and pycrdt fires no event for an update it already has.
             captured: list[bytes] = []
@@ -807,10 +812,14 @@ class Replica:
                 self._rows[doc_id] = _replace_row(
                     self._rows[doc_id], remote_changed_at=changed_at, remote_changed_by=changed_by
                 )
+            dropped: list[str] = []
             if doc_id == INDEX_DOCUMENT_ID and changed:
                 await self._adopt_index_entries()
+                dropped = await self._drop_unlisted(listed)
         if changed:
             self._notify(DocumentChange(doc_id, kind, "remote"))
+        for gone in dropped:
+            self._notify(DocumentChange(gone, kind_of(gone), "remote"))
         return changed
 
     async def mark_synced(self, doc_id: str, at_ms: int | None = None) -> None:
@@ -1338,6 +1347,21 @@ class Replica:
             finally:  # memory holds those rows even if the compaction rolled back: say so
                 for announce in announcements:
                     announce()
+
+    async def _drop_unlisted(self, listed: set[str]) -> list[str]:
+        """Of the documents the index listed before a change from the relay, those it lists no
+        more and of which this replica holds nothing (adopted from the entry, never filled in:
+        another device removed the entry of a document the relay never took): their rows go,
+        so that this device lists no document the relay does not hold. Returns them."""
+        index = self._loaded[INDEX_DOCUMENT_ID].model
+        assert isinstance(index, UserIndex)
+        dropped = []
+        for doc_id in sorted(listed - {e.id for e in index.entries()}):
+            unfilled = doc_id in self._rows and not self._pending.get(doc_id)
+            if unfilled and await self._store.drop_if_empty(doc_id):
+                self._forget(doc_id)
+                dropped.append(doc_id)
+        return dropped
 
     async def _adopt_index_entries(self) -> None:
         """Create local rows for documents another device listed in the index."""

@@ -796,6 +796,22 @@ class ReplicaStore:
             lambda: self._conn.execute("UPDATE documents SET name = ? WHERE id = ?", (name, doc_id))
         )
 
+    async def drop_if_empty(self, doc_id: str) -> bool:
+        """Delete a document's row if it holds nothing at all (an empty state, no row in the
+        log: neither content nor a pending change, of any process); whether it did."""
+
+        async def run() -> bool:
+            cursor = await self._conn.execute(
+                "DELETE FROM documents WHERE id = ? AND length(state) <= 2 "
+                "AND NOT EXISTS (SELECT 1 FROM updates WHERE doc_id = ?)",
+                (doc_id, doc_id),
+            )
+            dropped = cursor.rowcount == 1
+            await cursor.close()
+            return dropped
+
+        return await self._guard(run)
+
     # -- updates -----------------------------------------------------------------------------
 
     async def append(self, doc_id: str, data: bytes, *, pending: bool, changes: int = 1) -> int:

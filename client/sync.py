@@ -322,7 +322,8 @@ class SyncClient:
         self._lease = _SyncLease(replica.path)
         self._waited_for_lease = False  # by the last connection attempt, still without it
         self._welcomed = False  # by the relay, on the current or last connection
-        self._closed_for_abuse = False  # the last connection ended with close 1008
+        # The last connection ended for this client's behaviour (a slow-down Error, close 1008).
+        self._closed_for_abuse = False
 
     # -- status ------------------------------------------------------------------------------
 
@@ -610,7 +611,7 @@ class SyncClient:
             if self._closed_for_abuse:
                 self._closed_for_abuse = False
                 delay = max(delay, self.backoff.cool_down())
-                log.warning("the relay ended the connection for abuse; back in %.0f s", delay)
+                log.warning("the relay asked this client to slow down; back in %.0f s", delay)
             self._next_retry_at = datetime.now(tz=UTC) + timedelta(seconds=delay)
             self._state = ConnectionState.WAITING
             await asyncio.sleep(delay)

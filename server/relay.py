@@ -1293,7 +1293,7 @@ class Connection:
         try:
             if await self._over_document_limit(doc, seq):
                 return
-            if doc == INDEX_DOCUMENT_ID and self._limits_listing(doc):
+            if doc == INDEX_DOCUMENT_ID and self._counts_toward_limit(doc):
                 listing = await self._counted_documents(with_index=True)
         except RelayStoreError as exc:
             counters.updates_refused[ErrorCode.INTERNAL] += 1
@@ -1375,12 +1375,16 @@ class Connection:
             counted = self.relay.user_documents.setdefault(user, UserDocuments())
             counted.stored(stored)
         if with_index and not counted.index_read:
-            listed, _ = listed_documents(await self.relay.read_document(user, INDEX_DOCUMENT_ID))
+            listed: frozenset[str] = frozenset()  # an index never stored lists nothing
+            if counted.stores(INDEX_DOCUMENT_ID):
+                index = await self.relay.read_document(user, INDEX_DOCUMENT_ID)
+                listed, _ = listed_documents(index)
             counted.read_index(listed)
         return counted
 
-    def _limits_listing(self, doc: str) -> bool:
-        """Whether the user's document limit applies to updates of ``doc``."""
+    def _counts_toward_limit(self, doc: str) -> bool:
+        """Whether ``doc`` counts toward the user's document limit (and its updates are held
+        to it)."""
         assert self.identity is not None
         # Not without the sync scope (refused anyway, by the authorization that follows), nor
         # for another user's document shared with this one (it counts as theirs).
@@ -1390,7 +1394,7 @@ class Connection:
         """Whether an Update of ``doc`` would store one document more than the user may have
         (``max_documents_per_user``: stored or listed in the index); if so it is refused, for
         that document and seq only."""
-        if not self._limits_listing(doc):
+        if not self._counts_toward_limit(doc):
             return False
         counted = await self._counted_documents(with_index=False)
         if doc in counted:

@@ -96,6 +96,10 @@ class UserDocuments:
     def __contains__(self, doc_id: object) -> bool:
         return doc_id in self._counted
 
+    def stores(self, doc_id: str) -> bool:
+        """Whether the relay stores ``doc_id`` (not only lists it)."""
+        return doc_id in self._stored
+
     def admits(self, doc_id: str, limit: int) -> bool:
         """Whether an update of ``doc_id`` may store it within ``limit`` documents."""
         return doc_id in self._counted or len(self._counted) < limit

@@ -396,6 +396,40 @@ async def test_a_document_whose_every_change_is_refused_leaves_no_entry_behind(
         assert all(d.pending == 0 for d in laptop.documents())
 
 
+async def test_a_device_that_adopted_an_entry_drops_it_when_the_entry_goes(
+    relay_server: Any, tmp_path: Path, open_replica: Any, helpers: Any, http: Any
+) -> None:
+    """Another device listed "Secret" (the relay took the entry) and the relay refused the
+    document itself; a phone that synced in between adopted the entry. Once the entry is
+    removed, the phone drops the document it never held anything of."""
+    data = tmp_path / "r"
+    extensions = [*default_extensions(load_or_create_secret(data)), NotSecret()]
+    async with relay_server(data, extensions=extensions) as relay:
+        source = await open_replica("source")  # real index updates, sent by a raw peer
+        await source.create_watchlist("Secret")
+        peer = await Peer.connect(http, relay, relay.token("alice", "js"))
+        await peer.send(peer.session.sync_request(INDEX_DOCUMENT_ID, b"\x00"))
+        await peer.next()
+        for row in await source.pending_updates(INDEX_DOCUMENT_ID):
+            await peer.send(peer.session.update(INDEX_DOCUMENT_ID, row.seq, row.data))
+            assert not isinstance(await peer.next(), ErrorReceived)
+        assert await relay_lists(relay, "alice") == ["Secret"]
+        phone = await open_replica("phone")
+        token = relay.token("alice", "phone")
+        assert await helpers.fast_client(phone, relay.url, token).sync_once(10)
+        assert [d.name for d in phone.documents()] == ["Secret"]  # adopted from the entry
+        listed = [p.seq for p in await source.pending_updates(INDEX_DOCUMENT_ID)]
+        await source.edit(await source.index(), lambda m: m.unregister(SECRET))
+        for row in await source.pending_updates(INDEX_DOCUMENT_ID):
+            if row.seq not in listed:
+                await peer.send(peer.session.update(INDEX_DOCUMENT_ID, row.seq, row.data))
+                assert not isinstance(await peer.next(), ErrorReceived)
+        assert await relay_lists(relay, "alice") == []
+        assert await helpers.fast_client(phone, relay.url, token).sync_once(10)
+        assert phone.documents() == []
+        assert await relay.relay.documents.documents("alice") == ["index"]
+
+
 async def test_a_refused_edit_of_a_read_only_share_leaves_the_grantee_nothing_on_the_relay(
     relay_server: Any, tmp_path: Path, open_replica: Any, helpers: Any
 ) -> None:
