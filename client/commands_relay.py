@@ -158,6 +158,14 @@ def register(subparsers: Any) -> None:
         "bursts of 10000 pass, and 10 s over the rate ends the connection)",
     )
     relay.add_argument(
+        "--max-refusals",
+        type=int,
+        default=100,
+        metavar="N",
+        help="refusals one connection may get within 10 s before it is closed as abusive "
+        "(default 100; a change at fault counts 1, a refusal of a whole document 1/100)",
+    )
+    relay.add_argument(
         "--store",
         default=os.environ.get("FOLIOSYNC_STORE") or None,
         metavar="URL",
@@ -373,7 +381,7 @@ async def _run_relay(args: argparse.Namespace) -> int:
     from foliosync.server.logs import configure_logging
     from foliosync.server.relay import RelayConfig
     from foliosync.server.serve import serve, tls_server_context
-    from foliosync.sync.protocol.limits import MessageRate
+    from foliosync.sync.protocol.limits import MessageRate, RefusalLimit
 
     if not 0 < args.port < 65536:
         raise ConfigError(f"invalid port {args.port}")
@@ -383,6 +391,8 @@ async def _run_relay(args: argparse.Namespace) -> int:
         raise ConfigError("--max-hot-documents and --max-initial-syncs must be at least 1")
     if not math.isfinite(args.hook_timeout) or args.hook_timeout <= 0:
         raise ConfigError(f"invalid --hook-timeout {args.hook_timeout}: more than 0 seconds")
+    if args.max_refusals < 1:
+        raise ConfigError(f"invalid --max-refusals {args.max_refusals}: at least 1")
     if (args.tls_cert is None) != (args.tls_key is None):
         raise ConfigError("--tls-cert and --tls-key go together: give both, or neither")
     tls = None if args.tls_cert is None else tls_server_context(args.tls_cert, args.tls_key)
@@ -416,6 +426,7 @@ async def _run_relay(args: argparse.Namespace) -> int:
         max_connections_per_user=args.max_connections_per_user,
         max_documents_per_user=args.max_documents_per_user,
         message_rate=MessageRate(rate=args.message_rate),
+        refusal_limit=RefusalLimit(count=args.max_refusals),
         relay_id=relay_id,
         store_url=args.store,
         store_pool=args.store_pool,

@@ -99,12 +99,13 @@ async def _sync(args: argparse.Namespace) -> int:
     return 0
 
 
-def _name(replica: Replica, doc_id: str) -> str:
-    """A document's name for people ("the list of documents" for the index)."""
+def _name(replica: Replica, doc_id: str) -> str | None:
+    """A document's name for people ("the list of documents" for the index); None for one this
+    replica no longer holds (its creation refused: the refusal's summary names it)."""
     try:
         info = replica.info(doc_id)
     except DocumentNotFound:
-        return doc_id
+        return None
     if info.kind is DocumentKind.INDEX:
         return "the list of documents"
     return (info.name or doc_id) + owner_label(replica, doc_id)

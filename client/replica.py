@@ -617,8 +617,12 @@ class Replica:
 
     # -- rollback ----------------------------------------------------------------------------
 
-    async def refuse(self, doc_id: str, seq: int, code: str, message: str) -> Refusal | None:
-        """Roll back pending row ``seq`` of ``doc_id`` for good (durable before it returns).
+    async def refuse(
+        self, doc_id: str, seq: int, code: str, message: str, *, whole: bool = False
+    ) -> Refusal | None:
+        """Roll back pending row ``seq`` of ``doc_id`` for good (durable before it returns);
+        ``whole``: every pending row of it, the relay having refused the document as a whole
+        (``too_many_documents``: no change of it is taken, whatever it holds).
 
         None if there is no such pending row any more (acknowledged, already rolled back, or
         replaced by a rebase). The document becomes what it would be without that row: the
@@ -631,6 +635,12 @@ class Replica:
         Notifies a ``DocumentChange(doc_id, kind, "local")`` without an update (a sync
         connection then reads and sends the unsent pending rows in seq order) and the refusal
         listeners. Handles the app holds keep working: their models are rebound.
+
+        A document of which nothing is left, neither on the relay (nothing of it confirmed) nor
+        pending, is one whose creation the relay refused: it is removed from this replica, with
+        its entry in the index (a change the relay always takes), so that no device lists a
+        document the relay never took; the refusal stays in :meth:`refusals`. A handle the app
+        holds on it then raises DocumentNotFound; creating it again makes it anew.
         """
         async with self._lock:
             self._check_open()
@@ -640,12 +650,13 @@ class Replica:
             loaded = await self._load(doc_id)
             built: list[Doc[Any]] = []
             announcements: list[Callable[[], None]] = []
+            shared = "/" in doc_id  # another user's document: never in this user's index
 
             def plan(changes: StoreChanges, log: DocumentLog) -> RefusalPlan:
                 self._apply_changes(changes, defer=announcements)
-                result, doc = plan_rollback(log, seq)
+                result, doc = plan_rollback(log, seq, whole=whole)
                 built.append(doc)
-                return result
+                return dataclasses.replace(result, drop=False) if shared else result
 
             try:
                 done = await self._store.refuse(
@@ -666,20 +677,41 @@ class Replica:
             if done is None:
                 return None
             row, base_seq, epoch = done
-            loaded = self._loaded.get(doc_id, loaded)
-            self._rebind(doc_id, loaded, built[-1])
-            loaded.base_seq = base_seq
-            loaded.max_seq = max(loaded.max_seq, base_seq)
-            loaded.epoch = epoch
-            loaded.rows_since_compaction = 0
-            loaded.bytes_since_compaction = 0
             self._seen_seq = max(self._seen_seq, base_seq)
-            self._pending[doc_id] = sum(p.changes for p in await self._store.pending(doc_id))
             refusal = _refusal(row)
             self._remember_refusal(row)
+            if epoch < 0:  # dropped: nothing of it anywhere
+                self._forget(doc_id)
+                await self._unlist(doc_id)
+            else:
+                loaded = self._loaded.get(doc_id, loaded)
+                self._rebind(doc_id, loaded, built[-1])
+                loaded.base_seq = base_seq
+                loaded.max_seq = max(loaded.max_seq, base_seq)
+                loaded.epoch = epoch
+                loaded.rows_since_compaction = 0
+                loaded.bytes_since_compaction = 0
+                self._pending[doc_id] = sum(p.changes for p in await self._store.pending(doc_id))
         self._notify(DocumentChange(doc_id, kind, "local"))
         self._notify_refusal(refusal)
         return refusal
+
+    def _forget(self, doc_id: str) -> None:
+        """Drop what memory holds of a document the file no longer has."""
+        self._rows.pop(doc_id, None)
+        self._pending.pop(doc_id, None)
+        loaded = self._loaded.pop(doc_id, None)
+        if loaded is not None:
+            loaded.model.doc.unobserve(loaded.subscription)
+            loaded.model.close()
+
+    async def _unlist(self, doc_id: str) -> None:
+        """Remove ``doc_id``'s entry from the index, if it has one (a local change, sent)."""
+        index = await self._load(INDEX_DOCUMENT_ID)
+        model = index.model
+        assert isinstance(model, UserIndex)
+        if model.get(doc_id) is not None:
+            await self._apply_local(INDEX_DOCUMENT_ID, index, lambda m: m.unregister(doc_id))
 
     def refusals(self, doc_id: str | None = None) -> list[Refusal]:
         """The changes the relay refused and this device rolled back, newest first (the file
@@ -729,13 +761,23 @@ class Replica:
         changed_at: int | None = None,
         changed_by: str | None = None,
     ) -> bool:
-        """Apply and store an update that came from the relay; True if the document changed."""
+        """Apply and store an update that came from the relay; True if the document changed.
+
+        A document new to this replica gets a row, unless the update holds nothing of it (the
+        relay's reply for a document it never stored, one this replica dropped meanwhile)."""
         kind = kind_of(doc_id)
         async with self._lock:
             self._check_open()
             if doc_id not in self._rows:
+                if _holds_nothing(update):
+                    return False
                 await self._insert_row(doc_id, kind, "", [])
             loaded = await self._load(doc_id)
+            listed = (
+                {e.id for e in loaded.model.entries()}
+                if isinstance(loaded.model, UserIndex)
+                else set()
+            )
             # Changed or not is told by the observer, not the state vector: a deletion moves no
             # clock, and pycrdt fires no event for an update it already has.
             captured: list[bytes] = []
@@ -770,10 +812,14 @@ class Replica:
                 self._rows[doc_id] = _replace_row(
                     self._rows[doc_id], remote_changed_at=changed_at, remote_changed_by=changed_by
                 )
+            dropped: list[str] = []
             if doc_id == INDEX_DOCUMENT_ID and changed:
                 await self._adopt_index_entries()
+                dropped = await self._drop_unlisted(listed)
         if changed:
             self._notify(DocumentChange(doc_id, kind, "remote"))
+        for gone in dropped:
+            self._notify(DocumentChange(gone, kind_of(gone), "remote"))
         return changed
 
     async def mark_synced(self, doc_id: str, at_ms: int | None = None) -> None:
@@ -944,6 +990,9 @@ class Replica:
         self._pending = dict(changes.pending)
         self._meta.update(changes.meta)
         notices: list[DocumentChange] = []
+        for doc_id in [d for d in self._loaded if d not in self._rows]:
+            self._forget(doc_id)  # another process dropped it (a creation the relay refused)
+            notices.append(DocumentChange(doc_id, kind_of(doc_id), "other-process"))
         for doc_id, rebuilt in changes.rebuilt.items():  # rolled back: replace, never merge
             loaded = self._loaded.get(doc_id)
             if loaded is not None and self._replace(doc_id, loaded, rebuilt):
@@ -1235,6 +1284,9 @@ class Replica:
                 # (rebinding the model) and make the edit again on it.
                 await self._reload(doc_id)
                 if doc_id not in self._loaded:
+                    if await self._store.load(doc_id) is None:  # dropped by another process
+                        self._forget(doc_id)
+                        raise DocumentNotFound(f"no document {doc_id!r} any more")
                     raise ReplicaError(f"document {doc_id} cannot be read after a rollback")
                 loaded = self._loaded[doc_id]
                 continue
@@ -1296,6 +1348,21 @@ class Replica:
                 for announce in announcements:
                     announce()
 
+    async def _drop_unlisted(self, listed: set[str]) -> list[str]:
+        """Of the documents the index listed before a change from the relay, those it lists no
+        more and of which this replica holds nothing (adopted from the entry, never filled in:
+        another device removed the entry of a document the relay never took): their rows go,
+        so that this device lists no document the relay does not hold. Returns them."""
+        index = self._loaded[INDEX_DOCUMENT_ID].model
+        assert isinstance(index, UserIndex)
+        dropped = []
+        for doc_id in sorted(listed - {e.id for e in index.entries()}):
+            unfilled = doc_id in self._rows and not self._pending.get(doc_id)
+            if unfilled and await self._store.drop_if_empty(doc_id):
+                self._forget(doc_id)
+                dropped.append(doc_id)
+        return dropped
+
     async def _adopt_index_entries(self) -> None:
         """Create local rows for documents another device listed in the index."""
         index = self._loaded[INDEX_DOCUMENT_ID].model
@@ -1306,6 +1373,18 @@ class Replica:
             elif not self._rows[entry.id].name:
                 self._rows[entry.id] = _replace_row(self._rows[entry.id], name=entry.name)
                 await self._store.rename(entry.id, entry.name)
+
+
+def _holds_nothing(update: bytes) -> bool:
+    """Whether ``update`` carries no item at all (``00 00``, or deletions alone)."""
+    doc: Doc[Any] = Doc()
+    try:
+        doc.apply_update(update)
+    except BaseException as exc:  # pycrdt panics derive from BaseException
+        if isinstance(exc, KeyboardInterrupt | SystemExit | asyncio.CancelledError):
+            raise
+        return False  # not readable: applying it says so, with its own error
+    return not decode_state_vector(doc.get_state())
 
 
 def _settle(confirmed: bytes, rows: list[bytes]) -> bytes:

@@ -12,6 +12,12 @@ on. Otherwise (the same client continuing its clocks, an overwrite of a refused 
 of a refused entry) its *effect* is re-made: every root of every kind is a map of plain JSON
 values, so the effect is the set of (root, key) -> value or deletion it made, applied in one new
 transaction on the rebuilt document. That becomes a new pending row with a new seq.
+
+A refusal of the document as a whole (``whole``: the relay takes no change of it, whatever it
+holds) takes every pending row of it at once: re-making them one by one would only have each
+refused in turn. And when nothing is left of a document, neither on the relay (nothing confirmed)
+nor pending, its creation was refused with the rest: the plan says to drop it
+(:attr:`RefusalPlan.drop`), as a document the relay will never hold.
 """
 
 from __future__ import annotations
@@ -149,12 +155,22 @@ def _remake(doc: Doc[Any], tracked: _Tracked, effect: Effect) -> bytes:
     return merge_updates(*captured)
 
 
-def plan_rollback(log: DocumentLog, seq: int) -> tuple[RefusalPlan, Doc[Any]]:
-    """The document of ``log`` without pending row ``seq``, and the ``Doc`` that holds it (to
-    become the replica's copy). ValueError if ``seq`` is not one of the log's pending rows."""
+def _holds_nothing(doc: Doc[Any]) -> bool:
+    """Whether ``doc`` has no item of anyone (an empty state vector)."""
+    return not decode_state_vector(doc.get_state())
+
+
+def plan_rollback(
+    log: DocumentLog, seq: int, *, whole: bool = False
+) -> tuple[RefusalPlan, Doc[Any]]:
+    """The document of ``log`` without pending row ``seq`` (``whole``: without any pending row),
+    and the ``Doc`` that holds it (to become the replica's copy). ValueError if ``seq`` is not
+    one of the log's pending rows."""
     index = next((i for i, p in enumerate(log.pending) if p.seq == seq), None)
     if index is None:
         raise ValueError(f"no pending row {seq}")
+    if whole:
+        return _plan_without_pending(log, seq)
     refused = log.pending[index]
     if log.confirmed is not None:
         base, known = log.confirmed, True
@@ -199,6 +215,7 @@ def plan_rollback(log: DocumentLog, seq: int) -> tuple[RefusalPlan, Doc[Any]]:
             update = _remake(new_doc, new, effect)
             if update:
                 rebased.append((update, row.changes))
+        left = len(log.pending) - 1 - len(replaced) + len(rebased)
         plan = RefusalPlan(
             state=new_doc.get_update(),
             confirmed=confirmed,
@@ -206,10 +223,51 @@ def plan_rollback(log: DocumentLog, seq: int) -> tuple[RefusalPlan, Doc[Any]]:
             rebased=rebased,
             summary=summarize(log.kind, log.name, refused_effect),
             changes=refused.changes,
+            drop=_droppable(log, new_doc, left),
         )
     finally:
         old.close()
         new.close()
+    return plan, new_doc
+
+
+def _droppable(log: DocumentLog, rebuilt: Doc[Any], left: int) -> bool:
+    """Nothing of the document on the relay (its confirmed state known, and empty) and nothing
+    pending. Never the index, which every device keeps."""
+    return (
+        log.kind != "index" and log.confirmed is not None and left == 0 and _holds_nothing(rebuilt)
+    )
+
+
+def _plan_without_pending(log: DocumentLog, seq: int) -> tuple[RefusalPlan, Doc[Any]]:
+    """Every pending row of ``log`` rolled back (``seq`` the one refused): the document is what
+    the relay confirmed."""
+    new_doc: Doc[Any] = Doc()
+    if log.confirmed:
+        new_doc.apply_update(log.confirmed)
+    elif log.confirmed is None and log.base_seq < min(p.seq for p in log.pending):
+        new_doc.apply_update(log.state)  # a snapshot that folded no pending row: settled
+    for settled in log.settled:
+        new_doc.apply_update(settled)
+    original: Doc[Any] = Doc()
+    original.apply_update(new_doc.get_update())
+    old = _Tracked(log.kind, original)
+    try:
+        summaries = [summarize(log.kind, log.name, old.apply(row.data)) for row in log.pending]
+    finally:
+        old.close()
+    unique = _unique(summaries)
+    summary = "; ".join(unique[:3]) + (f"; and {len(unique) - 3} more" if len(unique) > 3 else "")
+    confirmed = new_doc.get_update()
+    plan = RefusalPlan(
+        state=confirmed,
+        confirmed=confirmed,
+        replaced=[p.seq for p in log.pending if p.seq != seq],
+        rebased=[],
+        summary=summary,
+        changes=sum(p.changes for p in log.pending),
+        drop=_droppable(log, new_doc, 0),
+    )
     return plan, new_doc
 
 

@@ -280,6 +280,8 @@ class RefusalPlan:
     rebased: list[tuple[bytes, int]]  # (update, changes) of the new pending rows, in order
     summary: str
     changes: int
+    drop: bool = False
+    """Nothing is left of the document, on the relay or pending: its row and log go too."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -794,6 +796,22 @@ class ReplicaStore:
             lambda: self._conn.execute("UPDATE documents SET name = ? WHERE id = ?", (name, doc_id))
         )
 
+    async def drop_if_empty(self, doc_id: str) -> bool:
+        """Delete a document's row if it holds nothing at all (an empty state, no row in the
+        log: neither content nor a pending change, of any process); whether it did."""
+
+        async def run() -> bool:
+            cursor = await self._conn.execute(
+                "DELETE FROM documents WHERE id = ? AND length(state) <= 2 "
+                "AND NOT EXISTS (SELECT 1 FROM updates WHERE doc_id = ?)",
+                (doc_id, doc_id),
+            )
+            dropped = cursor.rowcount == 1
+            await cursor.close()
+            return dropped
+
+        return await self._guard(run)
+
     # -- updates -----------------------------------------------------------------------------
 
     async def append(self, doc_id: str, data: bytes, *, pending: bool, changes: int = 1) -> int:
@@ -1004,7 +1022,9 @@ class ReplicaStore:
         log, and returns the rolled-back document. Written together: its state (the new base,
         covering every row of the document), its confirmed state, the new pending rows in place
         of those it re-made, the refusal, and the epoch bumped. Returns (the refusal, the new base
-        seq, the new epoch).
+        seq, the new epoch). A plan that drops the document (:attr:`RefusalPlan.drop`, checked
+        here again: nothing may be left pending) deletes its row and log instead, and the epoch
+        returned is -1; other processes find the row gone.
         """
 
         async def run() -> tuple[RefusalRow, int, int] | None:
@@ -1053,13 +1073,20 @@ class ReplicaStore:
                 left = await self._scalar(
                     "SELECT count(*) FROM updates WHERE doc_id = ? AND pending = 1", (doc_id,)
                 )
-                confirmed = _SAME_AS_STATE if not left else result.confirmed
-                await self._conn.execute(
-                    "UPDATE documents SET state = ?, confirmed = ?, base_seq = ?, "
-                    "epoch = epoch + 1 WHERE id = ?",
-                    (result.state, confirmed, top, doc_id),
-                )
-                epoch = await self._scalar("SELECT epoch FROM documents WHERE id = ?", (doc_id,))
+                if result.drop and not left:
+                    await self._conn.execute("DELETE FROM updates WHERE doc_id = ?", (doc_id,))
+                    await self._conn.execute("DELETE FROM documents WHERE id = ?", (doc_id,))
+                    epoch = -1
+                else:
+                    confirmed = _SAME_AS_STATE if not left else result.confirmed
+                    await self._conn.execute(
+                        "UPDATE documents SET state = ?, confirmed = ?, base_seq = ?, "
+                        "epoch = epoch + 1 WHERE id = ?",
+                        (result.state, confirmed, top, doc_id),
+                    )
+                    epoch = await self._scalar(
+                        "SELECT epoch FROM documents WHERE id = ?", (doc_id,)
+                    )
                 rebased = ",".join(str(s) for s in new_seqs)
                 cursor = await self._conn.execute(
                     "INSERT INTO refusals (doc_id, seq, code, message, at_ms, changes, summary, "

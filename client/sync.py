@@ -27,7 +27,11 @@ quiet, even when the last of its work (a rollback's resend) ran beside the read 
 
 When the connection drops the replica goes on working offline; :meth:`SyncClient.run` reconnects
 with exponential backoff and full jitter, so that a thousand clients of a restarted relay spread
-out instead of returning in one wave.
+out instead of returning in one wave. When the relay ended the connection for the client's own
+behaviour (a fatal ``rate_limited``, ``too_many_refusals`` or ``too_many_connections``, or close
+1008 however it came), the next attempt waits between half and all of the backoff's cap: the
+backoff restarts from its base at every Welcome, and a client cut for abuse that came back within
+a quarter second would be cut again, in a loop.
 
 One syncing process per replica. Several processes may have one replica open (an app all day,
 the CLI beside it), and each may run a SyncClient; but two connections of one device would send
@@ -73,6 +77,7 @@ from foliosync.sync.errors import (
     AuthError,
     ConfigError,
     ConnectionLost,
+    DocumentNotFound,
     FolioSyncError,
     ProtocolError,
     RemoteProtocolError,
@@ -122,6 +127,12 @@ LEASE_POLL_SECONDS = 0.1  # how often a client waiting for the sync lease tries 
 # How often the syncing process, connected and in sync, says so in the replica's meta, for the
 # processes waiting for its lease (their freshness; a write of a few bytes).
 HEARTBEAT_SECONDS = 2.0
+# The fatal codes by which the relay says "not so fast" (PROTOCOL.md, sections 1 and 5), and the
+# close code it ends such a connection with: the next attempt waits Backoff.cool_down().
+_SLOW_DOWN = frozenset(
+    {ErrorCode.RATE_LIMITED, ErrorCode.TOO_MANY_REFUSALS, ErrorCode.TOO_MANY_CONNECTIONS}
+)
+_POLICY_VIOLATION = 1008
 
 
 def tls_context(ca_file: str | os.PathLike[str] | None = None) -> _ssl.SSLContext:
@@ -153,6 +164,11 @@ class Backoff:
         delay = self.rng.uniform(0, min(self.cap, self.base * (2**self.attempt)))
         self.attempt = min(self.attempt + 1, 30)
         return delay
+
+    def cool_down(self) -> float:
+        """The wait after the relay ended a connection for the client's behaviour: uniform(cap
+        / 2, cap), still jittered (a thousand clients cut at once spread out), never short."""
+        return self.rng.uniform(self.cap / 2, self.cap)
 
     def reset(self) -> None:
         self.attempt = 0
@@ -308,6 +324,8 @@ class SyncClient:
         self._lease = _SyncLease(replica.path)
         self._waited_for_lease = False  # by the last connection attempt, still without it
         self._welcomed = False  # by the relay, on the current or last connection
+        # The last connection ended for this client's behaviour (a slow-down Error, close 1008).
+        self._closed_for_abuse = False
 
     # -- status ------------------------------------------------------------------------------
 
@@ -607,7 +625,13 @@ class SyncClient:
             except (ConnectionLost, ProtocolError, OSError) as exc:
                 log.info("sync connection ended: %s", exc)
                 await self._record_error(LastError.from_exception(exc))
+                if isinstance(exc, ProtocolError) and exc.code in _SLOW_DOWN:
+                    self._closed_for_abuse = True
             delay = self.backoff.next_delay()
+            if self._closed_for_abuse:
+                self._closed_for_abuse = False
+                delay = max(delay, self.backoff.cool_down())
+                log.warning("the relay asked this client to slow down; back in %.0f s", delay)
             self._next_retry_at = datetime.now(tz=UTC) + timedelta(seconds=delay)
             self._state = ConnectionState.WAITING
             await asyncio.sleep(delay)
@@ -799,6 +823,9 @@ class _Connection:
                 aiohttp.WSMsgType.CLOSED,
                 aiohttp.WSMsgType.ERROR,
             ):
+                closed_with = message.data if message.type is aiohttp.WSMsgType.CLOSE else None
+                if _POLICY_VIOLATION in (closed_with, self.ws.close_code):  # without its Error
+                    self.client._closed_for_abuse = True
                 raise ConnectionLost(
                     f"the relay closed the connection ({message.extra or 'no reason'})"
                 )
@@ -883,6 +910,8 @@ class _Connection:
                     d for d in replica.document_ids() if share_state(replica, d) != "revoked"
                 )
             case RequestState(doc):
+                if not self._holds(doc):  # dropped since (its creation refused): nothing to ask
+                    return machine.pending_is(CheckSettled(doc), 0)
                 return machine.state_vector_read(decision, await replica.state_vector(doc))
             case ApplyRemote(doc, update, changed_at, changed_by):
                 await replica.apply_remote(  # makes the local copy of a document new to us
@@ -890,7 +919,11 @@ class _Connection:
                 )
                 return []
             case ReadOutgoing(doc, state_vector, relay_update, merged):
-                rows = await replica.outgoing(doc, state_vector, relay_update, merged=merged)
+                rows = (
+                    await replica.outgoing(doc, state_vector, relay_update, merged=merged)
+                    if self._holds(doc)
+                    else []  # dropped since: the relay's reply brought nothing to keep
+                )
                 return machine.outgoing_read(decision, rows, self._pending(decision.doc), wall_ms())
             case ReadUnsent(doc):
                 unsent = [(p.seq, p.data) for p in await replica.pending_updates(doc)]
@@ -932,11 +965,22 @@ class _Connection:
         raise AssertionError(f"unhandled decision {decision!r}")  # pragma: no cover
 
     def _pending(self, doc: str) -> int:
-        return self.replica.info(doc).pending
+        try:
+            return self.replica.info(doc).pending
+        except DocumentNotFound:  # dropped: the relay refused its creation
+            return 0
+
+    def _holds(self, doc: str) -> bool:
+        """Whether the replica holds ``doc`` (not dropped since the machine asked)."""
+        try:
+            self.replica.info(doc)
+        except DocumentNotFound:
+            return False
+        return True
 
     async def _refuse(self, decision: Rollback) -> None:
         refusal = await self.replica.refuse(
-            decision.doc, decision.seq, decision.code, decision.message
+            decision.doc, decision.seq, decision.code, decision.message, whole=decision.whole
         )
         if refusal is not None:  # the app hears of it through Replica.on_refusal
             log.warning(
@@ -945,6 +989,9 @@ class _Connection:
                 decision.code,
                 decision.message,
             )
+            return
+        if decision.whole:  # another change in flight of a document rolled back as a whole
+            log.debug("seq %d of %s: rolled back with its document", decision.seq, decision.doc)
             return
         # No pending row of that seq any more: another rollback re-made it (its change, made
         # again, goes under a new seq and is judged on its own), or the Update carried no row

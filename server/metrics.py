@@ -89,12 +89,13 @@ UPDATE_REFUSALS = (
 """The error codes an Update is refused with, exported from the start at 0 (so that a rate of
 refusals is defined before the first one); a code not listed appears once sent."""
 
-CUT_REASONS = ("rate_limited", "idle_timeout")
+CUT_REASONS = ("rate_limited", "too_many_refusals", "idle_timeout")
 """Why the relay ended an admitted connection for its behaviour (the ``reason`` label of
-``foliosync_connections_cut_total``): over the message rate past its grace, or silent for the
-idle timeout. Exported from the start at 0."""
+``foliosync_connections_cut_total``): over the message rate past its grace, too many of its
+frames refused within the refusal window, or silent for the idle timeout. Exported from the
+start at 0."""
 
-CLOSE_CODES = ("1000", "1001", "1006", "1009", "1011", "1013", "none")
+CLOSE_CODES = ("1000", "1001", "1006", "1008", "1009", "1011", "1013", "none")
 """The close codes exported from the start at 0; others (a peer's own) appear once seen."""
 
 _FRAME_NAMES = FRAME_NAMES  # the protocol's own table: a new frame is counted by its name

@@ -119,6 +119,7 @@ from foliosync.server.sharing import (
 )
 from foliosync.server.storage import RelayStore, RelayStoreError, SQLiteRelayStore
 from foliosync.server.sync_slots import InitialSyncSlots
+from foliosync.server.user_documents import UserDocuments, entry_names, listed_documents
 from foliosync.sync.clock import wall_ms
 from foliosync.sync.errors import (
     AccessDenied,
@@ -130,7 +131,7 @@ from foliosync.sync.errors import (
     UpdateRefused,
     ValidationError,
 )
-from foliosync.sync.model import kind_of
+from foliosync.sync.model import INDEX_DOCUMENT_ID, DocumentKind, kind_of
 from foliosync.sync.model.schema import DEFAULT_LIMITS, Candidate, SchemaLimits
 from foliosync.sync.prices import LatestPrices, PricePoint, Tick, check_ticks
 from foliosync.sync.protocol import (
@@ -152,7 +153,7 @@ from foliosync.sync.protocol import (
     encode_frame,
     encode_price_frame,
 )
-from foliosync.sync.protocol.limits import MessageRate
+from foliosync.sync.protocol.limits import MessageRate, RefusalLimit
 from foliosync.sync.updates import decode_state_vector
 from foliosync.sync.validation import normalize_symbol
 
@@ -228,6 +229,10 @@ class RelayConfig:
     ``too_many_connections``."""
     message_rate: MessageRate = field(default_factory=MessageRate)
     """The token bucket every connection's messages go through (``rate_limited`` past it)."""
+    refusal_limit: RefusalLimit = field(default_factory=RefusalLimit)
+    """How many of a connection's frames the relay refuses within a window (weighted by
+    ``foliosync.sync.protocol.session.refusal_weight``) before it ends the connection with a
+    fatal ``too_many_refusals`` and close 1008."""
     idle_timeout: float = 120.0
     """Seconds a connection may send nothing (not even a Ping) before the relay ends it with a
     fatal ``idle_timeout``; 0: never. Clients ping more often than this (SyncClient every
@@ -287,6 +292,8 @@ class RelayConfig:
         _check_count("max_connections_per_user", self.max_connections_per_user)
         if not isinstance(self.message_rate, MessageRate):
             raise ConfigError(f"invalid message_rate {self.message_rate!r}: a MessageRate")
+        if not isinstance(self.refusal_limit, RefusalLimit):
+            raise ConfigError(f"invalid refusal_limit {self.refusal_limit!r}: a RefusalLimit")
         _check_seconds("idle_timeout", self.idle_timeout, zero=True)
         _check_seconds("trim_memory_every", self.trim_memory_every, zero=True)
         object.__setattr__(self, "cors_origins", normalize_origins(self.cors_origins))
@@ -373,11 +380,11 @@ class Relay:
         self.connections: set[Connection] = set()
         # Admitted connections per user, for max_connections_per_user.
         self.user_connections: dict[str, int] = {}
-        # The documents stored for each user with a connection here (for
-        # max_documents_per_user): read with the Welcome's list, grown by each stored update,
-        # dropped with the user's last connection. Another relay's new documents count from
-        # the next Welcome, so across relays the limit may be passed by a few.
-        self.user_documents: dict[str, set[str]] = {}
+        # What counts toward max_documents_per_user for each user with a connection here: the
+        # documents stored and those the user's index lists (foliosync.server.user_documents).
+        # Read with the Welcome's list (and the index, once needed), grown by each stored update,
+        # dropped with the user's last connection.
+        self.user_documents: dict[str, UserDocuments] = {}
         self.feed: Feed | None = None  # the --feed task, once started; /readyz watches it
         self.started = time.monotonic()
         self._ids = itertools.count(1)
@@ -443,16 +450,20 @@ class Relay:
         origin: str,
         now_ms: int,
         seen: int | None = None,
+        listing: UserDocuments | None = None,
     ) -> Applied:
         """Check, apply and store one update of ``identity.user``'s ``doc_id``: the one path of
         every update, a device's or the relay's own.
 
         In this order: the kind of the id (ValidationError), the extensions' ``authorize``
         (AccessDenied, AuthError), the wire checks of ``foliosync.sync.updates`` against the
-        document's state vector (BadUpdate, UpdateV2, MissingDependencies), the extensions'
-        ``before_apply`` on the document as it would be (UpdateRefused, SchemaViolation); only
-        then is it applied in memory and stored (RelayStoreError). A refused update changes
-        nothing. The caller acknowledges, then calls :meth:`publish_change`."""
+        document's state vector (BadUpdate, UpdateV2, MissingDependencies), for the user's
+        index with ``listing`` (what counts toward the user's limit) the documents it would list
+        beyond ``max_documents_per_user`` (UpdateRefused ``too_many_documents``), the
+        extensions' ``before_apply`` on the document as it would be (UpdateRefused,
+        SchemaViolation); only then is it applied in memory and stored (RelayStoreError). A
+        refused update changes nothing. The caller acknowledges, then calls
+        :meth:`publish_change`."""
         kind = kind_of(doc_id)
         hooks = self.hooks
         await hooks.authorize(identity, doc_id, "write")
@@ -461,23 +472,40 @@ class Relay:
             # refused instead, as a store that is down refuses, and resent after a reconnect.
             raise RelayStoreError("the relay cannot reach the other relays (Redis is down)")
         owner, local = _resolve(identity.user, doc_id)
+        if kind is not DocumentKind.INDEX:
+            listing = None
+        relisted: list[tuple[frozenset[str], frozenset[str]]] = []  # (listed, unlisted)
 
         async def before_apply(candidate: Candidate) -> None:
-            await hooks.before_apply(
-                ProposedUpdate(
-                    identity=identity,
-                    owner=owner,
-                    doc_id=local,
-                    kind=kind,
-                    seq=seq,
-                    update=update,
-                    candidate=candidate,
-                    device=device,
-                    origin=origin,
+            if listing is not None:
+                changed = candidate.changed.get("documents", frozenset())
+                listed, unlisted = listed_documents(candidate.doc, changed)
+                limit = self.config.max_documents_per_user
+                beyond = listing.beyond(listed | {INDEX_DOCUMENT_ID}, limit)  # itself, too
+                if beyond:
+                    shown = entry_names(candidate.doc, beyond - {INDEX_DOCUMENT_ID})
+                    raise UpdateRefused(
+                        f"the relay keeps at most {limit} documents per user, listed or stored: "
+                        f"no room for {shown}",
+                        ErrorCode.TOO_MANY_DOCUMENTS,
+                    )
+                relisted[:] = [(listed, unlisted)]
+            if hooks.uses("before_apply"):
+                await hooks.before_apply(
+                    ProposedUpdate(
+                        identity=identity,
+                        owner=owner,
+                        doc_id=local,
+                        kind=kind,
+                        seq=seq,
+                        update=update,
+                        candidate=candidate,
+                        device=device,
+                        origin=origin,
+                    )
                 )
-            )
 
-        return await self.documents.apply(
+        applied = await self.documents.apply(
             owner,
             local,
             update,
@@ -486,8 +514,13 @@ class Relay:
             seen=seen,
             origin=origin,
             kind=kind,
-            before_apply=before_apply if hooks.uses("before_apply") else None,
+            before_apply=(
+                before_apply if listing is not None or hooks.uses("before_apply") else None
+            ),
         )
+        if listing is not None and relisted:
+            listing.relist(*relisted[-1])
+        return applied
 
     async def publish_change(
         self,
@@ -795,6 +828,7 @@ class Connection:
             max_send_size=relay.config.max_send_size,
             max_documents=relay.config.max_documents,
             message_rate=relay.config.message_rate,
+            refusal_limit=relay.config.refusal_limit,
         )
         self._admitted_user: str | None = None  # counted in relay.user_connections
         self.identity: Identity | None = None
@@ -819,8 +853,10 @@ class Connection:
         self._seen: dict[str, int] = {}
         self._received_at = 0.0  # when the frame being handled was read (perf_counter)
         self._close_code: int | None = None  # the code this connection closed with, once known
-        # The code to close with when the conversation ends: 1000, or 1011 after a failure of
-        # the relay's own (a fatal ``internal`` Error, an unexpected exception).
+        # The code to close with when the conversation ends: 1000; 1011 after a failure of the
+        # relay's own (a fatal ``internal`` Error, an unexpected exception); 1008 after the
+        # client's abuse (``rate_limited``, ``too_many_refusals``), which tells a client to
+        # back off for long rather than reconnect at once.
         self._close_with = 1000
         # This connection's log context (its id, then its user and device), for what runs on
         # its behalf from another connection's task: a fan-out runs every receiver's _deliver
@@ -1122,9 +1158,10 @@ class Connection:
                 events = self.session.receive_data(data, now=loop.time())
             except RemoteProtocolError as exc:
                 assert self.session.error_reply is not None
-                if exc.code == ErrorCode.RATE_LIMITED:
-                    self._counters.connections_cut["rate_limited"] += 1
-                    log.info("connection %s over the message rate; closing it", self.id)
+                if exc.code in _ABUSE:
+                    self._counters.connections_cut[exc.code] += 1
+                    log.info("connection %s: %s; closing it", self.id, _ABUSE[exc.code])
+                    self._close_with = _POLICY_VIOLATION
                 if self.identity is None:
                     self._counters.connections_refused["bad_hello"] += 1
                 elif FrameCounts.code_of(data) == _UPDATE_CODE:
@@ -1230,7 +1267,8 @@ class Connection:
                 else []
             )
             if "sync" in identity.scopes:
-                self.relay.user_documents.setdefault(identity.user, set()).update(documents)
+                counted = self.relay.user_documents.setdefault(identity.user, UserDocuments())
+                counted.stored(documents)
                 # and what others share with this user: OWNER/id
                 documents += [
                     s.shared_id for s in await self.relay.shares.by_grantee(identity.user)
@@ -1336,7 +1374,16 @@ class Connection:
             message = "the share of this document was revoked"
             counters.updates_refused[self._refuse(REVOKED, message, doc, seq)] += 1
             return
-        if await self._over_document_limit(doc, seq):
+        listing: UserDocuments | None = None
+        try:
+            if await self._over_document_limit(doc, seq):
+                return
+            if doc == INDEX_DOCUMENT_ID and self._counts_toward_limit(doc):
+                listing = await self._counted_documents(with_index=True)
+        except RelayStoreError as exc:
+            counters.updates_refused[ErrorCode.INTERNAL] += 1
+            log.error("counting the documents of %s failed: %s", self.identity.user, exc)
+            self._fail_internal("the relay cannot read its store now; reconnect and retry")
             return
         received_at = self._received_at
         now = wall_ms()
@@ -1350,6 +1397,7 @@ class Connection:
                 origin=self.id,
                 now_ms=now,
                 seen=self._seen.get(doc),
+                listing=listing,
             )
         except (AccessDenied, UpdateRefused, BadUpdate) as exc:
             counters.updates_refused[self._refuse(exc.code, str(exc), doc, seq)] += 1
@@ -1378,9 +1426,9 @@ class Connection:
         if self.session.closed:
             return
         self._saw(doc, applied.version)
-        known = self.relay.user_documents.get(self.identity.user)
-        if known is not None and "/" not in doc:
-            known.add(doc)
+        counted = self.relay.user_documents.get(self.identity.user)
+        if counted is not None and "/" not in doc:
+            counted.stored([doc])
         self._send(self.session.ack(doc, seq))
         counters.update_store.observe(time.perf_counter() - received_at)
         counters.updates_acknowledged += 1
@@ -1400,24 +1448,45 @@ class Connection:
             )
             counters.update_fanout.observe(time.perf_counter() - received_at)
 
+    async def _counted_documents(self, *, with_index: bool) -> UserDocuments:
+        """What counts toward the user's limit (:attr:`Relay.user_documents`), so that the store
+        is not asked per update; ``with_index``: the stored index's entries read in too (once
+        per user while connected: only a new document or an index update needs them)."""
+        assert self.identity is not None
+        user = self.identity.user
+        counted = self.relay.user_documents.get(user)
+        if counted is None:
+            stored = await self.relay.documents.documents(user)
+            counted = self.relay.user_documents.setdefault(user, UserDocuments())
+            counted.stored(stored)
+        if with_index and not counted.index_read:
+            listed: frozenset[str] = frozenset()  # an index never stored lists nothing
+            if counted.stores(INDEX_DOCUMENT_ID):
+                index = await self.relay.read_document(user, INDEX_DOCUMENT_ID)
+                listed, _ = listed_documents(index)
+            counted.read_index(listed)
+        return counted
+
+    def _counts_toward_limit(self, doc: str) -> bool:
+        """Whether ``doc`` counts toward the user's document limit (and its updates are held
+        to it)."""
+        assert self.identity is not None
+        # Not without the sync scope (refused anyway, by the authorization that follows), nor
+        # for another user's document shared with this one (it counts as theirs).
+        return "sync" in self.identity.scopes and "/" not in doc
+
     async def _over_document_limit(self, doc: str, seq: int) -> bool:
         """Whether an Update of ``doc`` would store one document more than the user may have
-        (``max_documents_per_user``); if so it is refused, for that document and seq only.
-
-        Counted against :attr:`Relay.user_documents`, so the store is not asked per update."""
-        assert self.identity is not None
-        if "sync" not in self.identity.scopes:
-            return False  # refused anyway, by the authorization that follows
-        if "/" in doc:
-            return False  # another user's document, shared with this one: it counts as theirs
-        user = self.identity.user
-        known = self.relay.user_documents.get(user)
-        if known is None:
-            known = self.relay.user_documents[user] = set(
-                await self.relay.documents.documents(user)
-            )
+        (``max_documents_per_user``: stored or listed in the index); if so it is refused, for
+        that document and seq only."""
+        if not self._counts_toward_limit(doc):
+            return False
+        counted = await self._counted_documents(with_index=False)
+        if doc in counted:
+            return False
+        counted = await self._counted_documents(with_index=True)
         limit = self.relay.config.max_documents_per_user
-        if doc in known or len(known) < limit:
+        if counted.admits(doc, limit):
             return False
         self._counters.updates_refused[ErrorCode.TOO_MANY_DOCUMENTS] += 1
         self._refuse(
@@ -1590,6 +1659,12 @@ class Connection:
 
 
 RelayKey = web.AppKey("relay", Relay)
+
+_POLICY_VIOLATION = 1008  # the WebSocket close code of a connection ended for its abuse
+_ABUSE: dict[str, str] = {  # the fatal codes that end a connection for its abuse, as logged
+    ErrorCode.RATE_LIMITED: "over the message rate",
+    ErrorCode.TOO_MANY_REFUSALS: "too many of its frames refused",
+}
 
 _LISTED_SYMBOLS = 10  # invalid symbols quoted in the one Error that refuses them
 _LISTED_TICKS = 100  # refused ticks listed in a Published

@@ -278,6 +278,24 @@ def test_a_refused_change_is_rolled_back_and_no_later_ack_settles_it() -> None:
     assert frames(rebased) == [Update(DOC, 9, b"u9")]
 
 
+def test_a_document_past_the_limit_is_rolled_back_whole_but_the_index_change_by_change() -> None:
+    """too_many_documents of a document: the relay takes none of its changes, so its rollback
+    takes them all; of the index it refuses only the entries that one change adds."""
+    machine = welcomed_machine()
+    live(machine)
+    live(machine, INDEX_DOCUMENT)
+    _sent(machine, 2, 3)
+    machine.local_change(INDEX_DOCUMENT, "local", 4, b"u4", 1)
+    assert machine.receive(error_event(ErrorCode.TOO_MANY_DOCUMENTS, "full", DOC, 2))[-1] == (
+        Rollback(DOC, 2, ErrorCode.TOO_MANY_DOCUMENTS, "full", whole=True)
+    )
+    last = machine.receive(error_event(ErrorCode.TOO_MANY_DOCUMENTS, "full", INDEX_DOCUMENT, 4))
+    assert last[-1] == Rollback(INDEX_DOCUMENT, 4, ErrorCode.TOO_MANY_DOCUMENTS, "full")
+    assert machine.receive(error_event(ErrorCode.REFUSED, "no", DOC, 3))[-1] == (
+        Rollback(DOC, 3, ErrorCode.REFUSED, "no")
+    )
+
+
 def test_a_row_the_replica_could_not_roll_back_stays_held_for_the_next_connection() -> None:
     machine = welcomed_machine()
     live(machine)

@@ -14,16 +14,28 @@ import struct
 import subprocess
 import time
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 import yarl
+from pycrdt import Doc, Map
 
-from foliosync.client.sync import SyncClient
+from foliosync.client.sync import Backoff, SyncClient
+from foliosync.server.auth import load_or_create_secret
+from foliosync.server.extensions import Extension, ProposedUpdate, default_extensions
 from foliosync.server.relay import RelayConfig
-from foliosync.sync.errors import ConfigError
+from foliosync.server.user_documents import UserDocuments, entry_names, listed_documents
+from foliosync.sync.errors import ConfigError, UpdateRefused
+from foliosync.sync.model import (
+    INDEX_DOCUMENT_ID,
+    DocumentKind,
+    EditContext,
+    UserIndex,
+    document_id,
+)
 from foliosync.sync.model.schema import SchemaLimits
 from foliosync.sync.protocol import (
     FRAME_CODES,
@@ -36,7 +48,10 @@ from foliosync.sync.protocol import (
     PublishedReceived,
     Welcomed,
 )
-from foliosync.sync.protocol.limits import MessageRate
+from foliosync.sync.protocol.limits import MessageRate, RefusalLimit
+
+TWO = document_id(DocumentKind.WATCHLIST, "Two")
+SECRET = document_id(DocumentKind.WATCHLIST, "Secret")
 
 
 class Peer:
@@ -108,11 +123,104 @@ async def test_a_client_over_the_rate_past_its_grace_is_cut_one_at_the_rate_is_n
             await flood.send(flood.session.ping(nonce))
         error = await flood.fatal()
         assert error.code == ErrorCode.RATE_LIMITED and "50 messages a second" in error.message
+        assert flood.ws.close_code == 1008
         for nonce in range(1, 60):  # 1.2 s at 50 a second
             await steady.send(steady.session.ping(nonce))
             assert await steady.next() == PongReceived(nonce)
             await asyncio.sleep(0.02)
         assert relay.relay.counters.connections_cut["rate_limited"] == 1
+
+
+# -- refusals --------------------------------------------------------------------------------------
+
+
+async def test_a_client_that_keeps_sending_refused_frames_is_cut_with_1008_others_are_not(
+    relay_server: Any, tmp_path: Path, http: Any
+) -> None:
+    doc = "wl-52864113d0bf7ec5b0a294a5"
+    limit = RefusalLimit(count=10, window=10)
+    async with relay_server(tmp_path / "r", refusal_limit=limit) as relay:
+        bob = await Peer.connect(http, relay, relay.token("bob"))
+        await bob.send(bob.session.sync_request(doc, b"\x00"))
+        assert not isinstance(await bob.next(), ErrorReceived)  # its SyncReply
+        mallory = await Peer.connect(http, relay, relay.token("mallory"))
+        await mallory.send(mallory.session.sync_request(doc, b"\x00"))
+        await mallory.next()
+        for seq in range(1, 12):  # not a Yjs update: bad_update, one each, 11 > 10
+            await mallory.send(mallory.session.update(doc, seq, b"\xff\xff\xff"))
+            refused = await mallory.next()
+            assert isinstance(refused, ErrorReceived) and refused.code == ErrorCode.BAD_UPDATE
+            if seq % 3 == 0:  # bob, meanwhile, is served as ever
+                await bob.send(bob.session.ping(seq))
+                assert await bob.next() == PongReceived(seq)
+        await mallory.send(mallory.session.ping(1))  # the next frame is not handled
+        error = await mallory.fatal()
+        assert error.code == ErrorCode.TOO_MANY_REFUSALS and "more than 10" in error.message
+        assert mallory.ws.close_code == 1008
+        await bob.send(bob.session.ping(99))
+        assert await bob.next() == PongReceived(99)
+        counters = relay.relay.counters
+        assert counters.connections_cut["too_many_refusals"] == 1
+        assert counters.updates_refused[ErrorCode.BAD_UPDATE] == 11
+        await asyncio.sleep(0.1)
+        assert counters.connections_closed["1008"] == 1
+        assert len(relay.relay.connections) == 1  # bob's
+
+
+class NoEvil(Extension):
+    """An app's rule: no watchlist gains a symbol that starts with EVIL (a change at fault)."""
+
+    async def before_apply(self, change: ProposedUpdate) -> None:
+        added = change.candidate.changed.get("symbols", frozenset())
+        if change.kind is DocumentKind.WATCHLIST and any(k.startswith("EVIL") for k in added):
+            raise UpdateRefused("no EVIL here")
+
+
+async def test_a_sync_client_cut_for_its_refusals_waits_most_of_its_cap_before_it_comes_back(
+    relay_server: Any, tmp_path: Path, open_replica: Any, sync_clients: Callable[..., SyncClient]
+) -> None:
+    data = tmp_path / "r"
+    extensions = [*default_extensions(load_or_create_secret(data)), NoEvil()]
+    limit = RefusalLimit(count=1, window=10)  # two refused changes are one too many
+    async with relay_server(data, extensions=extensions, refusal_limit=limit) as relay:
+        replica = await open_replica("phone")
+        watchlist = await replica.create_watchlist("Tech")
+        await watchlist.add(["AAPL"])
+        await watchlist.add(["EVIL1"])
+        await (await replica.create_watchlist("Bio")).add(["EVIL2"])
+        client = sync_clients(
+            replica,
+            relay.url,
+            relay.token("alice", "phone"),
+            backoff=Backoff(base=0.01, cap=5.0),  # after a welcome, 0 to 10 ms
+            heartbeat=0.1,  # its next Ping is the frame that gets the fatal Error
+        )
+        client.start()
+        counters = relay.relay.counters
+        deadline = time.monotonic() + 10
+        while client.health().next_retry_at is None:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        health = client.health()
+        assert counters.connections_cut["too_many_refusals"] == 1
+        assert health.last_error is not None and health.last_error.code == "too_many_refusals"
+        assert health.next_retry_at is not None
+        wait = (health.next_retry_at - datetime.now(tz=UTC)).total_seconds()
+        assert 2.4 < wait <= 5.0  # half the cap at least, not the 10 ms of a fresh backoff
+        await asyncio.sleep(0.5)
+        assert counters.connections_opened == 1  # not back yet
+        assert sorted(r.summary for r in replica.refusals()) == [
+            "add EVIL1 to Tech",
+            "add EVIL2 to Bio",
+        ]
+        assert watchlist.symbols == ["AAPL"]
+
+
+async def test_the_relay_command_refuses_a_refusal_limit_below_1(
+    tmp_path: Path, helpers: Any
+) -> None:
+    code, _, err = await helpers.run_cli("relay", "--data", str(tmp_path), "--max-refusals", "0")
+    assert code != 0 and "invalid --max-refusals 0" in err
 
 
 # -- connections and documents per user ------------------------------------------------------------
@@ -168,6 +276,180 @@ async def test_a_document_past_the_users_limit_is_refused_for_that_document_only
         )
         assert not isinstance(await peer.next(), ErrorReceived)  # a stored one takes edits
         assert relay.relay.counters.updates_refused[ErrorCode.TOO_MANY_DOCUMENTS] == len(refused)
+
+
+async def relay_lists(relay: Any, user: str) -> list[str]:
+    """The names the relay's copy of ``user``'s index lists: the user's list on every device."""
+    index = await relay.relay.read_document(user, INDEX_DOCUMENT_ID)
+    return sorted(e.name for e in UserIndex(index, EditContext("test")).entries())
+
+
+async def test_a_one_shot_sync_past_the_document_limit_ends_at_once_and_says_what_was_refused(
+    relay_server: Any, tmp_path: Path, helpers: Any, open_replica: Any
+) -> None:
+    """`foliosync sync` of a replica holding more new documents than the user may have: it ends
+    at once (it used to wait for its timeout), prints each refusal, and syncs the rest; the
+    relay neither stores nor lists the refused documents, the device no longer holds them, and
+    the next sync sends nothing again."""
+    limit = RefusalLimit(count=5, window=10)  # a device catching up never comes near it
+    async with relay_server(tmp_path / "r", max_documents_per_user=3, refusal_limit=limit) as relay:
+        laptop = await open_replica("laptop")  # open beside the CLI's process, as an app would be
+        token = relay.token("alice", "laptop")
+        await (await laptop.create_watchlist("One")).add(["AAPL"])
+        assert await helpers.fast_client(laptop, relay.url, token).sync_once(10)
+        for name in ("Two", "Three", "Four", "Five"):
+            watchlist = await laptop.create_watchlist(name)
+            if name != "Five":
+                await watchlist.add(["MSFT", "NVDA"])
+        env = {"FOLIOSYNC_DB": str(laptop.path)}
+        started = time.monotonic()
+        code, out, err = await helpers.run_cli(
+            "sync", "--server", relay.url, "--token", token, "--timeout", "20", env=env
+        )
+        took = time.monotonic() - started
+        assert code == 0, (out, err)
+        assert took < 8, took  # the process's start and the wait for prices included
+        lines = out.splitlines()
+        assert lines[-1].startswith(f"in sync with {relay.url}: 2 documents, 0 changes pending")
+        for name in ("Three", "Four", "Five"):
+            refused = [line for line in lines if f"create watchlist {name}" in line]
+            assert len(refused) == 1 and "too_many_documents" in refused[0], out
+            assert "at most 3 documents per user" in refused[0]
+        assert not any("create watchlist Two" in line for line in lines)
+        assert sorted(await relay.relay.documents.documents("alice")) == sorted(
+            ["index", document_id(DocumentKind.WATCHLIST, "One"), TWO]
+        )
+        assert await relay_lists(relay, "alice") == ["One", "Two"]
+        assert relay.relay.counters.connections_cut["too_many_refusals"] == 0
+        await laptop.refresh()  # what the CLI's process did to the file
+        assert [d.name for d in laptop.documents()] == ["One", "Two"]
+        assert sorted(e.name for e in (await laptop.index()).entries()) == ["One", "Two"]
+
+        phone = await open_replica("phone")  # another device: the user's list as the relay has it
+        phone_token = relay.token("alice", "phone")
+        assert await helpers.fast_client(phone, relay.url, phone_token).sync_once(10)
+        assert [d.name for d in phone.documents()] == ["One", "Two"]
+        assert (await phone.watchlist("Two")).symbols == ["MSFT", "NVDA"]
+
+        refused_before = relay.relay.counters.updates_refused[ErrorCode.TOO_MANY_DOCUMENTS]
+        refusals = laptop.refusals()
+        assert await helpers.fast_client(laptop, relay.url, token).sync_once(10)
+        assert relay.relay.counters.updates_refused[ErrorCode.TOO_MANY_DOCUMENTS] == refused_before
+        assert laptop.refusals() == refusals  # nothing was sent again
+
+
+def test_what_counts_toward_the_limit_is_what_is_stored_and_what_the_index_lists() -> None:
+    index = Doc()
+    entries = index.get("documents", type=Map)
+    one, two, three = (document_id(DocumentKind.WATCHLIST, n) for n in ("One", "Two", "Three"))
+    with index.transaction():
+        entries[one] = {"kind": "watchlist", "name": "One", "t": "0"}
+        entries[two] = {"kind": "watchlist", "name": "Two", "t": "0"}
+        entries["not-an-id"] = {"kind": "watchlist", "name": "X", "t": "0"}
+        entries[three] = {"kind": "watchlist"}  # no name: not an entry devices read
+    listed, unlisted = listed_documents(index)
+    assert listed == {one, two} and unlisted == {"not-an-id", three}
+    counted = UserDocuments(["index", one])
+    counted.read_index(listed)
+    assert len(counted) == 3 and two in counted  # listed, not stored yet: it holds its room
+    assert counted.admits(two, 3) and not counted.admits(three, 3)
+    assert counted.beyond({three}, 3) == {three} and counted.beyond({one, two}, 3) == set()
+    counted.relist(listed=(), unlisted={one, two})  # entries removed
+    assert len(counted) == 2 and one in counted and two not in counted  # one is stored
+    assert counted.admits(three, 3)
+    shown = entry_names(index, {one, two, three}, most=2)
+    assert shown == "watchlist 'One', watchlist 'Two' and 1 more"
+
+
+class NotSecret(Extension):
+    """An app's rule on one document: the watchlist "Secret" takes no change at all."""
+
+    async def before_apply(self, change: ProposedUpdate) -> None:
+        if change.doc_id == SECRET:
+            raise UpdateRefused("not this watchlist", "no_secret")
+
+
+async def test_a_document_whose_every_change_is_refused_leaves_no_entry_behind(
+    relay_server: Any, tmp_path: Path, open_replica: Any, helpers: Any
+) -> None:
+    """The relay takes the index entry (within the limit) and refuses each change of the
+    document itself: once its creation is rolled back too, the device removes the document
+    and its entry, the relay's index follows, and the room its entry held is free again."""
+    data = tmp_path / "r"
+    extensions = [*default_extensions(load_or_create_secret(data)), NotSecret()]
+    async with relay_server(data, extensions=extensions, max_documents_per_user=3) as relay:
+        laptop = await open_replica("laptop")
+        secret = await laptop.create_watchlist("Secret")
+        await secret.add(["AAPL"])
+        token = relay.token("alice", "laptop")
+        assert await helpers.fast_client(laptop, relay.url, token).sync_once(10)
+        assert laptop.documents() == [] and laptop.info(INDEX_DOCUMENT_ID).pending == 0
+        assert sorted(r.code for r in laptop.refusals()) == ["no_secret", "no_secret"]
+        assert await relay.relay.documents.documents("alice") == ["index"]
+        assert await relay_lists(relay, "alice") == []
+        # the room is free: two documents fit beside the index
+        for name in ("One", "Two"):
+            await (await laptop.create_watchlist(name)).add(["MSFT"])
+        assert await helpers.fast_client(laptop, relay.url, token).sync_once(10)
+        assert await relay_lists(relay, "alice") == ["One", "Two"]
+        assert [d.name for d in laptop.documents()] == ["One", "Two"]
+        assert all(d.pending == 0 for d in laptop.documents())
+
+
+async def test_a_device_that_adopted_an_entry_drops_it_when_the_entry_goes(
+    relay_server: Any, tmp_path: Path, open_replica: Any, helpers: Any, http: Any
+) -> None:
+    """Another device listed "Secret" (the relay took the entry) and the relay refused the
+    document itself; a phone that synced in between adopted the entry. Once the entry is
+    removed, the phone drops the document it never held anything of."""
+    data = tmp_path / "r"
+    extensions = [*default_extensions(load_or_create_secret(data)), NotSecret()]
+    async with relay_server(data, extensions=extensions) as relay:
+        source = await open_replica("source")  # real index updates, sent by a raw peer
+        await source.create_watchlist("Secret")
+        peer = await Peer.connect(http, relay, relay.token("alice", "js"))
+        await peer.send(peer.session.sync_request(INDEX_DOCUMENT_ID, b"\x00"))
+        await peer.next()
+        for row in await source.pending_updates(INDEX_DOCUMENT_ID):
+            await peer.send(peer.session.update(INDEX_DOCUMENT_ID, row.seq, row.data))
+            assert not isinstance(await peer.next(), ErrorReceived)
+        assert await relay_lists(relay, "alice") == ["Secret"]
+        phone = await open_replica("phone")
+        token = relay.token("alice", "phone")
+        assert await helpers.fast_client(phone, relay.url, token).sync_once(10)
+        assert [d.name for d in phone.documents()] == ["Secret"]  # adopted from the entry
+        listed = [p.seq for p in await source.pending_updates(INDEX_DOCUMENT_ID)]
+        await source.edit(await source.index(), lambda m: m.unregister(SECRET))
+        for row in await source.pending_updates(INDEX_DOCUMENT_ID):
+            if row.seq not in listed:
+                await peer.send(peer.session.update(INDEX_DOCUMENT_ID, row.seq, row.data))
+                assert not isinstance(await peer.next(), ErrorReceived)
+        assert await relay_lists(relay, "alice") == []
+        assert await helpers.fast_client(phone, relay.url, token).sync_once(10)
+        assert phone.documents() == []
+        assert await relay.relay.documents.documents("alice") == ["index"]
+
+
+async def test_a_refused_edit_of_a_read_only_share_leaves_the_grantee_nothing_on_the_relay(
+    relay_server: Any, tmp_path: Path, open_replica: Any, helpers: Any
+) -> None:
+    async with relay_server(tmp_path / "r", max_documents_per_user=3) as relay:
+        alice = await open_replica("alice")
+        await (await alice.create_watchlist("Tech")).add(["AAPL"])
+        assert await helpers.fast_client(alice, relay.url, relay.token("alice", "a")).sync_once(10)
+        tech = document_id(DocumentKind.WATCHLIST, "Tech")
+        await relay.relay.grant_share("alice", tech, "bob", "read")
+        bob = await open_replica("bob")
+        token = relay.token("bob", "b")
+        assert await helpers.fast_client(bob, relay.url, token).sync_once(10)
+        shared = await bob.watchlist(f"alice/{tech}")
+        await shared.add(["EVIL"])
+        assert await helpers.fast_client(bob, relay.url, token).sync_once(10)
+        assert [r.code for r in bob.refusals()] == ["read_only"]
+        assert shared.symbols == ["AAPL"]  # rolled back, and the copy kept
+        assert [d.id for d in bob.documents()] == [f"alice/{tech}"]
+        assert await relay.relay.documents.documents("bob") == []
+        assert sorted(await relay.relay.documents.documents("alice")) == ["index", tech]
 
 
 def test_the_relay_refuses_a_document_limit_its_sync_replies_could_not_carry(

@@ -23,7 +23,7 @@ from foliosync.client.replica import DocumentChange, Replica
 from foliosync.client.sync import SyncClient
 from foliosync.server.auth import issue_token, load_or_create_secret
 from foliosync.server.extensions import Extension, ProposedUpdate, default_extensions
-from foliosync.sync.errors import StorageFull, UpdateRefused
+from foliosync.sync.errors import DocumentNotFound, StorageFull, UpdateRefused
 from foliosync.sync.model import EditContext, Portfolio, Watchlist
 
 from .conftest import run_cli
@@ -318,8 +318,8 @@ KILLED_MIDWAY = textwrap.dedent(
 
     real = replica_module.plan_rollback
 
-    def plan_then_die(log, seq):
-        result = real(log, seq)
+    def plan_then_die(log, seq, **options):
+        result = real(log, seq, **options)
         if sys.argv[3] == "inside":
             os.kill(os.getpid(), signal.SIGKILL)  # inside the write transaction
         return result
@@ -684,3 +684,92 @@ async def test_a_document_created_on_a_stale_index_is_listed_on_the_rolled_back_
         names = [e.name for e in (await syncer.index()).entries()]
         assert sorted(names) == ["Main", "Tech"]
         assert [e.name for e in (await app.index()).entries()] == names
+
+
+async def test_a_document_refused_as_a_whole_goes_with_its_index_entry_everywhere(
+    tmp_path: Path,
+) -> None:
+    """too_many_documents: the relay takes no change of the document. Every pending change of it
+    is rolled back at once (one refusal naming them), and a document of which nothing is left,
+    on the relay or pending, is removed with its index entry, here and in another replica of
+    the file; the refusal stays. Creating it again makes it anew."""
+    path = tmp_path / "r.db"
+    async with Replica.open(path) as replica, Replica.open(path) as other:
+        keep = await replica.create_watchlist("Keep")
+        await keep.add(["AAPL"])
+        tech = await replica.create_watchlist("Tech")
+        await tech.add(["NVDA"])
+        await tech.add(["MSFT"])
+        await other.refresh()
+        seen_there = await other.watchlist("Tech")
+        first = (await replica.pending_updates(tech.id))[0]
+        message = "the relay keeps at most 3 documents per user"
+
+        refusal = await replica.refuse(
+            tech.id, first.seq, "too_many_documents", message, whole=True
+        )
+
+        assert refusal is not None and refusal.code == "too_many_documents"
+        assert refusal.summary == "create watchlist Tech; add NVDA to Tech; add MSFT to Tech"
+        assert refusal.changes == 3 and refusal.rebased == ()
+        assert [d.name for d in replica.documents()] == ["Keep"]
+        assert [e.name for e in (await replica.index()).entries()] == ["Keep"]
+        assert await replica.pending_updates(tech.id) == []
+        assert replica.refusals() == [refusal]
+        with pytest.raises(DocumentNotFound):
+            await tech.add(["TSLA"])
+        with pytest.raises(DocumentNotFound):
+            replica.info(tech.id)
+        # the refusals of its other changes in flight: nothing left to roll back
+        assert await replica.refuse(tech.id, first.seq + 1, "too_many_documents", message) is None
+
+        await other.refresh()
+        assert [d.name for d in other.documents()] == ["Keep"]
+        assert [e.name for e in (await other.index()).entries()] == ["Keep"]
+        assert other.refusals() == [refusal]
+        with pytest.raises(DocumentNotFound):
+            await seen_there.add(["AMD"])
+
+        again = await replica.create_watchlist("Tech")  # made anew
+        await again.add(["AMD"])
+        assert again.symbols == ["AMD"]
+        assert sorted(e.name for e in (await replica.index()).entries()) == ["Keep", "Tech"]
+        assert keep.symbols == ["AAPL"]
+
+
+async def test_a_document_the_relay_holds_is_rolled_back_as_a_whole_but_kept(
+    tmp_path: Path,
+) -> None:
+    async with Replica.open(tmp_path / "r.db") as replica:
+        tech = await replica.create_watchlist("Tech")
+        await tech.add(["AAPL"])
+        for row in await seqs(replica, tech.id):
+            await replica.acknowledge(tech.id, row)  # the relay stored them
+        await tech.add(["NVDA"])
+        await tech.add(["MSFT"])
+        first = (await seqs(replica, tech.id))[0]
+        refusal = await replica.refuse(tech.id, first, "too_many_documents", "no", whole=True)
+        assert refusal is not None and refusal.changes == 2
+        assert tech.symbols == ["AAPL"] and replica.info(tech.id).pending == 0
+        assert [e.name for e in (await replica.index()).entries()] == ["Tech"]
+
+
+async def test_the_last_change_of_a_document_the_relay_never_took_refused_takes_it_away(
+    tmp_path: Path,
+) -> None:
+    """Refused one by one (an app's rule on the document): the first refusal leaves its creation
+    pending, so the document stays; the refusal of the creation leaves nothing, so it goes."""
+    async with Replica.open(tmp_path / "r.db") as replica:
+        secret = await replica.create_watchlist("Secret")
+        await secret.add(["AAPL"])
+        creation, addition = await seqs(replica, secret.id)
+        assert await replica.refuse(secret.id, addition, "refused", "not this one") is not None
+        assert [d.name for d in replica.documents()] == ["Secret"]
+        (creation,) = await seqs(replica, secret.id)
+        assert await replica.refuse(secret.id, creation, "refused", "not this one") is not None
+        assert replica.documents() == []
+        assert (await replica.index()).entries() == []
+        assert [r.summary for r in replica.refusals()] == [
+            "create watchlist Secret",
+            "add AAPL to Secret",
+        ]

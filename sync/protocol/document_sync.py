@@ -123,6 +123,10 @@ class RefusalAction(Enum):
 
 
 _RETRY_LATER = frozenset({ErrorCode.EXTENSION_FAILED, ErrorCode.AUTH_FAILED, ErrorCode.INTERNAL})
+# Refusals of a document as a whole: the relay takes none of its changes, whatever they hold. Not
+# of the index, which the relay keeps whatever it refuses of it (too_many_documents there refuses
+# the entries that one change would add).
+_WHOLE_DOCUMENT = frozenset({ErrorCode.TOO_MANY_DOCUMENTS})
 
 
 def refusal_action(code: str) -> RefusalAction:
@@ -229,12 +233,16 @@ class Settle:
 
 @dataclass(frozen=True, slots=True)
 class Rollback:
-    """``Replica.refuse(doc, seq, code, message)``; then :meth:`DeviceSync.rolled_back`."""
+    """``Replica.refuse(doc, seq, code, message, whole=whole)``; then
+    :meth:`DeviceSync.rolled_back`. ``whole``: the relay refused the document itself, so that
+    it takes no change of it (``too_many_documents``): every pending change of it goes at once,
+    rather than each re-made and refused in turn."""
 
     doc: str
     seq: int
     code: str
     message: str
+    whole: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -590,7 +598,8 @@ class DeviceSync:
                 if action in (RefusalAction.RETRY_LATER, RefusalAction.SPLIT):
                     d._held[held] = action
         if action is RefusalAction.ROLLBACK:
-            return [Rollback(d.doc, row, code, message)]
+            whole = code in _WHOLE_DOCUMENT and d.doc != INDEX_DOCUMENT
+            return [Rollback(d.doc, row, code, message, whole=whole)]
         if action is RefusalAction.RESYNC:
             if True in d._replies_due:  # a resync is on its way already; its diff covers this
                 return []

@@ -144,6 +144,10 @@ class ErrorCode(StrEnum):
     device's connection, or reconnect later."""
     RATE_LIMITED = "rate_limited"
     """The client sent more messages than the relay's rate allows, for longer than its grace."""
+    TOO_MANY_REFUSALS = "too_many_refusals"
+    """The relay refused more of the client's frames than its limit allows within its window
+    (``RefusalLimit``): the client keeps sending what it was told is refused. Like
+    ``rate_limited``, reconnect only after a long backoff."""
     IDLE_TIMEOUT = "idle_timeout"
     """Nothing came from the client (not even a Ping) for the relay's idle timeout."""
     # Per document: sent with the doc (and the seq of the update, if any); the connection stays.

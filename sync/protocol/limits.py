@@ -19,10 +19,14 @@ __all__ = [
     "DEFAULT_MESSAGE_BURST",
     "DEFAULT_MESSAGE_GRACE",
     "DEFAULT_MESSAGE_RATE",
+    "DEFAULT_REFUSAL_COUNT",
+    "DEFAULT_REFUSAL_WINDOW",
     "MAX_CODE_LENGTH",
     "MAX_ID_LENGTH",
     "MAX_UINT",
     "MessageRate",
+    "RefusalLimit",
+    "RefusalWindow",
     "TokenBucket",
 ]
 
@@ -67,6 +71,17 @@ DEFAULT_MESSAGE_GRACE = 10.0
 """Seconds of the rate a connection may run into debt once its burst is spent, before the relay
 ends it with a fatal ``rate_limited``: a client that stays over the rate for longer than this is
 abusing the relay, not catching up."""
+
+DEFAULT_REFUSAL_COUNT = 100
+"""Refusals (weighted, see :class:`RefusalLimit`) one connection may get within
+:data:`DEFAULT_REFUSAL_WINDOW` before the relay ends it with a fatal ``too_many_refusals``. A device
+that follows the protocol rolls back what was refused and does not send it again, so the changes
+that count fully are the ones it got wrong itself; a hundred of those within ten seconds is a client
+that keeps sending what it was told is refused, not a device catching up."""
+
+DEFAULT_REFUSAL_WINDOW = 10.0
+"""Seconds over which refusals are counted (in tenths: a refusal leaves the count between 9/10
+and all of a window after it was sent)."""
 
 
 def _positive(name: str, value: object) -> float:
@@ -140,3 +155,75 @@ class TokenBucket:
             self._last = now
         self._tokens -= cost
         return self._tokens >= -limit.max_debt
+
+
+@dataclass(frozen=True, slots=True)
+class RefusalLimit:
+    """How many refusals a connection may get: more than ``count`` within ``window`` seconds ends
+    it. What one refusal weighs is the session's decision (``ServerSession``): a change at fault
+    weighs 1, a refusal a device gets once per change it had in flight (the document past the
+    user's limit, a read-only share, a relay that lacks what the change builds on) 1/100, and the
+    relay's own failures nothing.
+
+    Checked when built, so a wrong value stops the relay at start-up."""
+
+    count: int = DEFAULT_REFUSAL_COUNT
+    window: float = DEFAULT_REFUSAL_WINDOW
+
+    def __post_init__(self) -> None:
+        if isinstance(self.count, bool) or not isinstance(self.count, int) or self.count < 1:
+            raise ConfigError(f"invalid refusal count {self.count!r}: a whole number, at least 1")
+        _positive("refusal window", self.window)
+
+
+_SLOTS = 10  # the window is counted in this many slots of a tenth each
+
+
+class RefusalWindow:
+    """The weight of the refusals of the last ``window`` seconds, in slots of a tenth of it.
+
+    Pure, like :class:`TokenBucket`: the time comes in as an argument (any monotonic clock). A
+    slotted count rather than one timestamp per refusal: a connection refused ten thousand times
+    costs ten numbers, not ten thousand. A refusal counts until its slot is a whole window old,
+    so for between 9/10 of a window and a whole one.
+    """
+
+    __slots__ = ("_limit", "_slots", "_width")
+
+    def __init__(self, limit: RefusalLimit) -> None:
+        self._limit = limit
+        self._width = limit.window / _SLOTS
+        self._slots: list[tuple[int, float]] = []  # (slot number, weight), oldest first
+
+    @property
+    def limit(self) -> RefusalLimit:
+        """The count and window this counter enforces."""
+        return self._limit
+
+    def _expire(self, now: float) -> int:
+        slot = math.floor(now / self._width)
+        slots = self._slots
+        while slots and slots[0][0] <= slot - _SLOTS:
+            del slots[0]
+        return slot
+
+    def add(self, weight: float, now: float) -> None:
+        """Count a refusal of ``weight`` sent at time ``now``."""
+        if weight <= 0:
+            return
+        slot = self._expire(now)
+        slots = self._slots
+        if slots and slots[-1][0] >= slot:  # the clock never goes back; if it did, same slot
+            last, total = slots[-1]
+            slots[-1] = (last, total + weight)
+        else:
+            slots.append((slot, weight))
+
+    def weight(self, now: float) -> float:
+        """The weight of the refusals still counted at ``now``."""
+        self._expire(now)
+        return sum(weight for _slot, weight in self._slots)
+
+    def exceeded(self, now: float) -> bool:
+        """Whether more than ``count`` is counted at ``now`` (the connection should end)."""
+        return self.weight(now) > self._limit.count + 1e-9

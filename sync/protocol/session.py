@@ -34,6 +34,12 @@ tokens of a :class:`TokenBucket` (one, and one more per hundred symbols or ticks
 those cost the relay a reply of that size), and a client that stays over the rate past the
 bucket's grace gets a fatal ``rate_limited``. The shell passes its clock in
 (``receive_data(data, now=loop.time())``), so the limit is tested without sleeping.
+
+Given a :class:`RefusalLimit`, it also counts the per-document Errors it sends (the relay's
+refusals), weighted by :func:`refusal_weight`, and once more than the limit's count fall within
+its window, the client's next frame gets a fatal ``too_many_refusals`` instead of being handled:
+a client that sends nothing but refused frames would otherwise stay connected for as long as it
+keeps within the message rate.
 """
 
 from __future__ import annotations
@@ -89,10 +95,12 @@ from foliosync.sync.protocol.limits import (
     DEFAULT_MAX_DOCUMENTS,
     DEFAULT_MAX_FRAME_SIZE,
     MessageRate,
+    RefusalLimit,
+    RefusalWindow,
     TokenBucket,
 )
 
-__all__ = ["ClientSession", "ClientState", "ServerSession", "ServerState"]
+__all__ = ["ClientSession", "ClientState", "ServerSession", "ServerState", "refusal_weight"]
 
 _MAX_REPLY_MESSAGE = 200
 """Characters of an exception message echoed in an error reply: enough to debug, and a hostile
@@ -123,6 +131,50 @@ class ClientState(Enum):
     """Welcome received; document frames flow both ways."""
     CLOSED = "closed"
     """Done: after a fatal error either way, or close()."""
+
+
+# What one refusal weighs in a RefusalLimit's count (any other code weighs 1: the change itself
+# is at fault, by the relay's checks or an extension's rule, and a device that rolls it back never
+# sends it again).
+_NOT_COUNTED = frozenset(
+    {
+        ErrorCode.EXTENSION_FAILED,  # the relay's own failure: the change is not at fault
+        ErrorCode.INTERNAL,
+        "shared",  # a notice (foliosync.server.sharing), not an answer to anything
+    }
+)
+_PER_DOCUMENT = frozenset(
+    {
+        # Whatever the change: every change of the document is refused alike, so a device gets
+        # one per change it had in flight (an offline import into a document past the user's
+        # limit: thousands at once), cheap refusals, bounded by the message rate.
+        ErrorCode.TOO_MANY_DOCUMENTS,
+        ErrorCode.FORBIDDEN,
+        ErrorCode.NOT_FOUND,
+        ErrorCode.AUTH_FAILED,
+        "read_only",
+        "revoked",
+        # The relay's copy lacks what the changes build on (restored from a backup): every
+        # change in flight after the first one missing is refused too, then the device resyncs.
+        ErrorCode.MISSING_DEPENDENCIES,
+    }
+)
+_PER_DOCUMENT_WEIGHT = 0.01
+
+
+def refusal_weight(code: str, seq: int | None) -> float:
+    """What a per-document Error of ``code`` weighs in a :class:`RefusalLimit`'s count.
+
+    1 for a change at fault (``bad_update``, ``invalid_document``, ``refused``, an extension's
+    own code...), which a device that follows the protocol rolls back and never sends again;
+    1/100 for a refusal of the document as a whole, which a device gets once per change it had
+    in flight; 0 for the relay's own failures and for notices (``shared``, and ``revoked``
+    without a seq: the relay tells of it unasked)."""
+    if code in _NOT_COUNTED or (code == "revoked" and seq is None):
+        return 0.0
+    if code in _PER_DOCUMENT:
+        return _PER_DOCUMENT_WEIGHT
+    return 1.0
 
 
 def _violation(message: str, code: str) -> RemoteProtocolError:
@@ -210,8 +262,10 @@ class ServerSession(_Session):
 
     __slots__ = (
         "_bucket",
+        "_last_received",
         "_max_documents",
         "_received_seqs",
+        "_refusals",
         "_state",
         "_supported",
         "_synced",
@@ -226,11 +280,17 @@ class ServerSession(_Session):
         supported_protocols: frozenset[int] = frozenset({PROTOCOL_VERSION}),
         max_documents: int = DEFAULT_MAX_DOCUMENTS,
         message_rate: MessageRate | None = None,
+        refusal_limit: RefusalLimit | None = None,
     ) -> None:
         super().__init__(max_frame_size, max_send_size)
         if message_rate is not None and not isinstance(message_rate, MessageRate):
             raise ConfigError(f"message_rate must be a MessageRate, not {message_rate!r}")
+        if refusal_limit is not None and not isinstance(refusal_limit, RefusalLimit):
+            raise ConfigError(f"refusal_limit must be a RefusalLimit, not {refusal_limit!r}")
         self._bucket = TokenBucket(message_rate) if message_rate is not None else None
+        self._refusals = RefusalWindow(refusal_limit) if refusal_limit is not None else None
+        # When the last frame was received: the time of the refusals sent in answer to it.
+        self._last_received: float | None = None
         if not supported_protocols:
             raise ConfigError("supported_protocols must not be empty")
         if isinstance(max_documents, bool) or not isinstance(max_documents, int):
@@ -265,20 +325,38 @@ class ServerSession(_Session):
         """What is left of the client's message bucket (negative: in debt); None: unmetered."""
         return None if self._bucket is None else self._bucket.tokens
 
+    @property
+    def refusal_limit(self) -> RefusalLimit | None:
+        """The refusals this session allows the client (None: not counted)."""
+        return None if self._refusals is None else self._refusals.limit
+
+    def refusals(self, now: float) -> float | None:
+        """The weight of the refusals counted at ``now``; None: not counted."""
+        return None if self._refusals is None else self._refusals.weight(now)
+
     def receive_data(self, data: bytes, now: float | None = None) -> list[ServerEvent]:
         """The events of one WebSocket binary message from the client, received at ``now`` (a
         monotonic clock in seconds; needed when the session meters a :class:`MessageRate`).
 
         Raises :class:`RemoteProtocolError` if the client broke the protocol, ``rate_limited``
-        included; the session is then closed and :attr:`error_reply` holds the bytes to send
-        before closing the socket.
+        and ``too_many_refusals`` included; the session is then closed and :attr:`error_reply`
+        holds the bytes to send before closing the socket.
         """
         try:
             frame = self._decode(data)
-            if self._bucket is not None:
+            if self._bucket is not None or self._refusals is not None:
                 if now is None:
                     raise LocalProtocolError("a metered session needs the time: receive_data(now=)")
-                self._meter(frame, now)
+                self._last_received = now
+                if self._bucket is not None:
+                    self._meter(frame, now)
+                if self._refusals is not None and self._refusals.exceeded(now):
+                    limit = self._refusals.limit
+                    raise _violation(
+                        f"more than {limit.count} of this connection's frames refused within "
+                        f"{limit.window:g} s; stop resending what the relay refuses",
+                        ErrorCode.TOO_MANY_REFUSALS,
+                    )
             return [self._receive(frame)]
         except RemoteProtocolError as exc:
             self._fail(exc)
@@ -402,7 +480,12 @@ class ServerSession(_Session):
             raise LocalProtocolError(
                 f"Ack of seq {frame.seq} of {frame.doc!r}, which this connection never received"
             )
-        return self._encode(frame)
+        data = self._encode(frame)
+        # A refusal answers a frame: it is counted at the time that frame was received.
+        received = self._last_received
+        if isinstance(frame, Error) and self._refusals is not None and received is not None:
+            self._refusals.add(refusal_weight(frame.code, frame.seq), received)
+        return data
 
     def prices(self, packed_ticks: Sequence[bytes], *, snapshot: bool = False) -> bytes:
         """A PriceBatch (or PriceSnapshot) of ticks packed once by ``pack_price_tick``."""
