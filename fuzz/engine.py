@@ -27,6 +27,7 @@ __all__ = [
     "DEFAULT_HANG_MS",
     "Recorder",
     "Result",
+    "check_notes",
     "make_check",
     "render_table",
     "run_pure",
@@ -156,7 +157,14 @@ def run_pure(
             break
         recorder.run_one(mutator.next_input())
     result.seconds = time.perf_counter() - started
+    result.notes.extend(check_notes(recorder.check))
     return result
+
+
+def check_notes(check: Callable[[bytes], None]) -> list[str]:
+    """What a target's check has to report besides its findings (UpdateTarget.notes)."""
+    notes = getattr(check, "notes", None)
+    return list(notes()) if callable(notes) else []
 
 
 def render_table(results: list[Result]) -> str:

@@ -51,6 +51,35 @@ def test_a_state_vector_encoded_in_another_order_is_no_finding(tmp_path: Path) -
     assert (result.crashes, dict(result.signatures)) == (0, {})
 
 
+def test_an_item_whose_parent_is_no_type_is_refused_as_the_relay_refuses_it(
+    tmp_path: Path,
+) -> None:
+    """Client 2's item under the watchlist's item 1#0, a plain value: the check, which sees the
+    state vector only, passes it, and yrs refuses it. The relay answers bad_update and forgets
+    its copy (yrs may have changed part of it); so does the target: no finding, and the next
+    input (a state vector) finds the document as it was, not the half-applied one."""
+    update = bytes.fromhex("010102002800010001780177016100")
+    target = UpdateTarget()
+    result = Result("updates")
+    recorder = Recorder(result, target, tmp_path)
+    recorder.run_one(update)
+    recorder.run_one(b"t\n\n")
+    assert (result.crashes, dict(result.signatures)) == (0, {})
+    assert target.notes() == [
+        "passed the check, refused by yrs (as the relay refuses them): 1 x Cannot apply "
+        "update: block parent"
+    ]
+
+
+def test_an_xml_fragment_in_a_map_is_read_without_to_py(tmp_path: Path) -> None:
+    """pycrdt's ``to_py`` has no value for an XML fragment; the document is sound all the same,
+    and its reader reaches every value."""
+    update = bytes.fromhex("010102002701046d65746101780400")  # meta.x = a Y.XmlFragment
+    result = Result("updates")
+    Recorder(result, UpdateTarget(), tmp_path).run_one(update)
+    assert (result.crashes, dict(result.signatures)) == (0, {})
+
+
 def test_a_finding_is_saved_with_its_input(tmp_path: Path) -> None:
     """A check that fails on every input stands in for a real finding."""
 
