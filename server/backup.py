@@ -26,12 +26,13 @@ their owner only, into a directory beside the target that is renamed into place 
 anything, then, under that one lock, moves each file it replaces (with its WAL, if a killed relay
 left one) aside as ``NAME.before-restore-TIMESTAMP`` and renames the checked copies into place.
 A revocation is for good, so every revocation the replaced ``shares.db`` holds that the backup
-lacks (one recorded after the backup) is carried into the restored one: a restore never lets a
-revoked token in again. Shares are as they were at the backup. Devices then send the relay, at
-their next connection, whatever it lacks by state vector, including what they made after the
-backup. A backup made before backups held the shares (one ``relay.db`` file) still restores:
-the documents only, the data directory's own ``shares.db`` and ``secret.key`` left as they are,
-and :attr:`Restored.warnings` says what that means for them.
+lacks (one recorded after the backup) is carried into the restored one: a restore never lets in
+again a token the data directory had refused (on a new machine there is none to carry: a backup
+lacks what was revoked after it). Shares are as they were at the backup. Devices then send the
+relay, at their next connection, whatever it lacks by state vector, including what they made
+after the backup. A backup made before backups held the shares (one ``relay.db`` file) still
+restores: the documents only, the data directory's own ``shares.db`` and ``secret.key`` left as
+they are, and :attr:`Restored.warnings` says what that means for them.
 
 The backup holds the secret: whoever reads it can sign tokens for any user, as whoever reads the
 data directory can. Keep backups as safe as that directory. To keep the secret elsewhere, delete
@@ -428,26 +429,26 @@ def _carry_revocations(replaced: Path, incoming: Path, warnings: list[str]) -> i
 
 
 def _older_backup_warnings(data_dir: Path, backup: Path) -> list[str]:
-    """What restoring a backup without shares.db or secret.key leaves to the operator."""
-    warnings: list[str] = []
+    """What restoring a backup without ``shares.db`` leaves to the operator."""
+    if backup.is_dir():
+        lacking = f"{backup} holds no {SHARES_FILE}, so no shares and token revocations"
+    else:
+        lacking = (
+            f"{backup} is a backup of {STORE_FILE} alone (from before backups held the shares): "
+            "it holds no shares and token revocations"
+        )
     shares = data_dir / SHARES_FILE
     if shares.exists():
         try:
             held = f" ({check_shares(shares)})"
         except ConfigError:
             held = ""
-        warnings.append(
-            f"{backup} holds no shares and token revocations (a backup of {STORE_FILE} alone, "
-            f"from before backups held them): {shares} is kept as it is{held}"
-        )
-    else:
-        warnings.append(
-            f"{backup} holds no shares and token revocations (a backup of {STORE_FILE} alone, "
-            f"from before backups held them), and {data_dir} has no {SHARES_FILE}: every share "
-            "is gone, and so is every revocation: revoke the tokens of lost devices again "
-            "(foliosync token revoke) and share again"
-        )
-    return warnings
+        return [f"{lacking}; {shares} is kept as it is{held}"]
+    return [
+        f"{lacking}, and {data_dir} has no {SHARES_FILE}: every share is gone, and so is every "
+        "revocation: revoke the tokens of lost devices again (foliosync token revoke) and "
+        "share again"
+    ]
 
 
 def _install(

@@ -727,3 +727,22 @@ async def test_an_unreadable_share_store_being_replaced_is_said(tmp_path: Path) 
     restored = restore_store(target, backup)
     assert any("revoke those tokens again" in w for w in restored.warnings), restored.warnings
     assert str(check_shares(target / "shares.db")) == "0 shares, 0 token revocations"
+
+
+async def test_a_backup_whose_shares_db_was_removed_leaves_the_data_directorys_own(
+    tmp_path: Path,
+) -> None:
+    from foliosync.server.backup import backup_store, check_shares, restore_store
+
+    _store_with_documents(tmp_path / "data" / "relay.db", 1)
+    backup = tmp_path / "backup"
+    backup_store(tmp_path / "data", backup)
+    (backup / "shares.db").unlink()
+    target = tmp_path / "target"
+    shares = await SQLiteShareStore.open(target / "shares.db")
+    await shares.revoke_tokens(Revocation(1, user="alice", device="laptop"))
+    await shares.close()
+    restored = restore_store(target, backup)
+    assert restored.shares is None
+    assert [w for w in restored.warnings if "holds no shares.db" in w and "kept as it is" in w]
+    assert str(check_shares(target / "shares.db")) == "0 shares, 1 token revocations"
