@@ -1,7 +1,7 @@
 """`foliosync relay` runs the relay; `foliosync token` prints a token signed with its secret.
 
-``foliosync relay [options]`` runs the relay, as it always has; ``foliosync relay backup FILE`` and
-``foliosync relay restore FILE`` are optional sub-commands of the same parser. argparse gives an
+``foliosync relay [options]`` runs the relay, as it always has; ``foliosync relay backup DIR`` and
+``foliosync relay restore DIR`` are optional sub-commands of the same parser. argparse gives an
 option-only command optional sub-commands this way without changing how the options parse: the
 first positional word picks the sub-command, and the relay takes none of its own.
 
