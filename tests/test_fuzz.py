@@ -7,6 +7,7 @@ the gross failures (a crash, a hang, an unreadable document) on every test run.
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -78,6 +79,25 @@ def test_an_xml_fragment_in_a_map_is_read_without_to_py(tmp_path: Path) -> None:
     result = Result("updates")
     Recorder(result, UpdateTarget(), tmp_path).run_one(update)
     assert (result.crashes, dict(result.signatures)) == (0, {})
+
+
+def test_a_hang_is_the_inputs_own_time_not_the_wait_for_a_core(tmp_path: Path) -> None:
+    """An input that waits 30 ms off the CPU (as one does on a machine whose cores are busy
+    elsewhere) is no hang; one that computes for 30 ms, every time, is."""
+
+    def waits(data: bytes) -> None:
+        time.sleep(0.03)
+
+    def computes(data: bytes) -> None:
+        until = time.thread_time() + 0.03
+        while time.thread_time() < until:
+            pass
+
+    waited, computed = Result("frames"), Result("frames")
+    Recorder(waited, waits, tmp_path, hang_ms=10).run_one(b"x")
+    Recorder(computed, computes, tmp_path, hang_ms=10).run_one(b"y")
+    assert (waited.hangs, waited.slowest_ms < 10) == (0, True)
+    assert computed.hangs == 1 and computed.slowest_ms >= 30
 
 
 def test_a_finding_is_saved_with_its_input(tmp_path: Path) -> None:
