@@ -1,7 +1,7 @@
 """`foliosync relay` runs the relay; `foliosync token` prints a token signed with its secret.
 
-``foliosync relay [options]`` runs the relay, as it always has; ``foliosync relay backup FILE`` and
-``foliosync relay restore FILE`` are optional sub-commands of the same parser. argparse gives an
+``foliosync relay [options]`` runs the relay, as it always has; ``foliosync relay backup DIR`` and
+``foliosync relay restore DIR`` are optional sub-commands of the same parser. argparse gives an
 option-only command optional sub-commands this way without changing how the options parse: the
 first positional word picks the sub-command, and the relay takes none of its own.
 
@@ -26,6 +26,7 @@ import logging
 import math
 import os
 import socket
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -53,8 +54,8 @@ def register(subparsers: Any) -> None:
         "relay",
         help="run the relay",
         description="Run the relay. With no flags: 127.0.0.1:8765, SQLite and a secret in the "
-        "data directory (created on first start). `relay backup FILE` copies its store while it "
-        "runs; `relay restore FILE` puts a copy back while it is stopped.",
+        "data directory (created on first start). `relay backup DIR` copies its data while it "
+        "runs; `relay restore DIR` puts a copy back while it is stopped.",
     )
     relay.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     relay.add_argument("--port", type=int, default=8765, help="port (default 8765)")
@@ -239,25 +240,27 @@ def register(subparsers: Any) -> None:
     )
     backup = operations.add_parser(
         "backup",
-        help="copy the relay's store to FILE, while the relay runs or not",
-        description="Copy the relay's SQLite store (relay.db in the data directory) to FILE, a "
-        "consistent snapshot taken while the relay runs. FILE is replaced if it exists. The "
-        "secret (secret.key) is not in it: keep a copy of that too.",
+        help="copy the relay's data to the directory DIR, while the relay runs or not",
+        description="Copy the relay's data directory to DIR: relay.db (the documents), shares.db "
+        "(shares and token revocations), each a consistent snapshot taken while the relay runs, "
+        "and secret.key (tokens are signed with it: keep DIR as safe as the data directory). "
+        "DIR must be new, empty, or an earlier backup (which is replaced).",
     )
-    backup.add_argument("file", metavar="FILE", help="where to write the copy")
+    backup.add_argument("dir", metavar="DIR", help="where to write the backup (a directory)")
     backup.add_argument(
         "--data", metavar="DIR", default=argparse.SUPPRESS, help="the relay's data directory"
     )
     backup.set_defaults(handler=_backup)
     restore = operations.add_parser(
         "restore",
-        help="replace the relay's store by a backup (the relay must be stopped)",
-        description="Replace the relay's store by FILE, a backup made by `foliosync relay "
-        "backup`. Refused while a relay runs on the data directory. The current store is kept "
-        "beside it as relay.db.before-restore-TIMESTAMP. Devices send what the backup lacks at "
-        "their next sync.",
+        help="put a backup back into the data directory (the relay must be stopped)",
+        description="Put BACKUP, a directory made by `foliosync relay backup` (or the relay.db "
+        "file of an older backup), back into the data directory: documents, shares, token "
+        "revocations and the secret. Refused while a relay runs on it. Each file it replaces is "
+        "kept beside it as NAME.before-restore-TIMESTAMP; token revocations recorded since the "
+        "backup are kept. Devices send what the backup lacks at their next sync.",
     )
-    restore.add_argument("file", metavar="FILE", help="the backup to restore")
+    restore.add_argument("backup", metavar="BACKUP", help="the backup to restore")
     restore.add_argument(
         "--data", metavar="DIR", default=argparse.SUPPRESS, help="the relay's data directory"
     )
@@ -519,10 +522,12 @@ def _backup(args: argparse.Namespace) -> int:
     from foliosync.server.backup import backup_store
 
     _refuse_shared_store(args, "backup")
-    target = Path(args.file).expanduser()
+    target = Path(args.dir).expanduser()
     data_dir = _data_dir(args)
     summary = backup_store(data_dir, target)
-    print(f"backed up {data_dir / 'relay.db'} to {target} ({summary})")
+    print(f"backed up {data_dir} to {target} ({summary})")
+    if not summary.secret:
+        print(f"{data_dir} has no secret.key yet: the backup holds none", file=sys.stderr)
     return 0
 
 
@@ -531,10 +536,16 @@ def _restore(args: argparse.Namespace) -> int:
 
     _refuse_shared_store(args, "restore")
     data_dir = _data_dir(args)
-    restored = restore_store(data_dir, Path(args.file).expanduser())
-    print(f"restored {args.file} into {data_dir / 'relay.db'} ({restored.summary})")
-    if restored.previous is not None:
-        print(f"the store it replaced is kept as {restored.previous}")
+    restored = restore_store(data_dir, Path(args.backup).expanduser())
+    print(f"restored {args.backup} into {data_dir} ({restored.summary})")
+    if restored.shares is not None:
+        print(f"shares: {restored.shares}")
+    if restored.carried_revocations:
+        print(f"kept {restored.carried_revocations} token revocations recorded since the backup")
+    for path in restored.kept_aside:
+        print(f"the {path.name.partition('.before-restore-')[0]} it replaced is kept as {path}")
+    for warning in restored.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     return 0
 
 

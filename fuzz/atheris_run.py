@@ -69,6 +69,7 @@ def run_atheris(
             result.slowest_ms = counts["slowest_ms"]
             result.signatures.update(counts["signatures"])
             result.saved = [Path(p) for p in counts["saved"]]
+            result.notes.extend(counts.get("notes", []))
         if code != 0:
             result.crashes += 1
             tail = log.read_text(errors="replace").splitlines()[-15:]
@@ -83,7 +84,7 @@ def _child(argv: list[str]) -> None:
 
     target, stats, crash_dir, hang_ms, update_check, *flags = argv
     with atheris.instrument_imports(include=["foliosync", "fuzz.targets", "msgpack"]):
-        from fuzz.engine import make_check
+        from fuzz.engine import check_notes, make_check
         from fuzz.mutate import Mutator
 
     result = Result(target, engine="atheris")
@@ -99,6 +100,7 @@ def _child(argv: list[str]) -> None:
             "slowest_ms": result.slowest_ms,
             "signatures": dict(result.signatures),
             "saved": [str(p) for p in result.saved],
+            "notes": check_notes(recorder.check),
         }
         Path(stats + ".tmp").write_text(json.dumps(counts))
         os.replace(stats + ".tmp", stats)

@@ -28,6 +28,7 @@ from foliosync.sync.errors import AuthError, ConfigError
 
 __all__ = [
     "DEFAULT_TTL_SECONDS",
+    "SECRET_FILE",
     "Identity",
     "issue_token",
     "load_or_create_secret",
@@ -40,7 +41,8 @@ DEFAULT_TTL_SECONDS = 30 * 24 * 3600
 SCOPES = frozenset({"sync", "publish", "admin"})
 _ALGORITHM = "HS256"
 _USER = re.compile(r"\A[A-Za-z0-9_.@+\-]{1,128}\Z")  # \Z: "$" would let a final "\n" in
-_SECRET_FILE = "secret.key"
+SECRET_FILE = "secret.key"
+"""The signing secret's file in the data directory."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,7 +61,7 @@ class Identity:
 def load_or_create_secret(data_dir: Path) -> bytes:
     """The relay's signing secret, created (mode 0600) on first start."""
     data_dir.mkdir(parents=True, exist_ok=True)
-    path = data_dir / _SECRET_FILE
+    path = data_dir / SECRET_FILE
     if path.exists():
         secret = path.read_text().strip()
         if len(secret) < 32:

@@ -29,9 +29,24 @@ from foliosync.sync.model import DocumentKind
 from foliosync.sync.model.schema import Candidate, advance_scratch
 from foliosync.sync.updates import check_update, decode_state_vector
 
-__all__ = ["Applied", "BadUpdate", "RelayDocuments"]
+__all__ = ["Applied", "BadUpdate", "RelayDocuments", "diff_against"]
 
 log = logging.getLogger(__name__)
+
+
+def diff_against(doc: Doc[Any], state_vector: bytes) -> bytes:
+    """What ``doc`` holds beyond a peer's ``state_vector``; BadUpdate if it is not one.
+
+    Decoded first: yrs reserves memory for the client count a state vector claims before it
+    reads a single entry, so 12 hostile bytes held the event loop for seconds. The fuzzer's
+    updates target calls this too, so that it exercises what a SyncRequest reaches."""
+    decode_state_vector(state_vector)
+    try:
+        return doc.get_update(state_vector)
+    except BaseException as exc:  # pycrdt's Rust panics derive from BaseException
+        if isinstance(exc, KeyboardInterrupt | SystemExit | asyncio.CancelledError):
+            raise
+        raise BadUpdate("the state vector is not valid") from exc
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,17 +211,9 @@ class RelayDocuments:
         self, user: str, doc_id: str, state_vector: bytes
     ) -> tuple[bytes, bytes, Watermark]:
         """(diff against ``state_vector``, the relay's state vector, the watermark)."""
-        # Decoded first: yrs reserves memory for the client count a state vector claims before it
-        # reads a single entry, so 12 hostile bytes held the event loop for seconds.
-        decode_state_vector(state_vector)
+        decode_state_vector(state_vector)  # refused before the document is even loaded
         hot = await self._get(user, doc_id)
-        try:
-            diff = hot.doc.get_update(state_vector)
-        except BaseException as exc:
-            if isinstance(exc, KeyboardInterrupt | SystemExit | asyncio.CancelledError):
-                raise
-            raise BadUpdate("the state vector is not valid") from exc
-        return diff, hot.doc.get_state(), hot.watermark
+        return diff_against(hot.doc, state_vector), hot.doc.get_state(), hot.watermark
 
     def _next_version(self) -> int:
         self._last_version += 1

@@ -45,6 +45,7 @@ __all__ = [
     "READ_ONLY",
     "REVOKED",
     "SHARED",
+    "SQLITE_SCHEMA",
     "MemoryShareStore",
     "Revocation",
     "SQLiteShareStore",
@@ -236,7 +237,7 @@ class MemoryShareStore:
         self._closed = True
 
 
-_SCHEMA = """
+SQLITE_SCHEMA = """
 CREATE TABLE IF NOT EXISTS shares (
     owner TEXT NOT NULL,
     doc_id TEXT NOT NULL,
@@ -253,6 +254,8 @@ CREATE TABLE IF NOT EXISTS token_revocations (
     jti TEXT NOT NULL
 );
 """
+"""The tables of ``shares.db``; ``foliosync relay backup`` writes them into an empty share store
+when a data directory has none yet."""
 
 
 class SQLiteShareStore(MemoryShareStore):
@@ -273,7 +276,7 @@ class SQLiteShareStore(MemoryShareStore):
             conn = await sqlite_connect(str(file), isolation_level=None)
             await conn.execute("PRAGMA journal_mode = WAL")
             await conn.execute("PRAGMA busy_timeout = 5000")
-            await conn.executescript(_SCHEMA)
+            await conn.executescript(SQLITE_SCHEMA)
             store = cls(file, conn)
             async with conn.execute(
                 "SELECT owner, doc_id, grantee, access, granted_at FROM shares"

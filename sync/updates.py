@@ -19,7 +19,9 @@ refuses them, so that what it accepts means the same to a JavaScript peer and to
   ``Y.XmlHook`` types, whose name yrs does not read;
 - JSON (embeds, format values) that yrs' parser refuses: NaN, infinities, unpaired surrogates,
   more than :data:`MAX_NESTING` levels;
-- counts no update of that size could hold, so that nothing is allocated for them.
+- counts no update of that size could hold, so that nothing is allocated for them;
+- a client listed with no structs, which yrs panics on when the receiver has that client (its
+  ``BlockSet::exclude`` takes the first struct unchecked).
 
 The decoder itself is bounded by the input: every loop consumes bytes, nesting is limited, and
 no count is trusted before the bytes it promises are there.
@@ -346,6 +348,8 @@ def _decode_v1(buf: bytes, max_structs: int) -> UpdateInfo:
             client, pos = _uint_tail(buf, pos + 1, b, _MAX_CLIENT, "client")
         if client in covered:
             raise _fail(f"client {client} twice", pos)
+        if not count:  # yrs panics on one for a client the receiver has; Yjs never writes one
+            raise _fail(f"client {client} with no structs", pos)
         b = buf[pos]
         if b < 0x80:
             clock, pos = b, pos + 1

@@ -183,6 +183,25 @@ def test_non_frames_are_bad_frame(data: bytes) -> None:
     assert caught.value.code == "bad_frame"
 
 
+def test_empty_ext_types_are_refused_at_the_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``c7 00 0e`` (an ext8 of no data) passes ``max_ext_len=0``; found by the fuzzer in a
+    Subscribe. Built into objects, 4 MiB of them held the relay's event loop for two seconds;
+    the unpacking now stops at the first (msgpack calls the hook once, then gives up)."""
+    calls: list[int] = []
+    refuse = frames._no_ext
+
+    def counted(code: int, data: bytes) -> object:
+        calls.append(code)
+        return refuse(code, data)
+
+    monkeypatch.setattr(frames, "_no_ext", counted)
+    count = (4 * MiB) // 3 - 8
+    data = b"\x92\x28\xdd" + count.to_bytes(4, "big") + b"\xc7\x00\x0e" * count
+    with pytest.raises(RemoteProtocolError, match="ext type 14") as caught:
+        decode_frame(data, max_frame_size=4 * MiB)
+    assert caught.value.code == "bad_frame" and calls == [14]
+
+
 def test_oversized_message_is_refused_before_unpacking(monkeypatch: pytest.MonkeyPatch) -> None:
     def must_not_unpack(*args: object, **kwargs: object) -> object:
         raise AssertionError("unpacked a message over the limit")

@@ -461,6 +461,15 @@ def test_lengths_past_the_end_are_refused() -> None:
     refused(encode([(7, 0, [root_item(ANY, "a", uv(1) + b"\x7b\x00\x00")])], []), "past the end")
 
 
+def test_a_client_with_no_structs_is_refused() -> None:
+    """``01 00 01 02 00``, found by the fuzzer: yrs panics on it for a client the document has
+    (the relay would forget its copy and reload it, for five bytes); Yjs never writes one."""
+    update = encode([(1, 2, [])], [])
+    assert update == bytes.fromhex("0100010200")
+    refused(update, "client 1 with no structs")
+    refused(encode([(7, 0, [text_item("a")]), (9, 0, [])], []), "client 9 with no structs")
+
+
 def test_absurd_counts_are_refused() -> None:
     refused(uv(1 << 30) + b"\x00", "clients but only")
     refused(b"\x01" + uv(1 << 30) + b"\x07\x00\x00", "structs but only")
