@@ -67,11 +67,6 @@ async def test_one_relay_killed_every_cycle_loses_nothing(tmp_path: Path) -> Non
     _assert_clean(report, relays=1)
 
 
-@pytest.mark.xfail(
-    reason="known open defect: two relays under chaos still diverge now and then (trades recorded"
-    " twice, replicas that differ); run and reported on every run, not yet a gate",
-    strict=False,
-)
 async def test_two_relays_sharing_redis_and_postgres_lose_nothing(tmp_path: Path) -> None:
     services = _services()
     services.require_redis()
