@@ -62,7 +62,12 @@ from pycrdt import Doc
 
 from foliosync.server.auth import Identity, load_or_create_secret
 from foliosync.server.data_lock import DataDirLock
-from foliosync.server.documents import Applied, BadUpdate, RelayDocuments
+from foliosync.server.documents import (
+    Applied,
+    BadUpdate,
+    RelayDocuments,
+    drop_idle_scratches_every,
+)
 from foliosync.server.extensions import (
     DEFAULT_HOOK_TIMEOUT,
     Access,
@@ -1805,7 +1810,13 @@ def create_app(
             if config.trim_memory_every > 0
             else None
         )
+        scratches = asyncio.get_running_loop().create_task(
+            drop_idle_scratches_every(relay.documents)
+        )
         yield
+        scratches.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await scratches
         if trimming is not None:
             trimming.cancel()
             with contextlib.suppress(asyncio.CancelledError):
