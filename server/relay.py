@@ -52,7 +52,7 @@ import itertools
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,7 +86,12 @@ from foliosync.server.fanout import Change, FanOut, InProcessFanOut, Subscriptio
 from foliosync.server.feeds import Feed, start_feed
 from foliosync.server.http_auth import HookRunnerKey, authorize_request, bearer_authentication
 from foliosync.server.http_cors import add_cors, normalize_origins
-from foliosync.server.http_errors import JsonErrorAppRunner, http_error, json_errors
+from foliosync.server.http_errors import (
+    DirectGetKey,
+    JsonErrorAppRunner,
+    http_error,
+    json_errors,
+)
 from foliosync.server.http_prices import add_price_routes
 from foliosync.server.http_shares import add_share_routes
 from foliosync.server.logs import bind_log_context, log_context
@@ -1786,6 +1791,11 @@ def create_app(
             raise
         app[RelayKey] = relay
         app[HookRunnerKey] = relay.hooks
+        # Five coroutine frames fewer per open connection (see DirectGetKey).
+        direct: dict[str, Callable[[web.Request], Awaitable[web.StreamResponse]]] = {
+            "/ws": relay.handle_ws
+        }
+        app[DirectGetKey] = direct
         relay.prices.start()
         prices_bus: Any = None
         try:
