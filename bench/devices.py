@@ -392,6 +392,7 @@ class Probe:
     sent_seq: list[tuple[FolioDevice, int, float]] = field(default_factory=list)
     fanout_ms: list[float] = field(default_factory=list)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    pinging: asyncio.Task[None] | None = None
 
     def receipt(self, _device: FolioDevice, payload: bytes) -> None:
         """An Update frame [12, doc, seq, update, changed_at, changed_by] reached a receiver."""
@@ -420,6 +421,15 @@ class Probe:
                 (self.editors if create else self.receivers).append(device)
                 self.tasks.append(loop.create_task(device.run()))
                 await asyncio.wait_for(device.in_sync.wait(), 60)
+        self.pinging = loop.create_task(self._heartbeats())
+
+    async def _heartbeats(self) -> None:
+        """The probes ping as the load processes' devices do (FolioDevice.heartbeat)."""
+        while True:
+            await asyncio.sleep(1.0)
+            now = time.monotonic()
+            for device in (*self.editors, *self.receivers):
+                device.heartbeat(now)
 
     async def edit_for(self, seconds: float, interval: float) -> None:
         """Each editor edits every ``interval`` s (staggered) for ``seconds``."""
@@ -447,6 +457,8 @@ class Probe:
         return sorted((d.acked[seq] - at) * 1000 for d, seq, at in self.sent_seq if seq in d.acked)
 
     async def close(self) -> None:
+        if self.pinging is not None:
+            self.pinging.cancel()
         for device in (*self.editors, *self.receivers):
             device.close()
         if self.tasks:

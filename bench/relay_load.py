@@ -27,6 +27,7 @@ import base64
 import contextlib
 import functools
 import json
+import math
 import os
 import random
 import resource
@@ -83,6 +84,7 @@ MAX_FRAME = 64 << 20
 UPDATE_PREFIX = b"\x96\x0c"  # msgpack: a 6-element array whose type code is 12 (Update)
 Y_UPDATE_PREFIX = b"\x00\x02"  # y-websocket: a sync message of type update
 PRICE_BATCH_PREFIX = b"\x92\x2b"  # msgpack: [43, ticks], a PriceBatch
+HEARTBEAT_S = 30.0  # a protocol Ping this often per connected device, as SyncClient sends it
 
 
 def raise_nofile_limit(wanted: int = 65536) -> int:
@@ -367,6 +369,9 @@ class FolioDevice:
         self.errors: list[str] = []
         self.acked: dict[int, float] = {}  # seq -> monotonic time of its Ack
         self.stopping = False
+        # monotonic: this connection's last Ping, or its Welcome; none before it (inf)
+        self.pinged_at = math.inf
+        self._pings = 0
         self._captured: list[bytes] = []
         for model in models.values():
             if model is not None:
@@ -427,6 +432,7 @@ class FolioDevice:
         self.live.clear()
         self.in_flight.clear()
         self.prices_live = False
+        self.pinged_at = math.inf  # until the Welcome
         conn.send(self.session.hello(self.token, self.name))
 
     def on_close(self, conn: WsConnection) -> None:
@@ -509,7 +515,7 @@ class FolioDevice:
                 self.live.add(event.doc)
             self._check()
         elif isinstance(event, Welcomed):
-            self.welcomed_at = time.monotonic()
+            self.welcomed_at = self.pinged_at = time.monotonic()
             self.backoff.reset()
             for doc_id, model in self.models.items():
                 state = model.doc.get_state() if model is not None else b"\x00"
@@ -530,6 +536,18 @@ class FolioDevice:
     def _next_seq(self) -> int:
         self.seq += 1
         return self.seq
+
+    def heartbeat(self, now: float) -> None:
+        """A protocol Ping if the last one (or the Welcome) is ``HEARTBEAT_S`` old, as
+        SyncClient pings: without it the relay ends a quiet device after its idle timeout, and a
+        run longer than that measures reconnects instead of connected devices."""
+        conn, session = self.conn, self.session
+        if conn is None or session is None or session.closed or now - self.pinged_at < HEARTBEAT_S:
+            return
+        self.pinged_at = now
+        self._pings += 1
+        with contextlib.suppress(FolioSyncError):
+            conn.send(session.ping(self._pings))
 
     def _check(self) -> None:
         done = (
@@ -739,6 +757,16 @@ class LoadProcess:
         self.devices: list[Any] = []
         self.tasks: list[asyncio.Task[None]] = []
         self.price_latency: list[float] = []  # ms, of the devices sampling prices
+        self.heartbeats: asyncio.Task[None] | None = None
+
+    async def _heartbeats(self) -> None:
+        """Every second, a Ping from each foliosync device whose last one is HEARTBEAT_S old."""
+        while True:
+            await asyncio.sleep(1.0)
+            now = time.monotonic()
+            for device in self.devices:
+                if isinstance(device, FolioDevice):
+                    device.heartbeat(now)
 
     async def cmd_start(
         self,
@@ -772,6 +800,8 @@ class LoadProcess:
             else:
                 new.append(YDevice(port, spec["room"]))
         self.devices.extend(new)
+        if self.heartbeats is None:
+            self.heartbeats = asyncio.get_running_loop().create_task(self._heartbeats())
         result = await connect_all(new, concurrency, timeout)
         self.tasks.extend(result.pop("_tasks"))
         return result
@@ -946,6 +976,8 @@ class LoadProcess:
         return {"cpu_s": _cpu_seconds(), "now": time.monotonic()}
 
     async def cmd_stop(self) -> dict[str, Any]:
+        if self.heartbeats is not None:
+            self.heartbeats.cancel()
         for device in self.devices:
             device.close()
         if self.tasks:

@@ -149,3 +149,33 @@ async def test_a_handler_that_fails_answers_a_json_500_and_logs_its_traceback(
     finally:
         await runner.cleanup()
     assert any(r.exc_info and "a bug" in str(r.exc_info[1]) for r in caplog.records)
+
+
+async def test_the_websocket_path_answers_other_methods_through_the_router(
+    relay: Any, http: Any
+) -> None:
+    # GET /ws goes straight to the relay's handler (DirectGetKey); the rest still takes the
+    # router and the middlewares, which answer in JSON.
+    async with http.post(f"{relay.http}/ws") as response:
+        assert response.status == 405
+        assert "GET" in response.headers["Allow"]
+        await error_of(response)
+
+
+async def test_a_plain_runner_serves_the_websocket_path_through_its_route(tmp_path: Path) -> None:
+    app = create_app(RelayConfig(data_dir=tmp_path / "relay", port=0))
+    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        async with (
+            aiohttp.ClientSession() as session,
+            session.ws_connect(f"ws://127.0.0.1:{port}/ws") as ws,
+        ):
+            await ws.send_bytes(b"\x91\x00")  # not a Hello: refused, through the route
+            message = await ws.receive(timeout=5)
+            assert message.type == aiohttp.WSMsgType.BINARY
+    finally:
+        await runner.cleanup()

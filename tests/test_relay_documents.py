@@ -143,3 +143,58 @@ async def test_the_next_update_is_judged_on_a_candidate_holding_the_peers_change
         "alice", doc_id, third, device="d", now_ms=3, kind=DocumentKind.WATCHLIST, before_apply=rule
     )
     assert seen == [{"AAPL\x1fa"}, {"AAPL\x1fa", "MSFT\x1fb", "NVDA\x1fc"}]
+
+
+async def test_an_idle_documents_scratch_replica_is_dropped_and_rebuilt_whole() -> None:
+    # The replica in which updates are checked costs as much memory as its document: kept while
+    # updates come, dropped after a pause, rebuilt from the document at the next update.
+    import gc
+
+    from pycrdt import Doc as _Doc
+
+    from foliosync.sync.model import DocumentKind, EditContext, Watchlist
+    from foliosync.sync.model.schema import Candidate
+
+    def live_docs() -> int:
+        gc.collect()
+        return sum(1 for o in gc.get_objects() if isinstance(o, _Doc))
+
+    seen: list[set[str]] = []
+
+    async def before_apply(candidate: Candidate) -> None:
+        model = candidate.model()
+        assert isinstance(model, Watchlist)
+        seen.append(set(model.symbols))
+        model.close()  # it observes the replica, which it would keep alive
+
+    device: Doc = Doc()
+    watchlist = Watchlist(device, EditContext("phone"))
+    updates: list[bytes] = []
+    device.observe(lambda event: updates.append(event.update))
+    watchlist.initialize("Tech")
+    watchlist.add(["AAPL"])
+    watchlist.add(["MSFT"])
+    docs = RelayDocuments(MemoryRelayStore())
+    doc_id = "watchlist:" + "0" * 24
+    before = live_docs()
+
+    async def apply(update: bytes) -> None:
+        await docs.apply(
+            "alice",
+            doc_id,
+            update,
+            device="phone",
+            now_ms=1,
+            kind=DocumentKind.WATCHLIST,
+            before_apply=before_apply,
+        )
+
+    await apply(updates[0])
+    await apply(updates[1])
+    assert live_docs() - before == 2  # the document and its replica
+    assert docs.drop_idle_scratches(60.0) == 0  # used a moment ago: kept
+    assert docs.drop_idle_scratches(0.0) == 1
+    assert live_docs() - before == 1
+    await apply(updates[2])  # checked in a replica rebuilt from everything taken so far
+    assert seen[-1] == {"AAPL", "MSFT"}
+    assert live_docs() - before == 2

@@ -50,11 +50,13 @@ class OutboundQueue:
                 raise ConfigError(f"{name} must be a positive int, not {value!r}")
         self._max_bulk_items = max_bulk_items
         self._max_bulk_bytes = max_bulk_bytes
-        self._control: deque[bytes] = deque()
+        # Both made at the first push: a server holds a queue per connection and most never
+        # use theirs (an empty deque is 760 bytes, most of what a queue would cost).
+        self._control: deque[bytes] | None = None
         self._control_bytes = 0
         # Insertion order is send order; replacing a key's value keeps its place, so a busy key
         # cannot starve the others by being re-pushed.
-        self._bulk: OrderedDict[Hashable, bytes] = OrderedDict()
+        self._bulk: OrderedDict[Hashable, bytes] | None = None
         self._bulk_bytes = 0
         self.bulk_replaced = 0
         """Bulk items superseded by a newer one of the same key (conflation at work)."""
@@ -63,6 +65,8 @@ class OutboundQueue:
 
     def push_control(self, data: bytes) -> None:
         """Queue a control frame; it goes before every bulk frame, after earlier control ones."""
+        if self._control is None:
+            self._control = deque()
         self._control.append(data)
         self._control_bytes += len(data)
 
@@ -73,25 +77,28 @@ class OutboundQueue:
         item of the key goes too: it is stale). Otherwise slots of other keys are evicted, oldest
         first, until the bounds hold again.
         """
-        old = self._bulk.get(key)
+        bulk = self._bulk
+        if bulk is None:
+            bulk = self._bulk = OrderedDict()
+        old = bulk.get(key)
         if old is not None:
             self._bulk_bytes -= len(old)
             self.bulk_replaced += 1
         if len(data) > self._max_bulk_bytes:
             if old is not None:
-                del self._bulk[key]
+                del bulk[key]
             self.bulk_dropped += 1
             return False
-        self._bulk[key] = data
+        bulk[key] = data
         self._bulk_bytes += len(data)
-        while len(self._bulk) > self._max_bulk_items or self._bulk_bytes > self._max_bulk_bytes:
+        while len(bulk) > self._max_bulk_items or self._bulk_bytes > self._max_bulk_bytes:
             # The item just pushed is the freshest: evict the oldest other one. The bounds hold
             # once it is alone (it fits on its own), so another one always exists here.
-            slots = iter(self._bulk)
+            slots = iter(bulk)
             victim = next(slots)
             if victim == key:
                 victim = next(slots)
-            self._bulk_bytes -= len(self._bulk.pop(victim))
+            self._bulk_bytes -= len(bulk.pop(victim))
             self.bulk_dropped += 1
         return True
 
@@ -121,10 +128,10 @@ class OutboundQueue:
     @property
     def bulk_items(self) -> int:
         """Bulk frames waiting (never more than ``max_bulk_items``)."""
-        return len(self._bulk)
+        return len(self._bulk) if self._bulk is not None else 0
 
     def __len__(self) -> int:
-        return len(self._control) + len(self._bulk)
+        return (len(self._control) if self._control is not None else 0) + self.bulk_items
 
     def __bool__(self) -> bool:
         return bool(self._control) or bool(self._bulk)
