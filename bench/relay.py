@@ -22,6 +22,11 @@ bounded in count and time.
    receipt times sampled on a few receivers, update counts taken on all. The same load against
    pycrdt-websocket's server (its WebsocketServer and ASGIServer on Hypercorn, as its
    documentation shows), one room holding the watchlist's document.
+6. Crossing: two devices of one user (real SyncClients and replicas, in this process) share a
+   portfolio and a watchlist; both go offline, each makes N edits, and both come back at once,
+   so that each one's edits reach the relay while the other's are fanned out to it: the time
+   until both replicas hold everything with nothing pending. On one relay (SQLite), on one
+   relay with PostgreSQL and Redis, and on two relays sharing them, each device on its own.
 
 Run with ``python -m bench relay [--quick]``; the comparison needs the ``bench`` extra
 (``pip install -e ".[bench]"``), and is reported as not run without it.
@@ -42,7 +47,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,6 +70,7 @@ from foliosync.client.sync import SyncClient
 from foliosync.server.auth import issue_token, load_or_create_secret
 from foliosync.server.relay import RelayConfig
 from foliosync.sync.model import DocumentKind, Watchlist, document_id
+from foliosync.sync.updates import decode_state_vector
 
 __all__ = ["run"]
 
@@ -92,6 +98,7 @@ class Sizes:
     step_s: float
     min_step_edits: int
     drain_s: float  # how long a step may take to be delivered after its last edit
+    crossing: int  # offline edits per device in the crossing part
 
 
 FULL = Sizes(
@@ -107,6 +114,7 @@ FULL = Sizes(
     step_s=3.0,
     min_step_edits=6,
     drain_s=3.0,
+    crossing=1000,
 )
 QUICK = Sizes(
     idle=(10, 100),
@@ -121,6 +129,7 @@ QUICK = Sizes(
     step_s=1.0,
     min_step_edits=4,
     drain_s=1.5,
+    crossing=200,
 )
 
 
@@ -1412,6 +1421,265 @@ def node_version() -> str:
     return out.stdout.strip().lstrip("v") or "?"
 
 
+# -- 6: two devices back online at once, each with offline edits --------------------------------
+
+CROSSING_USER = "crossing"
+CROSSING_SYMBOLS = ("AAPL", "MSFT", "GOOG", "AMZN", "NVDA")
+CROSSING_WATCHLIST_EVERY = 10  # one offline edit in ten adds a symbol; the rest are trades
+CROSSING_POLL_S = 0.02
+CROSSING_TIMEOUT_S = 300.0
+
+
+@dataclass(frozen=True, slots=True)
+class Crossed:
+    """One crossing run, from the moment both devices are started."""
+
+    edits: int  # offline edits per device
+    seconds: float  # until both replicas hold everything, nothing pending
+    edit_s: float  # making the offline edits, both devices one after the other
+    relay_cpu_s: float  # every relay process of the setup, all threads
+    devices_cpu_s: float  # this process: both devices, their SQLite threads, the polling
+    other_cpu: float  # every other process on the machine, % of one core
+    trades: int  # in each replica's portfolio at the end
+    symbols: int  # in each replica's watchlist at the end
+
+
+def merged_state(states: Sequence[dict[int, int]]) -> dict[int, int]:
+    """The state vector of a document holding every change of each of ``states``."""
+    merged: dict[int, int] = {}
+    for state in states:
+        for client, clock in state.items():
+            merged[client] = max(merged.get(client, 0), clock)
+    return merged
+
+
+async def holds_all(replica: Replica, expected: dict[str, dict[int, int]]) -> bool:
+    """Whether ``replica`` has every change in ``expected`` and nothing left to send: compared
+    by state vector, which costs microseconds where reading 2,000 trades costs milliseconds
+    on the loop that is syncing both devices."""
+    if any(replica.info(doc_id).pending for doc_id in replica.document_ids()):
+        return False
+    for doc_id, state in expected.items():
+        mine = decode_state_vector(await replica.state_vector(doc_id))
+        if any(mine.get(client, 0) < clock for client, clock in state.items()):
+            return False
+    return True
+
+
+async def offline_edits(
+    replica: Replica, device: int, portfolio: str, watchlist: str, n: int
+) -> None:
+    pf = await replica.portfolio(portfolio)
+    wl = await replica.watchlist(watchlist)
+    for k in range(n):
+        if k % CROSSING_WATCHLIST_EVERY == CROSSING_WATCHLIST_EVERY - 1:
+            await wl.add(f"D{device}X{k:04d}")
+        else:
+            symbol = CROSSING_SYMBOLS[k % len(CROSSING_SYMBOLS)]
+            await pf.add_trade(symbol, k % 7 + 1, f"{100 + k % 50}.25", note=f"d{device} #{k}")
+
+
+async def crossing_run(root: Path, name: str, relays: Sequence[Relay], edits: int) -> Crossed:
+    """Device 0 syncs through the first relay, device 1 through the last one (the same relay
+    when there is one); the relays share their secret, so either token works on either."""
+    homes = (relays[0], relays[-1])
+    replicas = [await Replica.open(root / f"{name}-device{i}.db") for i in range(2)]
+    clients: list[SyncClient] = []
+    try:
+        pf = await replicas[0].create_portfolio("Shared")
+        await pf.add_trade("AAPL", 10, "150")
+        wl = await replicas[0].create_watchlist("Shared")
+        await wl.add(list(CROSSING_SYMBOLS))
+        doc_ids = (pf.id, wl.id)
+        tokens = [relays[0].token(CROSSING_USER, f"device{i}") for i in range(2)]
+        for replica, home, token in zip(replicas, homes, tokens, strict=True):
+            await SyncClient(replica, home.url, token).sync_once(timeout=60)
+        if not set(doc_ids) <= set(replicas[1].document_ids()):
+            raise RuntimeError(f"{name}: the second device never received the shared documents")
+
+        made = time.perf_counter()
+        for i, replica in enumerate(replicas):
+            await offline_edits(replica, i, pf.id, wl.id, edits)
+        edit_s = time.perf_counter() - made
+        expected = {
+            doc_id: merged_state(
+                [decode_state_vector(await r.state_vector(doc_id)) for r in replicas]
+            )
+            for doc_id in doc_ids
+        }
+
+        clients = [
+            SyncClient(replica, home.url, token)
+            for replica, home, token in zip(replicas, homes, tokens, strict=True)
+        ]
+        pids = [relay.pid for relay in relays]
+        relay0, own0, busy0 = sum(map(proc_cpu_s, pids)), own_cpu_s(), machine_busy_s()
+        online = time.monotonic()
+        for client in clients:
+            client.start()
+        settled = [False, False]
+        while not all(settled):
+            settled = [
+                done or await holds_all(r, expected)
+                for done, r in zip(settled, replicas, strict=True)
+            ]
+            if all(settled):
+                break
+            if time.monotonic() - online > CROSSING_TIMEOUT_S:
+                pending = [sum(r.info(d).pending for d in r.document_ids()) for r in replicas]
+                raise RuntimeError(
+                    f"{name}: not converged after {CROSSING_TIMEOUT_S:g} s (pending {pending})"
+                )
+            await asyncio.sleep(CROSSING_POLL_S)
+        wall = time.monotonic() - online
+        relay_s = sum(map(proc_cpu_s, pids)) - relay0
+        own_s, busy_s = own_cpu_s() - own0, machine_busy_s() - busy0
+
+        # What the state vectors said, checked on the content: the same trades and symbols on
+        # both devices, every edit of each among them.
+        portfolios = [await r.portfolio(pf.id) for r in replicas]
+        watchlists = [await r.watchlist(wl.id) for r in replicas]
+        trade_ids = [{t.id for t in p.trades()} for p in portfolios]
+        symbols = [set(w.symbols) for w in watchlists]
+        added = edits // CROSSING_WATCHLIST_EVERY
+        want_trades = 1 + 2 * (edits - added)
+        want_symbols = len(CROSSING_SYMBOLS) + 2 * added
+        if trade_ids[0] != trade_ids[1] or len(trade_ids[0]) != want_trades:
+            raise RuntimeError(
+                f"{name}: portfolios differ or lack trades: {[len(t) for t in trade_ids]} "
+                f"trades, {want_trades} expected"
+            )
+        if symbols[0] != symbols[1] or len(symbols[0]) != want_symbols:
+            raise RuntimeError(
+                f"{name}: watchlists differ or lack symbols: {[len(s) for s in symbols]} "
+                f"symbols, {want_symbols} expected"
+            )
+    finally:
+        for client in clients:
+            await client.stop()
+        for replica in replicas:
+            await replica.close()
+    return Crossed(
+        edits=edits,
+        seconds=wall,
+        edit_s=edit_s,
+        relay_cpu_s=relay_s,
+        devices_cpu_s=own_s,
+        other_cpu=max(0.0, busy_s - relay_s - own_s) / wall * 100,
+        trades=want_trades,
+        symbols=want_symbols,
+    )
+
+
+RelaySetup = Callable[[], contextlib.AbstractAsyncContextManager[list[Relay]]]
+
+
+@contextlib.asynccontextmanager
+async def sqlite_relays(root: Path, name: str) -> AsyncIterator[list[Relay]]:
+    """One relay, as `foliosync relay` runs by default (SQLite store, in-process fan-out)."""
+    relay = Relay(root, f"{name}-relay")
+    try:
+        await relay.start_relay()
+        yield [relay]
+    finally:
+        await relay.stop()
+
+
+@contextlib.asynccontextmanager
+async def shared_relays(root: Path, name: str, count: int) -> AsyncIterator[list[Relay]]:
+    """``count`` relays on a fresh PostgreSQL database and a redis-server of their own."""
+    async with group_services(root) as (dsn, redis_url):
+        relays = [
+            Relay(
+                root,
+                f"{name}-relay{n}",
+                ["--store", dsn, "--redis", redis_url, "--relay-id", f"{name}-{n}"],
+                data_dir=root / f"{name}-data",
+            )
+            for n in range(count)
+        ]
+        try:
+            for relay in relays:
+                await relay.start_relay()
+            yield relays
+        finally:
+            for relay in relays:
+                await relay.stop()
+
+
+async def crossing(root: Path, sizes: Sizes) -> Table:
+    n = sizes.crossing
+    table = Table(
+        f"Crossing: two devices of one user back online at once, {n:,} offline edits each to a "
+        "shared portfolio and watchlist",
+        [
+            "setup",
+            "edits per device",
+            "seconds to converge",
+            "edits/s",
+            "relay CPU s",
+            "devices CPU s",
+            "other CPU %",
+        ],
+    )
+    setups: list[tuple[str, str, RelaySetup]] = [
+        ("1 relay, SQLite", "crossing1", functools.partial(sqlite_relays, root, "crossing1")),
+        (
+            "1 relay, PostgreSQL + Redis",
+            "crossing1pg",
+            functools.partial(shared_relays, root, "crossing1pg", 1),
+        ),
+        (
+            "2 relays, PostgreSQL + Redis",
+            "crossing2",
+            functools.partial(shared_relays, root, "crossing2", 2),
+        ),
+    ]
+    runs: list[Crossed] = []
+    for setup, name, relays_of in setups:
+        try:
+            async with relays_of() as relays:
+                run = await crossing_run(root, name, relays, n)
+        except Exception as exc:  # reported in the table, not fatal for the other setups
+            table.notes.append(f"{setup} could not be run: {type(exc).__name__}: {exc}")
+            continue
+        runs.append(run)
+        table.add(
+            setup,
+            n,
+            run.seconds,
+            2 * n / run.seconds,
+            run.relay_cpu_s,
+            run.devices_cpu_s,
+            run.other_cpu,
+        )
+    made = f"{runs[0].edit_s:.1f} s" if runs else "-"
+    held = f"{runs[0].trades:,} trades and {runs[0].symbols} symbols" if runs else "-"
+    table.notes += [
+        f"the devices are real SyncClients with SQLite replicas, both in this process, user "
+        f"'{CROSSING_USER}'. The first creates a portfolio (1 trade) and a watchlist "
+        f"({len(CROSSING_SYMBOLS)} symbols) and syncs; the second syncs and receives them. "
+        f"Offline, each then makes {n:,} edits, each committed: one in "
+        f"{CROSSING_WATCHLIST_EVERY} adds a symbol to the watchlist, the others add a trade "
+        f"(both devices' edits made in {made}). Then both SyncClients start at once.",
+        "converged = both replicas' state vectors of the two documents cover both devices' "
+        "changes, and nothing is pending in any document of either (every edit acknowledged by "
+        f"a relay); polled every {CROSSING_POLL_S * 1000:g} ms. edits/s = both devices' edits "
+        "/ seconds to converge. Checked after: the same trades and symbols on both devices, "
+        f"every edit among them ({held} on each).",
+        "each pending edit goes out as its own Update (so that a refusal names one change): the "
+        "relay checks it, applies it, stores it, acknowledges it and fans it out to the other "
+        "device, which applies and commits it. With 2 relays, device 0 is on the first and "
+        "device 1 on the second: every edit crosses from one relay to the other through Redis. "
+        "1 relay on PostgreSQL + Redis (both devices on it) tells the store's part from the "
+        "second relay's.",
+        "relay CPU s = the relay processes (/proc, all threads) over the convergence; devices "
+        "CPU s = this process (both devices); other CPU % = every other process on the machine, "
+        "PostgreSQL and Redis included, in % of one core (2 cores in all).",
+    ]
+    return table
+
+
 # -- entry point ---------------------------------------------------------------------------------
 
 
@@ -1433,7 +1701,7 @@ def config_notes() -> list[str]:
     ]
 
 
-PARTS = ("latency", "resync", "storm", "fanout", "group")
+PARTS = ("latency", "resync", "storm", "fanout", "group", "crossing")
 """The scenarios, in order; ``FOLIOSYNC_BENCH_PARTS=fanout`` (a comma list) runs only some."""
 
 
@@ -1460,4 +1728,6 @@ async def run(quick: bool) -> list[Table]:
             tables += await fanout(root, sizes)
         if "group" in parts:
             tables += await group(root, sizes)
+        if "crossing" in parts:
+            tables.append(await crossing(root, sizes))
     return tables
