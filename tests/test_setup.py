@@ -30,23 +30,28 @@ def copy_checkout(target: Path) -> None:
             shutil.copy2(source, target / name)
 
 
-def test_two_set_ups_at_once_build_one_working_venv(tmp_path: Path) -> None:
+def test_set_ups_at_once_build_one_working_venv_and_share_the_checkout_safely(
+    tmp_path: Path,
+) -> None:
+    """Three set-ups from one checkout at once: two into its .venv (``make relay`` in one shell,
+    ``make test`` in another) make one working venv; a third into another venv shares build/,
+    *.egg-info and dist/ with them, so they take turns; dist/ ends with one sdist and one wheel.
+    One test, the set-ups side by side: each costs tens of seconds of the suite."""
     checkout = tmp_path / "foliosync"
     copy_checkout(checkout)
-    venv = checkout / ".venv"
+    venv, other = checkout / ".venv", tmp_path / "venv-b"
     command = [sys.executable, "tools/bootstrap.py", str(venv)]
-    first = subprocess.Popen(
-        command, cwd=checkout, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-    )
-    second = subprocess.Popen(
-        [*command, "--extras", "test"],
-        cwd=checkout,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    outputs = [p.communicate(timeout=300)[0].decode() for p in (first, second)]
-    assert first.returncode == 0, outputs[0]
-    assert second.returncode == 0, outputs[1]
+    running = [
+        subprocess.Popen(args, cwd=checkout, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        for args in (
+            command,
+            [*command, "--extras", "test"],
+            [sys.executable, "tools/bootstrap.py", str(other)],
+        )
+    ]
+    outputs = [p.communicate(timeout=300)[0].decode() for p in running]
+    for process, output in zip(running, outputs, strict=True):
+        assert process.returncode == 0, output
 
     # The wheel, not the checkout: run from elsewhere so that nothing of the copy is on sys.path.
     done = subprocess.run(
@@ -69,42 +74,21 @@ def test_two_set_ups_at_once_build_one_working_venv(tmp_path: Path) -> None:
         [venv / "bin/foliosync", "--version"], capture_output=True, text=True, timeout=60
     )
     assert done.stdout.strip() == f"foliosync {version}"
+    done = subprocess.run(
+        [other / "bin/python", "-c", "import foliosync.server.relay, foliosync.client.cli"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    built = sorted(p.name for p in (checkout / "dist").iterdir())
+    assert len(built) == 2, built
+    assert {Path(name).suffix for name in built} == {".gz", ".whl"}, built
 
-    # A third run with nothing changed does nothing: a running relay keeps its files.
+    # A fourth run with nothing changed does nothing: a running relay keeps its files.
     installed = location.replace("__init__.py", "client/cli.py")
     before = Path(installed).stat().st_mtime_ns
     done = subprocess.run(command, cwd=checkout, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
     assert Path(installed).stat().st_mtime_ns == before
-
-
-def test_set_ups_of_two_venvs_at_once_share_the_checkout_safely(tmp_path: Path) -> None:
-    """Two venvs from one checkout at once: their builds share build/, *.egg-info and dist/, so
-    they take turns; both install a working wheel, and dist/ ends with one sdist and one wheel."""
-    checkout = tmp_path / "foliosync"
-    copy_checkout(checkout)
-    venvs = [tmp_path / "venv-a", tmp_path / "venv-b"]
-    running = [
-        subprocess.Popen(
-            [sys.executable, "tools/bootstrap.py", str(venv)],
-            cwd=checkout,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
-        for venv in venvs
-    ]
-    outputs = [p.communicate(timeout=300)[0].decode() for p in running]
-    for process, output in zip(running, outputs, strict=True):
-        assert process.returncode == 0, output
-    for venv in venvs:
-        done = subprocess.run(
-            [venv / "bin/python", "-c", "import foliosync.server.relay, foliosync.client.cli"],
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert done.returncode == 0, done.stderr
-    built = sorted(p.name for p in (checkout / "dist").iterdir())
-    assert len(built) == 2, built
-    assert {Path(name).suffix for name in built} == {".gz", ".whl"}, built
