@@ -27,6 +27,9 @@ system-deps:
 services:
 	tools/services
 
+# Two workers, a test file each at a time (a file's tests share its fixtures and services).
+PYTEST_ARGS ?= -n 2 --dist loadfile
+
 test: install system-deps services typecheck
 	$(BIN)/ruff check .
 	@# pytest exits 5 when it collects no tests; make would turn that into 2, so decide here.
