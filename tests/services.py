@@ -30,10 +30,12 @@ import socket
 import subprocess
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
 __all__ = [
+    "RawClient",
     "RedisProcess",
     "free_port",
     "postgres_database",
@@ -166,3 +168,53 @@ class RedisProcess:
             self.process.kill()
             self.process.wait(10)
             self.process = None
+
+
+class RawClient:
+    """A connection speaking the protocol by hand over an aiohttp WebSocket, that sends nothing
+    unless told: what reaches it, reaches it on the relay's initiative."""
+
+    def __init__(self, ws: Any) -> None:
+        self.ws = ws
+
+    async def send(self, frame: Any) -> None:
+        from foliosync.sync.protocol import encode_frame
+
+        await self.ws.send_bytes(encode_frame(frame))
+
+    async def receive(self, timeout: float = 5) -> Any:
+        """The next frame, or None once the relay closed the socket."""
+        import aiohttp
+
+        from foliosync.sync.protocol import decode_frame
+
+        message = await self.ws.receive(timeout=timeout)
+        if message.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED):
+            return None
+        assert message.type == aiohttp.WSMsgType.BINARY, message
+        return decode_frame(message.data, max_frame_size=1 << 30)
+
+    async def hello(self, token: str) -> Any:
+        from foliosync.sync.protocol import Hello, Welcome
+
+        await self.send(Hello(1, token, "raw"))
+        welcome = await self.receive()
+        assert isinstance(welcome, Welcome), welcome
+        return welcome
+
+    async def sync(self, doc: str) -> Any:
+        from pycrdt import Doc
+
+        from foliosync.sync.protocol import SyncReply, SyncRequest
+
+        await self.send(SyncRequest(doc, Doc().get_state()))
+        reply = await self.receive()
+        assert isinstance(reply, SyncReply), reply
+        return reply
+
+    async def quiet(self) -> None:
+        """Nothing else arrives before a Pong: no change was sent in between."""
+        from foliosync.sync.protocol import Ping, Pong
+
+        await self.send(Ping(5))
+        assert await self.receive() == Pong(5)

@@ -38,8 +38,6 @@ from foliosync.sync.protocol import (
     Error,
     Frame,
     Hello,
-    Ping,
-    Pong,
     PriceSnapshot,
     Publish,
     Published,
@@ -555,37 +553,7 @@ async def test_workers_start_several_relays_on_one_port_and_stop_together(
 # -- sharing across the group: two relays in this process, on two ports -----------------------
 
 
-class Raw:
-    """A connection speaking the protocol by hand, that sends nothing unless told: what reaches
-    it, reaches it on the relay's initiative."""
-
-    def __init__(self, ws: aiohttp.ClientWebSocketResponse) -> None:
-        self.ws = ws
-
-    async def send(self, frame: Frame) -> None:
-        await self.ws.send_bytes(encode_frame(frame))
-
-    async def receive(self, timeout: float = 5) -> Frame | None:
-        message = await self.ws.receive(timeout=timeout)
-        if message.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED):
-            return None
-        assert message.type == aiohttp.WSMsgType.BINARY, message
-        return decode_frame(message.data, max_frame_size=1 << 30)
-
-    async def hello(self, token: str) -> Welcome:
-        await self.send(Hello(1, token, "raw"))
-        welcome = await self.receive()
-        assert isinstance(welcome, Welcome), welcome
-        return welcome
-
-    async def sync(self, doc: str) -> None:
-        await self.send(SyncRequest(doc, Doc().get_state()))
-        assert isinstance(await self.receive(), SyncReply)
-
-    async def quiet(self) -> None:
-        """Nothing else arrives before a Pong: no change was sent in between."""
-        await self.send(Ping(7))
-        assert await self.receive() == Pong(7)
+Raw = _services().RawClient
 
 
 async def call(

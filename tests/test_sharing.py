@@ -31,16 +31,9 @@ from foliosync.sync.model import DocumentKind, document_id
 from foliosync.sync.protocol import (
     Ack,
     Error,
-    Frame,
     Hello,
-    Ping,
-    Pong,
-    SyncReply,
     SyncRequest,
     Update,
-    Welcome,
-    decode_frame,
-    encode_frame,
 )
 from foliosync.testing.share_contract import share_checks
 
@@ -88,36 +81,7 @@ async def test_postgres_share_store_contract(check: Any) -> None:
 # -- a client speaking the protocol by hand ------------------------------------------------------
 
 
-class Raw:
-    def __init__(self, ws: aiohttp.ClientWebSocketResponse) -> None:
-        self.ws = ws
-
-    async def send(self, frame: Frame) -> None:
-        await self.ws.send_bytes(encode_frame(frame))
-
-    async def receive(self, timeout: float = 5) -> Frame | None:
-        message = await self.ws.receive(timeout=timeout)
-        if message.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED):
-            return None
-        assert message.type == aiohttp.WSMsgType.BINARY, message
-        return decode_frame(message.data, max_frame_size=1 << 30)
-
-    async def hello(self, token: str) -> Welcome:
-        await self.send(Hello(1, token, "raw"))
-        welcome = await self.receive()
-        assert isinstance(welcome, Welcome), welcome
-        return welcome
-
-    async def sync(self, doc: str) -> SyncReply:
-        await self.send(SyncRequest(doc, Doc().get_state()))
-        reply = await self.receive()
-        assert isinstance(reply, SyncReply), reply
-        return reply
-
-    async def quiet(self) -> None:
-        """Nothing else arrives before a Pong: no change was sent in between."""
-        await self.send(Ping(5))
-        assert await self.receive() == Pong(5)
+Raw = _services().RawClient
 
 
 def symbol_update(symbol: str) -> bytes:
