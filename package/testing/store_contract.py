@@ -216,6 +216,24 @@ async def check_compaction_racing_appends(open_store: OpenStore) -> None:
         )
 
 
+async def check_appends_keep_their_order(open_store: OpenStore) -> None:
+    """Appends of one document handed in one after another, without waiting (a device's backlog,
+    which the relay acknowledges in order), are stored in that order, each under its own seq."""
+    async with _opened(open_store) as store:
+        user, doc = _user(), _doc()
+        updates = [f"in-order-{i:03d}".encode() for i in range(300)]
+        seqs = await asyncio.gather(
+            *(store.append(user, doc, u, i, "d1") for i, u in enumerate(updates))
+        )
+        _expect(
+            all(a < b for a, b in itertools.pairwise(seqs)),
+            f"seqs do not rise in the order of the appends: {seqs[:10]}...",
+        )
+        loaded = await _load(store, user, doc)
+        _expect(loaded.updates == updates, "the log does not hold the updates in append order")
+        _expect(loaded.last_seq == seqs[-1], f"last_seq {loaded.last_seq}, not {seqs[-1]}")
+
+
 async def check_concurrent_appends(open_store: OpenStore) -> None:
     """Appends handed in at once are all stored, with distinct seqs, each visible as soon as
     its append returns."""
@@ -436,6 +454,7 @@ STORE_CHECKS: tuple[StoreCheck, ...] = (
     StoreCheck("compaction_keeps_later_rows", check_compaction_keeps_later_rows),
     StoreCheck("compaction_racing_appends", check_compaction_racing_appends),
     StoreCheck("concurrent_appends", check_concurrent_appends),
+    StoreCheck("appends_keep_their_order", check_appends_keep_their_order),
     StoreCheck("documents_per_user", check_documents_per_user),
     StoreCheck("many_documents", check_many_documents),
     StoreCheck("large_updates", check_large_updates),
