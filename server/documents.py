@@ -35,6 +35,7 @@ __all__ = [
     "Applied",
     "BadUpdate",
     "RelayDocuments",
+    "Staged",
     "diff_against",
     "drop_idle_scratches_every",
 ]
@@ -77,6 +78,54 @@ class Applied:
     was sent to the sender but before it read it, is concurrent too and is not flagged. Only
     the client knows what it had read when it edited, and an Update carries no state vector;
     the relay could count "sent" changes, but a change sent is not a change seen."""
+
+
+class Staged:
+    """An update checked and applied in memory, its write under way (:meth:`RelayDocuments.stage`);
+    :meth:`stored` returns once it is stored, what :meth:`RelayDocuments.apply` returns."""
+
+    __slots__ = (
+        "_documents",
+        "concurrent",
+        "earlier",
+        "hot",
+        "key",
+        "recovered",
+        "version",
+        "watermark",
+        "write",
+    )
+
+    def __init__(
+        self,
+        documents: RelayDocuments,
+        key: tuple[str, str],
+        hot: _Hot,
+        version: int,
+        write: asyncio.Future[int] | None,
+        recovered: bytes,
+        earlier: set[asyncio.Future[int]] | None = None,
+        *,
+        concurrent: bool = False,
+    ) -> None:
+        self._documents = documents
+        self.key = key
+        self.hot = hot
+        self.version = version  # the document's change number after it
+        self.write = write  # None: nothing new (only ``earlier`` writes to wait for)
+        self.recovered = recovered
+        self.earlier = earlier or set()
+        self.concurrent = concurrent
+        self.watermark = hot.watermark
+
+    @property
+    def changed(self) -> bool:
+        return self.write is not None
+
+    async def stored(self) -> Applied:
+        """Once stored (RelayStoreError if the write failed: the document is then dropped from
+        memory and reloaded on its next use)."""
+        return await self._documents._stored(self)
 
 
 @dataclass(slots=True)
@@ -268,6 +317,36 @@ class RelayDocuments:
         given the document as it would be (a Candidate built in a scratch replica, only with
         ``kind``). ``origin`` (the sending connection) and ``seen`` (see :meth:`version`) make
         :attr:`Applied.concurrent`; without ``seen`` it is False."""
+        staged = await self.stage(
+            user,
+            doc_id,
+            update,
+            device=device,
+            now_ms=now_ms,
+            seen=seen,
+            origin=origin,
+            kind=kind,
+            before_apply=before_apply,
+        )
+        return await staged.stored()
+
+    async def stage(
+        self,
+        user: str,
+        doc_id: str,
+        update: bytes,
+        *,
+        device: str,
+        now_ms: int,
+        seen: int | None = None,
+        origin: str = "",
+        kind: DocumentKind | None = None,
+        before_apply: Callable[[Candidate], Awaitable[None]] | None = None,
+    ) -> Staged:
+        """:meth:`apply` up to its write: checked, applied in memory, its append to the store
+        under way; :meth:`Staged.stored` waits for the append. A connection stages its next
+        update while the last one is written, so that one device's updates share the store's
+        commits instead of waiting for one each (acknowledged in order, each once stored)."""
         key = (user, doc_id)
         refreshed = False
         recovered = b""
@@ -316,21 +395,36 @@ class RelayDocuments:
         concurrent = False
         if changed:
             if seen is not None and hot.unsent:
-                concurrent = any(v > seen and o != origin for v, o in hot.unsent.items())
+                # Newest first (versions rise in insertion order): a connection's own updates
+                # in flight are all seen, so this stops at once for a device's pipelined backlog.
+                for v, o in reversed(hot.unsent.items()):
+                    if v <= seen:
+                        break
+                    if o != origin:
+                        concurrent = True
+                        break
             hot.version = self._next_version()
         version = hot.version
         if not changed:
             # Nothing new in memory, but what it holds may come from a write still under way (the
             # same update resent by a reconnecting client): acknowledge only once that is stored.
-            if hot.writes:
-                earlier = set(hot.writes)
-                await asyncio.wait(earlier)  # wait() never cancels what it waits for
-                if any(w.cancelled() or w.exception() is not None for w in earlier):
-                    raise RelayStoreError(f"an earlier write to {doc_id} failed")
-            return Applied(False, hot.watermark, version, recovered)
+            return Staged(self, key, hot, version, None, recovered, set(hot.writes))
         write = asyncio.ensure_future(self._store.append(user, doc_id, update, now_ms, device))
         hot.writes.add(write)
         hot.unsent[version] = origin
+        staged = Staged(self, key, hot, version, write, recovered, concurrent=concurrent)
+        staged.watermark = Watermark(now_ms, device)
+        return staged
+
+    async def _stored(self, staged: Staged) -> Applied:
+        key, hot, version, write = staged.key, staged.hot, staged.version, staged.write
+        if write is None:
+            earlier = staged.earlier
+            if earlier:
+                await asyncio.wait(earlier)  # wait() never cancels what it waits for
+                if any(w.cancelled() or w.exception() is not None for w in earlier):
+                    raise RelayStoreError(f"an earlier write to {key[1]} failed")
+            return Applied(False, hot.watermark, version, staged.recovered)
         try:
             try:
                 seq = await write
@@ -343,15 +437,15 @@ class RelayDocuments:
                 raise
             finally:
                 hot.writes.discard(write)
-            hot.watermark = Watermark(now_ms, device)
+            hot.watermark = staged.watermark
             hot.stored_seq = max(hot.stored_seq, seq)
             hot.since_compaction += 1
             if hot.since_compaction >= self._compact_after:
                 hot.since_compaction = 0
-                await self._compact(user, doc_id, hot)
+                await self._compact(key[0], key[1], hot)
         finally:
-            del hot.unsent[version]  # the caller fans it out now, with no await in between
-        return Applied(True, hot.watermark, version, recovered, concurrent)
+            hot.unsent.pop(version, None)  # the caller fans it out now, with no await in between
+        return Applied(True, hot.watermark, version, staged.recovered, staged.concurrent)
 
     @staticmethod
     def _candidate(hot: _Hot, kind: DocumentKind, update: bytes) -> Candidate:

@@ -37,6 +37,7 @@ __all__ = [
     "ShareRevoked",
     "Subscription",
     "TokensRevoked",
+    "websocket_binary_frame",
 ]
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,19 @@ class Change:
     relay: str = ""  # the relay that stored it (peers apply it to their memory only)
     frame: bytes = b""  # the encoded Update frame, made once for every receiver
     wire: bytes = b""  # the same as a WebSocket frame (a relay's frames are the same for all)
+
+
+def websocket_binary_frame(payload: bytes) -> bytes:
+    """A whole unmasked WebSocket binary frame (RFC 6455, 5.2): what a server sends.
+
+    Unmasked, the same bytes serve every receiver, so a fanned-out change is framed once.
+    """
+    size = len(payload)
+    if size < 126:
+        return bytes((0x82, size)) + payload
+    if size < 65536:
+        return bytes((0x82, 126)) + size.to_bytes(2, "big") + payload
+    return bytes((0x82, 127)) + size.to_bytes(8, "big") + payload
 
 
 Deliver = Callable[[Change], None]

@@ -50,6 +50,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import functools
 import itertools
 import logging
 import math
@@ -68,6 +69,7 @@ from foliosync.server.documents import (
     Applied,
     BadUpdate,
     RelayDocuments,
+    Staged,
     drop_idle_scratches_every,
 )
 from foliosync.server.extensions import (
@@ -93,8 +95,10 @@ from foliosync.server.fanout import (
     ShareRevoked,
     Subscription,
     TokensRevoked,
+    websocket_binary_frame,
 )
 from foliosync.server.feeds import Feed, start_feed
+from foliosync.server.held_changes import HeldChanges, HeldDocument
 from foliosync.server.http_auth import HookRunnerKey, authorize_request, bearer_authentication
 from foliosync.server.http_cors import add_cors, normalize_origins
 from foliosync.server.http_errors import (
@@ -403,32 +407,100 @@ class Relay:
         # Connections with bytes in their write buffer, written out once this loop turn ends;
         # while changes fan out wide, their fanned-out changes a moment later (see _flush_soon).
         self._unflushed: list[Connection] = []
-        self._held: list[Connection] = []
+        # Changes held for a wide fan-out: one merged Update per document and receiver at the
+        # next held flush (see foliosync.server.held_changes).
+        self._held: HeldChanges[Connection] = HeldChanges()
         self._held_handle: asyncio.TimerHandle | None = None
+        # Each user's connections, behind one fan-out subscription per user: a change of a
+        # document held for a wide fan-out is then appended once, not handed to each of them.
+        self._followers: dict[str, list[Connection]] = {}
+        self._following: dict[str, Subscription] = {}
         self._wide_at = -math.inf  # when a flush last wrote to many connections (loop time)
         # Grants and revocations made through the other relays of a group, for the connections
         # held here (nothing comes in one process).
         self._peer_control = fanout.subscribe_control(self._on_peer_control)
 
-    def _flush_soon(self, connection: Connection, fanout: bool = False) -> None:
-        """Write ``connection``'s buffer at the end of this loop turn; a fanned-out change, while
-        changes fan out to many connections, ``config.fanout_flush_delay`` later, so that one
-        write (and one read on the device) carries several changes instead of one each. Acks,
-        replies and prices are never held back (a connection's buffer goes out whole, in order,
-        at whichever flush comes first)."""
-        loop = asyncio.get_running_loop()
-        delay = self.config.fanout_flush_delay
-        # Held only while wide fan-outs come closer together than twice the delay: a busy
-        # document; a change after a quiet spell goes at once.
-        if fanout and delay > 0 and loop.time() - self._wide_at < 2 * delay:
-            if self._held_handle is None:
-                self._held_handle = loop.call_later(delay, self._flush_held, context=_FLUSH_CONTEXT)
-            self._held.append(connection)
-            return
+    def _flush_soon(self, connection: Connection) -> None:
+        """Write ``connection``'s buffer at the end of this loop turn."""
         if not self._unflushed:
-            loop.call_soon(self._flush_writes, context=_FLUSH_CONTEXT)
+            asyncio.get_running_loop().call_soon(self._flush_writes, context=_FLUSH_CONTEXT)
         self._unflushed.append(connection)
         connection._flush_due = True
+
+    def hold_change(self, connection: Connection, change: Change) -> bool:
+        """Hold a fanned-out change for ``connection`` until the held flush, if changes fan out
+        to many connections now (or changes of its document wait already, which it must not
+        overtake); False: send it at once. Held, a document's changes go out to each receiver as
+        one merged Update ``config.fanout_flush_delay`` later, so that one write, one frame and
+        one apply on the device carry every change of that delay (see
+        :mod:`foliosync.server.held_changes`). Acks, replies and prices never wait for that.
+        """
+        held = self._held
+        if not held.holds(change):
+            delay = self.config.fanout_flush_delay
+            # Held only while wide fan-outs come closer together than twice the delay: a busy
+            # document; a change after a quiet spell goes at once.
+            if delay <= 0:
+                return False
+            loop = asyncio.get_running_loop()
+            if loop.time() - self._wide_at >= 2 * delay:
+                return False
+            if self._held_handle is None:
+                self._held_handle = loop.call_later(delay, self._flush_held, context=_FLUSH_CONTEXT)
+        held.hold(connection, change)
+        return True
+
+    def follow(self, connection: Connection) -> Subscription:
+        """``connection`` gets the changes of its user's documents (those it synced) from now
+        on, until the subscription returned is closed."""
+        assert connection.identity is not None
+        user = connection.identity.user
+        followers = self._followers.get(user)
+        if followers is None:
+            followers = self._followers[user] = []
+            self._following[user] = self.fanout.subscribe(
+                user, functools.partial(self._fan, followers)
+            )
+        followers.append(connection)
+        return _Following(self, user, connection)
+
+    def _unfollow(self, user: str, connection: Connection) -> None:
+        followers = self._followers.get(user)
+        if followers is None or connection not in followers:
+            return
+        followers.remove(connection)
+        if not followers:
+            del self._followers[user]
+            self._following.pop(user).close()
+
+    def _fan(self, followers: list[Connection], change: Change) -> None:
+        """A change of a user's document, for that user's connections here. While its document
+        is held, it joins the held changes once; otherwise each connection takes it or not
+        (:meth:`Connection._deliver`), and may hold it."""
+        held = self._held.get(change.user, change.doc_id)
+        if held is None or not held.whole:
+            for connection in followers:
+                try:
+                    connection._deliver(change)
+                except Exception:  # one connection's failure is not the others'
+                    log.exception("connection %s failed to take a change", connection.id)
+            held = self._held.get(change.user, change.doc_id)
+            if held is None:
+                return
+            held.whole = True
+        else:
+            held.append(change)
+        if held.size >= _DIRECT_WRITE_LIMIT:  # a burst: no reason to hold it longer
+            released = self._held.release(change)
+            if released is not None:
+                self._send_held([released])
+
+    def synced(self, connection: Connection, user: str, doc_id: str) -> None:
+        """``connection`` synced one of its user's documents: it joins that document's held
+        changes, if some wait (those of later changes it gets; the SyncReply brings the rest)."""
+        held = self._held.get(user, doc_id)
+        if held is not None:
+            held.join(connection)
 
     def _flush_writes(self) -> None:
         """One write per connection for all it was sent since the last flush."""
@@ -439,12 +511,15 @@ class Relay:
             self._wide_at = asyncio.get_running_loop().time()
 
     def _flush_held(self) -> None:
-        held, self._held = self._held, []
         self._held_handle = None
-        if len(held) >= _WIDE_FANOUT:
+        if self._held.receivers() >= _WIDE_FANOUT:
             self._wide_at = asyncio.get_running_loop().time()
-        for connection in held:
-            connection._flush_wire()
+        self._send_held(self._held.take())
+
+    def _send_held(self, documents: list[HeldDocument[Connection]]) -> None:
+        for document in documents:
+            for connection, changes in document.deliveries():
+                connection._send_held(changes)
 
     def next_connection_id(self) -> str:
         return f"{self.config.relay_id}:{next(self._ids)}"
@@ -465,7 +540,7 @@ class Relay:
         listing: UserDocuments | None = None,
     ) -> Applied:
         """Check, apply and store one update of ``identity.user``'s ``doc_id``: the one path of
-        every update, a device's or the relay's own.
+        every update, a device's or the relay's own (:meth:`stage_update`, then its write).
 
         In this order: the kind of the id (ValidationError), the extensions' ``authorize``
         (AccessDenied, AuthError), the wire checks of ``foliosync.sync.updates`` against the
@@ -476,6 +551,69 @@ class Relay:
         SchemaViolation); only then is it applied in memory and stored (RelayStoreError). A
         refused update changes nothing. The caller acknowledges, then calls
         :meth:`publish_change`."""
+        relisted: list[tuple[frozenset[str], frozenset[str]]] = []  # (listed, unlisted)
+        staged = await self._stage_update(
+            identity,
+            doc_id,
+            update,
+            seq=seq,
+            device=device,
+            origin=origin,
+            now_ms=now_ms,
+            seen=seen,
+            listing=listing,
+            relisted=relisted,
+        )
+        applied = await staged.stored()
+        if listing is not None and relisted:
+            listing.relist(*relisted[-1])
+        return applied
+
+    async def stage_update(
+        self,
+        identity: Identity,
+        doc_id: str,
+        update: bytes,
+        *,
+        seq: int,
+        device: str,
+        origin: str,
+        now_ms: int,
+        seen: int | None = None,
+    ) -> Staged:
+        """:meth:`submit_update` up to the store's write, for an update that lists no document
+        (an index update that may list new ones goes through :meth:`submit_update`): the checks
+        passed, applied in memory, its append under way; ``await staged.stored()`` before
+        acknowledging. What lets a connection check its next update while the last is written."""
+        return await self._stage_update(
+            identity,
+            doc_id,
+            update,
+            seq=seq,
+            device=device,
+            origin=origin,
+            now_ms=now_ms,
+            seen=seen,
+            listing=None,
+            relisted=[],
+        )
+
+    async def _stage_update(
+        self,
+        identity: Identity,
+        doc_id: str,
+        update: bytes,
+        *,
+        seq: int,
+        device: str,
+        origin: str,
+        now_ms: int,
+        seen: int | None,
+        listing: UserDocuments | None,
+        relisted: list[tuple[frozenset[str], frozenset[str]]],
+    ) -> Staged:
+        """The checks and the in-memory apply of :meth:`submit_update`; ``relisted`` gets what
+        an index update lists and unlists, for ``listing`` once it is stored."""
         kind = kind_of(doc_id)
         hooks = self.hooks
         await hooks.authorize(identity, doc_id, "write")
@@ -486,7 +624,6 @@ class Relay:
         owner, local = _resolve(identity.user, doc_id)
         if kind is not DocumentKind.INDEX:
             listing = None
-        relisted: list[tuple[frozenset[str], frozenset[str]]] = []  # (listed, unlisted)
 
         async def before_apply(candidate: Candidate) -> None:
             if listing is not None:
@@ -517,7 +654,7 @@ class Relay:
                     )
                 )
 
-        applied = await self.documents.apply(
+        return await self.documents.stage(
             owner,
             local,
             update,
@@ -530,9 +667,6 @@ class Relay:
                 before_apply if listing is not None or hooks.uses("before_apply") else None
             ),
         )
-        if listing is not None and relisted:
-            listing.relist(*relisted[-1])
-        return applied
 
     async def publish_change(
         self,
@@ -820,6 +954,7 @@ class Connection:
     attributes was 1.5 KiB of each (an attribute added below needs its slot here)."""
 
     __slots__ = (
+        "_acks",
         "_admitted_user",
         "_close_code",
         "_close_with",
@@ -901,6 +1036,8 @@ class Connection:
         self._owners: dict[str, Subscription] = {}
         self._revoked: set[str] = set()
         self._closing = False
+        # The last pipelined update's task (acknowledged once stored, in order), while one is.
+        self._acks: asyncio.Task[None] | None = None
         # Per document, the version (RelayDocuments.version) of its SyncReply or of its own last
         # update, whichever is newer: what makes an update of it concurrent or not.
         self._seen: dict[str, int] = {}
@@ -939,6 +1076,9 @@ class Connection:
                 self._fail_internal("the relay failed; reconnect and retry")
             self._close_with = 1011
         finally:
+            # Pipelined updates are stored and acknowledged before the close, if the store
+            # answers in time (their fan-out does not depend on this connection).
+            await self._settle(timeout=_CLOSE_TIMEOUT)
             self._release_admission()
             self.relay.prices.unsubscribe(self)
             if self._subscription is not None:
@@ -1340,7 +1480,7 @@ class Connection:
             self._fail_internal("the relay cannot read its store now; reconnect later")
             return
         self._send(self.session.accept(identity.user, self.device, documents, wall_ms()))
-        self._subscription = self.relay.fanout.subscribe(identity.user, self._deliver)
+        self._subscription = self.relay.follow(self)
 
     def _refuse(self, code: str, message: str, doc: str, seq: int | None) -> str:
         """A per-document Error (the connection goes on); returns its code."""
@@ -1387,6 +1527,8 @@ class Connection:
         self._revoked.discard(event.doc)
         if owner != self.identity.user and owner not in self._owners:
             self._owners[owner] = self.relay.fanout.subscribe(owner, self._deliver_shared)
+        elif owner == self.identity.user:
+            self.relay.synced(self, owner, local)
         async with self.relay.initial_sync_slots:
             try:
                 diff, state_vector, watermark = await self.relay.documents.state(
@@ -1449,18 +1591,39 @@ class Connection:
             return
         received_at = self._received_at
         now = wall_ms()
+        # Pipelined: checked and applied now, acknowledged once stored, while the next frames
+        # are read, so that a device's backlog shares the store's commits instead of waiting
+        # for one each. Not for an update that may add a document to what the user's limit
+        # counts (a new document, an index update): the next one's check needs it counted.
+        counted = self.relay.user_documents.get(self.identity.user)
+        pipelined = listing is None and (
+            not self._counts_toward_limit(doc) or (counted is not None and doc in counted)
+        )
         try:
-            applied = await self.relay.submit_update(
-                self.identity,
-                doc,
-                event.update,
-                seq=seq,
-                device=self.device,
-                origin=self.id,
-                now_ms=now,
-                seen=self._seen.get(doc),
-                listing=listing,
-            )
+            if pipelined:
+                staged = await self.relay.stage_update(
+                    self.identity,
+                    doc,
+                    event.update,
+                    seq=seq,
+                    device=self.device,
+                    origin=self.id,
+                    now_ms=now,
+                    seen=self._seen.get(doc),
+                )
+            else:
+                await self._settle()  # what came before is acknowledged first
+                applied = await self.relay.submit_update(
+                    self.identity,
+                    doc,
+                    event.update,
+                    seq=seq,
+                    device=self.device,
+                    origin=self.id,
+                    now_ms=now,
+                    seen=self._seen.get(doc),
+                    listing=listing,
+                )
         except (AccessDenied, UpdateRefused, BadUpdate) as exc:
             counters.updates_refused[self._refuse(exc.code, str(exc), doc, seq)] += 1
             return
@@ -1472,31 +1635,97 @@ class Connection:
             counters.updates_refused[code] += 1
             return
         except RelayStoreError as exc:
-            counters.updates_refused[ErrorCode.INTERNAL] += 1
-            log.error("storing an update of %s failed: %s", doc, exc)
-            # Fatal (no doc): an Ack of a later update on this connection would settle this one
-            # too. The client reconnects and resends what the relay lacks by state vector.
-            why = (
-                "its store is unreachable"
-                if getattr(self.relay.fanout, "reachable", True)
-                else "the other relays are unreachable"
-            )
-            self._fail_internal(
-                f"the relay could not store an update of {doc} ({why}); reconnect and retry"
-            )
+            self._store_failed(doc, exc)
             return
-        if self.session.closed:
+        if not pipelined:
+            await self._stored(event, applied, now, received_at)
             return
+        self._saw(doc, staged.version)
+        self._acks = asyncio.get_running_loop().create_task(
+            self._when_stored(event, staged, self._acks, now, received_at)
+        )
+
+    async def _when_stored(
+        self,
+        event: UpdateReceived,
+        staged: Staged,
+        before: asyncio.Task[None] | None,
+        now: int,
+        received_at: float,
+    ) -> None:
+        """A pipelined update: acknowledged and fanned out once stored, after the ones before
+        it on this connection (``before``), so that Acks keep the order of the Updates: an Ack
+        tells the device that everything it sent before is stored too."""
+        try:
+            if before is not None:
+                await asyncio.wait([before])  # it handles its own failures
+            try:
+                applied = await staged.stored()
+            except RelayStoreError as exc:
+                if not self.session.closed:
+                    self._store_failed(event.doc, exc)
+                    self._end_aside()
+                return
+            await self._stored(event, applied, now, received_at)
+        except Exception:  # a relay bug: logged, the device told, as in the read loop
+            log.exception("connection %s: an update failed after its checks", self.id)
+            if not self.session.closed:
+                self._fail_internal("the relay failed; reconnect and retry")
+                self._end_aside()
+            self._close_with = 1011
+        finally:
+            if self._acks is asyncio.current_task():
+                self._acks = None
+
+    def _end_aside(self) -> None:
+        """The conversation ended (a fatal Error sent) outside the read loop, which may wait for
+        the device's next frame: the connection is closed once the Error has gone."""
+        if self._closing:
+            return
+        asyncio.get_running_loop().create_task(
+            self._close_after_flush(self._close_with, b""), context=self._log_ctx
+        )
+
+    async def _settle(self, timeout: float | None = None) -> None:
+        """Wait until this connection's pipelined updates are stored and acknowledged."""
+        acks = self._acks
+        if acks is not None:
+            await asyncio.wait([acks], timeout=timeout)
+
+    def _store_failed(self, doc: str, exc: RelayStoreError) -> None:
+        self._counters.updates_refused[ErrorCode.INTERNAL] += 1
+        log.error("storing an update of %s failed: %s", doc, exc)
+        # Fatal (no doc): an Ack of a later update on this connection would settle this one
+        # too. The client reconnects and resends what the relay lacks by state vector.
+        why = (
+            "its store is unreachable"
+            if getattr(self.relay.fanout, "reachable", True)
+            else "the other relays are unreachable"
+        )
+        self._fail_internal(
+            f"the relay could not store an update of {doc} ({why}); reconnect and retry"
+        )
+
+    async def _stored(
+        self, event: UpdateReceived, applied: Applied, now: int, received_at: float
+    ) -> None:
+        """An update is stored: acknowledged (unless the connection ended meanwhile), then fanned
+        out to the other connections synced on it, which need it whether or not its sender is
+        still there."""
+        assert self.identity is not None
+        counters = self._counters
+        doc, seq = event.doc, event.seq
         self._saw(doc, applied.version)
         counted = self.relay.user_documents.get(self.identity.user)
         if counted is not None and "/" not in doc:
             counted.stored([doc])
-        self._send(self.session.ack(doc, seq))
-        counters.update_store.observe(time.perf_counter() - received_at)
-        counters.updates_acknowledged += 1
+        if not self.session.closed:
+            self._send(self.session.ack(doc, seq))
+            counters.update_store.observe(time.perf_counter() - received_at)
+            counters.updates_acknowledged += 1
+            log.debug("update %d stored and acknowledged", seq)
         if applied.concurrent:
             counters.updates_merged_concurrent += 1
-        log.debug("update %d stored and acknowledged", seq)
         if applied.changed or applied.recovered:
             owner, local = owner_and_id(self.identity.user, doc)
             await self.relay.publish_change(
@@ -1628,11 +1857,17 @@ class Connection:
     def _deliver(self, change: Change) -> None:
         """A stored change of one of the user's documents: sent on if this connection synced
         that document, and did not make the change itself (a sender is never echoed)."""
-        if change.doc_id not in self._synced_docs or change.origin == self.id:
+        if change.doc_id not in self._synced_docs:
+            return
+        # Held with its origin among the receivers: the held flush never echoes a change, and
+        # the origin must get the changes appended after its own (see Relay._fan).
+        if change.wire and self.relay.hold_change(self, change):
+            return
+        if change.origin == self.id:
             return
         if self._direct and change.wire:  # the fan-out's hot path: one flag, one append
-            if not self._wire:
-                self.relay._flush_soon(self, fanout=True)
+            if not self._flush_due:
+                self.relay._flush_soon(self)
             self._wire.append(change.wire)
             self._wire_bytes += len(change.wire)
             self._sent_frames[_UPDATE_CODE] += 1
@@ -1646,6 +1881,22 @@ class Connection:
             Update(change.doc_id, 0, change.update, change.changed_at, change.changed_by)
         )
         self._send(frame, change.wire)
+
+    def _send_held(self, changes: list[Change]) -> None:
+        """The held flush: ``changes`` (one merged change, mostly) written out now, with what
+        else this connection's buffer holds; through the queue if the socket fell behind since
+        they were held."""
+        for change in changes:
+            if change.doc_id not in self._synced_docs:
+                return
+            if self._direct:
+                self._wire.append(change.wire)
+                self._wire_bytes += len(change.wire)
+                self._sent_frames[_UPDATE_CODE] += 1
+                self._sent_bytes[_UPDATE_CODE] += len(change.frame)
+            elif not (self.session.closed or self._closing):
+                self._send(change.frame, change.wire)
+        self._flush_wire()
 
     def _deliver_shared(self, change: Change) -> None:
         """A stored change of a document another user owns: sent on, under its ``owner/id``, if
@@ -1712,12 +1963,13 @@ class Connection:
         asyncio.get_running_loop().create_task(self._close_after_flush(), context=self._log_ctx)
         return True
 
-    async def _close_after_flush(self) -> None:
-        """Close once what is queued (the fatal Error above all) has gone, or after a second."""
+    async def _close_after_flush(self, code: int = 1000, message: bytes = b"token revoked") -> None:
+        """Close once what is queued (the fatal Error above all) has gone, or after a second:
+        for an end decided outside the read loop, which may be waiting for a frame."""
         deadline = time.monotonic() + 1.0
         while (self.outbound or self._wire) and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
-        await self.close(code=1000, message=b"token revoked")
+        await self.close(code=code, message=message)
 
 
 RelayKey = web.AppKey("relay", Relay)
@@ -1731,6 +1983,18 @@ _ABUSE: dict[str, str] = {  # the fatal codes that end a connection for its abus
 _LISTED_SYMBOLS = 10  # invalid symbols quoted in the one Error that refuses them
 _LISTED_TICKS = 100  # refused ticks listed in a Published
 _REASON_CHARS = 80  # characters of each listed tick's reason
+
+
+class _Following:
+    """A connection's place among its user's followers (:meth:`Relay.follow`)."""
+
+    __slots__ = ("_connection", "_relay", "_user")
+
+    def __init__(self, relay: Relay, user: str, connection: Connection) -> None:
+        self._relay, self._user, self._connection = relay, user, connection
+
+    def close(self) -> None:
+        self._relay._unfollow(self._user, self._connection)
 
 
 def _invalid_symbols(invalid: Sequence[str]) -> str:
@@ -1753,19 +2017,6 @@ _PRICE_BATCH_CODE = FRAME_CODES["price_batch"]
 _CLOSE_TIMEOUT = 2.0  # seconds a closing peer has to take what is left and the close frame
 _FLUSH_CONTEXT = contextvars.Context()  # the flush's log lines are no one connection's
 _WIDE_FANOUT = 64  # connections written to in one flush from which fanned-out changes wait
-
-
-def websocket_binary_frame(payload: bytes) -> bytes:
-    """A whole unmasked WebSocket binary frame (RFC 6455, 5.2): what a server sends.
-
-    Unmasked, the same bytes serve every receiver, so a fanned-out change is framed once.
-    """
-    size = len(payload)
-    if size < 126:
-        return bytes((0x82, size)) + payload
-    if size < 65536:
-        return bytes((0x82, 126)) + size.to_bytes(2, "big") + payload
-    return bytes((0x82, 127)) + size.to_bytes(8, "big") + payload
 
 
 async def _serve_metrics(relay: Relay) -> web.AppRunner | None:
