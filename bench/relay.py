@@ -60,7 +60,9 @@ from bench.relay_load import (
     FolioDevice,
     YDevice,
     build_documents,
+    one_struct,
     raise_nofile_limit,
+    update_edits,
     update_key,
     y_update_payload,
 )
@@ -249,6 +251,9 @@ def relay_has_feed_option() -> bool:
 
 
 FEED_OFF = ["--feed", "none"]
+# The fan-out parts connect hundreds of devices of one user: above the relay's default bound of
+# connections per user (a limit against a hostile client, not a capacity).
+BENCH_LIMITS = ["--max-connections-per-user", "100000"]
 
 
 def relay_argv(port: int, data_dir: Path, extra: Sequence[str] = ()) -> list[str]:
@@ -820,11 +825,14 @@ class Probe:
         self.received.append([])
 
     def receipt(self, sampler: int, update: bytes) -> None:
+        """Every edit the update carries (several, merged, from a relay that merges)."""
         now = time.monotonic()
-        index = self.keys.get(update_key(update))
-        if index is not None:
-            self.received[index].append(now - self.sent[index])
-            self.counts[sampler] = self.counts.get(sampler, 0) + 1
+        client, clock, structs = update_edits(update)
+        for at in range(clock, clock + structs):
+            index = self.keys.get((client, at))
+            if index is not None:
+                self.received[index].append(now - self.sent[index])
+                self.counts[sampler] = self.counts.get(sampler, 0) + 1
 
 
 def folio_receipt(probe: Probe, sampler: int, _device: object, payload: bytes) -> None:
@@ -1001,7 +1009,7 @@ async def fanout_foliosync(root: Path, sizes: Sizes) -> tuple[list[Step], dict[s
                 doc_id, lambda m: m.set_note(symbols[i % len(symbols)], f"n{i}")
             )
             target.sent_at[seq] = at
-            return update
+            return one_struct(update)
 
         target = Target(relay, edit, acked=editor.acked)
         steps = await run_steps(target, loader, probe, sizes.samplers, bulk, sizes, sizes.rates)
@@ -1378,15 +1386,17 @@ async def fanout(root: Path, sizes: Sizes) -> list[Table]:
         f"each step ~{sizes.step_s:g} s (at least {sizes.min_step_edits} edits) at a fixed "
         "schedule; the editor does not wait for Acks. Latency = edit made -> update received, on "
         f"{sizes.samplers} sampling receivers in the driving process (every edit, every sampler); "
-        f"the other {folio_info['bulk']} receivers (a load process) read and count every update "
-        "frame without decoding it. Climbing stops at a backlog or at two steps not held in a "
+        f"the other {folio_info['bulk']} receivers (a load process) read every update frame and "
+        "count the edits it carries (an edit is one struct, checked as it is made; the relay "
+        "merges a busy document's changes of one flush delay into one Update, the Yjs servers "
+        "send each on its own). Climbing stops at a backlog or at two steps not held in a "
         "row. ack p99 (ms) = the editor's edit -> the relay's Ack (stored in SQLite); the relay "
         "fans an update out right after acknowledging it.",
         f"backlog = delivered < 100% within {sizes.drain_s:g} s of the last edit, a receiver "
         "disconnected, or the p50 of the last third of the step > 2x the first third's + 10 ms. "
         "held = p99 < 100 ms, no backlog, and the editor kept >= 95% of the rate.",
         "server CPU % = the server process (all threads) over the step and its drain; µs/update "
-        "= that CPU time / updates delivered to receivers; load CPU % = the load process + the "
+        "= that CPU time / edits delivered to receivers; load CPU % = the load process + the "
         "driving process (editor, samplers); other CPU % = every other process on the machine "
         "(from /proc/stat). % of one core; 2 cores in all.",
         "foliosync: the editor and receivers are protocol clients of user 'fan' (Hello/Welcome, "
@@ -1694,10 +1704,11 @@ def config_notes() -> list[str]:
         f"heartbeat={config.heartbeat:g} s, max_frame_size={config.max_frame_size >> 20} MiB"
         + (
             "; price feed off (--feed none: the default simulated feed ticks in market hours "
-            "only, which would make the figures depend on the time of day)."
-            if Relay.extra_args
-            else "."
-        ),
+            "only, which would make the figures depend on the time of day)"
+            if FEED_OFF[0] in Relay.extra_args
+            else ""
+        )
+        + f"; {' '.join(BENCH_LIMITS)} (the fan-out's devices are one user's).",
     ]
 
 
@@ -1712,7 +1723,7 @@ async def run(quick: bool) -> list[Table]:
     raise_nofile_limit()
     # FOLIOSYNC_BENCH_RELAY_ARGS: more `foliosync relay` options, e.g. "--loop uvloop".
     more = os.environ.get("FOLIOSYNC_BENCH_RELAY_ARGS", "").split()
-    Relay.extra_args = [*(FEED_OFF if relay_has_feed_option() else ()), *more]
+    Relay.extra_args = [*(FEED_OFF if relay_has_feed_option() else ()), *BENCH_LIMITS, *more]
     with tempfile.TemporaryDirectory(prefix="foliosync-bench-relay-") as tmp:
         root = Path(tmp)
         tables: list[Table] = []

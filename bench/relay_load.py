@@ -76,6 +76,7 @@ __all__ = [
     "build_documents",
     "build_user_documents",
     "raise_nofile_limit",
+    "update_edits",
     "update_key",
 ]
 
@@ -105,6 +106,28 @@ def _varuint(data: bytes, pos: int) -> tuple[int, int]:
         shift += 7
         if byte < 0x80:
             return value, pos
+
+
+def update_edits(update: bytes) -> tuple[int, int, int]:
+    """(client id, first clock, structs) of a one-client update: the edits it carries, when each
+    edit is one struct, as the fan-out's edits are (a set_note; :func:`one_struct` checks each).
+    A relay that merges the changes of a busy document sends several in one update: their
+    structs stay one per edit, consecutive in clock."""
+    _, pos = _varuint(update, 0)  # clients in the update
+    structs, pos = _varuint(update, pos)  # structs of the first client
+    client, pos = _varuint(update, pos)
+    clock, _ = _varuint(update, pos)
+    return client, clock, structs
+
+
+def one_struct(update: bytes) -> bytes:
+    """``update`` if it is one struct of one client, else ValueError: what counting edits by
+    structs (:func:`update_edits`) takes for granted."""
+    clients, pos = _varuint(update, 0)
+    structs, _ = _varuint(update, pos)
+    if (clients, structs) != (1, 1):
+        raise ValueError(f"an edit of {clients} clients and {structs} structs: counted wrong")
+    return update
 
 
 def update_key(update: bytes) -> tuple[int, int]:
@@ -449,7 +472,8 @@ class FolioDevice:
     def on_message(self, conn: WsConnection, payload: bytes) -> None:
         head = payload[:2]
         if head == UPDATE_PREFIX:
-            self.updates += 1
+            # Edits, not frames: a merged Update carries several (one struct each).
+            self.updates += update_edits(msgpack.unpackb(payload)[3])[2]
             if self.on_update is not None:
                 self.on_update(self, payload)
             if not self.apply_remote:
