@@ -13,7 +13,9 @@ bytes and decides what frames mean:
   ``before_apply``), applied, stored, then acknowledged and fanned out to the user's other
   connections that synced that document (:meth:`Relay.submit_update`); a refusal is an Error
   for that document and seq only. The session refuses (fatally) an Update before its
-  document's SyncRequest or with a seq that does not increase; see ``PROTOCOL.md``.
+  document's SyncRequest or with a seq that does not increase; see ``PROTOCOL.md``. A device's
+  updates are pipelined: the next one is read and checked while the last is written, so that a
+  backlog shares the store's commits, and the Acks go out in order, each once stored.
 
 A frame takes the direct path when nothing waits before it and the socket's buffer is small (the
 common case: no task switch per receiver): it is appended to the connection's write buffer, and
@@ -21,8 +23,10 @@ every buffer filled during one turn of the event loop goes out once that turn en
 ``transport.write`` per connection whatever it got meanwhile (updates, acks, a price batch:
 several WebSocket frames in one write, in the order they were sent). With hundreds of devices on
 one document, a ``send()`` per receiver per update was most of the relay's time. While changes
-fan out to many connections at once, a fanned-out change may wait ``fanout_flush_delay`` (20 ms)
-for the next ones to share its write; acks, replies and prices never wait for that. Whether a
+fan out to many connections at once, a document's changes wait ``fanout_flush_delay`` (20 ms)
+and go to each receiver as one merged Update (:mod:`foliosync.server.held_changes`): one write,
+one frame and one apply per receiver per flush, whatever the edit rate; acks, replies and
+prices never wait for that. Whether a
 connection may take the direct path is one flag (:attr:`Connection._direct`), kept up to date
 where its inputs change (the writer starts or ends, a close begins, a flush finds the socket's
 buffer full), so the fan-out pays one attribute read per receiver.
