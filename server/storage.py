@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import sqlite3
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
-import aiosqlite
-
-from foliosync._sqlite import connect as sqlite_connect
 from foliosync.sync.errors import RelayStoreError, StorageFullError
 
 __all__ = [
@@ -105,22 +105,29 @@ CREATE TABLE IF NOT EXISTS updates (
 CREATE INDEX IF NOT EXISTS updates_by_doc ON updates (user, doc_id, seq);
 """
 
+_T = TypeVar("_T")
 _MAX_GROUP = 512  # 1,536 parameters in one INSERT: within SQLite's 32,766 since 3.32
 _RETURNING = sqlite3.sqlite_version_info >= (3, 35)
 
 
 class SQLiteRelayStore:
-    """The default store: one SQLite file in the relay's data directory."""
+    """The default store: one SQLite file in the relay's data directory.
 
-    def __init__(self, path: Path, conn: aiosqlite.Connection) -> None:
+    Every operation runs as ONE call on the store's own thread (a single-thread executor with
+    its own ``sqlite3`` connection), a whole transaction in it: a group commit is one hop to
+    that thread and back, however many updates it stores. Statement by statement through
+    aiosqlite, the same commit cost two round trips per update and two more for the
+    transaction, each a wake-up of the event loop from another thread, and a busy relay paid
+    them as delay on every Ack. One thread also means one operation at a time, so no two
+    transactions ever interleave on the connection.
+    """
+
+    def __init__(self, path: Path, db: sqlite3.Connection, thread: ThreadPoolExecutor) -> None:
         self.path = path
-        self._conn = conn
+        self._db = db
+        self._thread = thread
         self._queue: asyncio.Queue[_Append | None] = asyncio.Queue()
         self._writer: asyncio.Task[None] | None = None
-        # One connection serves the writer, compaction and reads: statements of two transactions
-        # must never interleave on it (a BEGIN inside another transaction fails, and its ROLLBACK
-        # would undo the other one's work while that one goes on in autocommit mode).
-        self._lock = asyncio.Lock()
         self._closing = False
 
     @classmethod
@@ -130,17 +137,35 @@ class SQLiteRelayStore:
             raise RelayStoreError(f"unknown durability {durability!r}: normal or full")
         file = Path(path)
         file.parent.mkdir(parents=True, exist_ok=True)
+        thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="foliosync-relay-store")
+
+        def connect() -> sqlite3.Connection:
+            db = sqlite3.connect(str(file), isolation_level=None, check_same_thread=False)
+            try:
+                db.execute("PRAGMA journal_mode = WAL")
+                db.execute(f"PRAGMA synchronous = {synchronous}")
+                db.execute("PRAGMA busy_timeout = 5000")
+                db.executescript(_SCHEMA)
+            except BaseException:
+                db.close()
+                raise
+            return db
+
         try:
-            conn = await sqlite_connect(str(file), isolation_level=None)
-            await conn.execute("PRAGMA journal_mode = WAL")
-            await conn.execute(f"PRAGMA synchronous = {synchronous}")
-            await conn.execute("PRAGMA busy_timeout = 5000")
-            await conn.executescript(_SCHEMA)
+            db = await asyncio.get_running_loop().run_in_executor(thread, connect)
         except sqlite3.Error as exc:
+            thread.shutdown(wait=False)
             raise RelayStoreError(f"cannot open relay store {file}: {exc}") from exc
-        store = cls(file, conn)
+        store = cls(file, db, thread)
         store._writer = asyncio.get_running_loop().create_task(store._write_loop())
         return store
+
+    async def _call(self, function: Callable[[], _T]) -> _T:
+        """``function`` on the store's thread; RelayStoreError once the store is closed."""
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._thread, function)
+        except RuntimeError as exc:  # the executor was shut down: the store is closed
+            raise RelayStoreError("the relay store is closed") from exc
 
     async def append(
         self, user: str, doc_id: str, update: bytes, changed_at: int, changed_by: str
@@ -166,26 +191,16 @@ class SQLiteRelayStore:
             await self._commit(group)
 
     async def _commit(self, group: list[_Append]) -> None:
-        async with self._lock:
-            await self._commit_locked(group)
-
-    async def _commit_locked(self, group: list[_Append]) -> None:
+        rows = [(i.user, i.doc_id, i.update) for i in group]
+        marks = [(i.user, i.doc_id, i.changed_at, i.changed_by) for i in group]
         try:
-            await self._conn.execute("BEGIN IMMEDIATE")
-            seqs = await self._insert_updates(group)
-            await self._conn.executemany(
-                "INSERT INTO documents (user, doc_id, snapshot, changed_at, changed_by) "
-                "VALUES (?, ?, x'', ?, ?) ON CONFLICT (user, doc_id) DO UPDATE SET "
-                "changed_at = excluded.changed_at, changed_by = excluded.changed_by",
-                [(i.user, i.doc_id, i.changed_at, i.changed_by) for i in group],
-            )
-            await self._conn.execute("COMMIT")
-        except sqlite3.Error as exc:
-            with contextlib.suppress(sqlite3.Error):
-                await self._conn.execute("ROLLBACK")
+            seqs = await self._call(functools.partial(_commit_group, self._db, rows, marks))
+        except (sqlite3.Error, RelayStoreError) as exc:
             error: RelayStoreError = (
                 StorageFullError(f"relay storage is full: {exc}")
                 if "full" in str(exc).lower()
+                else exc
+                if isinstance(exc, RelayStoreError)
                 else RelayStoreError(f"relay storage failed: {exc}")
             )
             for item in group:
@@ -196,119 +211,146 @@ class SQLiteRelayStore:
             if not item.done.done():
                 item.done.set_result(seq)
 
-    async def _insert_updates(self, group: list[_Append]) -> list[int]:
-        """Insert the group's updates, in order; their seqs. One statement for all of them where
-        SQLite has RETURNING (3.35): each statement is a round trip to aiosqlite's thread and
-        back through the event loop, which made a commit of a device's backlog cost two
-        round trips per update."""
-        if not _RETURNING:
-            seqs = []
-            for item in group:
-                cursor = await self._conn.execute(
-                    "INSERT INTO updates (user, doc_id, data) VALUES (?, ?, ?)",
-                    (item.user, item.doc_id, item.update),
-                )
-                seqs.append(cursor.lastrowid or 0)
-                await cursor.close()
-            return seqs
-        values = ", ".join(["(?, ?, ?)"] * len(group))
-        params = [field for item in group for field in (item.user, item.doc_id, item.update)]
-        rows = await self._conn.execute_fetchall(
-            f"INSERT INTO updates (user, doc_id, data) VALUES {values} RETURNING seq",
-            params,
-        )
-        # RETURNING's order is SQLite's to choose; the rows' seqs are not: one writer (BEGIN
-        # IMMEDIATE) and AUTOINCREMENT number them in the order of the VALUES, one after another.
-        return sorted(row[0] for row in rows)
-
     def _check_open(self) -> None:
         if self._closing:
             raise RelayStoreError("the relay store is closed")
 
     async def load(self, user: str, doc_id: str) -> StoredDocument | None:
         self._check_open()
-        async with self._lock:
-            return await self._load_locked(user, doc_id)
-
-    async def _load_locked(self, user: str, doc_id: str) -> StoredDocument | None:
         try:
-            async with self._conn.execute(
-                "SELECT snapshot, changed_at, changed_by FROM documents "
-                "WHERE user = ? AND doc_id = ?",
-                (user, doc_id),
-            ) as cursor:
-                row = await cursor.fetchone()
-            if row is None:
-                return None
-            async with self._conn.execute(
-                "SELECT seq, data FROM updates WHERE user = ? AND doc_id = ? ORDER BY seq",
-                (user, doc_id),
-            ) as cursor:
-                rows = [(int(s), bytes(d)) async for s, d in cursor]
-        except (sqlite3.Error, ValueError) as exc:  # ValueError: aiosqlite lost its connection
+            return await self._call(functools.partial(_load, self._db, user, doc_id))
+        except sqlite3.Error as exc:
             raise RelayStoreError(f"cannot read {doc_id}: {exc}") from exc
-        return StoredDocument(
-            snapshot=bytes(row[0]),
-            updates=[d for _, d in rows],
-            last_seq=max((s for s, _ in rows), default=0),
-            watermark=Watermark(row[1], row[2]),
-        )
 
     async def compact(self, user: str, doc_id: str, snapshot: bytes, up_to_seq: int) -> None:
         self._check_open()
-        async with self._lock:
-            await self._compact_locked(user, doc_id, snapshot, up_to_seq)
-
-    async def _compact_locked(
-        self, user: str, doc_id: str, snapshot: bytes, up_to_seq: int
-    ) -> None:
         try:
-            await self._conn.execute("BEGIN IMMEDIATE")
-            await self._conn.execute(
-                "UPDATE documents SET snapshot = ? WHERE user = ? AND doc_id = ?",
-                (snapshot, user, doc_id),
+            await self._call(
+                functools.partial(_compact, self._db, user, doc_id, snapshot, up_to_seq)
             )
-            await self._conn.execute(
-                "DELETE FROM updates WHERE user = ? AND doc_id = ? AND seq <= ?",
-                (user, doc_id, up_to_seq),
-            )
-            await self._conn.execute("COMMIT")
-        except (sqlite3.Error, ValueError) as exc:
-            with contextlib.suppress(sqlite3.Error, ValueError):
-                await self._conn.execute("ROLLBACK")
+        except sqlite3.Error as exc:
             raise RelayStoreError(f"cannot compact {doc_id}: {exc}") from exc
 
     async def documents(self, user: str) -> list[str]:
         self._check_open()
+
+        def listed() -> list[str]:
+            rows = self._db.execute(
+                "SELECT doc_id FROM documents WHERE user = ? ORDER BY doc_id", (user,)
+            ).fetchall()
+            return [str(d) for (d,) in rows]
+
         try:
-            async with (
-                self._lock,
-                self._conn.execute(
-                    "SELECT doc_id FROM documents WHERE user = ? ORDER BY doc_id", (user,)
-                ) as cursor,
-            ):
-                return [str(d) async for (d,) in cursor]
-        except (sqlite3.Error, ValueError) as exc:
+            return await self._call(listed)
+        except sqlite3.Error as exc:
             raise RelayStoreError(f"cannot list documents: {exc}") from exc
 
     async def ping(self) -> None:
         if self._closing or self._writer is None or self._writer.done():
             raise RelayStoreError("the relay store is closed")
         try:
-            async with (
-                self._lock,
-                self._conn.execute("SELECT 1 FROM updates LIMIT 1") as cursor,
-            ):
-                await cursor.fetchone()
-        except (sqlite3.Error, ValueError) as exc:  # ValueError: aiosqlite lost its connection
+            await self._call(lambda: self._db.execute("SELECT 1 FROM updates LIMIT 1").fetchone())
+        except sqlite3.Error as exc:
             raise RelayStoreError(f"the relay store does not answer: {exc}") from exc
 
     async def close(self) -> None:
+        if self._closing:
+            return
         self._closing = True  # no append may queue behind the writer's stop marker
         if self._writer is not None and not self._writer.done():
             self._queue.put_nowait(None)
             await self._writer
-        await self._conn.close()
+        with contextlib.suppress(RelayStoreError, sqlite3.Error):
+            await self._call(self._db.close)
+        self._thread.shutdown(wait=False)
+
+
+def _commit_group(
+    db: sqlite3.Connection,
+    rows: list[tuple[str, str, bytes]],
+    marks: list[tuple[str, str, int, str]],
+) -> list[int]:
+    """One group commit on the store's thread: the updates, the documents' watermarks; the
+    updates' seqs, in order."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        seqs = _insert_updates(db, rows)
+        db.executemany(
+            "INSERT INTO documents (user, doc_id, snapshot, changed_at, changed_by) "
+            "VALUES (?, ?, x'', ?, ?) ON CONFLICT (user, doc_id) DO UPDATE SET "
+            "changed_at = excluded.changed_at, changed_by = excluded.changed_by",
+            marks,
+        )
+        db.execute("COMMIT")
+    except BaseException:
+        with contextlib.suppress(sqlite3.Error):
+            db.execute("ROLLBACK")
+        raise
+    return seqs
+
+
+def _insert_updates(db: sqlite3.Connection, rows: list[tuple[str, str, bytes]]) -> list[int]:
+    """The rows inserted in order; their seqs. One statement for all where SQLite has RETURNING
+    (3.35)."""
+    if not _RETURNING:
+        return [
+            db.execute("INSERT INTO updates (user, doc_id, data) VALUES (?, ?, ?)", row).lastrowid
+            or 0
+            for row in rows
+        ]
+    values = ", ".join(["(?, ?, ?)"] * len(rows))
+    params = [field for row in rows for field in row]
+    found = db.execute(
+        f"INSERT INTO updates (user, doc_id, data) VALUES {values} RETURNING seq", params
+    ).fetchall()
+    # RETURNING's order is SQLite's to choose; the rows' seqs are not: one writer (BEGIN
+    # IMMEDIATE) and AUTOINCREMENT number them in the order of the VALUES, one after another.
+    return sorted(int(seq) for (seq,) in found)
+
+
+def _load(db: sqlite3.Connection, user: str, doc_id: str) -> StoredDocument | None:
+    """The document's row and its updates, read in one transaction: a compaction committed
+    between the two reads would otherwise pair an old snapshot with a log it already trimmed."""
+    db.execute("BEGIN")
+    try:
+        row = db.execute(
+            "SELECT snapshot, changed_at, changed_by FROM documents WHERE user = ? AND doc_id = ?",
+            (user, doc_id),
+        ).fetchone()
+        if row is None:
+            return None
+        rows = db.execute(
+            "SELECT seq, data FROM updates WHERE user = ? AND doc_id = ? ORDER BY seq",
+            (user, doc_id),
+        ).fetchall()
+    finally:
+        db.execute("COMMIT")
+    return StoredDocument(
+        snapshot=bytes(row[0]),
+        updates=[bytes(d) for _, d in rows],
+        last_seq=max((int(s) for s, _ in rows), default=0),
+        watermark=Watermark(row[1], row[2]),
+    )
+
+
+def _compact(
+    db: sqlite3.Connection, user: str, doc_id: str, snapshot: bytes, up_to_seq: int
+) -> None:
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        db.execute(
+            "UPDATE documents SET snapshot = ? WHERE user = ? AND doc_id = ?",
+            (snapshot, user, doc_id),
+        )
+        db.execute(
+            "DELETE FROM updates WHERE user = ? AND doc_id = ? AND seq <= ?",
+            (user, doc_id, up_to_seq),
+        )
+        db.execute("COMMIT")
+    except BaseException:
+        with contextlib.suppress(sqlite3.Error):
+            db.execute("ROLLBACK")
+        raise
 
 
 class MemoryRelayStore:

@@ -3,7 +3,9 @@ feeds; 503 naming what fails otherwise."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +54,7 @@ async def test_a_closed_store_is_not_ready(tmp_path: Path, helpers: Any) -> None
 async def test_a_store_that_lost_its_database_is_not_ready(tmp_path: Path, helpers: Any) -> None:
     async with helpers.serve_relay(tmp_path / "relay", feed="none") as relay:
         assert (await readyz(relay.http))[0] == 200
-        await relay.relay.store._conn.close()  # the database connection gone under the store
+        relay.relay.store._db.close()  # the database connection gone under the store
         status, body = await readyz(relay.http)
     assert status == 503
     assert body["failing"] == ["store"]
@@ -122,10 +124,14 @@ async def test_a_store_that_does_not_answer_in_time_is_not_ready(tmp_path: Path)
 
     store = await SQLiteRelayStore.open(tmp_path / "relay.db")
     try:
-        async with store._lock:  # what a long commit holds
+        # What a long commit does: holds the store's thread.
+        long_commit = asyncio.ensure_future(store._call(lambda: time.sleep(0.5)))
+        try:
             readiness = await check_readiness(
                 store, InProcessFanOut(), "none", None, PriceHub(), timeout=0.2
             )
+        finally:
+            await long_commit
         assert not readiness.ready
         assert readiness.to_json()["failing"] == ["store"]
         assert "no answer within 0.2 s" in readiness.checks[0].detail
