@@ -52,6 +52,7 @@ tokens revoked are stored in PostgreSQL, then acted on by the relay that stored 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import contextvars
 import functools
@@ -483,11 +484,17 @@ class Relay:
         (:meth:`Connection._deliver`), and may hold it."""
         held = self._held.get(change.user, change.doc_id)
         if held is None or not held.whole:
+            receivers = 0
             for connection in followers:
                 try:
-                    connection._deliver(change)
+                    receivers += connection._deliver(change)
                 except Exception:  # one connection's failure is not the others'
                     log.exception("connection %s failed to take a change", connection.id)
+            if receivers >= _WIDE_FANOUT:
+                # Wide from now on, not only from its flush: the next changes of a burst (a
+                # device's backlog acknowledged at once, after a stall) are held, rather than
+                # each written to every receiver, which would make the stall longer.
+                self._wide_at = asyncio.get_running_loop().time()
             held = self._held.get(change.user, change.doc_id)
             if held is None:
                 return
@@ -976,6 +983,7 @@ class Connection:
         "_seen",
         "_sent_bytes",
         "_sent_frames",
+        "_staging",
         "_subscription",
         "_synced_docs",
         "_transport",
@@ -1040,7 +1048,9 @@ class Connection:
         self._owners: dict[str, Subscription] = {}
         self._revoked: set[str] = set()
         self._closing = False
-        # The last pipelined update's task (acknowledged once stored, in order), while one is.
+        # Pipelined updates, checked and applied, waiting for their writes (made at first use),
+        # and the task acknowledging them in order while some wait.
+        self._staging: collections.deque[tuple[UpdateReceived, Staged, int, float]] | None = None
         self._acks: asyncio.Task[None] | None = None
         # Per document, the version (RelayDocuments.version) of its SyncReply or of its own last
         # update, whichever is newer: what makes an update of it concurrent or not.
@@ -1645,41 +1655,42 @@ class Connection:
             await self._stored(event, applied, now, received_at)
             return
         self._saw(doc, staged.version)
-        self._acks = asyncio.get_running_loop().create_task(
-            self._when_stored(event, staged, self._acks, now, received_at)
-        )
+        staging = self._staging
+        if staging is None:
+            staging = self._staging = collections.deque()
+        staging.append((event, staged, now, received_at))
+        if self._acks is None:
+            self._acks = asyncio.get_running_loop().create_task(self._acknowledge_staged())
 
-    async def _when_stored(
-        self,
-        event: UpdateReceived,
-        staged: Staged,
-        before: asyncio.Task[None] | None,
-        now: int,
-        received_at: float,
-    ) -> None:
-        """A pipelined update: acknowledged and fanned out once stored, after the ones before
-        it on this connection (``before``), so that Acks keep the order of the Updates: an Ack
-        tells the device that everything it sent before is stored too."""
+    async def _acknowledge_staged(self) -> None:
+        """The pipelined updates, in the order they came: each acknowledged and fanned out once
+        stored, so that Acks keep the order of the Updates (an Ack tells the device that every
+        earlier update of the document is stored too). One task for the whole backlog: a group
+        commit that stores ten of them acknowledges all ten in one go, not one per loop turn."""
+        staging = self._staging
+        assert staging is not None
         try:
-            if before is not None:
-                await asyncio.wait([before])  # it handles its own failures
-            try:
-                applied = await staged.stored()
-            except RelayStoreError as exc:
-                if not self.session.closed:
-                    self._store_failed(event.doc, exc)
-                    self._end_aside()
-                return
-            await self._stored(event, applied, now, received_at)
+            while staging:
+                event, staged, now, received_at = staging[0]
+                try:
+                    applied = await staged.stored()
+                except RelayStoreError as exc:
+                    staging.popleft()
+                    if not self.session.closed:
+                        self._store_failed(event.doc, exc)
+                        self._end_aside()
+                    continue  # the later ones are still fanned out once stored, never acked
+                staging.popleft()
+                await self._stored(event, applied, now, received_at)
         except Exception:  # a relay bug: logged, the device told, as in the read loop
             log.exception("connection %s: an update failed after its checks", self.id)
+            staging.clear()
             if not self.session.closed:
                 self._fail_internal("the relay failed; reconnect and retry")
                 self._end_aside()
             self._close_with = 1011
         finally:
-            if self._acks is asyncio.current_task():
-                self._acks = None
+            self._acks = None
 
     def _end_aside(self) -> None:
         """The conversation ended (a fatal Error sent) outside the read loop, which may wait for
@@ -1858,17 +1869,18 @@ class Connection:
         listed = tuple((index, reason[:_REASON_CHARS]) for index, reason in bad[:_LISTED_TICKS])
         self._send(self.session.send(Published(event.batch, len(good), listed)))
 
-    def _deliver(self, change: Change) -> None:
+    def _deliver(self, change: Change) -> bool:
         """A stored change of one of the user's documents: sent on if this connection synced
-        that document, and did not make the change itself (a sender is never echoed)."""
+        that document, and did not make the change itself (a sender is never echoed). Whether
+        it synced the document (what makes a fan-out wide)."""
         if change.doc_id not in self._synced_docs:
-            return
+            return False
         # Held with its origin among the receivers: the held flush never echoes a change, and
         # the origin must get the changes appended after its own (see Relay._fan).
         if change.wire and self.relay.hold_change(self, change):
-            return
+            return True
         if change.origin == self.id:
-            return
+            return True
         if self._direct and change.wire:  # the fan-out's hot path: one flag, one append
             if not self._flush_due:
                 self.relay._flush_soon(self)
@@ -1878,13 +1890,14 @@ class Connection:
             self._sent_bytes[_UPDATE_CODE] += len(change.frame)
             if self._wire_bytes >= _DIRECT_WRITE_LIMIT:
                 self._flush_wire()
-            return
+            return True
         if self.session.closed or self._closing:
-            return
+            return True
         frame = change.frame or encode_frame(
             Update(change.doc_id, 0, change.update, change.changed_at, change.changed_by)
         )
         self._send(frame, change.wire)
+        return True
 
     def _send_held(self, changes: list[Change]) -> None:
         """The held flush: ``changes`` (one merged change, mostly) written out now, with what
