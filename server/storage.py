@@ -128,9 +128,9 @@ class SQLiteRelayStore:
     store's thread waited tens of milliseconds for a core and for the interpreter's lock, at
     every statement (measured: a 0.1 ms commit taking 60 ms, every Ack behind it waiting). What
     does sync, the WAL checkpoint, is taken off the commit (``wal_autocheckpoint = 0``) and run
-    on the store's thread every ``_CHECKPOINT_EVERY`` commits (PASSIVE: it never blocks a
-    writer). With ``durability="full"`` every commit syncs, so writes go to the store's thread
-    too.
+    on the store's thread every ``_CHECKPOINT_EVERY`` commits (a few milliseconds, appends
+    queueing meanwhile). With ``durability="full"`` every commit syncs, so writes go to the
+    store's thread too.
     """
 
     def __init__(
@@ -148,7 +148,6 @@ class SQLiteRelayStore:
         self._writer: asyncio.Task[None] | None = None
         self._closing = False
         self._commits = 0
-        self._checkpoint: asyncio.Future[object] | None = None
 
     @classmethod
     async def open(cls, path: str | Path, *, durability: str = "normal") -> SQLiteRelayStore:
@@ -224,7 +223,6 @@ class SQLiteRelayStore:
         try:
             if self._inline is not None:
                 seqs = _commit_group(self._inline, rows, marks)
-                self._after_inline_commit()
             else:
                 seqs = await self._call(functools.partial(_commit_group, self._db, rows, marks))
         except (sqlite3.Error, RelayStoreError) as exc:
@@ -242,27 +240,25 @@ class SQLiteRelayStore:
         for item, seq in zip(group, seqs, strict=True):
             if not item.done.done():
                 item.done.set_result(seq)
+        if self._inline is not None:
+            await self._after_inline_commit()
 
-    def _after_inline_commit(self) -> None:
-        """Every ``_CHECKPOINT_EVERY`` commits, a checkpoint on the store's thread (one at a
-        time), where its sync waits for the disk instead of the event loop."""
+    async def _after_inline_commit(self) -> None:
+        """Every ``_CHECKPOINT_EVERY`` commits, a checkpoint on the store's thread, where its
+        sync waits for the disk instead of the event loop. The writer waits for it (appends
+        queue meanwhile, for the next group): a checkpoint that writes race never completes,
+        and the WAL, never restarted, would grow by every commit."""
         self._commits += 1
-        if self._commits % _CHECKPOINT_EVERY or self._checkpoint is not None:
+        if self._commits % _CHECKPOINT_EVERY:
             return
 
         def checkpoint() -> object:
             return self._db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
 
-        def done(future: asyncio.Future[object]) -> None:
-            self._checkpoint = None
-            if not future.cancelled() and future.exception() is not None:
-                log.warning("a checkpoint of %s failed: %s", self.path, future.exception())
-
         try:
-            self._checkpoint = asyncio.ensure_future(self._call(checkpoint))
-        except RuntimeError:  # no running loop: closing
-            return
-        self._checkpoint.add_done_callback(done)
+            await self._call(checkpoint)
+        except (sqlite3.Error, RelayStoreError) as exc:  # the next commits tell if it matters
+            log.warning("a checkpoint of %s failed: %s", self.path, exc)
 
     def _check_open(self) -> None:
         if self._closing:
@@ -316,8 +312,6 @@ class SQLiteRelayStore:
         if self._writer is not None and not self._writer.done():
             self._queue.put_nowait(None)
             await self._writer
-        if self._checkpoint is not None:
-            await asyncio.wait([self._checkpoint])
         if self._inline is not None:
             with contextlib.suppress(sqlite3.Error):
                 self._inline.close()

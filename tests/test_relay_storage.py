@@ -205,3 +205,46 @@ async def test_ping_answers_while_open_and_fails_once_closed(store: RelayStore) 
     await store.close()
     with pytest.raises(RelayStoreError, match="closed"):
         await store.ping()
+
+
+async def test_sqlite_checkpoints_off_the_commit_path_keep_the_wal_small(tmp_path: Path) -> None:
+    """Commits made on the loop's thread never checkpoint (no sync there): the store's thread
+    does, every few hundred commits, so the WAL file stops growing instead of holding every
+    commit since the store opened."""
+    path = tmp_path / "relay.db"
+    store = await SQLiteRelayStore.open(path)
+    update = bytes(2000)  # about one page per commit
+    wal = path.with_name("relay.db-wal")
+    try:
+        for i in range(400):
+            await store.append("alice", WL, update, i, "d1")
+        await asyncio.sleep(0.2)  # the last checkpoint ends
+        size_after_400 = wal.stat().st_size
+        for i in range(1600):
+            await store.append("alice", WL, update, i, "d1")
+        await asyncio.sleep(0.2)
+        # Without checkpoints the WAL would hold 2,000 commits (> 8 MB); with them its pages
+        # are reused and it grows by far less than the 1,600 commits added.
+        assert wal.stat().st_size < size_after_400 + 1600 * 2000 // 4
+        loaded = await store.load("alice", WL)
+        assert loaded is not None and len(loaded.updates) == 2000
+    finally:
+        await store.close()
+    reopened = await SQLiteRelayStore.open(path)
+    try:
+        again = await reopened.load("alice", WL)
+        assert again is not None and len(again.updates) == 2000
+    finally:
+        await reopened.close()
+
+
+async def test_sqlite_full_durability_commits_on_the_stores_thread(tmp_path: Path) -> None:
+    store = await SQLiteRelayStore.open(tmp_path / "relay.db", durability="full")
+    try:
+        assert store._inline is None  # every commit syncs: never on the loop's thread
+        seqs = await asyncio.gather(
+            *(store.append("alice", WL, bytes([i]), i, "d") for i in range(50))
+        )
+        assert seqs == sorted(seqs) and len(set(seqs)) == 50
+    finally:
+        await store.close()
