@@ -416,7 +416,6 @@ class Relay:
         # next held flush (see foliosync.server.held_changes).
         self._held: HeldChanges[Connection] = HeldChanges()
         self._held_handle: asyncio.TimerHandle | None = None
-        self._held_flush_s = 0.0  # how long the last held flush took (s)
         # Each user's connections, behind one fan-out subscription per user: a change of a
         # document held for a wide fan-out is then appended once, not handed to each of them.
         self._followers: dict[str, list[Connection]] = {}
@@ -452,11 +451,6 @@ class Relay:
             if loop.time() - self._wide_at >= 2 * delay:
                 return False
             if self._held_handle is None:
-                # Longer while a held flush takes long (hundreds of receivers, a machine short
-                # of CPU): writing to every receiver takes at most a quarter of the relay's
-                # time, and more changes share each write, rather than the flushes leaving no
-                # time to read and store the changes themselves. At most 4x the delay.
-                delay = min(4 * delay, max(delay, _FLUSH_SHARE * self._held_flush_s))
                 self._held_handle = loop.call_later(delay, self._flush_held, context=_FLUSH_CONTEXT)
         held.hold(connection, change)
         return True
@@ -531,9 +525,7 @@ class Relay:
         self._held_handle = None
         if self._held.receivers() >= _WIDE_FANOUT:
             self._wide_at = asyncio.get_running_loop().time()
-        started = time.perf_counter()
         self._send_held(self._held.take())
-        self._held_flush_s = time.perf_counter() - started
 
     def _send_held(self, documents: list[HeldDocument[Connection]]) -> None:
         for document in documents:
@@ -2041,7 +2033,6 @@ _UPDATE_CODE = FRAME_CODES["update"]
 _PRICE_BATCH_CODE = FRAME_CODES["price_batch"]
 _CLOSE_TIMEOUT = 2.0  # seconds a closing peer has to take what is left and the close frame
 _FLUSH_CONTEXT = contextvars.Context()  # the flush's log lines are no one connection's
-_FLUSH_SHARE = 4  # a held flush waits at least this many times as long as the last one took
 _WIDE_FANOUT = 64  # connections written to in one flush from which fanned-out changes wait
 
 

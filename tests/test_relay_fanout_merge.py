@@ -187,25 +187,3 @@ def test_changes_that_cannot_merge_go_one_by_one() -> None:
     held.add(peer, c1)
     held.add(peer, c2)
     assert held.deliveries() == [(peer, [c1, c2])]
-
-
-async def test_a_held_flush_waits_longer_while_flushes_take_long(
-    tmp_path: Path, relay_server: Any
-) -> None:
-    """Writing to every receiver gets at most about a quarter of the relay's time: after a slow
-    held flush the next one waits four times as long as it took (at most four delays)."""
-    async with relay_server(tmp_path / "relay", fanout_flush_delay=0.02) as running:
-        relay = running.relay
-        loop = asyncio.get_running_loop()
-        waits = []
-        for took in (0.001, 0.01, 0.03):
-            relay._held_flush_s = took
-            relay._wide_at = loop.time()  # a wide fan-out just now: changes are held
-            assert relay.hold_change(Peer("x"), change(Editor().add("AAA"), "y", 1))
-            handle = relay._held_handle
-            assert handle is not None
-            waits.append(round(handle.when() - loop.time(), 2))
-            handle.cancel()
-            relay._held_handle = None
-            relay._held.take()
-        assert waits == [0.02, 0.04, 0.08]
