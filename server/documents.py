@@ -27,7 +27,7 @@ from pycrdt import Doc, TransactionEvent
 from foliosync.server.storage import RelayStore, RelayStoreError, Watermark
 from foliosync.sync.errors import BadUpdate, MissingDependencies
 from foliosync.sync.model import DocumentKind
-from foliosync.sync.model.schema import Candidate, advance_scratch
+from foliosync.sync.model.schema import Candidate, ScratchObservers, advance_scratch
 from foliosync.sync.updates import check_update, decode_state_vector
 
 __all__ = [
@@ -151,6 +151,12 @@ class _Hot:
     scratch: Doc[Any] | None = None
     scratch_size: int | None = None  # its encoded size, or a bound of it (None: unknown)
     scratch_used: float = 0.0  # time.monotonic() of its last use
+    scratch_observers: ScratchObservers | None = None  # its roots' observers, once made
+
+    def drop_scratch(self) -> None:
+        self.scratch = None
+        self.scratch_size = None
+        self.scratch_observers = None
 
 
 def _guarded_apply(doc: Doc[Any], update: bytes) -> None:
@@ -254,7 +260,7 @@ class RelayDocuments:
         if hot.subscription is not None:
             hot.doc.unobserve(hot.subscription)  # type: ignore[arg-type]
             hot.subscription = None
-        hot.scratch = None
+        hot.drop_scratch()
 
     def _evict(self) -> None:
         """Drop least recently used documents past the bound (not those being stored)."""
@@ -374,7 +380,7 @@ class RelayDocuments:
                     try:
                         await before_apply(built)
                     except BaseException:
-                        hot.scratch = None  # it holds the refused update
+                        hot.drop_scratch()  # it holds the refused update
                         raise
                     hot.scratch_size = built.size_bound
                     if self._hot.get(key) is not hot:
@@ -456,10 +462,15 @@ class RelayDocuments:
             hot.scratch.apply_update(hot.doc.get_update())
             hot.scratch_size = None
         hot.scratch_used = time.monotonic()
+        observers = hot.scratch_observers
+        if observers is None or not observers.observes(hot.scratch):
+            observers = hot.scratch_observers = ScratchObservers(kind, hot.scratch)
         try:
-            return advance_scratch(kind, hot.scratch, update, base_size=hot.scratch_size)
+            return advance_scratch(
+                kind, hot.scratch, update, base_size=hot.scratch_size, observers=observers
+            )
         except BaseException:
-            hot.scratch = None
+            hot.drop_scratch()
             raise
 
     def drop_idle_scratches(self, idle: float) -> int:
@@ -473,8 +484,7 @@ class RelayDocuments:
         dropped = 0
         for hot in self._hot.values():
             if hot.scratch is not None and hot.scratch_used <= deadline and not hot.lock.locked():
-                hot.scratch = None
-                hot.scratch_size = None
+                hot.drop_scratch()
                 dropped += 1
         return dropped
 
@@ -497,7 +507,7 @@ class RelayDocuments:
             except BaseException as exc:
                 if isinstance(exc, KeyboardInterrupt | SystemExit | asyncio.CancelledError):
                     raise
-                hot.scratch = None
+                hot.drop_scratch()
             else:
                 if hot.scratch_size is not None:
                     hot.scratch_size += len(update)
@@ -520,7 +530,7 @@ class RelayDocuments:
                 _guarded_apply(hot.doc, update)
             except BadUpdate:
                 log.error("stored document %s of %s cannot be read", doc_id, user)
-        hot.scratch = None
+        hot.drop_scratch()
         hot.changed.clear()
         if hot.doc.get_state() == before:
             return b""
@@ -558,7 +568,7 @@ class RelayDocuments:
                     continue
                 changed = bool(hot.changed)
                 hot.changed.clear()
-                hot.scratch = None  # rebuilt from the document at its next checked update
+                hot.drop_scratch()  # rebuilt from the document at its next checked update
                 hot.stored_seq = max(hot.stored_seq, stored.last_seq)
                 if changed:
                     hot.version = self._next_version()

@@ -47,6 +47,7 @@ from foliosync.sync.model import (
     document_id,
 )
 from foliosync.sync.model.portfolio import _MAX_TIME_MS
+from foliosync.sync.model.schema import ScratchObservers
 from foliosync.sync.validation import decimal_to_str, parse_decimal
 
 JS = Path(__file__).resolve().parent.parent / "clients" / "js"
@@ -607,6 +608,32 @@ def test_a_scratch_replica_gives_the_same_verdicts() -> None:
         advance_scratch(WL, scratch, bad).check()
     # The refused update is in the scratch now: it is rebuilt from the base.
     assert scratch.get_state() != relay.get_state()
+
+
+def test_kept_observers_record_each_update_on_its_own() -> None:
+    """A scratch's observers kept across updates (ScratchObservers) name what each update
+    changed, exactly as fresh ones do, whatever the scratch took in between."""
+    relay, device = base_watchlist()
+    kept: Doc[Any] = Doc()
+    kept.apply_update(relay.get_update())
+    observers = ScratchObservers(WL, kept)
+    peer = Device(WL, "d2")
+    peer.receive(relay)
+    device.edit(lambda m: m.add(["MSFT"]))
+    device.edit(lambda m: m.set_note("MSFT", "n1"))
+    device.edit(lambda m: m.add(["IBM"]))
+    for update in device.outbox:
+        fresh = Doc()
+        fresh.apply_update(kept.get_update())
+        expected = advance_scratch(WL, fresh, update)
+        got = advance_scratch(WL, kept, update, observers=observers)
+        assert got.changed == expected.changed and any(got.changed.values())
+        got.check()
+        # A peer's change between two checks is not charged to the next one.
+        peer.edit(lambda m: m.add([f"P{len(peer.outbox)}"]))
+        kept.apply_update(peer.outbox[-1])
+    with pytest.raises(ValueError, match="another scratch"):
+        advance_scratch(WL, Doc(), device.outbox[0], observers=observers)
 
 
 # -- refused: Yjs --------------------------------------------------------------------------------
