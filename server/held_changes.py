@@ -13,6 +13,11 @@ device that applied them one by one would show.
 A receiver that made one of the held changes itself (it is never echoed its own), or that synced
 the document after the first of them was held, gets the changes meant for it one by one, as
 before; that is the rare case (a second editor in the same 20 ms).
+
+Once the first change of a flush was handed to every connection of its user, the document is
+:attr:`HeldDocument.whole`: the next changes are appended once, not handed to each connection
+again (a connection that syncs the document meanwhile joins it), so that holding costs the
+relay one step per change, whatever the number of receivers.
 """
 
 from __future__ import annotations
