@@ -37,6 +37,7 @@ import pytest
 __all__ = [
     "RawClient",
     "RedisProcess",
+    "WatchlistEdits",
     "free_port",
     "postgres_database",
     "postgres_dsn",
@@ -218,3 +219,19 @@ class RawClient:
 
         await self.send(Ping(5))
         assert await self.receive() == Pong(5)
+
+
+class WatchlistEdits:
+    """One device's watchlist edits made by hand, each an update of its own (as a replica
+    sends them): a symbol entry in the layout the relay checks."""
+
+    def __init__(self) -> None:
+        from pycrdt import Doc, Map
+
+        self.doc: Any = Doc()
+        self.symbols = self.doc.get("symbols", type=Map)
+
+    def add(self, symbol: str) -> bytes:
+        before = self.doc.get_state()
+        self.symbols[f"{symbol}\x1fraw"] = {"t": "0" * 17}
+        return bytes(self.doc.get_update(before))

@@ -4,8 +4,10 @@ each only once stored; a write that fails ends the connection and acknowledges n
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -54,15 +56,24 @@ class GatedStore(MemoryRelayStore):
         return await super().append(user, doc_id, update, changed_at, changed_by)
 
 
-class Edits:
-    def __init__(self) -> None:
-        self.doc: Doc = Doc()
-        self.symbols = self.doc.get("symbols", type=Map)
-
-    def add(self, symbol: str) -> bytes:
-        before = self.doc.get_state()
-        self.symbols[f"{symbol}\x1fraw"] = {"t": "0" * 17}
-        return self.doc.get_update(before)
+@contextlib.asynccontextmanager
+async def synced_device(
+    tmp_path: Path, relay_server: Any, store: GatedStore
+) -> AsyncIterator[tuple[Any, aiohttp.ClientSession, Any, Any]]:
+    """A relay on ``store`` and one device that synced TECH and created it (its first update
+    goes alone: a new document is never pipelined)."""
+    services = _services()
+    async with (
+        relay_server(tmp_path / "relay", store=store) as relay,
+        aiohttp.ClientSession() as http,
+    ):
+        device = services.RawClient(await http.ws_connect(relay.url))
+        await device.hello(relay.token("alice", "d1"))
+        await device.sync(TECH)
+        edits = services.WatchlistEdits()
+        await device.send(Update(TECH, 1, edits.add("FIRST")))
+        assert await device.receive() == Ack(TECH, 1)
+        yield relay, http, device, edits
 
 
 async def eventually(condition: Any, timeout: float = 5) -> None:
@@ -76,18 +87,7 @@ async def test_a_backlog_is_checked_while_written_and_acked_in_order_once_stored
     tmp_path: Path, relay_server: Any
 ) -> None:
     store = GatedStore()
-    services = _services()
-    async with (
-        relay_server(tmp_path / "relay", store=store) as relay,
-        aiohttp.ClientSession() as http,
-    ):
-        device = services.RawClient(await http.ws_connect(relay.url))
-        await device.hello(relay.token("alice", "d1"))
-        await device.sync(TECH)
-        edits = Edits()
-        await device.send(Update(TECH, 1, edits.add("FIRST")))  # a new document: alone
-        assert await device.receive() == Ack(TECH, 1)
-
+    async with synced_device(tmp_path, relay_server, store) as (_relay, _http, device, edits):
         store.gate.clear()
         for seq in range(2, 12):
             await device.send(Update(TECH, seq, edits.add(f"S{seq:02d}")))
@@ -111,17 +111,7 @@ async def test_a_failed_write_in_a_backlog_ends_the_connection_and_acks_nothing_
 ) -> None:
     store = GatedStore()
     services = _services()
-    async with (
-        relay_server(tmp_path / "relay", store=store) as relay,
-        aiohttp.ClientSession() as http,
-    ):
-        device = services.RawClient(await http.ws_connect(relay.url))
-        await device.hello(relay.token("alice", "d1"))
-        await device.sync(TECH)
-        edits = Edits()
-        await device.send(Update(TECH, 1, edits.add("FIRST")))
-        assert await device.receive() == Ack(TECH, 1)
-
+    async with synced_device(tmp_path, relay_server, store) as (relay, http, device, edits):
         store.gate.clear()
         updates = [edits.add(f"S{seq:02d}") for seq in range(2, 7)]
         store.fail.add(updates[2])  # seq 4
