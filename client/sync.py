@@ -132,7 +132,6 @@ HEARTBEAT_SECONDS = 2.0
 _SLOW_DOWN = frozenset(
     {ErrorCode.RATE_LIMITED, ErrorCode.TOO_MANY_REFUSALS, ErrorCode.TOO_MANY_CONNECTIONS}
 )
-_POLICY_VIOLATION = 1008
 
 
 def tls_context(ca_file: str | os.PathLike[str] | None = None) -> _ssl.SSLContext:
@@ -824,7 +823,9 @@ class _Connection:
                 aiohttp.WSMsgType.ERROR,
             ):
                 closed_with = message.data if message.type is aiohttp.WSMsgType.CLOSE else None
-                if _POLICY_VIOLATION in (closed_with, self.ws.close_code):  # without its Error
+                # Ended for abuse, even without the Error that says so.
+                abuse = aiohttp.WSCloseCode.POLICY_VIOLATION
+                if abuse in (closed_with, self.ws.close_code):
                     self.client._closed_for_abuse = True
                 raise ConnectionLost(
                     f"the relay closed the connection ({message.extra or 'no reason'})"

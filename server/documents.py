@@ -107,6 +107,7 @@ class Staged:
         earlier: set[asyncio.Future[int]] | None = None,
         *,
         concurrent: bool = False,
+        watermark: Watermark | None = None,
     ) -> None:
         self._documents = documents
         self.key = key
@@ -116,11 +117,7 @@ class Staged:
         self.recovered = recovered
         self.earlier = earlier or set()
         self.concurrent = concurrent
-        self.watermark = hot.watermark
-
-    @property
-    def changed(self) -> bool:
-        return self.write is not None
+        self.watermark = watermark or hot.watermark  # the document's, once this is stored
 
     async def stored(self) -> Applied:
         """Once stored (RelayStoreError if the write failed: the document is then dropped from
@@ -418,9 +415,16 @@ class RelayDocuments:
         write = asyncio.ensure_future(self._store.append(user, doc_id, update, now_ms, device))
         hot.writes.add(write)
         hot.unsent[version] = origin
-        staged = Staged(self, key, hot, version, write, recovered, concurrent=concurrent)
-        staged.watermark = Watermark(now_ms, device)
-        return staged
+        return Staged(
+            self,
+            key,
+            hot,
+            version,
+            write,
+            recovered,
+            concurrent=concurrent,
+            watermark=Watermark(now_ms, device),
+        )
 
     async def _stored(self, staged: Staged) -> Applied:
         key, hot, version, write = staged.key, staged.hot, staged.version, staged.write

@@ -109,12 +109,9 @@ class HeldChanges(Generic[R]):
     def __bool__(self) -> bool:
         return bool(self._documents)
 
-    def holds(self, change: Change) -> bool:
-        """Whether changes of ``change``'s document wait already: the next one must wait too, or
-        it would overtake them."""
-        return (change.user, change.doc_id) in self._documents
-
     def get(self, user: str, doc_id: str) -> HeldDocument[R] | None:
+        """The document's held changes, if some wait (the next change must wait too, or it
+        would overtake them)."""
         return self._documents.get((user, doc_id))
 
     def hold(self, receiver: R, change: Change) -> HeldDocument[R]:
@@ -164,7 +161,7 @@ def _merged_or_each(changes: list[Change]) -> list[Change]:
     try:
         return [merged_change(changes)]
     except BaseException as exc:  # pycrdt's Rust panics derive from BaseException
-        if not isinstance(exc, Exception) and not type(exc).__name__.endswith("PanicException"):
+        if isinstance(exc, KeyboardInterrupt | SystemExit | GeneratorExit):
             raise
         log.error("merging %d changes of %s failed: %s", len(changes), changes[0].doc_id, exc)
         return list(changes)

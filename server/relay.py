@@ -65,7 +65,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from aiohttp import WebSocketError, WSMsgType, web
+from aiohttp import WebSocketError, WSCloseCode, WSMsgType, web
 from pycrdt import Doc
 
 from foliosync.server.auth import Identity, load_or_create_secret
@@ -441,7 +441,7 @@ class Relay:
         :mod:`foliosync.server.held_changes`). Acks, replies and prices never wait for that.
         """
         held = self._held
-        if not held.holds(change):
+        if held.get(change.user, change.doc_id) is None:
             delay = self.config.fanout_flush_delay
             # Held only while wide fan-outs come closer together than twice the delay: a busy
             # document; a change after a quiet spell goes at once.
@@ -470,11 +470,10 @@ class Relay:
         return _Following(self, user, connection)
 
     def _unfollow(self, user: str, connection: Connection) -> None:
-        followers = self._followers.get(user)
-        if followers is None or connection not in followers:
-            return
-        followers.remove(connection)
-        if not followers:
+        followers = self._followers.get(user, [])
+        with contextlib.suppress(ValueError):  # closed twice
+            followers.remove(connection)
+        if user in self._followers and not followers:
             del self._followers[user]
             self._following.pop(user).close()
 
@@ -563,7 +562,7 @@ class Relay:
         refused update changes nothing. The caller acknowledges, then calls
         :meth:`publish_change`."""
         relisted: list[tuple[frozenset[str], frozenset[str]]] = []  # (listed, unlisted)
-        staged = await self._stage_update(
+        staged = await self.stage_update(
             identity,
             doc_id,
             update,
@@ -591,40 +590,17 @@ class Relay:
         origin: str,
         now_ms: int,
         seen: int | None = None,
+        listing: UserDocuments | None = None,
+        relisted: list[tuple[frozenset[str], frozenset[str]]] | None = None,
     ) -> Staged:
-        """:meth:`submit_update` up to the store's write, for an update that lists no document
-        (an index update that may list new ones goes through :meth:`submit_update`): the checks
-        passed, applied in memory, its append under way; ``await staged.stored()`` before
-        acknowledging. What lets a connection check its next update while the last is written."""
-        return await self._stage_update(
-            identity,
-            doc_id,
-            update,
-            seq=seq,
-            device=device,
-            origin=origin,
-            now_ms=now_ms,
-            seen=seen,
-            listing=None,
-            relisted=[],
-        )
-
-    async def _stage_update(
-        self,
-        identity: Identity,
-        doc_id: str,
-        update: bytes,
-        *,
-        seq: int,
-        device: str,
-        origin: str,
-        now_ms: int,
-        seen: int | None,
-        listing: UserDocuments | None,
-        relisted: list[tuple[frozenset[str], frozenset[str]]],
-    ) -> Staged:
-        """The checks and the in-memory apply of :meth:`submit_update`; ``relisted`` gets what
-        an index update lists and unlists, for ``listing`` once it is stored."""
+        """:meth:`submit_update` up to the store's write: the checks passed, applied in memory,
+        its append under way; ``await staged.stored()`` before acknowledging. What lets a
+        connection check its next update while the last is written. With ``listing``,
+        ``relisted`` gets what an index update lists and unlists, for ``listing`` once stored
+        (what :meth:`submit_update` does: an index update that may list new documents is not
+        pipelined)."""
+        if relisted is None:
+            relisted = []
         kind = kind_of(doc_id)
         hooks = self.hooks
         await hooks.authorize(identity, doc_id, "write")
@@ -1377,7 +1353,7 @@ class Connection:
                 if exc.code in _ABUSE:
                     self._counters.connections_cut[exc.code] += 1
                     log.info("connection %s: %s; closing it", self.id, _ABUSE[exc.code])
-                    self._close_with = _POLICY_VIOLATION
+                    self._close_with = WSCloseCode.POLICY_VIOLATION
                 if self.identity is None:
                     self._counters.connections_refused["bad_hello"] += 1
                 elif FrameCounts.code_of(data) == _UPDATE_CODE:
@@ -1991,7 +1967,6 @@ class Connection:
 
 RelayKey = web.AppKey("relay", Relay)
 
-_POLICY_VIOLATION = 1008  # the WebSocket close code of a connection ended for its abuse
 _ABUSE: dict[str, str] = {  # the fatal codes that end a connection for its abuse, as logged
     ErrorCode.RATE_LIMITED: "over the message rate",
     ErrorCode.TOO_MANY_REFUSALS: "too many of its frames refused",

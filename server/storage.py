@@ -325,8 +325,8 @@ def _commit_group(
     rows: list[tuple[str, str, bytes]],
     marks: list[tuple[str, str, int, str]],
 ) -> list[int]:
-    """One group commit on the store's thread: the updates, the documents' watermarks; the
-    updates' seqs, in order."""
+    """One group commit, in one transaction on ``db``: the updates, the documents'
+    watermarks; the updates' seqs, in order."""
     db.execute("BEGIN IMMEDIATE")
     try:
         seqs = _insert_updates(db, rows)

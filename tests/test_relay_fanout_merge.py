@@ -33,8 +33,7 @@ def _services() -> ModuleType:
     return sys.modules[name]
 
 
-def Editor() -> Any:  # a class of tests/services.py, named as one
-    return _services().WatchlistEdits()
+Editor = _services().WatchlistEdits
 
 
 async def receive_until(raw: Any, want: set[str], frames: list[Update]) -> Doc:
