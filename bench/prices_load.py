@@ -14,9 +14,14 @@ driven by JSON lines on stdin (one answer line on stdout per command):
 - ``{"cmd": "close"}``: closes every client and exits.
 
 Both servers send the same frames: ``[43, [[symbol, price, time_ms, seq, size], ...]]`` (the
-PriceBatch of the foliosync protocol), decoded here with plain ``msgpack.unpackb`` for both, so the
-clients cost both sides the same. The relay's handshake (Hello, Welcome, Subscribe) goes through
-the library's ClientSession; after it, frames are read raw.
+PriceBatch of the foliosync protocol), read here the same way for both, so that the clients cost
+both sides the same. The clients are :class:`bench.rawws.RawWebSocket` protocols, not aiohttp's
+client: a frame is handled in ``data_received`` with no task or message object, and a client that
+does not sample latency counts its ticks from the batch's array header without decoding them
+(the load processes share the machine with the server under test; what they cost is scheduling
+delay in its figures). The relay's handshake (Hello, Welcome, Subscribe) goes through the
+library's ClientSession, and each relay client sends a protocol Ping every 30 s, as SyncClient
+does, so that the relay's idle timeout never cuts it.
 
 Latency: the publisher writes its send time as the tick's ``size``: ``time.time()`` modulo
 :data:`SEND_TIME_MODULO_S` in seconds with six decimals (decimal text, which the relay keeps
@@ -37,14 +42,18 @@ import contextlib
 import json
 import random
 import resource
+import struct
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import msgpack
+
+from bench import rawws
+from bench.rawws import RawWebSocket
 
 __all__ = [
     "HIST_PER_MS",
@@ -69,6 +78,8 @@ SEND_TIME_MODULO_S = 100_000
 
 PRICE_BATCH = 43
 PRICE_SNAPSHOT = 42
+_BATCH_HEAD = bytes((0x92, PRICE_BATCH))  # msgpack: an array of two, then 43
+PING_EVERY_S = 30.0
 
 
 def watched(client: int) -> list[str]:
@@ -100,6 +111,7 @@ class Stats:
         self.latency: Counter[int] = Counter()
         self.last_frame = 0.0
         self.closed = 0  # connections lost after connecting
+        self.malformed = 0  # PriceBatch frames whose tick array could not be read
 
     def reset(self, t0: float, t1: float) -> None:
         self.t0, self.t1 = t0, t1
@@ -115,37 +127,41 @@ class Loader:
         self.count = count
         self.data_dir = data_dir
         self.stats = Stats()
-        self.http: aiohttp.ClientSession | None = None
-        self.sockets: list[aiohttp.ClientWebSocketResponse] = []
-        self.readers: list[asyncio.Task[None]] = []
+        self.sockets: list[RawWebSocket] = []
+        self.sessions: list[Any] = []  # the relay's ClientSession per client, for its Pings
+        self.pinger: asyncio.Task[None] | None = None
         self.secret: bytes | None = None
 
     # -- connecting ----------------------------------------------------------------------------
 
-    async def _open(self, client: int) -> aiohttp.ClientWebSocketResponse:
-        assert self.http is not None
-        ws = await self.http.ws_connect(
-            self.url, autoping=True, heartbeat=None, max_msg_size=64 << 20, compress=0
-        )
+    async def _open(self, client: int) -> RawWebSocket:
+        ws = await rawws.connect(self.url)
         try:
+            frames: asyncio.Queue[bytes] = asyncio.Queue()
+            ws.on_frame = frames.put_nowait
             symbols = watched(client)
             if self.mode == "relay":
-                await self._relay_handshake(ws, client, symbols)
+                await self._relay_handshake(ws, frames, client, symbols)
             else:
-                await ws.send_bytes(msgpack.packb(symbols))
-                while True:
-                    message = await ws.receive()
-                    if message.type != aiohttp.WSMsgType.BINARY:
-                        raise ConnectionError(f"bare server closed: {message.type.name}")
-                    if msgpack.unpackb(message.data)[0] == PRICE_SNAPSHOT:
-                        break
+                ws.send_bytes(msgpack.packb(symbols))
+                while msgpack.unpackb(await self._next(ws, frames))[0] != PRICE_SNAPSHOT:
+                    pass
         except BaseException:
-            await ws.close()
+            ws.close()
             raise
         return ws
 
+    @staticmethod
+    async def _next(ws: RawWebSocket, frames: asyncio.Queue[bytes]) -> bytes:
+        getting = asyncio.ensure_future(frames.get())
+        await asyncio.wait((getting, ws.closed), return_when=asyncio.FIRST_COMPLETED)
+        if not getting.done():
+            getting.cancel()
+            raise ConnectionError("the server closed the connection during the handshake")
+        return getting.result()
+
     async def _relay_handshake(
-        self, ws: aiohttp.ClientWebSocketResponse, client: int, symbols: list[str]
+        self, ws: RawWebSocket, frames: asyncio.Queue[bytes], client: int, symbols: list[str]
     ) -> None:
         from foliosync.server.auth import issue_token, load_or_create_secret
         from foliosync.sync.protocol import ClientSession, ErrorReceived, PricesReceived, Welcomed
@@ -155,28 +171,21 @@ class Loader:
             self.secret = load_or_create_secret(self.data_dir)
         token = issue_token(self.secret, f"viewer{client}", device="bench")
         session = ClientSession()
-        await ws.send_bytes(session.hello(token, "prices-bench"))
+        ws.send_bytes(session.hello(token, "prices-bench"))
         subscribed = False
         while True:
-            message = await ws.receive()
-            if message.type != aiohttp.WSMsgType.BINARY:
-                raise ConnectionError(f"relay closed the handshake: {message.type.name}")
-            for event in session.receive_data(message.data):
+            for event in session.receive_data(await self._next(ws, frames)):
                 if isinstance(event, Welcomed) and not subscribed:
-                    await ws.send_bytes(session.subscribe(symbols))
+                    ws.send_bytes(session.subscribe(symbols))
                     subscribed = True
                 elif isinstance(event, PricesReceived) and event.snapshot:
+                    self.sessions.append(session)
                     return
                 elif isinstance(event, ErrorReceived):
                     raise ConnectionError(f"relay error {event.code}: {event.message}")
 
     async def connect(self, concurrency: int, timeout: float) -> dict[str, Any]:
         raise_nofile_limit()
-        if self.http is None:
-            self.http = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=0, force_close=True),
-                timeout=aiohttp.ClientTimeout(total=None, connect=30, sock_connect=30),
-            )
         gate = asyncio.Semaphore(concurrency)
         errors: Counter[str] = Counter()
         failed: list[int] = []
@@ -197,13 +206,12 @@ class Loader:
                     failed.append(client)
                     return
                 self.sockets.append(ws)
-                self.readers.append(
-                    asyncio.get_running_loop().create_task(
-                        self._read(ws, client % SAMPLE_EVERY == 0)
-                    )
-                )
+                ws.on_frame = self._counter(client % SAMPLE_EVERY == 0)
+                ws.closed.add_done_callback(self._lost)
 
         await asyncio.gather(*(one(c) for c in range(self.first, self.first + self.count)))
+        if self.mode == "relay" and self.pinger is None:
+            self.pinger = asyncio.get_running_loop().create_task(self._ping())
         return {
             "connected": len(self.sockets),
             "failed": sum(errors.values()),
@@ -214,37 +222,58 @@ class Loader:
 
     # -- receiving -----------------------------------------------------------------------------
 
-    async def _read(self, ws: aiohttp.ClientWebSocketResponse, sampler: bool) -> None:
+    def _counter(self, sampler: bool) -> Callable[[bytes], None]:
+        """What one client does with each frame, called from ``data_received``.
+
+        A PriceBatch is ``[43, [tick, ...]]``: the non-sampling clients read the tick count from
+        the array header, the sampling ones decode every tick for its send time.
+        """
         stats = self.stats
         unpackb = msgpack.unpackb
         clock = time.time
-        binary = aiohttp.WSMsgType.BINARY
-        while True:
-            message = await ws.receive()
-            if message.type != binary:
-                if message.type in (
-                    aiohttp.WSMsgType.CLOSE,
-                    aiohttp.WSMsgType.CLOSING,
-                    aiohttp.WSMsgType.CLOSED,
-                    aiohttp.WSMsgType.ERROR,
-                ):
-                    stats.closed += 1
-                    return
-                continue
+        u16 = struct.Struct(">H").unpack_from
+        u32 = struct.Struct(">I").unpack_from
+
+        def count(payload: bytes) -> None:
             now = clock()
             stats.last_frame = now
-            frame = unpackb(message.data)
-            if frame[0] != PRICE_BATCH or not stats.t0 <= now < stats.t1:
-                continue
-            ticks = frame[1]
+            if payload[:2] != _BATCH_HEAD or not stats.t0 <= now < stats.t1:
+                return
             stats.frames += 1
-            stats.ticks += len(ticks)
             if sampler:
+                ticks = unpackb(payload)[1]
+                stats.ticks += len(ticks)
                 latency = stats.latency
                 here = now % SEND_TIME_MODULO_S
                 for tick in ticks:
                     waited = (here - float(tick[4])) % SEND_TIME_MODULO_S  # s
                     latency[int(waited * 1000 * HIST_PER_MS)] += 1
+                return
+            marker = payload[2]
+            if marker & 0xF0 == 0x90:
+                stats.ticks += marker & 0x0F
+            elif marker == 0xDC:
+                stats.ticks += u16(payload, 3)[0]
+            elif marker == 0xDD:
+                stats.ticks += u32(payload, 3)[0]
+            else:
+                stats.malformed += 1
+
+        return count
+
+    def _lost(self, _: asyncio.Future[None]) -> None:
+        self.stats.closed += 1
+
+    async def _ping(self) -> None:
+        """A protocol Ping per client every PING_EVERY_S, as SyncClient does: no idle cut."""
+        from foliosync.sync.protocol.frames import Ping
+
+        nonce = 0
+        while True:
+            await asyncio.sleep(PING_EVERY_S)
+            nonce += 1
+            for ws, session in zip(self.sockets, self.sessions, strict=False):
+                ws.send_bytes(session.send(Ping(nonce)))
 
     async def report(self) -> dict[str, Any]:
         wait = self.stats.t1 - time.time()
@@ -257,6 +286,7 @@ class Loader:
             "latency": {str(k): v for k, v in stats.latency.items()},
             "open": len(self.sockets) - stats.closed,
             "closed": stats.closed,
+            "malformed": stats.malformed,
         }
 
     async def quiet(self, idle: float, timeout: float) -> dict[str, Any]:
@@ -268,18 +298,13 @@ class Loader:
         return {"quiet": False, "seconds": round(time.time() - started, 3)}
 
     async def close(self) -> dict[str, Any]:
-        for task in self.readers:
-            task.cancel()
-        await asyncio.gather(*self.readers, return_exceptions=True)
-
-        async def shut(ws: aiohttp.ClientWebSocketResponse) -> None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(ws.close(), 2)
-
-        for start in range(0, len(self.sockets), 500):
-            await asyncio.gather(*(shut(ws) for ws in self.sockets[start : start + 500]))
-        if self.http is not None:
-            await self.http.close()
+        if self.pinger is not None:
+            self.pinger.cancel()
+        for ws in self.sockets:
+            ws.closed.remove_done_callback(self._lost)
+            ws.close()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.gather(*(ws.closed for ws in self.sockets)), 10)
         return {"closed": len(self.sockets)}
 
 
