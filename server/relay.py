@@ -56,6 +56,7 @@ import collections
 import contextlib
 import contextvars
 import functools
+import gc
 import itertools
 import logging
 import math
@@ -116,7 +117,7 @@ from foliosync.server.http_prices import add_price_routes
 from foliosync.server.http_shares import add_share_routes
 from foliosync.server.logs import bind_log_context, log_context
 from foliosync.server.measured_store import MeasuredRelayStore
-from foliosync.server.memory import trim_memory_every
+from foliosync.server.memory import collect_young_every, trim_memory_every
 from foliosync.server.metrics import (
     CONTENT_TYPE,
     FrameCounts,
@@ -259,6 +260,11 @@ class RelayConfig:
     fatal ``idle_timeout``; 0: never. Clients ping more often than this (SyncClient every
     ``heartbeat`` seconds)."""
     trim_memory_every: float = 60.0  # seconds between handing freed memory back (0: never)
+    gc_young_threshold: int = 10_000
+    """Net container allocations between two collections of Python's youngest generation while
+    the relay runs (the interpreter's default is 700; see :mod:`foliosync.server.memory`); 0
+    leaves the interpreter's setting, for an app that embeds the relay and tunes its own
+    collector. Process-wide, restored when the relay stops."""
     cors_origins: tuple[str, ...] = ()
     """Browser origins (``https://dash.example.com``) that may call the HTTP API; none by
     default. Normalized as browsers send them; anything that is not an origin is a ConfigError."""
@@ -317,6 +323,7 @@ class RelayConfig:
             raise ConfigError(f"invalid refusal_limit {self.refusal_limit!r}: a RefusalLimit")
         _check_seconds("idle_timeout", self.idle_timeout, zero=True)
         _check_seconds("trim_memory_every", self.trim_memory_every, zero=True)
+        _check_count("gc_young_threshold", self.gc_young_threshold, least=0)
         object.__setattr__(self, "cors_origins", normalize_origins(self.cors_origins))
         if self.metrics_port is not None:
             _check_port("metrics_port", self.metrics_port)
@@ -1295,6 +1302,7 @@ class Connection:
         idle = self.relay.config.idle_timeout or None
         loop = asyncio.get_running_loop()
         last_frame = loop.time()
+        turn = 0.0  # seconds this connection's frames have held the loop since it last yielded
         while not self.session.closed and not self._closing:
             try:
                 if self.identity is None:
@@ -1363,10 +1371,17 @@ class Connection:
             for event in events:
                 with log_context(doc=getattr(event, "doc", None)):
                     await self._handle(event)
-            # receive() returns without yielding while frames are buffered: without this, a
+            # receive() returns without yielding while frames are buffered: without a yield, a
             # client that sends a hundred costly frames at once has the relay to itself until
-            # they are all handled, and every other connection waits.
-            await asyncio.sleep(0)
+            # they are all handled, and every other connection waits. Yielding after every
+            # frame was too much: a publisher's frames were then read one per loop turn, and a
+            # turn that flushes prices to thousands of sockets takes tens of milliseconds, so
+            # its ticks queued for seconds. A connection yields once its frames have taken
+            # _FAIR_TURN_S of the loop since its last yield.
+            turn += time.perf_counter() - self._received_at
+            if turn >= _FAIR_TURN_S:
+                turn = 0.0
+                await asyncio.sleep(0)
 
     # -- events ------------------------------------------------------------------------------
 
@@ -2009,6 +2024,7 @@ _PRICE_BATCH_CODE = FRAME_CODES["price_batch"]
 _CLOSE_TIMEOUT = 2.0  # seconds a closing peer has to take what is left and the close frame
 _FLUSH_CONTEXT = contextvars.Context()  # the flush's log lines are no one connection's
 _WIDE_FANOUT = 64  # connections written to in one flush from which fanned-out changes wait
+_FAIR_TURN_S = 0.002  # a connection's frames hold the loop this long at most before it yields
 
 
 async def _serve_metrics(relay: Relay) -> web.AppRunner | None:
@@ -2242,7 +2258,12 @@ def create_app(
         scratches = asyncio.get_running_loop().create_task(
             drop_idle_scratches_every(relay.documents)
         )
+        collector = (
+            collect_young_every(config.gc_young_threshold) if config.gc_young_threshold else None
+        )
         yield
+        if collector is not None:
+            gc.set_threshold(*collector)
         scratches.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await scratches

@@ -655,6 +655,39 @@ async def test_a_flood_of_invalid_subscriptions_costs_the_relay_less_than_its_se
         assert p99(latencies) < 2.0, latencies
 
 
+async def test_frames_sent_at_once_are_handled_in_a_few_loop_turns(
+    relay_server: Any, tmp_path: Path, http: Any
+) -> None:
+    """A connection yields to the others once its frames have held the loop for a while, not
+    after each one: a publisher's frames read one per loop turn queued for seconds behind turns
+    that flush prices to thousands of sockets."""
+    async with relay_server(tmp_path / "r") as relay:
+        token = relay.token("feed", "ticker", scopes=frozenset({"publish"}))
+        publisher = await Peer.connect(http, relay, token)
+        now_ms = int(time.time() * 1000)
+        frames = [
+            publisher.session.publish(n, [["AAPL", f"{100 + n}.25", now_ms + n]]) for n in range(80)
+        ]
+        loop = asyncio.get_running_loop()
+        turns = 0
+        counting = True
+
+        def count_turn() -> None:
+            nonlocal turns
+            turns += 1
+            if counting:
+                loop.call_soon(count_turn)
+
+        for frame in frames:  # written at once: aiohttp yields only past 64 KiB unsent
+            await publisher.send(frame)
+        count_turn()
+        answers = [await publisher.next() for _ in frames]
+        counting = False
+        assert [answer.batch for answer in answers] == list(range(80))  # type: ignore[attr-defined]
+        assert all(answer.accepted == 1 for answer in answers)  # type: ignore[attr-defined]
+        assert turns < 40, turns  # a yield after every frame: 80 turns at least
+
+
 # -- a reader that stops reading -------------------------------------------------------------------
 
 
