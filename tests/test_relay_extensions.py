@@ -511,6 +511,7 @@ def test_an_empty_authentication_chain_is_refused_at_start_up(tmp_path: Path) ->
         ("relay_id", ""),
         ("port", 70000),
         ("trim_memory_every", -5),
+        ("gc_young_threshold", -1),
         ("schema_limits", {"max_symbols": 3}),
     ],
 )

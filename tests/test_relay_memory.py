@@ -39,6 +39,20 @@ def test_freed_memory_goes_back_to_the_system() -> None:
     assert len(survivors) == 5_000
 
 
+async def test_the_relay_collects_young_garbage_seldom_and_restores_the_collector(
+    tmp_path: Path,
+) -> None:
+    before = gc.get_threshold()
+    async with serve_relay(tmp_path / "tuned"):
+        assert gc.get_threshold() == (10_000, *before[1:])
+    assert gc.get_threshold() == before
+    async with serve_relay(tmp_path / "untouched", gc_young_threshold=0):
+        assert gc.get_threshold() == before  # an embedding app keeps its own setting
+    async with serve_relay(tmp_path / "own", gc_young_threshold=2_500):
+        assert gc.get_threshold()[0] == 2_500
+    assert gc.get_threshold() == before
+
+
 # The devices of test_an_idle_connection_costs_the_relay_a_bounded_few_kib, in a process of their
 # own so that only the relay's allocations are traced: each sends a Hello, a SyncRequest of its
 # index and a Subscribe of three symbols, reads the answers, then idles (answering the relay's
