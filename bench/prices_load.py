@@ -15,7 +15,7 @@ driven by JSON lines on stdin (one answer line on stdout per command):
 
 Both servers send the same frames: ``[43, [[symbol, price, time_ms, seq, size], ...]]`` (the
 PriceBatch of the foliosync protocol), read here the same way for both, so that the clients cost
-both sides the same. The clients are :class:`bench.rawws.RawWebSocket` protocols, not aiohttp's
+both sides the same. The clients run on :class:`bench.relay_load.WsConnection`, not aiohttp's
 client: a frame is handled in ``data_received`` with no task or message object, and a client that
 does not sample latency counts its ticks from the batch's array header without decoding them
 (the load processes share the machine with the server under test; what they cost is scheduling
@@ -49,11 +49,11 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import msgpack
 
-from bench import rawws
-from bench.rawws import RawWebSocket
+from bench.relay_load import HOST, WsConnection
 
 __all__ = [
     "HIST_PER_MS",
@@ -119,6 +119,48 @@ class Stats:
         self.latency = Counter()
 
 
+class PriceClient:
+    """The owner of one :class:`WsConnection`: its frames queue for the handshake, then go to
+    ``on_frame`` (the counter) straight from ``data_received``."""
+
+    __slots__ = ("conn", "frames", "on_frame", "on_lost", "session")
+
+    def __init__(self) -> None:
+        self.conn: WsConnection | None = None  # set once connected
+        self.frames: asyncio.Queue[bytes] = asyncio.Queue()
+        self.on_frame: Callable[[bytes], None] = self.frames.put_nowait
+        self.on_lost: Callable[[], None] | None = None
+        self.session: Any = None  # the relay's ClientSession, for its Pings
+
+    def on_open(self, conn: WsConnection) -> None:
+        self.conn = conn
+
+    def on_message(self, conn: WsConnection, payload: bytes) -> None:
+        self.on_frame(payload)
+
+    def on_close(self, conn: WsConnection) -> None:
+        if self.on_lost is not None:
+            self.on_lost()
+
+    def send(self, payload: bytes) -> None:
+        if self.conn is not None:
+            self.conn.send(payload)
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+
+    async def next(self) -> bytes:
+        """The next frame of the handshake; ConnectionError if the server closes first."""
+        assert self.conn is not None
+        getting = asyncio.ensure_future(self.frames.get())
+        await asyncio.wait((getting, self.conn.done), return_when=asyncio.FIRST_COMPLETED)
+        if not getting.done():
+            getting.cancel()
+            raise ConnectionError("the server closed the connection during the handshake")
+        return getting.result()
+
+
 class Loader:
     def __init__(self, mode: str, url: str, first: int, count: int, data_dir: Path | None) -> None:
         self.mode = mode
@@ -127,42 +169,35 @@ class Loader:
         self.count = count
         self.data_dir = data_dir
         self.stats = Stats()
-        self.sockets: list[RawWebSocket] = []
-        self.sessions: list[Any] = []  # the relay's ClientSession per client, for its Pings
+        self.sockets: list[PriceClient] = []
         self.pinger: asyncio.Task[None] | None = None
         self.secret: bytes | None = None
 
     # -- connecting ----------------------------------------------------------------------------
 
-    async def _open(self, client: int) -> RawWebSocket:
-        ws = await rawws.connect(self.url)
+    async def _open(self, client: int) -> PriceClient:
+        url = urlsplit(self.url)
+        assert url.port is not None
+        port = url.port
+        owner = PriceClient()
+        _, owner.conn = await asyncio.get_running_loop().create_connection(
+            lambda: WsConnection(owner, port, url.path), HOST, port
+        )
         try:
-            frames: asyncio.Queue[bytes] = asyncio.Queue()
-            ws.on_frame = frames.put_nowait
+            await owner.conn.handshake
             symbols = watched(client)
             if self.mode == "relay":
-                await self._relay_handshake(ws, frames, client, symbols)
+                await self._relay_handshake(owner, client, symbols)
             else:
-                ws.send_bytes(msgpack.packb(symbols))
-                while msgpack.unpackb(await self._next(ws, frames))[0] != PRICE_SNAPSHOT:
+                owner.send(msgpack.packb(symbols))
+                while msgpack.unpackb(await owner.next())[0] != PRICE_SNAPSHOT:
                     pass
         except BaseException:
-            ws.close()
+            owner.close()
             raise
-        return ws
+        return owner
 
-    @staticmethod
-    async def _next(ws: RawWebSocket, frames: asyncio.Queue[bytes]) -> bytes:
-        getting = asyncio.ensure_future(frames.get())
-        await asyncio.wait((getting, ws.closed), return_when=asyncio.FIRST_COMPLETED)
-        if not getting.done():
-            getting.cancel()
-            raise ConnectionError("the server closed the connection during the handshake")
-        return getting.result()
-
-    async def _relay_handshake(
-        self, ws: RawWebSocket, frames: asyncio.Queue[bytes], client: int, symbols: list[str]
-    ) -> None:
+    async def _relay_handshake(self, owner: PriceClient, client: int, symbols: list[str]) -> None:
         from foliosync.server.auth import issue_token, load_or_create_secret
         from foliosync.sync.protocol import ClientSession, ErrorReceived, PricesReceived, Welcomed
 
@@ -171,15 +206,15 @@ class Loader:
             self.secret = load_or_create_secret(self.data_dir)
         token = issue_token(self.secret, f"viewer{client}", device="bench")
         session = ClientSession()
-        ws.send_bytes(session.hello(token, "prices-bench"))
+        owner.send(session.hello(token, "prices-bench"))
         subscribed = False
         while True:
-            for event in session.receive_data(await self._next(ws, frames)):
+            for event in session.receive_data(await owner.next()):
                 if isinstance(event, Welcomed) and not subscribed:
-                    ws.send_bytes(session.subscribe(symbols))
+                    owner.send(session.subscribe(symbols))
                     subscribed = True
                 elif isinstance(event, PricesReceived) and event.snapshot:
-                    self.sessions.append(session)
+                    owner.session = session
                     return
                 elif isinstance(event, ErrorReceived):
                     raise ConnectionError(f"relay error {event.code}: {event.message}")
@@ -207,7 +242,7 @@ class Loader:
                     return
                 self.sockets.append(ws)
                 ws.on_frame = self._counter(client % SAMPLE_EVERY == 0)
-                ws.closed.add_done_callback(self._lost)
+                ws.on_lost = self._lost
 
         await asyncio.gather(*(one(c) for c in range(self.first, self.first + self.count)))
         if self.mode == "relay" and self.pinger is None:
@@ -261,7 +296,7 @@ class Loader:
 
         return count
 
-    def _lost(self, _: asyncio.Future[None]) -> None:
+    def _lost(self) -> None:
         self.stats.closed += 1
 
     async def _ping(self) -> None:
@@ -272,8 +307,9 @@ class Loader:
         while True:
             await asyncio.sleep(PING_EVERY_S)
             nonce += 1
-            for ws, session in zip(self.sockets, self.sessions, strict=False):
-                ws.send_bytes(session.send(Ping(nonce)))
+            for client in self.sockets:
+                if client.session is not None:
+                    client.send(client.session.send(Ping(nonce)))
 
     async def report(self) -> dict[str, Any]:
         wait = self.stats.t1 - time.time()
@@ -300,11 +336,11 @@ class Loader:
     async def close(self) -> dict[str, Any]:
         if self.pinger is not None:
             self.pinger.cancel()
-        for ws in self.sockets:
-            ws.closed.remove_done_callback(self._lost)
-            ws.close()
+        for client in self.sockets:
+            client.on_lost = None
+            client.close()
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.gather(*(ws.closed for ws in self.sockets)), 10)
+            await asyncio.wait_for(asyncio.gather(*(c.conn.done for c in self.sockets)), 10)
         return {"closed": len(self.sockets)}
 
 
