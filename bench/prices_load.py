@@ -53,7 +53,7 @@ from urllib.parse import urlsplit
 
 import msgpack
 
-from bench.relay_load import HOST, WsConnection
+from bench.relay_load import HOST, WsConnection, run_load
 
 __all__ = [
     "HIST_PER_MS",
@@ -120,23 +120,23 @@ class Stats:
 
 
 class PriceClient:
-    """The owner of one :class:`WsConnection`: its frames queue for the handshake, then go to
-    ``on_frame`` (the counter) straight from ``data_received``."""
+    """The owner of one :class:`WsConnection`: its frames queue for the handshake; then
+    ``on_message`` is the counter, called straight from ``data_received``."""
 
-    __slots__ = ("conn", "frames", "on_frame", "on_lost", "session")
+    __slots__ = ("conn", "frames", "on_lost", "on_message", "session")
 
     def __init__(self) -> None:
         self.conn: WsConnection | None = None  # set once connected
         self.frames: asyncio.Queue[bytes] = asyncio.Queue()
-        self.on_frame: Callable[[bytes], None] = self.frames.put_nowait
+        self.on_message: Callable[[WsConnection, bytes], None] = self._queue
         self.on_lost: Callable[[], None] | None = None
         self.session: Any = None  # the relay's ClientSession, for its Pings
 
     def on_open(self, conn: WsConnection) -> None:
         self.conn = conn
 
-    def on_message(self, conn: WsConnection, payload: bytes) -> None:
-        self.on_frame(payload)
+    def _queue(self, conn: WsConnection, payload: bytes) -> None:
+        self.frames.put_nowait(payload)
 
     def on_close(self, conn: WsConnection) -> None:
         if self.on_lost is not None:
@@ -241,7 +241,7 @@ class Loader:
                     failed.append(client)
                     return
                 self.sockets.append(ws)
-                ws.on_frame = self._counter(client % SAMPLE_EVERY == 0)
+                ws.on_message = self._counter(client % SAMPLE_EVERY == 0)
                 ws.on_lost = self._lost
 
         await asyncio.gather(*(one(c) for c in range(self.first, self.first + self.count)))
@@ -257,7 +257,7 @@ class Loader:
 
     # -- receiving -----------------------------------------------------------------------------
 
-    def _counter(self, sampler: bool) -> Callable[[bytes], None]:
+    def _counter(self, sampler: bool) -> Callable[[WsConnection, bytes], None]:
         """What one client does with each frame, called from ``data_received``.
 
         A PriceBatch is ``[43, [tick, ...]]``: the non-sampling clients read the tick count from
@@ -269,7 +269,7 @@ class Loader:
         u16 = struct.Struct(">H").unpack_from
         u32 = struct.Struct(">I").unpack_from
 
-        def count(payload: bytes) -> None:
+        def count(_: WsConnection, payload: bytes) -> None:
             now = clock()
             stats.last_frame = now
             if payload[:2] != _BATCH_HEAD or not stats.t0 <= now < stats.t1:
@@ -387,7 +387,7 @@ def main(argv: list[str]) -> int:
     data_dir = Path(argv[4]) if len(argv) > 4 else None
     if mode not in ("relay", "bare"):
         raise SystemExit(f"mode is relay or bare, not {mode}")
-    asyncio.run(serve(Loader(mode, url, first, count, data_dir)))
+    run_load(serve(Loader(mode, url, first, count, data_dir)))
     return 0
 
 

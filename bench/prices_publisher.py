@@ -32,6 +32,7 @@ import aiohttp
 import msgpack
 
 from bench.prices_load import MAX_LIFETIME_S, UNIVERSE, send_time_text
+from bench.relay_load import run_load
 
 __all__ = ["Publisher"]
 
@@ -208,7 +209,7 @@ async def serve(publisher: Publisher) -> None:
 def main(argv: list[str]) -> int:
     mode, url = argv[0], argv[1]
     data_dir = Path(argv[2]) if len(argv) > 2 else None
-    asyncio.run(serve(Publisher(mode, url, data_dir)))
+    run_load(serve(Publisher(mode, url, data_dir)))
     return 0
 
 
