@@ -112,6 +112,7 @@ from foliosync.server.fanout import (
     ShareRevoked,
     Subscription,
     TokensRevoked,
+    websocket_binary_frame,
 )
 from foliosync.server.timings import Timings
 from foliosync.sync.errors import ConfigError, FolioSyncError, ValidationError
@@ -730,7 +731,20 @@ class RedisFanOut:
     def _peer_change(self, relay: str, record: list[Any]) -> None:
         _, user, doc, update, changed_at, changed_by, origin, published = record
         frame = encode_frame(Update(doc, 0, update, changed_at, changed_by))
-        change = Change(user, doc, update, changed_at, changed_by, origin, relay, frame)
+        # Framed once for every receiver, as a change made here is: without it each receiver
+        # framed the change itself, and the relay could not hold and merge a peer's busy
+        # document (a frame per change per device: half the deliveries of a relay of its own).
+        change = Change(
+            user,
+            doc,
+            update,
+            changed_at,
+            changed_by,
+            origin,
+            relay,
+            frame,
+            websocket_binary_frame(frame),
+        )
         try:
             self._on_peer_change(change)
         except Exception:

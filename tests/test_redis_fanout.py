@@ -26,7 +26,13 @@ from pycrdt import Doc, Map
 from redis.asyncio import Redis
 
 from foliosync.server.documents import RelayDocuments
-from foliosync.server.fanout import Change, ControlEvent, ShareRevoked, TokensRevoked
+from foliosync.server.fanout import (
+    Change,
+    ControlEvent,
+    ShareRevoked,
+    TokensRevoked,
+    websocket_binary_frame,
+)
 from foliosync.server.prices import PriceHub
 from foliosync.server.redis_fanout import RedisFanOut
 from foliosync.server.redis_prices import RedisPriceBus
@@ -203,6 +209,8 @@ async def test_a_change_stored_by_one_relay_is_applied_to_the_others_hot_copy(pr
         got = b.delivered[0]
         assert (got.update, got.origin, got.relay) == (sent.update, "relay-a:1", "relay-a")
         assert got.frame, "a peer's change comes with its Update frame made once"
+        # ... and framed for the WebSocket once: what lets the relay hold and merge it
+        assert got.wire == websocket_binary_frame(got.frame)
         assert b.peer_changes == 1
         assert await b.items() == {"AAPL": "Apple"}
         assert b.documents.misses == misses, "read from memory, not reloaded from the store"
