@@ -14,7 +14,7 @@ by the hundred thousand a second (frames, batches, events) and holds hundreds of
 long-lived ones (connections, documents, prices): at 700, enough of the short-lived ones were
 alive at each young collection to be promoted, and a full collection followed every 3 s, 65 ms of
 a stopped loop at 1,000 connections (the price fan-out's p99 went from 18 to 60-70 ms). Collected
-every 10,000, nearly all of them are gone by then: no full collection in a minute at that load.
+every 10,000, nearly all of them are gone by then: no full collection in a 40 s run at that load.
 """
 
 from __future__ import annotations
