@@ -68,9 +68,26 @@ async def trim_memory_every(seconds: float) -> None:
         log.debug("memory trimmed in %.1f ms", 1000 * (time.perf_counter() - started))
 
 
-def collect_young_every(allocations: int) -> tuple[int, ...]:
-    """Collect the youngest generation every ``allocations`` net container allocations, and
-    return the thresholds it replaced (for :func:`gc.set_threshold` to restore). Process-wide."""
-    before = gc.get_threshold()
-    gc.set_threshold(allocations, *before[1:])
-    return before
+_young_thresholds: list[int] = []  # asked for by the relays running in this process
+_interpreter_thresholds: tuple[int, ...] = gc.get_threshold()
+
+
+def collect_young_every(allocations: int) -> Callable[[], None]:
+    """Collect the youngest generation every ``allocations`` net container allocations until
+    the function returned is called. Process-wide: while several relays run in one process the
+    largest of their settings holds, and the interpreter's comes back once the last has stopped
+    (not when the first does)."""
+    global _interpreter_thresholds
+    if not _young_thresholds:
+        _interpreter_thresholds = gc.get_threshold()
+    _young_thresholds.append(allocations)
+    gc.set_threshold(max(_young_thresholds), *_interpreter_thresholds[1:])
+
+    def release() -> None:
+        _young_thresholds.remove(allocations)
+        if _young_thresholds:
+            gc.set_threshold(max(_young_thresholds), *_interpreter_thresholds[1:])
+        else:
+            gc.set_threshold(*_interpreter_thresholds)
+
+    return release

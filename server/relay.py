@@ -56,7 +56,6 @@ import collections
 import contextlib
 import contextvars
 import functools
-import gc
 import itertools
 import logging
 import math
@@ -2258,12 +2257,12 @@ def create_app(
         scratches = asyncio.get_running_loop().create_task(
             drop_idle_scratches_every(relay.documents)
         )
-        collector = (
+        release_collector = (
             collect_young_every(config.gc_young_threshold) if config.gc_young_threshold else None
         )
         yield
-        if collector is not None:
-            gc.set_threshold(*collector)
+        if release_collector is not None:
+            release_collector()
         scratches.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await scratches

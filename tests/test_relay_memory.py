@@ -4,6 +4,7 @@ idle connection costs it a bounded few KiB."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import json
 import sys
@@ -50,6 +51,13 @@ async def test_the_relay_collects_young_garbage_seldom_and_restores_the_collecto
         assert gc.get_threshold() == before  # an embedding app keeps its own setting
     async with serve_relay(tmp_path / "own", gc_young_threshold=2_500):
         assert gc.get_threshold()[0] == 2_500
+    assert gc.get_threshold() == before
+    async with contextlib.AsyncExitStack() as stack:  # two relays, stopped out of order
+        first = await stack.enter_async_context(serve_relay(tmp_path / "first"))
+        await stack.enter_async_context(serve_relay(tmp_path / "second", gc_young_threshold=20_000))
+        assert gc.get_threshold()[0] == 20_000  # the larger of the two running
+        await first.stop()
+        assert gc.get_threshold()[0] == 20_000, "the first relay's stop left the second's setting"
     assert gc.get_threshold() == before
 
 
