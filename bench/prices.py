@@ -258,6 +258,7 @@ class Step:
     load_cpu: float = float("nan")
     machine_cpu: float = float("nan")  # every process and the kernel, all cores
     closed: int = 0
+    malformed: int = 0  # PriceBatch frames whose tick count the load clients could not read
     publisher_lag_ms: float = 0.0
     rejected: int = 0  # ticks the relay refused (should be none)
     rss_samples: list[tuple[float, float]] = field(default_factory=list)
@@ -450,6 +451,7 @@ class Side:
             load_cpu=100 * (load1 - load0) / (w1 - w0),
             machine_cpu=100 * (busy1 - busy0) / (w1 - w0),
             closed=sum(report["closed"] for report in reports),
+            malformed=sum(report["malformed"] for report in reports),
             publisher_lag_ms=published["max_lag_ms"],
             rejected=published["rejected"],
             rss_samples=samples,
@@ -546,6 +548,10 @@ def results_table(steps: list[Step]) -> Table:
             table.notes.append(f"{s.server} step {s.step}: the relay refused {s.rejected} ticks")
         if s.closed:
             table.notes.append(f"{s.server} step {s.step}: {s.closed} connections closed")
+        if s.malformed:
+            table.notes.append(
+                f"{s.server} step {s.step}: {s.malformed} unreadable PriceBatch frames"
+            )
         table.add(
             s.step,
             s.server,
