@@ -20,19 +20,24 @@ fields (``symbol`` for an invalid symbol).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
 from collections.abc import Awaitable, Callable, Mapping
 from http import HTTPStatus
+from typing import cast
 
 from aiohttp import hdrs, web
 from aiohttp.http_exceptions import BadHttpMethod, HttpProcessingError, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 
+from foliosync.server.websocket import FrontProtocol, WebSocketFront
+
 __all__ = [
     "DirectGetKey",
     "JsonErrorAppRunner",
+    "WebSocketFrontKey",
     "error_body",
     "error_code",
     "http_error",
@@ -149,7 +154,17 @@ class _JsonErrorRequestHandler(RequestHandler):
 class _JsonErrorServer(web.Server):
     """aiohttp's low-level server, making :class:`_JsonErrorRequestHandler` connections."""
 
-    def __call__(self) -> RequestHandler:
+    front: WebSocketFront | None = None  # set by the runner from the app's WebSocketFrontKey
+
+    # aiohttp's factory for the listening socket: any protocol will do, and an upgrade the relay
+    # serves itself starts on its own (FrontProtocol), not on a RequestHandler.
+    def __call__(self) -> asyncio.Protocol:  # type: ignore[override]
+        front = self.front
+        if front is None:
+            return self.http_protocol()
+        return FrontProtocol(self.http_protocol, front)
+
+    def http_protocol(self) -> RequestHandler:
         return _JsonErrorRequestHandler(self, loop=self._loop, **self._kwargs)
 
 
@@ -169,10 +184,15 @@ class JsonErrorAppRunner(web.AppRunner):
         direct = self.app.get(DirectGetKey)
         if direct:
             server.request_handler = _direct_gets(server.request_handler, dict(direct))
+        cast(_JsonErrorServer, server).front = self.app.get(WebSocketFrontKey)
         return server
 
 
 _DirectHandler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+WebSocketFrontKey = web.AppKey("websocket_front", WebSocketFront)
+"""Upgrades that :class:`JsonErrorAppRunner` serves with the relay's own WebSocket connections
+(:mod:`foliosync.server.websocket`) instead of aiohttp's, set by the app's start-up."""
 
 DirectGetKey = web.AppKey("direct_get", dict[str, _DirectHandler])
 """GET paths that :class:`JsonErrorAppRunner` hands straight to their handler, around the

@@ -109,6 +109,7 @@ from foliosync.server.http_cors import add_cors, normalize_origins
 from foliosync.server.http_errors import (
     DirectGetKey,
     JsonErrorAppRunner,
+    WebSocketFrontKey,
     http_error,
     json_errors,
 )
@@ -141,6 +142,7 @@ from foliosync.server.sharing import (
 from foliosync.server.storage import RelayStore, RelayStoreError, SQLiteRelayStore
 from foliosync.server.sync_slots import InitialSyncSlots
 from foliosync.server.user_documents import UserDocuments, entry_names, listed_documents
+from foliosync.server.websocket import RequestHead, ServerWebSocket, WebSocketFront
 from foliosync.sync.clock import wall_ms
 from foliosync.sync.errors import (
     AccessDenied,
@@ -405,6 +407,7 @@ class Relay:
         self.metrics_port: int | None = None
         self.metrics_address: tuple[str, int] | None = None
         self.connections: set[Connection] = set()
+        self._serving: set[asyncio.Task[None]] = set()  # connections on the relay's own sockets
         # Admitted connections per user, for max_connections_per_user.
         self.user_connections: dict[str, int] = {}
         # What counts toward max_documents_per_user for each user with a connection here: the
@@ -864,7 +867,24 @@ class Relay:
                 headers={"Upgrade": "websocket"},
             )
         await ws.prepare(request)
-        connection = Connection(self, ws, request.transport, connection_request(request))
+        await self._serve(Connection(self, ws, request.transport, connection_request(request)))
+        return ws
+
+    def take_websocket(
+        self, head: RequestHead, ws: ServerWebSocket, transport: asyncio.Transport
+    ) -> None:
+        """An upgrade of ``/ws`` served on the relay's own WebSocket layer (see
+        :mod:`foliosync.server.websocket`): the same Connection, on a task of its own."""
+        peer = transport.get_extra_info("peername")
+        remote = peer[0] if isinstance(peer, tuple) and peer else None
+        request = ConnectionRequest(remote=remote, headers=head.headers, path=head.path)
+        task = asyncio.get_running_loop().create_task(
+            self._serve(Connection(self, ws, transport, request))
+        )
+        self._serving.add(task)
+        task.add_done_callback(self._serving.discard)
+
+    async def _serve(self, connection: Connection) -> None:
         self.connections.add(connection)
         self.counters.connections_opened += 1
         try:
@@ -873,7 +893,6 @@ class Relay:
             self.connections.discard(connection)
             self.counters.connections_closed[connection.close_code_label()] += 1
             self.counters.prices_dropped_closed += connection.prices.replaced
-        return ws
 
     async def handle_metrics(self, request: web.Request) -> web.Response:
         """``GET /metrics`` on the main port: the admin scope's, checked as the price API checks
@@ -919,6 +938,15 @@ class Relay:
         await asyncio.gather(
             *(c.close(code=1001, message=b"relay shutting down") for c in list(self.connections))
         )
+        # aiohttp waits for its handlers before the store closes; the relay's own connections
+        # are waited for here, so that what they still store and acknowledge is not cut off.
+        serving = list(self._serving)
+        if serving:
+            _, late = await asyncio.wait(serving, timeout=_SHUTDOWN_TIMEOUT)
+            for task in late:
+                task.cancel()
+            if late:
+                await asyncio.wait(late)
 
     async def close(self) -> None:
         self._peer_control.close()
@@ -986,7 +1014,7 @@ class Connection:
     def __init__(
         self,
         relay: Relay,
-        ws: web.WebSocketResponse,
+        ws: web.WebSocketResponse | ServerWebSocket,
         transport: asyncio.Transport | None = None,
         request: ConnectionRequest | None = None,
     ) -> None:
@@ -2021,6 +2049,7 @@ _DIRECT_WRITE_LIMIT = 64 << 10  # above this many unsent bytes, frames wait for 
 _UPDATE_CODE = FRAME_CODES["update"]
 _PRICE_BATCH_CODE = FRAME_CODES["price_batch"]
 _CLOSE_TIMEOUT = 2.0  # seconds a closing peer has to take what is left and the close frame
+_SHUTDOWN_TIMEOUT = 15.0  # seconds the relay's own connections have to end when it stops
 _FLUSH_CONTEXT = contextvars.Context()  # the flush's log lines are no one connection's
 _WIDE_FANOUT = 64  # connections written to in one flush from which fanned-out changes wait
 _FAIR_TURN_S = 0.002  # a connection's frames hold the loop this long at most before it yields
@@ -2230,6 +2259,12 @@ def create_app(
             "/ws": relay.handle_ws
         }
         app[DirectGetKey] = direct
+        app[WebSocketFrontKey] = WebSocketFront(
+            paths=frozenset(("/ws",)),
+            take=relay.take_websocket,
+            max_size=config.max_frame_size + 1024,  # as handle_ws: our own check's clear error
+            heartbeat=config.heartbeat or None,
+        )
         relay.prices.start()
         prices_bus: Any = None
         try:
