@@ -8,7 +8,7 @@ slotted protocol object on the transport, and the relay's one task per connectio
 
 How: every new connection starts on :class:`FrontProtocol`, which reads the request head. A
 well-formed WebSocket upgrade of ``GET /ws`` (HTTP/1.1, version 13, a valid key, no body, no
-extension asked for that the relay would have to refuse) is answered here and the socket handed
+subprotocol; extensions offered are declined, as aiohttp declines them) is answered here and the socket handed
 to :class:`ServerWebSocket`; anything else, and anything unusual about an upgrade, is handed with
 the bytes read so far to aiohttp's connection protocol, which answers it exactly as before (426
 for a plain GET, its own errors for a malformed head). The relay's Connection talks to either
@@ -223,8 +223,8 @@ def _tokens(headers: CIMultiDictProxy[str], name: str) -> list[str]:
 
 def upgrade_key(head: RequestHead) -> str | None:
     """The Sec-WebSocket-Key of a plain WebSocket upgrade the relay takes itself; None for
-    anything else (no upgrade, a body, another version, an extension or subprotocol asked for,
-    a key that is not 16 bytes in base64)."""
+    anything else (no upgrade, a body, another version, a subprotocol asked for, a key that is
+    not 16 bytes in base64)."""
     headers = head.headers
     if head.method != "GET" or "websocket" not in _tokens(headers, "Upgrade"):
         return None
@@ -234,7 +234,9 @@ def upgrade_key(head: RequestHead) -> str | None:
         return None
     if headers.getall("Sec-WebSocket-Version", ()) != ["13"]:
         return None
-    if "Sec-WebSocket-Extensions" in headers or "Sec-WebSocket-Protocol" in headers:
+    # Extensions offered (browsers offer permessage-deflate) are declined by answering without
+    # any, as RFC 6455 allows; a subprotocol asked for is aiohttp's to refuse.
+    if "Sec-WebSocket-Protocol" in headers:
         return None
     keys = headers.getall("Sec-WebSocket-Key", ())
     if len(keys) != 1:

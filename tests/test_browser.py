@@ -1,4 +1,4 @@
-"""The HTTP API from a real headless Chromium, as a dashboard on another origin uses it.
+"""The HTTP API and the WebSocket from a real headless Chromium, as a dashboard uses them.
 
 A page served by the test on 127.0.0.1:A runs the README's EventSource snippet against a relay on
 127.0.0.1:B (another origin: the port differs) started with ``--cors-origin`` for the page:
@@ -7,7 +7,9 @@ time, token header), polls ``GET /v1/prices`` with an ``Authorization`` header, 
 a ``prices`` event, and, when the relay drops the stream, reconnects by itself with
 ``Last-Event-ID`` and gets only what changed meanwhile. Then the same calls against a relay that
 does not list the page's origin: the browser gives the page nothing. The page reports everything
-to its own origin; no browser driver is involved.
+to its own origin; no browser driver is involved. Last, a page opens the relay's WebSocket as a
+browser app would: Chromium's own upgrade (it offers permessage-deflate) on the relay's own
+WebSocket layer, a hand-encoded Hello, the Welcome, a clean close.
 
 Chromium is found by ``$FOLIOSYNC_CHROMIUM`` or as ``chromium`` on PATH (``tools/system-deps``
 installs it); without it this test fails, it does not skip.
@@ -257,3 +259,55 @@ async def test_a_dashboard_on_another_origin_streams_publishes_and_resumes(
 
             report = await next_of(page.reports, "the calls to the closed relay", log)
             assert report["closed"] == {"fetch": "TypeError", "stream": "error, readyState 2"}
+
+
+SOCKET_PAGE = """<!doctype html>
+<meta charset="utf-8">
+<title>foliosync socket</title>
+<script>
+const send = (path, body) => fetch(path, {method: "POST", body: JSON.stringify(body)});
+window.onerror = (message) => send("/report", {error: String(message)});
+// msgpack by hand: the Hello [1, 1, token, client_name] (PROTOCOL.md, sections 1 and 3).
+const str = (text) => {
+  const bytes = new TextEncoder().encode(text);
+  const head = bytes.length < 32 ? [0xa0 | bytes.length]
+    : bytes.length < 256 ? [0xd9, bytes.length] : [0xda, bytes.length >> 8, bytes.length & 255];
+  return [...head, ...bytes];
+};
+const ws = new WebSocket(%(url)s);
+ws.binaryType = "arraybuffer";
+ws.onopen = () => ws.send(new Uint8Array([0x94, 1, 1, ...str(%(token)s), ...str("browser")]));
+ws.onmessage = (event) => {
+  const frame = new Uint8Array(event.data);
+  send("/report", {extensions: ws.extensions, first: [frame[0], frame[1]]}).then(() => {
+    ws.onclose = (closed) => send("/report", {closed: closed.code, clean: closed.wasClean});
+    ws.close(1000);
+  });
+  ws.onmessage = null;
+};
+</script>
+"""
+
+
+async def test_a_browser_websocket_syncs_on_the_relays_own_layer(
+    relay_server: Any, tmp_path: Path
+) -> None:
+    """Chromium offers permessage-deflate, which the relay declines; its Hello is answered with a
+    Welcome on the relay's own WebSocket layer (aiohttp holds nothing of the connection), and
+    its close is a clean 1000."""
+    chromium()
+    page = Page()
+    async with page.serve() as origin, relay_server(tmp_path / "relay") as relay:
+        page.html = SOCKET_PAGE % {
+            "url": json.dumps(f"ws://127.0.0.1:{relay.port}/ws"),
+            "token": json.dumps(relay.token("alice", "browser", ttl_seconds=600)),
+        }
+        log = tmp_path / "chromium.log"
+        async with headless_chromium(f"{origin}/", tmp_path / "profile", log):
+            report = await next_of(page.reports, "the relay's first frame", log)
+            assert report["extensions"] == "" and report["first"][1] == 2  # a Welcome
+            (connection,) = relay.relay.connections
+            assert "permessage-deflate" in connection.request.headers["Sec-WebSocket-Extensions"]
+            assert len(relay.runner.server.connections) == 0  # type: ignore[union-attr]
+            report = await next_of(page.reports, "the close", log)
+            assert report == {"closed": 1000, "clean": True}

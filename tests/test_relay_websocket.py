@@ -149,7 +149,6 @@ def test_a_plain_upgrade_is_taken() -> None:
         ("Upgrade: websocket", "Upgrade: h2c"),
         ("Connection: keep-alive, Upgrade", "Connection: keep-alive"),
         ("Host: 127.0.0.1", "Host: 127.0.0.1\r\nContent-Length: 3"),
-        ("Host: 127.0.0.1", "Host: 127.0.0.1\r\nSec-WebSocket-Extensions: permessage-deflate"),
         ("Host: 127.0.0.1", "Host: 127.0.0.1\r\nSec-WebSocket-Protocol: chat"),
         ("GET /ws", "POST /ws"),
     ],
@@ -160,7 +159,6 @@ def test_a_plain_upgrade_is_taken() -> None:
         "not-websocket",
         "no-connection-upgrade",
         "body",
-        "extension",
         "subprotocol",
         "post",
     ],
@@ -328,18 +326,30 @@ async def test_a_plain_get_is_still_aiohttps_426(relay: Any) -> None:
     client.close()
 
 
+async def test_an_extension_offered_is_declined(relay: Any) -> None:
+    """As a browser offers permessage-deflate: the upgrade is taken, with no extension agreed."""
+    client = await RawClient.connect(relay.port)
+    offer = "\r\nSec-WebSocket-Extensions: permessage-deflate; client_max_window_bits"
+    client.send(upgrade(offer))
+    status, fields = await client.head()
+    assert status == 101 and "sec-websocket-extensions" not in fields
+    await hello(client, relay)
+    assert aiohttp_connections(relay) == 0
+    client.close()
+
+
 @pytest.mark.parametrize(
     ("first", "extra"),
     [
-        pytest.param(b"", "\r\nSec-WebSocket-Extensions: permessage-deflate", id="extension"),
+        pytest.param(b"", "\r\nSec-WebSocket-Protocol: chat", id="subprotocol"),
         pytest.param(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", "", id="after-a-get"),
     ],
 )
 async def test_an_upgrade_the_layer_leaves_is_served_by_aiohttp(
     relay: Any, first: bytes, extra: str
 ) -> None:
-    """Asked for an extension the relay does not offer, or on a connection that served a request
-    before: aiohttp's WebSocket, with no extension agreed, and the same conversation."""
+    """Asked for a subprotocol (which neither agrees to), or on a connection that served a
+    request before: aiohttp's WebSocket, and the same conversation."""
     client = await RawClient.connect(relay.port)
     if first:
         client.send(first)
