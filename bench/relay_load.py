@@ -47,6 +47,7 @@ from pycrdt import (
     merge_updates,
 )
 
+from bench.yupdate import update_items
 from foliosync.client.sync import Backoff
 from foliosync.sync.errors import FolioSyncError
 from foliosync.sync.model import (
@@ -487,7 +488,9 @@ class FolioDevice:
         head = payload[:2]
         if head == UPDATE_PREFIX:
             # Edits, not frames: a merged Update carries several (one struct each).
-            self.updates += update_edits(msgpack.unpackb(payload)[3])[2]
+            update = msgpack.unpackb(payload)[3]
+            # One client's block says how many edits it holds; several editors' need a walk.
+            self.updates += update_edits(update)[2] if update[0] == 1 else len(update_items(update))
             if self.on_update is not None:
                 self.on_update(self, payload)
             if not self.apply_remote:
