@@ -907,7 +907,9 @@ async def run_steps(
     bulk: int,
     sizes: Sizes,
     rates: Sequence[float],
+    patience: int = 2,
 ) -> list[Step]:
+    """Climb ``rates``; stop at a backlog or after ``patience`` steps not held in a row."""
     steps: list[Step] = []
     failed_in_a_row = 0
     for rate in rates:
@@ -973,10 +975,10 @@ async def run_steps(
             disconnects=counts["disconnects"],
         )
         steps.append(step)
-        # Stop at a backlog (over capacity), or after two steps not held in a row (a single
-        # slow edit at a low rate, where p99 is nearly the maximum, does not end the climb).
+        # Stop at a backlog (over capacity), or after ``patience`` steps not held in a row (a
+        # single slow edit at a low rate, where p99 is nearly the maximum, does not end it).
         failed_in_a_row = 0 if step.held else failed_in_a_row + 1
-        if step.backlog or failed_in_a_row >= 2:
+        if step.backlog or failed_in_a_row >= patience:
             break
         await asyncio.sleep(0.3)
     return steps
@@ -1172,7 +1174,12 @@ async def fanout_group(
 
             target = Target(first, edit, acked=writers[0].acked, others=relays[1:])
             throttled0 = [throttled_s(g) for g in groups]
-            steps = await run_steps(target, loader, probe, sizes.samplers, bulk, sizes, rates)
+            # Three steps, not two: the steps are 10 % apart, and one stall of a relay group
+            # (150-200 ms, seen once in a few runs) on two steps ended a climb at a fifth of
+            # the rate the runs around it held.
+            steps = await run_steps(
+                target, loader, probe, sizes.samplers, bulk, sizes, rates, patience=3
+            )
             info = {
                 "bulk": bulk,
                 "behind": sum(r.log_count("fell behind") for r in relays),

@@ -8,12 +8,12 @@ slotted protocol object on the transport, and the relay's one task per connectio
 
 How: every new connection starts on :class:`FrontProtocol`, which reads the request head. A
 well-formed WebSocket upgrade of ``GET /ws`` (HTTP/1.1, version 13, a valid key, no body, no
-subprotocol; extensions offered are declined, as aiohttp declines them) is answered here and the socket handed
-to :class:`ServerWebSocket`; anything else, and anything unusual about an upgrade, is handed with
-the bytes read so far to aiohttp's connection protocol, which answers it exactly as before (426
-for a plain GET, its own errors for a malformed head). The relay's Connection talks to either
-through the same few methods (``receive``, ``send_bytes``, ``close``, ``closed``,
-``close_code``, ``exception``), so aiohttp's path stays whole for other runners.
+subprotocol; extensions offered are declined, as aiohttp declines them) is answered here and the
+socket handed to :class:`ServerWebSocket`; anything else, and anything unusual about an upgrade,
+is handed with the bytes read so far to aiohttp's connection protocol, which answers it exactly
+as before (426 for a plain GET, its own errors for a malformed head). The relay's Connection
+talks to either through the same few methods (``receive``, ``send_bytes``, ``close``,
+``closed``, ``close_code``, ``exception``), so aiohttp's path stays whole for other runners.
 
 :class:`FrameReader` is the pure part, bytes in, frames out (RFC 6455, section 5): client frames
 must be masked, control frames short and whole, no reserved bits (no extension is negotiated),
@@ -85,19 +85,44 @@ class FrameReader:
     (opcode, payload) pairs, a fragmented message once, whole; raises :class:`ProtocolViolation`
     at the first thing a client must not send. After a violation the reader is spent."""
 
-    __slots__ = ("_buffer", "_fragments", "_fragments_size", "_max_size", "_opcode")
+    __slots__ = (
+        "_buffer",
+        "_chunks",
+        "_fragments",
+        "_fragments_size",
+        "_have",
+        "_max_size",
+        "_need",
+        "_opcode",
+    )
 
     def __init__(self, max_size: int) -> None:
         self._max_size = max_size
-        self._buffer = b""
+        self._buffer = b""  # the start of a frame whose header is not whole yet
+        # A frame whose header was read and whose payload is under way: its bytes so far, kept
+        # as read and joined once it is whole (joined at every read, a 4 MiB message read in
+        # 64 KiB pieces was copied 64 times over).
+        self._chunks: list[bytes] = []
+        self._have = 0
+        self._need = 0
         self._opcode = -1  # the opcode of the fragmented message under way; -1: none
         self._fragments: list[bytes] = []
         self._fragments_size = 0
 
     def feed(self, data: bytes) -> list[tuple[int, bytes]]:
-        buf = self._buffer + data if self._buffer else data
+        if self._need:
+            self._chunks.append(data)
+            self._have += len(data)
+            if self._have < self._need:
+                return []
+            buf = b"".join(self._chunks)
+            self._chunks = []
+            self._have = self._need = 0
+        else:
+            buf = self._buffer + data if self._buffer else data
         out: list[tuple[int, bytes]] = []
         pos, end = 0, len(buf)
+        need = 0  # bytes of the frame at pos, if its header is whole and its payload is not
         while end - pos >= 2:
             first, second = buf[pos], buf[pos + 1]
             if first & 0x70:
@@ -128,12 +153,19 @@ class FrameReader:
                     f"message over the limit of {self._max_size} bytes",
                 )
             if end - pos < head + size:
+                need = head + size
                 break
             mask = buf[pos + head - 4 : pos + head]
             payload = _unmask(mask, buf[pos + head : pos + head + size])
             pos += head + size
             self._frame(opcode, bool(fin), payload, out)
-        self._buffer = buf[pos:] if pos < end else b""
+        rest = buf[pos:] if pos < end else b""
+        if need:
+            self._buffer = b""
+            self._chunks = [rest]
+            self._have, self._need = len(rest), need
+        else:
+            self._buffer = rest
         return out
 
     def _frame(self, opcode: int, fin: bool, payload: bytes, out: list[tuple[int, bytes]]) -> None:
@@ -513,8 +545,6 @@ class ServerWebSocket(asyncio.Protocol):
             self._closed = True
             if self.close_code is None:
                 self.close_code = WSCloseCode.ABNORMAL_CLOSURE
-            if exc is not None and self._exception is None:
-                self._exception = exc
         self._wake()
         if self._peer_closed is not None and not self._peer_closed.done():
             self._peer_closed.set_result(None)

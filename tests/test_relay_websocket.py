@@ -113,6 +113,17 @@ def test_what_a_client_must_not_send_is_refused_with_its_code(data: bytes, code:
     assert refused.value.code == code
 
 
+def test_a_large_message_read_in_small_pieces_comes_out_once_whole() -> None:
+    """Its pieces are kept as read until the payload is whole, then a ping behind it follows."""
+    payload = os.urandom(200_000)
+    stream = client_frame(OP_BINARY, payload) + client_frame(OP_PING, b"after")
+    reader = FrameReader(max_size=1 << 20)
+    got: list[tuple[int, bytes]] = []
+    for start in range(0, len(stream), 1000):
+        got += reader.feed(stream[start : start + 1000])
+    assert got == [(OP_BINARY, payload), (OP_PING, b"after")]
+
+
 def test_an_oversized_message_is_refused_from_its_header_alone() -> None:
     """A 4 GiB length is refused before a byte of it is buffered."""
     header = bytes((0x82, 0x80 | 127)) + struct.pack("!Q", 4 << 30) + b"mask"
