@@ -32,6 +32,7 @@ import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 from aiohttp import WebSocketError, WSCloseCode, WSMessage, WSMsgType
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -322,8 +323,9 @@ class FrontProtocol(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # A cast, not an isinstance check: uvloop's transports are not asyncio.Transport's
+        # subclasses, though they offer all of it.
+        self._transport = cast(asyncio.Transport, transport)
         loop = asyncio.get_running_loop()
         self._timer = loop.call_later(HEAD_TIMEOUT, self._to_http)
 
@@ -498,8 +500,7 @@ class ServerWebSocket(asyncio.Protocol):
     # -- asyncio's side
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's: see FrontProtocol
         if self._heartbeat:
             self._last_read = time.monotonic()
             self._ping_timer = asyncio.get_running_loop().call_later(

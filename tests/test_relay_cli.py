@@ -126,3 +126,35 @@ async def test_a_bad_cors_origin_is_refused_before_listening(tmp_path: Path) -> 
     assert relay.returncode == 1
     assert "is a URL, not an origin" in err.decode()
     assert not out
+
+
+async def test_on_uvloop_a_device_talks_to_the_relay_over_its_own_websocket(tmp_path: Path) -> None:
+    """``--loop uvloop``: uvloop's transports are not asyncio's classes, and the relay's own
+    WebSocket layer takes them as they are: a Hello is welcomed, a Ping answered, a close clean."""
+    from foliosync.server.auth import issue_token, load_or_create_secret
+    from foliosync.sync.protocol import ClientSession, PongReceived, Welcomed
+
+    token = issue_token(load_or_create_secret(tmp_path), "alice", device="laptop")
+    port = free_port()
+    args = ("--port", str(port), "--data", str(tmp_path), "--loop", "uvloop")
+    async with relay_process(*args) as relay:
+        assert relay.stdout is not None
+        line = (await asyncio.wait_for(relay.stdout.readline(), 30)).decode()
+        assert line.startswith(f"foliosync relay on ws://127.0.0.1:{port}/ws"), line
+        session = ClientSession()
+        async with (
+            aiohttp.ClientSession() as http,
+            http.ws_connect(f"ws://127.0.0.1:{port}/ws") as ws,
+        ):
+            await ws.send_bytes(session.hello(token, "cli-test"))
+            events = session.receive_data((await ws.receive(timeout=10)).data)
+            assert any(isinstance(e, Welcomed) for e in events)
+            await ws.send_bytes(session.ping(7))
+            events = session.receive_data((await ws.receive(timeout=10)).data)
+            assert any(isinstance(e, PongReceived) and e.nonce == 7 for e in events)
+            await ws.close()
+            assert ws.close_code == 1000
+        relay.send_signal(signal.SIGTERM)
+        _out, err = await asyncio.wait_for(relay.communicate(), 30)
+    assert relay.returncode == 0, err
+    assert b"Traceback" not in err
