@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import functools
 
-__all__ = ["update_items", "walk_structs"]
+__all__ = ["read_varuint", "update_items", "walk_structs"]
 
 
-def _varuint(data: bytes, pos: int) -> tuple[int, int]:
+def read_varuint(data: bytes, pos: int) -> tuple[int, int]:
+    """A lib0 varuint at ``pos``: (value, position after it)."""
     value = shift = 0
     while True:
         byte = data[pos]
@@ -35,7 +36,7 @@ def _skip_varint(data: bytes, pos: int) -> int:
 
 
 def _string(data: bytes, pos: int) -> tuple[bytes, int]:
-    size, pos = _varuint(data, pos)
+    size, pos = read_varuint(data, pos)
     return data[pos : pos + size], pos + size
 
 
@@ -52,16 +53,16 @@ def _skip_any(data: bytes, pos: int) -> int:
     if tag in (123, 122):  # float64, bigint64
         return pos + 8
     if tag in (119, 116):  # string, Uint8Array
-        size, pos = _varuint(data, pos)
+        size, pos = read_varuint(data, pos)
         return pos + size
     if tag == 118:  # object
-        count, pos = _varuint(data, pos)
+        count, pos = read_varuint(data, pos)
         for _ in range(count):
             _, pos = _string(data, pos)
             pos = _skip_any(data, pos)
         return pos
     if tag == 117:  # array
-        count, pos = _varuint(data, pos)
+        count, pos = read_varuint(data, pos)
         for _ in range(count):
             pos = _skip_any(data, pos)
         return pos
@@ -71,10 +72,10 @@ def _skip_any(data: bytes, pos: int) -> int:
 def _skip_content(data: bytes, pos: int, ref: int) -> tuple[int, int]:
     """(length in clock units, position after) of an item's content of type ``ref``."""
     if ref == 1:  # deleted
-        size, pos = _varuint(data, pos)
+        size, pos = read_varuint(data, pos)
         return size, pos
     if ref == 2:  # JSON: strings
-        count, pos = _varuint(data, pos)
+        count, pos = read_varuint(data, pos)
         for _ in range(count):
             _, pos = _string(data, pos)
         return count, pos
@@ -89,12 +90,12 @@ def _skip_content(data: bytes, pos: int, ref: int) -> tuple[int, int]:
         _, pos = _string(data, pos)
         return 1, pos
     if ref == 7:  # a type; XML elements and hooks have a name
-        type_ref, pos = _varuint(data, pos)
+        type_ref, pos = read_varuint(data, pos)
         if type_ref in (3, 5):
             _, pos = _string(data, pos)
         return 1, pos
     if ref == 8:  # any: values
-        count, pos = _varuint(data, pos)
+        count, pos = read_varuint(data, pos)
         for _ in range(count):
             pos = _skip_any(data, pos)
         return count, pos
@@ -114,17 +115,17 @@ def update_items(update: bytes) -> tuple[tuple[int, int], ...]:
 def walk_structs(update: bytes) -> tuple[tuple[tuple[int, int], ...], int]:
     """The items of ``update`` and where its delete set begins."""
     items: list[tuple[int, int]] = []
-    blocks, pos = _varuint(update, 0)
+    blocks, pos = read_varuint(update, 0)
     for _ in range(blocks):
-        structs, pos = _varuint(update, pos)
-        client, pos = _varuint(update, pos)
-        clock, pos = _varuint(update, pos)
+        structs, pos = read_varuint(update, pos)
+        client, pos = read_varuint(update, pos)
+        clock, pos = read_varuint(update, pos)
         for _ in range(structs):
             info = update[pos]
             pos += 1
             ref = info & 0x1F
             if ref in (0, 10):  # GC, skip
-                size, pos = _varuint(update, pos)
+                size, pos = read_varuint(update, pos)
                 clock += size
                 continue
             if info & 0x80:  # origin
@@ -132,7 +133,7 @@ def walk_structs(update: bytes) -> tuple[tuple[tuple[int, int], ...], int]:
             if info & 0x40:  # right origin
                 pos = _skip_varint(update, _skip_varint(update, pos))
             if not info & 0xC0:  # no origin: the parent is written
-                named, pos = _varuint(update, pos)
+                named, pos = read_varuint(update, pos)
                 if named:
                     _, pos = _string(update, pos)
                 else:
