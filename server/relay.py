@@ -1,7 +1,10 @@
 """The relay: an aiohttp app serving ``/ws`` (sync) and ``/healthz``.
 
 One :class:`Connection` per WebSocket drives a pure :class:`ServerSession`; this module only moves
-bytes and decides what frames mean:
+bytes and decides what frames mean. The WebSocket itself is the relay's own
+(:mod:`foliosync.server.websocket`) for a plain upgrade of ``/ws`` under
+:class:`~foliosync.server.http_errors.JsonErrorAppRunner`, aiohttp's otherwise; a Connection
+talks to both alike:
 
 - Hello: the extensions authenticate the token (by default a JWT signed with the relay's secret)
   before any document is touched; a refused one gets an Error and a close.
@@ -1153,7 +1156,7 @@ class Connection:
     def close_code_label(self) -> str:
         """The ``code`` label of ``foliosync_connections_closed_total``: the code the relay
         closed with, or the peer's; else whatever code the socket ended with, such as 1009 when
-        aiohttp itself refused a message over ``max_msg_size`` (no Error frame then), or 1006
+        the WebSocket layer itself refused a message over its limit (no Error frame then), or 1006
         for a connection cut (a missed heartbeat, a peer that did not take its close frame);
         "none" for a socket that ended without any code."""
         if self._close_code is not None:
@@ -1162,10 +1165,11 @@ class Connection:
         return "none" if code is None else str(int(code))
 
     def _note_ws_ended(self) -> None:
-        """The socket ended under the read loop: by a missed heartbeat? aiohttp's
-        ``WebSocketResponse(heartbeat=...)`` then closes it with 1006 and keeps the
-        ``TimeoutError`` ("No PONG received") as its exception; the only other TimeoutError it
-        keeps is from a closing handshake, which the relay would have begun (a code noted)."""
+        """The socket ended under the read loop: by a missed heartbeat? Both WebSocket layers
+        (the relay's own and aiohttp's ``WebSocketResponse(heartbeat=...)``) then close it with
+        1006 and keep a ``TimeoutError`` ("No PONG received") as its exception; the only other
+        TimeoutError aiohttp keeps is from a closing handshake, which the relay would have begun
+        (a code noted)."""
         if (
             self._close_code is None
             and self.ws.close_code == 1006
@@ -1339,7 +1343,8 @@ class Connection:
                 else:
                     # Not receive(timeout=): aiohttp restarts that at every WebSocket ping and
                     # pong, which it answers itself, so a peer that only answers pings would
-                    # never be idle. The deadline counts from the client's last frame.
+                    # never be idle. The deadline counts from the client's last frame, on
+                    # either WebSocket layer.
                     async with asyncio.timeout_at(last_frame + idle):
                         message = await self.ws.receive()
                 last_frame = loop.time()
@@ -1348,8 +1353,8 @@ class Connection:
                     self._counters.connections_refused["hello_timeout"] += 1
                     self._send(self.session.reject(ErrorCode.NOT_AUTHENTICATED, "no Hello in time"))
                     return
-                # WebSocket pings are answered by aiohttp and never reach this loop: only the
-                # client's own frames (its protocol Pings among them) keep a connection open.
+                # WebSocket pings are answered by the WebSocket layer and never reach this loop:
+                # only the client's own frames (its protocol Pings among them) keep it open.
                 self._counters.connections_cut["idle_timeout"] += 1
                 log.info("connection %s sent nothing for %g s; closing it", self.id, idle)
                 self._send(
@@ -1367,8 +1372,9 @@ class Connection:
                 return
             if message.type == WSMsgType.ERROR:
                 if self._close_code is None and isinstance(message.data, WebSocketError):
-                    # aiohttp refused the message (1009: over max_msg_size) and closed with its
-                    # code; the socket itself may then end as 1006, its handshake cut short.
+                    # The WebSocket layer refused the message (1009: over its limit; 1002, 1007:
+                    # a broken frame) and closed with its code; the socket itself may then end
+                    # as 1006, its handshake cut short.
                     self._close_code = message.data.code
                 self._note_ws_ended()
                 log.info("connection %s: %s", self.id, self.ws.exception())
