@@ -132,6 +132,7 @@ class Page:
         self.events: asyncio.Queue[list[Any]] = asyncio.Queue()
         self.reports: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self.html = ""
+        self.go_on = asyncio.Event()  # answers the page's GET /proceed once set
 
     async def index(self, request: web.Request) -> web.Response:
         return web.Response(text=self.html, content_type="text/html")
@@ -144,12 +145,17 @@ class Page:
         await self.reports.put(json.loads(await request.text()))
         return web.Response()
 
+    async def proceed(self, request: web.Request) -> web.Response:
+        await self.go_on.wait()
+        return web.Response()
+
     @contextlib.asynccontextmanager
     async def serve(self) -> AsyncIterator[str]:
         app = web.Application()
         app.router.add_get("/", self.index)
         app.router.add_post("/event", self.event)
         app.router.add_post("/report", self.report)
+        app.router.add_get("/proceed", self.proceed)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         try:
@@ -279,10 +285,13 @@ ws.binaryType = "arraybuffer";
 ws.onopen = () => ws.send(new Uint8Array([0x94, 1, 1, ...str(%(token)s), ...str("browser")]));
 ws.onmessage = (event) => {
   const frame = new Uint8Array(event.data);
-  send("/report", {extensions: ws.extensions, first: [frame[0], frame[1]]}).then(() => {
-    ws.onclose = (closed) => send("/report", {closed: closed.code, clean: closed.wasClean});
-    ws.close(1000);
-  });
+  // The test looks at the relay while the socket is open, then lets the page close it.
+  send("/report", {extensions: ws.extensions, first: [frame[0], frame[1]]})
+    .then(() => fetch("/proceed"))
+    .then(() => {
+      ws.onclose = (closed) => send("/report", {closed: closed.code, clean: closed.wasClean});
+      ws.close(1000);
+    });
   ws.onmessage = null;
 };
 </script>
@@ -309,5 +318,6 @@ async def test_a_browser_websocket_syncs_on_the_relays_own_layer(
             (connection,) = relay.relay.connections
             assert "permessage-deflate" in connection.request.headers["Sec-WebSocket-Extensions"]
             assert len(relay.runner.server.connections) == 0  # type: ignore[union-attr]
+            page.go_on.set()
             report = await next_of(page.reports, "the close", log)
             assert report == {"closed": 1000, "clean": True}
