@@ -244,7 +244,10 @@ async def test_client_killed_mid_sync_resends_its_edits(
         if child.returncode is None:
             child.kill()
         await child.wait()
-    assert child.returncode == -signal.SIGKILL
+    # Killed, not ended by itself (it sleeps a minute after its sync). 255 is what asyncio's
+    # child watcher reports when another waitpid() in the test process reaped the child first
+    # ("Unknown child process pid ..."), seen once in CI: the kill landed all the same.
+    assert child.returncode in (-signal.SIGKILL, 255), child.returncode
 
     expected_symbols = sorted(f"S{i}" for i in range(count))
     expected_notes = {f"trade {i}" for i in range(count)}
