@@ -534,8 +534,12 @@ class ReplicaStore:
         back (a full disk at COMMIT), or the COMMIT ran anyway (aiosqlite finishes a call in its
         thread after the awaiting task was cancelled) and there is nothing to roll back.
         """
-        await self._conn.execute("BEGIN IMMEDIATE")
+        # BEGIN inside the try: a task cancelled while awaiting it leaves the BEGIN running in
+        # aiosqlite's thread, and without the ROLLBACK the connection stayed in a transaction
+        # that the next operation's BEGIN refused ("cannot start a transaction within a
+        # transaction") and whose statements it would otherwise have joined.
         try:
+            await self._conn.execute("BEGIN IMMEDIATE")
             yield
             await self._conn.execute("COMMIT")
         except BaseException:
@@ -546,8 +550,8 @@ class ReplicaStore:
     @contextlib.asynccontextmanager
     async def _read(self) -> AsyncIterator[None]:
         """BEGIN ... COMMIT around reads: one snapshot, whatever other processes commit."""
-        await self._conn.execute("BEGIN")
         try:
+            await self._conn.execute("BEGIN")  # inside the try, as in _atomic
             yield
         finally:
             with contextlib.suppress(sqlite3.Error):

@@ -467,3 +467,27 @@ async def test_overlapping_writers_share_the_file_safely(tmp_path: Path) -> None
         assert quote is not None and quote.price == Decimal(100)
     finally:
         await reopened.close()
+
+
+@pytest.mark.parametrize("cancelled", ["write", "read"])
+async def test_an_operation_cancelled_at_its_begin_leaves_no_transaction_open(
+    tmp_path: Path, cancelled: str
+) -> None:
+    """A task cancelled while its BEGIN runs (a sync client stopped while it records an error,
+    say): the next write must not find the connection inside that transaction. It did: the
+    quotes' flush then failed with "cannot start a transaction within a transaction"."""
+    from foliosync.client.store import ReplicaStore
+
+    store = await ReplicaStore.open(tmp_path / "r.db")
+    try:
+        operation = store.set_meta({"a": "1"}) if cancelled == "write" else store.load("none")
+        task = asyncio.get_running_loop().create_task(operation)
+        await asyncio.sleep(0)  # the task holds the connection and awaits its BEGIN
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await store.set_meta({"b": "2"})
+        await store.save_quotes([("AAPL", "187.25", 1_700_000_000_000, 1, None)])
+        assert [row[0] for row in await store.load_quotes()] == ["AAPL"]
+    finally:
+        await store.close()
