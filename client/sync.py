@@ -262,6 +262,13 @@ async def _run_to_completion(work: Coroutine[Any, Any, None]) -> None:
         raise
 
 
+def _outcome_taken(future: asyncio.Future[Any]) -> None:
+    """Take a background write's outcome, so that an error nobody awaits any more (its caller
+    was cancelled) is not reported as never retrieved; the caller handled what it saw."""
+    if not future.cancelled():
+        future.exception()
+
+
 class SyncClient:
     """Keeps one replica in sync with one relay."""
 
@@ -380,8 +387,12 @@ class SyncClient:
 
     async def _record_error(self, error: LastError) -> None:
         self._last_error = error
+        # Shielded: a client stopped while it records an error (its task cancelled) still
+        # leaves the file saying what memory says; the replica's close waits for the write.
+        write = asyncio.ensure_future(self.replica.set_meta(**error.to_meta()))
+        write.add_done_callback(_outcome_taken)
         with contextlib.suppress(FolioSyncError):  # a closed or full replica: memory still has it
-            await self.replica.set_meta(**error.to_meta())
+            await asyncio.shield(write)
 
     def status(self, doc_id: str) -> SyncStatus:
         info = self.replica.info(doc_id)

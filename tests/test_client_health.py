@@ -9,6 +9,7 @@ levels at their thresholds. The relays here push prices at once (``price_window_
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator
@@ -363,3 +364,27 @@ async def test_freshness_and_health_agree_at_any_clock_while_in_sync(
             later = datetime.now(tz=UTC) + timedelta(hours=1)
             assert client.freshness(doc_id, later).level is FreshnessLevel.LIVE
             assert client.health(later).freshness.level is FreshnessLevel.LIVE
+
+
+async def test_an_error_recorded_as_the_client_stops_is_in_the_file_too(tmp_path: Path) -> None:
+    """The client's task cancelled while it writes its last error (stop() during a failed
+    reconnect): the replica's file still says what the library says."""
+    from foliosync.client.health import LastError
+    from foliosync.client.replica import Replica
+    from foliosync.client.sync import SyncClient
+
+    path = tmp_path / "device.db"
+    replica = await Replica.open(path)
+    client = SyncClient(replica, "ws://127.0.0.1:9/ws", "a-token")
+    error = LastError.now("connection_lost", "cannot reach the relay")
+    task = asyncio.get_running_loop().create_task(client._record_error(error))
+    await asyncio.sleep(0)  # the write has begun
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    await replica.close()
+    reopened = await Replica.open(path)
+    try:
+        assert LastError.from_meta(reopened.meta) == client.last_error == error
+    finally:
+        await reopened.close()
