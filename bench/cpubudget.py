@@ -19,7 +19,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["BudgetUnavailable", "cpu_budget", "throttled_s"]
+__all__ = ["BudgetUnavailable", "check_budget", "cpu_budget", "throttled_s"]
 
 CGROUP = Path("/sys/fs/cgroup")
 PERIOD_US = 10_000
@@ -73,6 +73,17 @@ def throttled_s(group: Path) -> float:
         if key == "throttled_time":  # v1, in nanoseconds
             return int(value) / 1e9
     return 0.0
+
+
+def check_budget() -> None:
+    """Raise :class:`BudgetUnavailable` if no quota can be set here: a group is made and removed,
+    with no process moved into it."""
+    try:
+        group = _make_group(f"foliosync-bench-probe-{os.getpid()}", 1.0)
+    except OSError as exc:
+        raise BudgetUnavailable(f"cannot set a CPU quota ({exc})") from exc
+    with contextlib.suppress(OSError):
+        group.rmdir()
 
 
 @contextlib.contextmanager

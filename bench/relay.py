@@ -56,7 +56,7 @@ import aiohttp
 import msgpack
 from pycrdt import Doc
 
-from bench.cpubudget import BudgetUnavailable, cpu_budget, throttled_s
+from bench.cpubudget import BudgetUnavailable, check_budget, cpu_budget, throttled_s
 from bench.procstat import free_port, machine_busy_s, proc_cpu_s
 from bench.relay_load import (
     FolioDevice,
@@ -65,11 +65,11 @@ from bench.relay_load import (
     one_struct,
     raise_nofile_limit,
     update_edits,
+    update_items,
     update_key,
     y_update_payload,
 )
 from bench.table import Table
-from bench.yupdate import update_items
 from foliosync.client.replica import DocumentChange, Replica
 from foliosync.client.sync import SyncClient
 from foliosync.server.auth import issue_token, load_or_create_secret
@@ -1219,8 +1219,7 @@ async def group(root: Path, sizes: Sizes) -> list[Table]:
     budget_note = "No CPU budget (FOLIOSYNC_BENCH_RELAY_CPU=none): the relays share the machine."
     if budget is not None:
         try:
-            with cpu_budget(os.getpid(), 2.0, "probe"):
-                pass
+            check_budget()
         except BudgetUnavailable as exc:
             budget = None
             budget_note = f"No CPU budget could be set ({exc}): the relays share the machine."

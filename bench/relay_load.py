@@ -47,7 +47,6 @@ from pycrdt import (
     merge_updates,
 )
 
-from bench.yupdate import read_varuint, update_items
 from foliosync.client.sync import Backoff
 from foliosync.sync.errors import FolioSyncError
 from foliosync.sync.model import (
@@ -70,6 +69,7 @@ from foliosync.sync.protocol import (
     UpdateReceived,
     Welcomed,
 )
+from foliosync.sync.updates import decode_update
 
 __all__ = [
     "FolioDevice",
@@ -81,6 +81,7 @@ __all__ = [
     "raise_nofile_limit",
     "run_load",
     "update_edits",
+    "update_items",
     "update_key",
 ]
 
@@ -103,23 +104,50 @@ def raise_nofile_limit(wanted: int = 65536) -> int:
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
+def _varuint(data: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        if byte < 0x80:
+            return value, pos
+
+
+@functools.lru_cache(maxsize=512)
+def update_items(update: bytes) -> tuple[tuple[int, int], ...]:
+    """(client, clock) of every edit in an update of several clients' blocks: the relay merges
+    two editors' changes into one, and reaching the second block takes a walk of the first
+    one's structs (:func:`foliosync.sync.updates.decode_update`). One clock per edit, as the
+    fan-out's edits are (:func:`one_struct`). Cached: the relay sends the same merged update to
+    every receiver, and a load process holds hundreds of them."""
+    info = decode_update(update)
+    return tuple(
+        (client, clock)
+        for client, span in info.structs.items()
+        for start, end in info.covered.get(client) or (span,)
+        for clock in range(start, end)
+    )
+
+
 def update_edits(update: bytes) -> tuple[int, int, int]:
     """(client id, first clock, structs) of a one-client update: the edits it carries, when each
     edit is one struct, as the fan-out's edits are (a set_note; :func:`one_struct` checks each).
     A relay that merges the changes of a busy document sends several in one update: their
     structs stay one per edit, consecutive in clock."""
-    _, pos = read_varuint(update, 0)  # clients in the update
-    structs, pos = read_varuint(update, pos)  # structs of the first client
-    client, pos = read_varuint(update, pos)
-    clock, _ = read_varuint(update, pos)
+    _, pos = _varuint(update, 0)  # clients in the update
+    structs, pos = _varuint(update, pos)  # structs of the first client
+    client, pos = _varuint(update, pos)
+    clock, _ = _varuint(update, pos)
     return client, clock, structs
 
 
 def one_struct(update: bytes) -> bytes:
     """``update`` if it is one struct of one client, else ValueError: what counting edits by
     structs (:func:`update_edits`) takes for granted."""
-    clients, pos = read_varuint(update, 0)
-    structs, _ = read_varuint(update, pos)
+    clients, pos = _varuint(update, 0)
+    structs, _ = _varuint(update, pos)
     if (clients, structs) != (1, 1):
         raise ValueError(f"an edit of {clients} clients and {structs} structs: counted wrong")
     return update
@@ -131,10 +159,10 @@ def update_key(update: bytes) -> tuple[int, int]:
     The relay forwards an update as it got it and pycrdt-websocket re-encodes the transaction it
     applied, whose structs start at the same clock, so both sides of a hop agree on the key.
     """
-    _, pos = read_varuint(update, 0)  # clients in the update
-    _, pos = read_varuint(update, pos)  # structs of the first client
-    client, pos = read_varuint(update, pos)
-    clock, _ = read_varuint(update, pos)
+    _, pos = _varuint(update, 0)  # clients in the update
+    _, pos = _varuint(update, pos)  # structs of the first client
+    client, pos = _varuint(update, pos)
+    clock, _ = _varuint(update, pos)
     return client, clock
 
 
@@ -715,7 +743,7 @@ class YDevice:
 
 def y_update_payload(message: bytes) -> bytes:
     """The update inside a y-websocket update message (type, subtype, varuint length, bytes)."""
-    length, pos = read_varuint(message, 2)
+    length, pos = _varuint(message, 2)
     return message[pos : pos + length]
 
 
