@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from foliosync.server.timings import Timings
+from foliosync.server.websocket import OP_BINARY, server_frame
 from foliosync.sync.errors import FolioSyncError
 
 __all__ = [
@@ -61,12 +62,7 @@ def websocket_binary_frame(payload: bytes) -> bytes:
 
     Unmasked, the same bytes serve every receiver, so a fanned-out change is framed once.
     """
-    size = len(payload)
-    if size < 126:
-        return bytes((0x82, size)) + payload
-    if size < 65536:
-        return bytes((0x82, 126)) + size.to_bytes(2, "big") + payload
-    return bytes((0x82, 127)) + size.to_bytes(8, "big") + payload
+    return server_frame(OP_BINARY, payload)
 
 
 Deliver = Callable[[Change], None]

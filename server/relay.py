@@ -860,7 +860,7 @@ class Relay:
     async def handle_ws(self, request: web.Request) -> web.WebSocketResponse:
         ws = web.WebSocketResponse(
             heartbeat=self.config.heartbeat,
-            max_msg_size=self.config.max_frame_size + 1024,  # our own check gives the clear error
+            max_msg_size=self.config.max_frame_size + _MESSAGE_SLACK,
             compress=False,
         )
         if not ws.can_prepare(request):  # a plain GET, e.g. a browser opening the URL
@@ -2056,6 +2056,9 @@ _UPDATE_CODE = FRAME_CODES["update"]
 _PRICE_BATCH_CODE = FRAME_CODES["price_batch"]
 _CLOSE_TIMEOUT = 2.0  # seconds a closing peer has to take what is left and the close frame
 _SHUTDOWN_TIMEOUT = 15.0  # seconds the relay's own connections have to end when it stops
+# Bytes past max_frame_size that a message may have and still be read, so that the session's
+# own check answers it with a clear too_large; a larger one the WebSocket layer refuses (1009).
+_MESSAGE_SLACK = 1024
 _FLUSH_CONTEXT = contextvars.Context()  # the flush's log lines are no one connection's
 _WIDE_FANOUT = 64  # connections written to in one flush from which fanned-out changes wait
 _FAIR_TURN_S = 0.002  # a connection's frames hold the loop this long at most before it yields
@@ -2268,7 +2271,7 @@ def create_app(
         app[WebSocketFrontKey] = WebSocketFront(
             paths=frozenset(("/ws",)),
             take=relay.take_websocket,
-            max_size=config.max_frame_size + 1024,  # as handle_ws: our own check's clear error
+            max_size=config.max_frame_size + _MESSAGE_SLACK,
             heartbeat=config.heartbeat or None,
         )
         relay.prices.start()

@@ -135,7 +135,7 @@ async def _release(devices: asyncio.subprocess.Process) -> None:
 async def test_an_idle_connection_costs_the_relay_a_bounded_few_kib(tmp_path: Path) -> None:
     # What the relay's Python objects hold per connected device: its own WebSocket protocol and
     # the transport, the relay's Connection, session, identity and subscriptions, and a third of
-    # a user's index. Measured 12.9 KiB; 20 KiB when aiohttp's request, connection protocol and
+    # a user's index. Measured 12.2 KiB; 20 KiB when aiohttp's request, connection protocol and
     # WebSocketResponse served /ws (server/websocket.py), 26 KiB before a connection lost its
     # idle writer task, the frames of the middlewares above its handler and its instance
     # dictionary. The bound catches the next task or dictionary per connection.
